@@ -1,0 +1,149 @@
+"""The ``rrome`` command line.
+
+Each command is a thin shell over the Python API. Expected failures (bad files, locks,
+missing paths) print one line ``rrome: error: ...`` and exit with status 1; usage mistakes
+exit with status 2 (click's convention). The file commands import neither torch nor
+transformers, so they start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from rrome.errors import RromeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _expected_errors(fn: F) -> F:
+    """Turns rrome and OS errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RromeError, OSError) as e:
+            if isinstance(e, OSError) and e.filename is not None and e.strerror:
+                msg = f"{e.filename}: {e.strerror}"
+            else:
+                msg = str(e)
+            click.echo(f"rrome: error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_dir = click.Path(file_okay=False, dir_okay=True, path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rrome")
+def main() -> None:
+    """rrome: edit facts in language models with ROME / r-ROME, written straight into safetensors files."""
+
+
+@main.command("apply-deltas")
+@click.argument("deltas", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=_dir)
+@click.option("--out", "out_dir", type=_dir, default=None, help="Write an edited copy to this new folder instead of editing in place.")
+@_expected_errors
+def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None) -> None:
+    """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
+
+    DELTAS is a folder holding rrome_edits.jsonl and rrome_deltas.safetensors, or the path of
+    either file. In place (the default), the write is journaled and locked and can be undone
+    with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
+    """
+    from rrome.shards import apply_deltas, load_deltas
+
+    batch = [rec.delta for rec in load_deltas(deltas)]
+    t0 = time.perf_counter()
+    rep = apply_deltas(model_dir, batch, out_dir=out_dir)
+    dt = time.perf_counter() - t0
+    click.echo(
+        f"applied {len(batch)} delta(s) to {len(rep['tensors'])} tensor(s) in {len(rep['shards'])} shard(s) "
+        f"as batch {rep['batch']} of {rep['model_dir']} ({rep['tensor_bytes'] / 1e6:.1f} MB of tensors, {dt:.2f} s)"
+    )
+
+
+@main.command("revert")
+@click.argument("model_dir", type=_dir)
+@click.option("--all", "all_", is_flag=True, help="Revert every batch, not only the last one.")
+@_expected_errors
+def revert_cmd(model_dir: Path, all_: bool) -> None:
+    """Restore the exact original bytes of the last applied batch (or of all batches)."""
+    from rrome.shards import revert
+
+    batches = revert(model_dir, all=all_)
+    click.echo(f"reverted batch{'es' if len(batches) > 1 else ''} {', '.join(map(str, batches))} of {model_dir}")
+
+
+@main.command("recover")
+@click.argument("model_dir", type=_dir)
+@_expected_errors
+def recover_cmd(model_dir: Path) -> None:
+    """Finish or roll back an in-place write that was interrupted (crash, kill, power loss)."""
+    from rrome.shards import recover
+
+    actions = recover(model_dir)
+    for a in actions:
+        click.echo(a)
+    if not actions:
+        click.echo(f"{model_dir}: nothing to recover")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+@main.command("inspect")
+@click.argument("model_dir", type=_dir)
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor, not only a summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+@_expected_errors
+def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
+    """Show a checkpoint's shards, tensors and dtypes, and its rrome edit log."""
+    from rrome.shards import inspect
+
+    info = inspect(model_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    tensors = info["tensors"]
+    dtypes: dict[str, int] = {}
+    for t in tensors:
+        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + 1
+    click.echo(f"{info['model_dir']}: {len(tensors)} tensors in {len(info['shards'])} shard(s)")
+    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(dtypes.items())))
+    for s in info["shards"]:
+        click.echo(f"  {s['file']}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors")
+    if show_tensors:
+        for t in tensors:
+            click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}  {t['shard']}")
+    edits = info["edits"]
+    if not edits:
+        click.echo("edit log: empty")
+    else:
+        click.echo(f"edit log: {len(edits)} delta(s)")
+        for e in edits:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["applied_at"])) if e["applied_at"] else "-"
+            undo = "revertible" if e["undo"] else "no undo data"
+            click.echo(f"  batch {e['batch']}  {e['id']}  {e['tensor']}  {e['layout']}  scale={e['scale']:g}  {when}  {undo}")
+    for p in info["pending"]:
+        click.echo(f"pending: {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The exception hierarchy of rrome, shared by the Rust core and the Python modules.
+
+Every error rrome raises on purpose is an instance of :class:`RromeError`, except I/O
+failures, which are the matching built-in :class:`OSError` subclasses
+(:class:`FileNotFoundError`, :class:`PermissionError`, ...) with ``filename`` set. The Rust
+extension raises these very classes (it imports them from here), so ``except
+rrome.LockedError`` works the same whichever half of the package noticed the problem.
+"""
+
+from __future__ import annotations
+
+
+class RromeError(Exception):
+    """Base class of every error rrome raises on purpose."""
+
+
+class InvalidFileError(RromeError, ValueError):
+    """A file rrome was asked to read is malformed; the message names the file (and line)."""
+
+
+class SafetensorsHeaderError(InvalidFileError):
+    """A safetensors header is malformed or disagrees with the file's contents."""
+
+
+class CheckpointError(InvalidFileError):
+    """A model folder is not a usable checkpoint (missing, unsafe or inconsistent index)."""
+
+
+class DeltasFileError(InvalidFileError):
+    """A deltas bundle or edit log (``rrome_edits.jsonl`` + ``rrome_deltas.safetensors``) is malformed."""
+
+
+class MomentsFileError(InvalidFileError):
+    """A statistics file written by ``SecondMoment.save`` is malformed."""
+
+
+class TensorNotFoundError(RromeError, LookupError):
+    """A delta names a tensor that the checkpoint does not hold."""
+
+
+class UnsupportedDtypeError(RromeError, TypeError):
+    """A tensor's storage dtype cannot be edited (only F32, F16 and BF16 can)."""
+
+
+class DeltaError(RromeError, ValueError):
+    """A delta does not fit its tensor, holds NaN/Inf, or would overflow the storage dtype."""
+
+
+class ShapeError(RromeError, ValueError):
+    """Array shapes that do not agree (keys of the wrong width, a non-square matrix, ...)."""
+
+
+class NotPositiveDefiniteError(RromeError, ValueError):
+    """The Cholesky factorisation met a non-positive pivot.
+
+    Attributes:
+        pivot: zero-based index of the failing pivot.
+    """
+
+    def __init__(self, message: str, pivot: int = -1) -> None:
+        super().__init__(message)
+        self.pivot = pivot
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class LockedError(RromeError):
+    """Another rrome process holds the model folder's lock; the message names it."""
+
+
+class IntegrityError(RromeError):
+    """Bytes on disk are not what rrome's journal or edit log says they should be."""
+
+
+class RevertError(RromeError):
+    """There is nothing to revert, or the data needed to revert exactly is missing."""
+
+
+__all__ = [
+    "CheckpointError",
+    "DeltaError",
+    "DeltasFileError",
+    "IntegrityError",
+    "InvalidFileError",
+    "LockedError",
+    "MomentsFileError",
+    "NotPositiveDefiniteError",
+    "RevertError",
+    "RromeError",
+    "SafetensorsHeaderError",
+    "ShapeError",
+    "TensorNotFoundError",
+    "UnsupportedDtypeError",
+]

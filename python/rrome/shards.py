@@ -1,0 +1,209 @@
+"""Offline rank-one edits written straight into safetensors shards.
+
+This is the Python face of the Rust shard writer. A :class:`Delta` says "add scale · r uᵀ to
+the matrix this tensor applies"; :func:`apply_deltas` writes a batch of them into a model
+folder without loading the model: in place (journaled, revertible) or into a new folder.
+Deltas travel as a *bundle*: ``rrome_edits.jsonl`` (one JSON record per delta) beside
+``rrome_deltas.safetensors`` (the float32 factors); a model folder's edit log has the same
+format. Nothing here imports torch, so the ``rrome apply-deltas`` command starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from rrome import _rust
+from rrome.errors import DeltaError
+
+Layout = Literal["out_in", "in_out"]
+PathLike = str | os.PathLike[str]
+
+EDITS_FILE = "rrome_edits.jsonl"
+DELTAS_FILE = "rrome_deltas.safetensors"
+
+
+def _vector(name: str, value: Any) -> npt.NDArray[np.float32]:
+    arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    if arr.ndim != 1 or arr.size == 0:
+        raise DeltaError(f"{name} must be a non-empty 1-D vector; got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DeltaError(f"{name} must hold floating-point numbers; got dtype {arr.dtype}")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """A rank-one update ``W_math += scale · r uᵀ`` of one weight tensor.
+
+    ``W_math`` is the ``d_out × d_in`` matrix the module applies (``y = W_math x``).
+
+    Args:
+        tensor: the safetensors name, e.g. ``"model.layers.6.mlp.down_proj.weight"``.
+        u: input-side factor, length ``d_in`` (any 1-D float array or tensor; stored as float32).
+        r: output-side factor, length ``d_out``.
+        layout: how the tensor stores ``W_math``: ``"out_in"`` (``nn.Linear``, shape
+            ``[d_out, d_in]``) or ``"in_out"`` (GPT-2 ``Conv1D``, shape ``[d_in, d_out]``).
+            Never inferred from the shape.
+        scale: scalar factor, applied in float32 as ``(scale · r) uᵀ``.
+        meta: JSON-serialisable mapping recorded with the delta in the edit log.
+
+    Raises:
+        DeltaError: for a bad layout, empty or non-float factors, or non-finite numbers.
+    """
+
+    tensor: str
+    u: npt.NDArray[np.float32]
+    r: npt.NDArray[np.float32]
+    layout: Layout = "out_in"
+    scale: float = 1.0
+    meta: Mapping[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor, str) or not self.tensor:
+            raise DeltaError("tensor must be a non-empty tensor name")
+        if self.layout not in ("out_in", "in_out"):
+            raise DeltaError(f'layout must be "out_in" or "in_out", got {self.layout!r}')
+        object.__setattr__(self, "u", _vector("u", self.u))
+        object.__setattr__(self, "r", _vector("r", self.r))
+        object.__setattr__(self, "scale", float(self.scale))
+        if not np.isfinite(self.scale):
+            raise DeltaError(f"scale must be finite, got {self.scale}")
+        for name in ("u", "r"):
+            vec = getattr(self, name)
+            bad = np.flatnonzero(~np.isfinite(vec))
+            if bad.size:
+                raise DeltaError(f"{self.tensor}: {name}[{bad[0]}] is {vec[bad[0]]}")
+        if self.meta is not None:
+            try:
+                json.dumps(dict(self.meta))
+            except (TypeError, ValueError) as e:
+                raise DeltaError(f"meta must be a JSON-serialisable mapping: {e}") from None
+
+    @property
+    def d_in(self) -> int:
+        """Input width of the edited matrix (length of ``u``)."""
+        return int(self.u.shape[0])
+
+    @property
+    def d_out(self) -> int:
+        """Output width of the edited matrix (length of ``r``)."""
+        return int(self.r.shape[0])
+
+    def matrix(self) -> npt.NDArray[np.float32]:
+        """The dense ``d_out × d_in`` update ``(scale · r) uᵀ`` in float32 (for checks; costly)."""
+        return np.outer(np.float32(self.scale) * self.r, self.u)
+
+    def _raw(self) -> tuple[str, Any, Any, str, float, str | None]:
+        meta = None if self.meta is None else json.dumps(dict(self.meta))
+        return (self.tensor, self.u, self.r, self.layout, self.scale, meta)
+
+
+@dataclass(frozen=True, eq=False)
+class LoggedDelta:
+    """A delta read back from a bundle or edit log, with its record fields."""
+
+    id: str
+    batch: int | None
+    applied_at: float | None
+    delta: Delta
+
+
+class ApplyReport(TypedDict):
+    """What :func:`apply_deltas` did."""
+
+    batch: int
+    model_dir: str
+    tensors: list[str]
+    shards: list[str]
+    tensor_bytes: int
+    bytes_written: int
+
+
+def apply_deltas(model_dir: PathLike, deltas: Iterable[Delta], *, out_dir: PathLike | None = None) -> ApplyReport:
+    """Writes a batch of deltas into the checkpoint in ``model_dir`` without loading the model.
+
+    Each edited tensor becomes ``round(decode(W) + Σ (scale·r) uᵀ)``: decoded to float32, all
+    deltas of the tensor added in order, rounded once to the storage dtype (F32, F16, BF16).
+    No other byte of any file changes. Without ``out_dir`` the folder is edited in place under
+    an exclusive lock with an undo journal, and the batch is appended to the folder's edit log
+    so that :func:`revert` restores the exact original bytes. With ``out_dir`` a complete copy
+    is built beside it and renamed into place at the end: it exists complete or not at all.
+
+    Args:
+        model_dir: a folder with ``model.safetensors`` or sharded files and their index.
+        deltas: the batch; applied in order.
+        out_dir: where to write an edited copy; must not exist yet.
+
+    Returns:
+        The batch number, edited tensors and shards, and byte counts.
+
+    Raises:
+        TensorNotFoundError, UnsupportedDtypeError, DeltaError: a delta does not fit.
+        SafetensorsHeaderError, CheckpointError: the checkpoint is malformed or unsafe.
+        LockedError: another rrome process is writing this folder.
+        OSError: I/O failures (FileNotFoundError, PermissionError, ...), nothing half-written.
+    """
+    batch = list(deltas)
+    for d in batch:
+        if not isinstance(d, Delta):
+            raise DeltaError(f"expected rrome.Delta objects, got {type(d).__name__}")
+    raw = [d._raw() for d in batch]
+    out = None if out_dir is None else os.fspath(out_dir)
+    return _rust.apply_deltas(os.fspath(model_dir), raw, out)  # type: ignore[return-value]
+
+
+def revert(model_dir: PathLike, *, all: bool = False) -> list[int]:  # noqa: A002 - mirrors the CLI flag
+    """Restores the exact original bytes of the last applied batch (or of every batch).
+
+    Returns:
+        The reverted batch numbers, newest first.
+
+    Raises:
+        RevertError: nothing to revert, or the undo data is missing.
+        IntegrityError: an edited tensor was changed by something else since; nothing written.
+    """
+    return _rust.revert(os.fspath(model_dir), all)
+
+
+def recover(model_dir: PathLike) -> list[str]:
+    """Finishes or rolls back an in-place write that was interrupted (crash, kill, power loss).
+
+    Every rrome command that writes a folder does this first; this runs it alone.
+
+    Returns:
+        A sentence per action taken; empty when the folder was clean.
+    """
+    return _rust.recover(os.fspath(model_dir))
+
+
+def inspect(model_dir: PathLike) -> dict[str, Any]:
+    """Describes a model folder: shards, tensors (name, dtype, shape, shard), edit log, pending state."""
+    result: dict[str, Any] = json.loads(_rust.inspect(os.fspath(model_dir)))
+    return result
+
+
+def save_deltas(path: PathLike, deltas: Sequence[Delta]) -> None:
+    """Writes deltas as a bundle in folder ``path`` (created if needed), ids ``"0"``, ``"1"``, ..."""
+    _rust.write_bundle(os.fspath(path), [d._raw() for d in deltas])
+
+
+def load_deltas(path: PathLike) -> list[LoggedDelta]:
+    """Reads a bundle or edit log: a folder holding both files, or the path of either file.
+
+    Raises:
+        DeltasFileError: a malformed record, naming file, line and field.
+    """
+    out = []
+    for rid, batch, applied_at, tensor, u, r, layout, scale, meta in _rust.read_bundle(os.fspath(path)):
+        delta = Delta(tensor, u, r, layout, scale, None if meta is None else json.loads(meta))
+        out.append(LoggedDelta(rid, batch, applied_at, delta))
+    return out

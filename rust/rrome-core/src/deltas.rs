@@ -1,0 +1,336 @@
+//! Rank-one deltas and the file pair that stores them.
+//!
+//! A [`Delta`] means W_math += scale · r uᵀ, where W_math is the d_out × d_in matrix the module
+//! applies (y = W_math x). Its [`Layout`] says how the tensor stores W_math: `out_in` (torch
+//! `nn.Linear`, shape [d_out, d_in]) or `in_out` (GPT-2's `Conv1D`, shape [d_in, d_out]).
+//!
+//! A set of deltas is stored as two files in one folder (a "deltas bundle"):
+//! - `rrome_edits.jsonl`: one JSON object per delta, in application order:
+//!   `{"id", "tensor", "layout", "scale", "d_in", "d_out"}` plus optional `"batch"`,
+//!   `"applied_at"` (set in a model's edit log) and `"meta"` (any JSON object: the edit
+//!   request, method, diagnostics).
+//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` [d_in] and `<id>.r` [d_out].
+//!
+//! A model folder's edit log is a bundle of the same format kept inside the model folder: every
+//! applied batch appends its records there, which is what `revert` and `inspect` read.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::atomic_write;
+use crate::safetensors_header::{self, TensorData};
+
+/// File name of the JSON-lines half of a bundle.
+pub const EDITS_FILE: &str = "rrome_edits.jsonl";
+/// File name of the tensor half of a bundle.
+pub const DELTAS_FILE: &str = "rrome_deltas.safetensors";
+/// Format tag of the tensor half.
+pub const DELTAS_FORMAT: &str = "rrome-deltas/1";
+
+/// How a weight tensor stores W_math.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Shape [d_out, d_in] (torch `nn.Linear`).
+    OutIn,
+    /// Shape [d_in, d_out] (GPT-2 `Conv1D`).
+    InOut,
+}
+
+impl Layout {
+    /// Parses `"out_in"` or `"in_out"`.
+    pub fn parse(s: &str) -> Option<Layout> {
+        match s {
+            "out_in" => Some(Layout::OutIn),
+            "in_out" => Some(Layout::InOut),
+            _ => None,
+        }
+    }
+
+    /// The spelling used in files and in Python.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::OutIn => "out_in",
+            Layout::InOut => "in_out",
+        }
+    }
+
+    /// The stored shape of a d_out × d_in matrix.
+    pub fn stored_shape(self, d_out: usize, d_in: usize) -> [usize; 2] {
+        match self {
+            Layout::OutIn => [d_out, d_in],
+            Layout::InOut => [d_in, d_out],
+        }
+    }
+}
+
+/// One rank-one update W_math += scale · r uᵀ of one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    /// Safetensors name of the weight, e.g. `model.layers.6.mlp.down_proj.weight`.
+    pub tensor: String,
+    /// Input-side factor, length d_in.
+    pub u: Vec<f32>,
+    /// Output-side factor, length d_out.
+    pub r: Vec<f32>,
+    /// Storage layout of the tensor.
+    pub layout: Layout,
+    /// Scalar factor; applied in f32 as (scale · r) uᵀ.
+    pub scale: f64,
+    /// Free-form JSON object carried into the edit log (edit request, method, diagnostics).
+    pub meta: Option<Map<String, Value>>,
+}
+
+impl Delta {
+    /// d_in = len(u).
+    pub fn d_in(&self) -> usize {
+        self.u.len()
+    }
+
+    /// d_out = len(r).
+    pub fn d_out(&self) -> usize {
+        self.r.len()
+    }
+
+    /// Checks that all numbers are finite and both factors non-empty; `what` prefixes messages.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        let bad = |msg: String| Err(Error::Delta { msg: format!("{what}: {msg}") });
+        if self.u.is_empty() || self.r.is_empty() {
+            return bad("u and r must not be empty".into());
+        }
+        if !self.scale.is_finite() {
+            return bad(format!("scale is {}", self.scale));
+        }
+        if let Some(i) = self.u.iter().position(|v| !v.is_finite()) {
+            return bad(format!("u[{i}] is {}", self.u[i]));
+        }
+        if let Some(i) = self.r.iter().position(|v| !v.is_finite()) {
+            return bad(format!("r[{i}] is {}", self.r[i]));
+        }
+        Ok(())
+    }
+}
+
+/// A delta as recorded in a bundle: the delta plus its record fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Unique id within the bundle; names the tensors `<id>.u` and `<id>.r`.
+    pub id: String,
+    /// Batch number in a model's edit log (absent in a plain bundle).
+    pub batch: Option<u64>,
+    /// Unix time the batch was applied (edit log only).
+    pub applied_at: Option<f64>,
+    /// The delta itself.
+    pub delta: Delta,
+}
+
+/// Resolves a bundle argument: a folder holding both files, or the path of either file.
+pub fn bundle_paths(path: &Path) -> (PathBuf, PathBuf) {
+    let dir = if path.is_dir() { path.to_path_buf() } else { crate::fsutil::parent_of(path) };
+    (dir.join(EDITS_FILE), dir.join(DELTAS_FILE))
+}
+
+/// Reads a bundle (folder or either file). A folder with neither file is an empty bundle only
+/// when `allow_missing`; otherwise a missing file is an I/O error naming it.
+pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
+    let (edits, tensors) = bundle_paths(path);
+    if allow_missing && !edits.exists() && !tensors.exists() {
+        return Ok(Vec::new());
+    }
+    let text = fs::read(&edits).at(&edits)?;
+    let (header, data) = safetensors_header::read_all(&tensors)?;
+    let ename = edits.display().to_string();
+    if header.meta("format") != Some(DELTAS_FORMAT) {
+        return Err(Error::DeltasFile {
+            msg: format!(
+                "{}: not an rrome deltas file (format {:?}, expected {DELTAS_FORMAT:?})",
+                tensors.display(),
+                header.meta("format")
+            ),
+        });
+    }
+    let text =
+        std::str::from_utf8(&text).map_err(|e| Error::DeltasFile { msg: format!("{ename}: not valid UTF-8 ({e})") })?;
+    let mut out = Vec::new();
+    let mut ids = HashSet::new();
+    for (lineno, line) in text.lines().enumerate() {
+        let lineno = lineno + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |msg: String| Error::DeltasFile { msg: format!("{ename}:{lineno}: {msg}") };
+        let v: Value = serde_json::from_str(line).map_err(|e| fail(format!("not valid JSON ({e})")))?;
+        let obj = v.as_object().ok_or_else(|| fail("expected a JSON object".into()))?;
+        let field_str = |k: &str| -> Result<String> {
+            obj.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| fail(format!("field {k:?}: expected a non-empty string")))
+        };
+        let field_uint = |k: &str| -> Result<u64> {
+            obj.get(k)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| fail(format!("field {k:?}: expected a non-negative integer")))
+        };
+        let id = field_str("id")?;
+        if !ids.insert(id.clone()) {
+            return Err(fail(format!("field \"id\": {id:?} appears twice")));
+        }
+        let tensor = field_str("tensor")?;
+        let layout_s = field_str("layout")?;
+        let layout = Layout::parse(&layout_s)
+            .ok_or_else(|| fail(format!("field \"layout\": expected \"out_in\" or \"in_out\", got {layout_s:?}")))?;
+        let scale = match obj.get("scale") {
+            None => 1.0,
+            Some(s) => s.as_f64().ok_or_else(|| fail("field \"scale\": expected a number".into()))?,
+        };
+        let d_in = field_uint("d_in")? as usize;
+        let d_out = field_uint("d_out")? as usize;
+        let batch = match obj.get("batch") {
+            None => None,
+            Some(_) => Some(field_uint("batch")?),
+        };
+        let applied_at = obj.get("applied_at").and_then(Value::as_f64);
+        let meta = match obj.get("meta") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => Some(m.clone()),
+            Some(_) => return Err(fail("field \"meta\": expected a JSON object".into())),
+        };
+        let load = |suffix: &str, len: usize| -> Result<Vec<f32>> {
+            let name = format!("{id}.{suffix}");
+            let t = header
+                .get(&name)
+                .ok_or_else(|| fail(format!("tensor {name:?} is missing from {}", tensors.display())))?;
+            if t.dtype != Dtype::F32 || t.shape != [len] {
+                return Err(fail(format!("tensor {name:?} is {} {:?}; expected F32 [{len}]", t.dtype, t.shape)));
+            }
+            Ok(data[t.begin as usize..t.end as usize]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let delta = Delta { tensor, u: load("u", d_in)?, r: load("r", d_out)?, layout, scale, meta };
+        delta.check_finite(&format!("{ename}:{lineno}"))?;
+        out.push(Record { id, batch, applied_at, delta });
+    }
+    Ok(out)
+}
+
+/// The JSON line of a record.
+pub fn record_line(rec: &Record) -> String {
+    let d = &rec.delta;
+    let mut obj = Map::new();
+    obj.insert("id".into(), json!(rec.id));
+    if let Some(b) = rec.batch {
+        obj.insert("batch".into(), json!(b));
+    }
+    if let Some(t) = rec.applied_at {
+        obj.insert("applied_at".into(), json!(t));
+    }
+    obj.insert("tensor".into(), json!(d.tensor));
+    obj.insert("layout".into(), json!(d.layout.as_str()));
+    obj.insert("scale".into(), json!(d.scale));
+    obj.insert("d_in".into(), json!(d.d_in()));
+    obj.insert("d_out".into(), json!(d.d_out()));
+    if let Some(m) = &d.meta {
+        obj.insert("meta".into(), Value::Object(m.clone()));
+    }
+    Value::Object(obj).to_string()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes a bundle into folder `dir`: the tensors first, then the JSON lines. Each file is
+/// replaced atomically, and the JSON lines are the commit point: a reader that sees a record
+/// also finds its tensors.
+pub fn write_bundle(dir: &Path, records: &[Record]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for r in records {
+        if !seen.insert(r.id.as_str()) {
+            return Err(Error::Delta { msg: format!("delta id {:?} appears twice", r.id) });
+        }
+    }
+    let names: Vec<(String, String)> = records.iter().map(|r| (format!("{}.u", r.id), format!("{}.r", r.id))).collect();
+    let bytes: Vec<(Vec<u8>, Vec<u8>)> =
+        records.iter().map(|r| (f32_bytes(&r.delta.u), f32_bytes(&r.delta.r))).collect();
+    let mut tensors = Vec::with_capacity(records.len() * 2);
+    for ((r, (un, rn)), (ub, rb)) in records.iter().zip(&names).zip(&bytes) {
+        tensors.push(TensorData { name: un, dtype: Dtype::F32, shape: vec![r.delta.d_in()], data: ub });
+        tensors.push(TensorData { name: rn, dtype: Dtype::F32, shape: vec![r.delta.d_out()], data: rb });
+    }
+    let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
+    atomic_write(&dir.join(DELTAS_FILE), |w| safetensors_header::write(w, &tensors, &meta))?;
+    atomic_write(&dir.join(EDITS_FILE), |w| {
+        for r in records {
+            writeln!(w, "{}", record_line(r))?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(t: &str) -> Delta {
+        Delta {
+            tensor: t.into(),
+            u: vec![1.0, 2.0, 3.0],
+            r: vec![0.5, -1.0],
+            layout: Layout::InOut,
+            scale: 2.0,
+            meta: None,
+        }
+    }
+
+    #[test]
+    fn bundle_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = Map::new();
+        meta.insert("method".into(), json!("r-rome"));
+        let recs = vec![
+            Record { id: "a".into(), batch: None, applied_at: None, delta: Delta { meta: Some(meta), ..delta("w1") } },
+            Record { id: "b".into(), batch: Some(3), applied_at: Some(12.5), delta: delta("w2") },
+        ];
+        write_bundle(dir.path(), &recs).unwrap();
+        assert_eq!(read_bundle(dir.path(), false).unwrap(), recs);
+        assert_eq!(read_bundle(&dir.path().join(EDITS_FILE), false).unwrap(), recs);
+    }
+
+    #[test]
+    fn bad_lines_name_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write_bundle(dir.path(), &[Record { id: "a".into(), batch: None, applied_at: None, delta: delta("w") }])
+            .unwrap();
+        let edits = dir.path().join(EDITS_FILE);
+        let good = fs::read_to_string(&edits).unwrap();
+        for (bad, want) in [
+            ("{not json", ":2: not valid JSON"),
+            (r#"{"id":"a","tensor":"w","layout":"in_out","d_in":3,"d_out":2}"#, "appears twice"),
+            (r#"{"id":"c","tensor":"w","layout":"sideways","d_in":3,"d_out":2}"#, "field \"layout\""),
+            (r#"{"id":"c","tensor":"","layout":"in_out","d_in":3,"d_out":2}"#, "field \"tensor\""),
+            (r#"{"id":"c","tensor":"w","layout":"in_out","d_in":3,"d_out":2}"#, "\"c.u\" is missing"),
+            (r#"{"id":"a2","tensor":"w","layout":"in_out","d_in":-1,"d_out":2}"#, "field \"d_in\""),
+        ] {
+            fs::write(&edits, format!("{good}{bad}\n")).unwrap();
+            let err = read_bundle(dir.path(), false).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+            assert!(err.contains("rrome_edits.jsonl:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn non_finite_is_rejected() {
+        let mut d = delta("w");
+        d.r[1] = f32::NAN;
+        assert!(d.check_finite("x").unwrap_err().to_string().contains("r[1]"));
+    }
+}

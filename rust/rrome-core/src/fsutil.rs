@@ -1,0 +1,62 @@
+//! Durable file operations shared by every writer: atomic replace and directory fsync.
+//!
+//! A file that other processes may read (statistics, edit logs, deltas bundles) is never
+//! written in place: it is written to a temporary sibling, flushed to disk, renamed over the
+//! target and the folder is flushed, so a reader or a crash sees the old file or the new one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Flushes a folder's entries (renames, creations, removals) to disk.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).at(dir)?;
+    d.sync_all().at(dir)
+}
+
+/// The parent folder of `path` (`.` for a bare file name).
+pub fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The temporary sibling used while `path` is being replaced.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_of(path).join(format!(".{name}.rrome-tmp-{}", std::process::id()))
+}
+
+/// Writes `path` atomically: `fill` writes the content into a temporary sibling, which is
+/// fsynced and renamed over `path`; then the folder is fsynced. On error the temporary file is
+/// removed and `path` is untouched.
+pub fn atomic_write(path: &Path, fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>) -> Result<()> {
+    let tmp = tmp_sibling(path);
+    let result = (|| {
+        let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).at(&tmp)?;
+        {
+            let mut w = BufWriter::new(&f);
+            fill(&mut w).at(&tmp)?;
+            w.flush().at(&tmp)?;
+        }
+        f.sync_all().at(&tmp)?;
+        fs::rename(&tmp, path).at(path)?;
+        fsync_dir(&parent_of(path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes a file if it exists; a missing file is not an error.
+pub fn remove_if_exists(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}

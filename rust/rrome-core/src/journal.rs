@@ -1,0 +1,168 @@
+//! Undo records: the original bytes of every region a batch changes, with their hashes.
+//!
+//! One file format serves two roles. While an in-place write is in progress it is the undo
+//! journal (`.rrome/journal.safetensors`): written and fsynced before the first shard byte
+//! changes, so a crash at any later point can be rolled back. Once the batch is committed the
+//! same file is renamed to `.rrome/undo/batch-NNNNNN.safetensors`, where `revert` finds the exact
+//! original bytes (no W − Δ arithmetic). It is a safetensors file of U8 tensors `region.<i>`
+//! with the region table (shard, tensor, absolute offset, length, sha256 before and after) in
+//! its metadata, so it goes through the same validating parser as everything else.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::check_shard_name;
+use crate::dtype::Dtype;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::atomic_write;
+use crate::lock::STATE_DIR;
+use crate::safetensors_header::{self, Header};
+
+/// Format tag of undo files.
+pub const UNDO_FORMAT: &str = "rrome-undo/1";
+
+/// One changed byte range of one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    /// Shard file name inside the model folder.
+    pub shard: String,
+    /// Tensor stored there.
+    pub tensor: String,
+    /// Absolute file offset of the first byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
+    /// sha256 (hex) of the bytes before the batch.
+    pub sha_before: String,
+    /// sha256 (hex) of the bytes after the batch.
+    pub sha_after: String,
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Path of the active journal of a model folder.
+pub fn journal_path(model_dir: &Path) -> PathBuf {
+    model_dir.join(STATE_DIR).join("journal.safetensors")
+}
+
+/// Folder of committed undo files.
+pub fn undo_dir(model_dir: &Path) -> PathBuf {
+    model_dir.join(STATE_DIR).join("undo")
+}
+
+/// Path of the undo file of batch `batch`.
+pub fn undo_path(model_dir: &Path, batch: u64) -> PathBuf {
+    undo_dir(model_dir).join(format!("batch-{batch:06}.safetensors"))
+}
+
+/// Reads `len` bytes at `offset` of `path`.
+pub fn read_region(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let f = File::open(path).at(path)?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, offset).at(path)?;
+    Ok(buf)
+}
+
+/// Writes an undo file atomically; `original(i)` yields the original bytes of region `i`
+/// (called once per region, in order, so only one region is in memory at a time).
+pub fn write_undo(
+    path: &Path,
+    batch: u64,
+    regions: &[Region],
+    mut original: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let names: Vec<String> = (0..regions.len()).map(|i| format!("region.{i}")).collect();
+    let descs: Vec<(&str, Dtype, Vec<usize>)> =
+        names.iter().zip(regions).map(|(n, r)| (n.as_str(), Dtype::U8, vec![r.len as usize])).collect();
+    let meta = vec![
+        ("format".to_string(), UNDO_FORMAT.to_string()),
+        ("batch".to_string(), batch.to_string()),
+        ("regions".to_string(), serde_json::to_string(regions).expect("regions serialise")),
+    ];
+    let mut inner: Option<Error> = None;
+    let res = atomic_write(path, |w| {
+        safetensors_header::write_header(w, &descs, &meta)?;
+        for (i, r) in regions.iter().enumerate() {
+            let bytes = match original(i) {
+                Ok(b) => b,
+                Err(e) => {
+                    inner = Some(e);
+                    return Err(std::io::Error::other("reading original bytes failed"));
+                }
+            };
+            if bytes.len() as u64 != r.len || sha256_hex(&bytes) != r.sha_before {
+                inner = Some(Error::Integrity {
+                    msg: format!("{} of {} changed while the undo journal was written", r.tensor, r.shard),
+                });
+                return Err(std::io::Error::other("original bytes changed"));
+            }
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    });
+    match (res, inner) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r,
+    }
+}
+
+/// A validated undo file.
+#[derive(Debug, Clone)]
+pub struct Undo {
+    /// The file.
+    pub path: PathBuf,
+    /// Batch number.
+    pub batch: u64,
+    /// Regions, in the order they were written.
+    pub regions: Vec<Region>,
+    header: Header,
+}
+
+impl Undo {
+    /// Reads and validates an undo file.
+    pub fn read(path: &Path) -> Result<Undo> {
+        let header = Header::read(path)?;
+        let bad = |msg: String| Error::Integrity { msg: format!("{}: {msg}", path.display()) };
+        if header.meta("format") != Some(UNDO_FORMAT) {
+            return Err(bad(format!("not an rrome undo file (format {:?})", header.meta("format"))));
+        }
+        let batch = header.meta("batch").and_then(|b| b.parse().ok()).ok_or_else(|| bad("no batch number".into()))?;
+        let regions: Vec<Region> = serde_json::from_str(header.meta("regions").unwrap_or(""))
+            .map_err(|e| bad(format!("region table unreadable ({e})")))?;
+        for (i, r) in regions.iter().enumerate() {
+            check_shard_name(path, &r.shard)?;
+            let t = header.get(&format!("region.{i}")).ok_or_else(|| bad(format!("region.{i} missing")))?;
+            if t.nbytes() != r.len {
+                return Err(bad(format!("region.{i} holds {} bytes, table says {}", t.nbytes(), r.len)));
+            }
+        }
+        if header.tensors.len() != regions.len() {
+            return Err(bad("region table and tensors disagree".into()));
+        }
+        Ok(Undo { path: path.to_path_buf(), batch, regions, header })
+    }
+
+    /// The original bytes of region `i`, checked against their recorded hash.
+    pub fn original(&self, i: usize) -> Result<Vec<u8>> {
+        let t = self.header.get(&format!("region.{i}")).expect("validated");
+        let mut f = File::open(&self.path).at(&self.path)?;
+        f.seek(SeekFrom::Start(self.header.abs_offset(t))).at(&self.path)?;
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        f.read_exact(&mut buf).at(&self.path)?;
+        if sha256_hex(&buf) != self.regions[i].sha_before {
+            return Err(Error::Integrity {
+                msg: format!("{}: region.{i} does not match its recorded sha256", self.path.display()),
+            });
+        }
+        Ok(buf)
+    }
+}

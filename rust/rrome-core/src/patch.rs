@@ -1,0 +1,674 @@
+//! Applying, reverting and recovering batches of deltas in a model folder (DESIGN.md §4).
+//!
+//! In place, under the folder's exclusive lock:
+//! 1. finish or roll back whatever an earlier crashed run left (see [`recover`]);
+//! 2. validate the checkpoint and every delta, compute each edited tensor's new bytes and the
+//!    sha256 of old and new;
+//! 3. write the undo journal (original bytes + hashes), fsync, rename into place;
+//! 4. patch the regions, fsync the shards, re-read and verify the new hashes;
+//! 5. append the batch to the edit log (atomic rename of `rrome_edits.jsonl`: the commit point);
+//! 6. move the journal to `.rrome/undo/batch-N.safetensors`, the data `revert` uses.
+//!
+//! A crash before 5 is rolled back from the journal, a crash after 5 is rolled forward; every
+//! recovery step checks hashes first, so running it twice is harmless.
+//!
+//! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced,
+//! verified and renamed into place at the end, so the destination is complete or absent.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::checkpoint::{Checkpoint, Shard};
+use crate::deltas::{read_bundle, write_bundle, Delta, Record, DELTAS_FILE, EDITS_FILE};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{fsync_dir, parent_of, remove_if_exists};
+use crate::journal::{journal_path, read_region, sha256_hex, undo_dir, undo_path, write_undo, Region, Undo};
+use crate::lock::{lock_exclusive, model_lock_path, DirLock, STATE_DIR};
+use crate::rank_one::{self, Term};
+
+/// Environment variable that makes the process abort at a named step (crash tests only).
+pub const CRASH_ENV: &str = "RROME_CRASH_AT";
+
+fn crash_point(step: &str) {
+    if let Ok(want) = std::env::var(CRASH_ENV) {
+        if want == step {
+            std::process::abort();
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// Batch number given to the deltas in the edit log.
+    pub batch: u64,
+    /// The folder that now holds the edited checkpoint.
+    pub model_dir: PathBuf,
+    /// Edited tensors, in order.
+    pub tensors: Vec<String>,
+    /// Shards that changed.
+    pub shards: Vec<String>,
+    /// Bytes of the edited tensors.
+    pub tensor_bytes: u64,
+    /// Bytes written to the checkpoint folder (patches, journal, log; copies excluded).
+    pub bytes_written: u64,
+}
+
+/// One tensor's planned change.
+struct Plan {
+    shard: usize,
+    tensor: String,
+    offset: u64,
+    len: u64,
+    dtype: crate::dtype::Dtype,
+    rows: usize,
+    cols: usize,
+    terms: Vec<Term>,
+}
+
+impl Plan {
+    /// New bytes for the given old bytes; refuses results that overflow the dtype.
+    fn new_bytes(&self, old: &[u8]) -> Result<Vec<u8>> {
+        let mut new = vec![0u8; old.len()];
+        if !rank_one::apply(self.dtype, self.rows, self.cols, old, &self.terms, &mut new) {
+            return Err(Error::Delta {
+                msg: format!("the update of {} produces values that are not finite in {}", self.tensor, self.dtype),
+            });
+        }
+        Ok(new)
+    }
+}
+
+fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
+    if deltas.is_empty() {
+        return Err(Error::Delta { msg: "no deltas to apply".into() });
+    }
+    let mut plans: Vec<Plan> = Vec::new();
+    for (i, d) in deltas.iter().enumerate() {
+        let what = format!("delta {i} ({})", d.tensor);
+        d.check_finite(&what)?;
+        let (shard, info) = ckpt.find(&d.tensor)?;
+        if !info.dtype.is_editable() {
+            return Err(Error::UnsupportedDtype { name: d.tensor.clone(), dtype: info.dtype.to_string() });
+        }
+        let want = d.layout.stored_shape(d.d_out(), d.d_in());
+        if info.shape != want {
+            return Err(Error::Delta {
+                msg: format!(
+                    "{what}: len(u) = {} and len(r) = {} with layout {} need a tensor of shape {:?}, but it has shape {:?}",
+                    d.d_in(),
+                    d.d_out(),
+                    d.layout.as_str(),
+                    want,
+                    info.shape
+                ),
+            });
+        }
+        let shard_idx = ckpt.shards.iter().position(|s| std::ptr::eq(s, shard)).expect("shard of checkpoint");
+        let term = Term::from_delta(d);
+        match plans.iter_mut().find(|p| p.tensor == d.tensor) {
+            Some(p) => p.terms.push(term),
+            None => plans.push(Plan {
+                shard: shard_idx,
+                tensor: d.tensor.clone(),
+                offset: shard.header.abs_offset(info),
+                len: info.nbytes(),
+                dtype: info.dtype,
+                rows: want[0],
+                cols: want[1],
+                terms: vec![term],
+            }),
+        }
+    }
+    Ok(plans)
+}
+
+/// Refuses to write through a shard that is a link out of the folder or has other hard links.
+fn check_writable_in_place(ckpt: &Checkpoint, shard: &Shard) -> Result<()> {
+    let root = fs::canonicalize(&ckpt.dir).at(&ckpt.dir)?;
+    let real = fs::canonicalize(&shard.path).at(&shard.path)?;
+    if real.parent() != Some(root.as_path()) {
+        return Err(Error::checkpoint(
+            &shard.path,
+            format!("resolves to {} outside the model folder; edit a copy with --out instead", real.display()),
+        ));
+    }
+    let nlink = fs::metadata(&real).at(&real)?.nlink();
+    if nlink > 1 {
+        return Err(Error::checkpoint(
+            &shard.path,
+            format!("has {nlink} hard links; editing it in place would change the other copies too; use --out"),
+        ));
+    }
+    Ok(())
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn next_batch(log: &[Record]) -> u64 {
+    log.iter().filter_map(|r| r.batch).max().unwrap_or(0) + 1
+}
+
+fn new_records(deltas: &[Delta], batch: u64) -> Vec<Record> {
+    let t = now();
+    deltas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Record { id: format!("b{batch}.{i}"), batch: Some(batch), applied_at: Some(t), delta: d.clone() })
+        .collect()
+}
+
+/// Computes every region's hashes (pass 1: nothing is written).
+fn regions_for(ckpt: &Checkpoint, plans: &[Plan]) -> Result<Vec<Region>> {
+    plans
+        .iter()
+        .map(|p| {
+            let shard = &ckpt.shards[p.shard];
+            let old = read_region(&shard.path, p.offset, p.len)?;
+            let new = p.new_bytes(&old)?;
+            Ok(Region {
+                shard: shard.file.clone(),
+                tensor: p.tensor.clone(),
+                offset: p.offset,
+                len: p.len,
+                sha_before: sha256_hex(&old),
+                sha_after: sha256_hex(&new),
+            })
+        })
+        .collect()
+}
+
+/// Writes each plan's new bytes into `dir`'s copy of its shard, reading the old bytes from
+/// `src_dir` (the same folder in place), then fsyncs the touched shards.
+fn write_regions(src_dir: &Path, dir: &Path, plans: &[Plan], regions: &[Region]) -> Result<()> {
+    let mut touched: Vec<(String, File)> = Vec::new();
+    for (p, r) in plans.iter().zip(regions) {
+        let old = read_region(&src_dir.join(&r.shard), p.offset, p.len)?;
+        let new = p.new_bytes(&old)?;
+        if sha256_hex(&new) != r.sha_after {
+            return Err(Error::Integrity { msg: format!("{} in {} changed during the write", r.tensor, r.shard) });
+        }
+        let path = dir.join(&r.shard);
+        if !touched.iter().any(|(s, _)| s == &r.shard) {
+            let f = OpenOptions::new().write(true).open(&path).at(&path)?;
+            touched.push((r.shard.clone(), f));
+        }
+        let f = &touched.iter().find(|(s, _)| s == &r.shard).expect("opened").1;
+        f.write_all_at(&new, p.offset).at(&path)?;
+        crash_point("patch-region");
+    }
+    for (s, f) in &touched {
+        f.sync_all().at(dir.join(s))?;
+    }
+    Ok(())
+}
+
+/// Re-reads every region of `dir` and checks its hash (`after` or `before`).
+fn verify(dir: &Path, regions: &[Region], after: bool) -> Result<()> {
+    for r in regions {
+        let got = sha256_hex(&read_region(&dir.join(&r.shard), r.offset, r.len)?);
+        let want = if after { &r.sha_after } else { &r.sha_before };
+        if &got != want {
+            return Err(Error::Integrity {
+                msg: format!("{} in {}: sha256 {got} after writing, expected {want}", r.tensor, r.shard),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies `deltas` to the checkpoint in `model_dir`, in place or into a new folder `out_dir`.
+///
+/// # Errors
+/// Any [`Error`]; on error the model folder is unchanged (in place: rolled back before
+/// returning, or by the next command after a crash) and `out_dir` does not exist.
+pub fn apply_deltas(model_dir: &Path, deltas: &[Delta], out_dir: Option<&Path>) -> Result<ApplyReport> {
+    match out_dir {
+        None => apply_in_place(model_dir, deltas),
+        Some(out) => apply_to_copy(model_dir, deltas, out),
+    }
+}
+
+fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
+    if !dir.is_dir() {
+        // Report a missing folder before creating any state inside it.
+        fs::metadata(dir).at(dir)?;
+        return Err(Error::checkpoint(dir, "is not a folder"));
+    }
+    let _lock = lock_exclusive(&model_lock_path(dir))?;
+    recover_locked(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let plans = plan(&ckpt, deltas)?;
+    for p in &plans {
+        check_writable_in_place(&ckpt, &ckpt.shards[p.shard])?;
+    }
+    let log = read_bundle(dir, true)?;
+    let batch = next_batch(&log);
+    let regions = regions_for(&ckpt, &plans)?;
+
+    let journal = journal_path(dir);
+    write_undo(&journal, batch, &regions, |i| {
+        read_region(&dir.join(&regions[i].shard), regions[i].offset, regions[i].len)
+    })?;
+    crash_point("journal-written");
+    let result = (|| {
+        write_regions(dir, dir, &plans, &regions)?;
+        crash_point("patched");
+        verify(dir, &regions, true)?;
+        let mut records = log.clone();
+        records.extend(new_records(deltas, batch));
+        write_bundle(dir, &records)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Put the original bytes back now rather than leaving it to the next command.
+        return Err(match rollback(dir, &Undo::read(&journal)?, &log) {
+            Ok(()) => e,
+            Err(re) => Error::Integrity { msg: format!("{e}; rolling back also failed: {re}; run `rrome recover`") },
+        });
+    }
+    crash_point("committed");
+    finalize(dir, batch)?;
+    let journal_bytes = fs::metadata(undo_path(dir, batch)).at(undo_path(dir, batch))?.len();
+    let log_bytes = fs::metadata(dir.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
+        + fs::metadata(dir.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0);
+    Ok(report(dir, batch, &regions, journal_bytes + log_bytes))
+}
+
+fn report(dir: &Path, batch: u64, regions: &[Region], extra_bytes: u64) -> ApplyReport {
+    let mut shards: Vec<String> = Vec::new();
+    for r in regions {
+        if !shards.contains(&r.shard) {
+            shards.push(r.shard.clone());
+        }
+    }
+    let tensor_bytes = regions.iter().map(|r| r.len).sum();
+    ApplyReport {
+        batch,
+        model_dir: dir.to_path_buf(),
+        tensors: regions.iter().map(|r| r.tensor.clone()).collect(),
+        shards,
+        tensor_bytes,
+        bytes_written: tensor_bytes + extra_bytes,
+    }
+}
+
+/// Moves a committed journal to the undo folder.
+fn finalize(dir: &Path, batch: u64) -> Result<()> {
+    let udir = undo_dir(dir);
+    fs::create_dir_all(&udir).at(&udir)?;
+    let dest = undo_path(dir, batch);
+    fs::rename(journal_path(dir), &dest).at(&dest)?;
+    fsync_dir(&udir)?;
+    fsync_dir(&dir.join(STATE_DIR))
+}
+
+/// Restores every region of `undo` whose bytes are not already the originals, then verifies.
+fn restore(dir: &Path, undo: &Undo) -> Result<()> {
+    let mut touched: Vec<PathBuf> = Vec::new();
+    for (i, r) in undo.regions.iter().enumerate() {
+        let path = dir.join(&r.shard);
+        if sha256_hex(&read_region(&path, r.offset, r.len)?) == r.sha_before {
+            continue;
+        }
+        let orig = undo.original(i)?;
+        let f = OpenOptions::new().write(true).open(&path).at(&path)?;
+        f.write_all_at(&orig, r.offset).at(&path)?;
+        crash_point("restore-region");
+        if !touched.contains(&path) {
+            touched.push(path);
+        }
+    }
+    for p in &touched {
+        File::open(p).and_then(|f| f.sync_all()).at(p)?;
+    }
+    verify(dir, &undo.regions, false)
+}
+
+/// Rewrites the edit log as `records`, removing both files when none remain.
+fn write_log(dir: &Path, records: &[Record]) -> Result<()> {
+    if records.is_empty() {
+        remove_if_exists(&dir.join(EDITS_FILE))?;
+        remove_if_exists(&dir.join(DELTAS_FILE))?;
+        fsync_dir(dir)
+    } else {
+        write_bundle(dir, records)
+    }
+}
+
+/// Rolls an uncommitted journal back: original bytes, a log without the batch, no journal.
+fn rollback(dir: &Path, undo: &Undo, log: &[Record]) -> Result<()> {
+    restore(dir, undo)?;
+    let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(undo.batch)).cloned().collect();
+    write_log(dir, &kept)?;
+    remove_if_exists(&undo.path)?;
+    fsync_dir(&dir.join(STATE_DIR))
+}
+
+fn revert_marker(dir: &Path) -> PathBuf {
+    dir.join(STATE_DIR).join("revert.json")
+}
+
+/// Removes leftovers of interrupted atomic writes (`.<name>.rrome-tmp-<pid>`) from `dir`.
+fn remove_tmp_files(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".rrome-tmp-") && entry.file_type().at(dir)?.is_file() {
+            remove_if_exists(&entry.path())?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Finishes or rolls back whatever an interrupted run left in `dir`. Caller holds the lock.
+/// Returns a description of each action taken (empty when the folder was clean).
+fn recover_locked(dir: &Path) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
+    for name in remove_tmp_files(dir)?.into_iter().chain(remove_tmp_files(&dir.join(STATE_DIR))?) {
+        actions.push(format!("removed unfinished temporary file {name}"));
+    }
+    let marker = revert_marker(dir);
+    if marker.exists() {
+        let text = fs::read_to_string(&marker).at(&marker)?;
+        let batch = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("batch").and_then(Value::as_u64))
+            .ok_or_else(|| Error::Integrity { msg: format!("{}: unreadable revert marker", marker.display()) })?;
+        finish_revert(dir, batch)?;
+        actions.push(format!("finished the interrupted revert of batch {batch}"));
+    }
+    let journal = journal_path(dir);
+    if journal.exists() {
+        let undo = Undo::read(&journal)?;
+        let log = read_bundle(dir, true)?;
+        if log.iter().any(|r| r.batch == Some(undo.batch)) {
+            verify(dir, &undo.regions, true)?;
+            finalize(dir, undo.batch)?;
+            actions.push(format!("completed batch {} (it was committed before the interruption)", undo.batch));
+        } else {
+            rollback(dir, &undo, &log)?;
+            actions.push(format!("rolled back uncommitted batch {}; the original bytes are restored", undo.batch));
+        }
+    }
+    Ok(actions)
+}
+
+/// Recovers a model folder after a crash: takes the lock and finishes or rolls back.
+pub fn recover(dir: &Path) -> Result<Vec<String>> {
+    fs::metadata(dir).at(dir)?;
+    let _lock = lock_exclusive(&model_lock_path(dir))?;
+    recover_locked(dir)
+}
+
+fn finish_revert(dir: &Path, batch: u64) -> Result<()> {
+    let upath = undo_path(dir, batch);
+    let log = read_bundle(dir, true)?;
+    if upath.exists() {
+        let undo = Undo::read(&upath)?;
+        restore(dir, &undo)?;
+    }
+    let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(batch)).cloned().collect();
+    if kept.len() != log.len() {
+        write_log(dir, &kept)?;
+    }
+    remove_if_exists(&upath)?;
+    remove_if_exists(&revert_marker(dir))?;
+    fsync_dir(&dir.join(STATE_DIR))
+}
+
+/// Reverts the last applied batch (or all batches) by restoring the original bytes.
+///
+/// # Errors
+/// [`Error::Revert`] when there is nothing to revert or its undo data is missing;
+/// [`Error::Integrity`] when an edited tensor changed since the batch was applied.
+pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
+    fs::metadata(dir).at(dir)?;
+    let _lock = lock_exclusive(&model_lock_path(dir))?;
+    recover_locked(dir)?;
+    let mut reverted = Vec::new();
+    loop {
+        let log = read_bundle(dir, true)?;
+        let Some(batch) = log.iter().filter_map(|r| r.batch).max() else {
+            if reverted.is_empty() {
+                return Err(Error::Revert { msg: format!("{} has no rrome edits to revert", dir.display()) });
+            }
+            break;
+        };
+        let upath = undo_path(dir, batch);
+        if !upath.exists() {
+            return Err(Error::Revert {
+                msg: format!(
+                    "batch {batch} has no undo data ({} is missing); it cannot be reverted exactly",
+                    upath.display()
+                ),
+            });
+        }
+        let undo = Undo::read(&upath)?;
+        let ckpt = Checkpoint::open(dir)?;
+        for r in &undo.regions {
+            let (shard, info) = ckpt.find(&r.tensor)?;
+            if shard.file != r.shard || shard.header.abs_offset(info) != r.offset || info.nbytes() != r.len {
+                return Err(Error::Integrity {
+                    msg: format!("{} is no longer stored where batch {batch} wrote it; refusing to revert", r.tensor),
+                });
+            }
+            let now = sha256_hex(&read_region(&shard.path, r.offset, r.len)?);
+            if now != r.sha_after {
+                return Err(Error::Integrity {
+                    msg: format!(
+                        "{} in {} changed after batch {batch} was applied (by something other than rrome); refusing to revert",
+                        r.tensor, r.shard
+                    ),
+                });
+            }
+        }
+        crate::fsutil::atomic_write(&revert_marker(dir), |w| {
+            use std::io::Write;
+            write!(w, "{}", json!({"batch": batch}))
+        })?;
+        crash_point("revert-marked");
+        finish_revert(dir, batch)?;
+        reverted.push(batch);
+        if !all {
+            break;
+        }
+    }
+    Ok(reverted)
+}
+
+/// Files of a model folder that a copy carries over (everything but locks, journals and
+/// temporary files), as paths relative to the folder.
+fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = src.join(&rel);
+        for entry in fs::read_dir(&abs).at(&abs)? {
+            let entry = entry.at(&abs)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let child = rel.join(&name);
+            if name.contains(".rrome-tmp-") {
+                continue;
+            }
+            if rel == Path::new(STATE_DIR) && matches!(name.as_str(), "lock" | "journal.safetensors" | "revert.json") {
+                continue;
+            }
+            let meta = fs::metadata(entry.path()).at(entry.path())?;
+            if meta.is_dir() {
+                stack.push(child);
+            } else if meta.is_file() {
+                out.push(child);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Takes ownership of the hidden build folder beside `out`, clearing one left by a dead run.
+fn claim_partial(out: &Path) -> Result<(PathBuf, DirLock)> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::checkpoint(out, "destination has no folder name"))?
+        .to_string_lossy()
+        .into_owned();
+    let partial = parent_of(out).join(format!(".{name}.rrome-partial"));
+    for _ in 0..2 {
+        match fs::create_dir(&partial) {
+            Ok(()) => {
+                let lock = lock_exclusive(&model_lock_path(&partial))?;
+                return Ok((partial, lock));
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                // Held by a live writer: Locked. Otherwise a dead run's leftovers: remove.
+                let lock = lock_exclusive(&model_lock_path(&partial))?;
+                drop(lock);
+                fs::remove_dir_all(&partial).at(&partial)?;
+            }
+            Err(e) => return Err(Error::io(&partial, e)),
+        }
+    }
+    Err(Error::Locked { path: partial, holder: "another rrome process building the same destination".into() })
+}
+
+fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport> {
+    fs::metadata(src).at(src)?;
+    if out.exists() {
+        return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
+    }
+    // Hold the source's lock where we can, so no in-place writer changes it mid-copy; a
+    // read-only source cannot be written in place anyway.
+    let _src_lock = match lock_exclusive(&model_lock_path(src)) {
+        Ok(l) => Some(l),
+        Err(Error::Io { source, .. })
+            if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if journal_path(src).exists() || revert_marker(src).exists() {
+        return Err(Error::Integrity {
+            msg: format!(
+                "{} has an unfinished in-place operation; run `rrome recover {}` first",
+                src.display(),
+                src.display()
+            ),
+        });
+    }
+    let ckpt = Checkpoint::open(src)?;
+    let plans = plan(&ckpt, deltas)?;
+    let log = read_bundle(src, true)?;
+    let batch = next_batch(&log);
+    let regions = regions_for(&ckpt, &plans)?;
+
+    let (partial, part_lock) = claim_partial(out)?;
+    let result = (|| {
+        let files = files_to_copy(src)?;
+        let mut synced_dirs: HashSet<PathBuf> = HashSet::new();
+        for rel in &files {
+            let from = src.join(rel);
+            let to = partial.join(rel);
+            let parent = parent_of(&to);
+            fs::create_dir_all(&parent).at(&parent)?;
+            fs::copy(&from, &to).at(&to)?;
+            synced_dirs.insert(parent);
+        }
+        crash_point("copied");
+        write_regions(src, &partial, &plans, &regions)?;
+        write_undo(&undo_path(&partial, batch), batch, &regions, |i| {
+            read_region(&src.join(&regions[i].shard), regions[i].offset, regions[i].len)
+        })?;
+        let mut records = log.clone();
+        records.extend(new_records(deltas, batch));
+        write_bundle(&partial, &records)?;
+        for rel in &files {
+            let p = partial.join(rel);
+            File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
+        }
+        synced_dirs.insert(undo_dir(&partial));
+        synced_dirs.insert(partial.join(STATE_DIR));
+        for d in &synced_dirs {
+            fsync_dir(d)?;
+        }
+        fsync_dir(&partial)?;
+        verify(&partial, &regions, true)?;
+        crash_point("copy-ready");
+        if out.exists() {
+            return Err(Error::io(
+                out,
+                std::io::Error::new(ErrorKind::AlreadyExists, "destination appeared during the write"),
+            ));
+        }
+        fs::rename(&partial, out).at(out)?;
+        fsync_dir(&parent_of(out))
+    })();
+    drop(part_lock);
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let log_bytes = fs::metadata(out.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
+        + fs::metadata(out.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0)
+        + fs::metadata(undo_path(out, batch)).map(|m| m.len()).unwrap_or(0);
+    Ok(report(out, batch, &regions, log_bytes))
+}
+
+/// A description of a model folder: shards, tensors, edit log and pending state, as JSON.
+pub fn inspect(dir: &Path) -> Result<Value> {
+    let ckpt = Checkpoint::open(dir)?;
+    let log = read_bundle(dir, true)?;
+    let shards: Vec<Value> = ckpt
+        .shards
+        .iter()
+        .map(|s| json!({"file": s.file, "bytes": s.len, "tensors": s.header.tensors.len()}))
+        .collect();
+    let mut tensors = Vec::new();
+    for s in &ckpt.shards {
+        for t in &s.header.tensors {
+            tensors.push(json!({"name": t.name, "dtype": t.dtype.as_str(), "shape": t.shape, "shard": s.file}));
+        }
+    }
+    let edits: Vec<Value> = log
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id, "batch": r.batch, "applied_at": r.applied_at, "tensor": r.delta.tensor,
+                "layout": r.delta.layout.as_str(), "scale": r.delta.scale, "d_in": r.delta.d_in(),
+                "d_out": r.delta.d_out(), "meta": r.delta.meta,
+                "undo": r.batch.map(|b| undo_path(dir, b).exists()),
+            })
+        })
+        .collect();
+    let mut pending = Vec::new();
+    if journal_path(dir).exists() {
+        pending.push("an in-place write was interrupted (journal present); run `rrome recover`");
+    }
+    if revert_marker(dir).exists() {
+        pending.push("a revert was interrupted; run `rrome recover`");
+    }
+    Ok(json!({
+        "model_dir": dir.display().to_string(),
+        "indexed": ckpt.indexed,
+        "shards": shards,
+        "tensors": tensors,
+        "edits": edits,
+        "pending": pending,
+    }))
+}
