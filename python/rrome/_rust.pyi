@@ -9,6 +9,18 @@ import numpy.typing as npt
 _Path = str | PathLike[str]
 _RawDelta = tuple[str, npt.NDArray[np.float32], npt.NDArray[np.float32], str, float, str | None]
 
+__all__ = [
+    "CRASH_ENV",
+    "Cholesky",
+    "SecondMoment",
+    "apply_deltas",
+    "inspect",
+    "read_bundle",
+    "recover",
+    "revert",
+    "write_bundle",
+]
+
 CRASH_ENV: str
 
 @final

@@ -53,7 +53,13 @@ def main() -> None:
 @main.command("apply-deltas")
 @click.argument("deltas", type=click.Path(path_type=Path))
 @click.argument("model_dir", type=_dir)
-@click.option("--out", "out_dir", type=_dir, default=None, help="Write an edited copy to this new folder instead of editing in place.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=_dir,
+    default=None,
+    help="Write an edited copy to this new folder instead of editing in place.",
+)
 @_expected_errors
 def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None) -> None:
     """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
@@ -140,7 +146,8 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
         for e in edits:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["applied_at"])) if e["applied_at"] else "-"
             undo = "revertible" if e["undo"] else "no undo data"
-            click.echo(f"  batch {e['batch']}  {e['id']}  {e['tensor']}  {e['layout']}  scale={e['scale']:g}  {when}  {undo}")
+            fields = [f"batch {e['batch']}", e["id"], e["tensor"], e["layout"], f"scale={e['scale']:g}", when, undo]
+            click.echo("  " + "  ".join(fields))
     for p in info["pending"]:
         click.echo(f"pending: {p}")
 

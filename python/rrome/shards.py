@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -204,6 +204,8 @@ def load_deltas(path: PathLike) -> list[LoggedDelta]:
     """
     out = []
     for rid, batch, applied_at, tensor, u, r, layout, scale, meta in _rust.read_bundle(os.fspath(path)):
-        delta = Delta(tensor, u, r, layout, scale, None if meta is None else json.loads(meta))
+        if layout not in ("out_in", "in_out"):
+            raise DeltaError(f"{path}: unknown layout {layout!r}")
+        delta = Delta(tensor, u, r, cast(Layout, layout), scale, None if meta is None else json.loads(meta))
         out.append(LoggedDelta(rid, batch, applied_at, delta))
     return out

@@ -103,8 +103,8 @@ impl Delta {
         if self.u.is_empty() || self.r.is_empty() {
             return bad("u and r must not be empty".into());
         }
-        if !self.scale.is_finite() {
-            return bad(format!("scale is {}", self.scale));
+        if !(self.scale as f32).is_finite() {
+            return bad(format!("scale is {} (must be finite in float32)", self.scale));
         }
         if let Some(i) = self.u.iter().position(|v| !v.is_finite()) {
             return bad(format!("u[{i}] is {}", self.u[i]));
@@ -135,11 +135,13 @@ pub fn bundle_paths(path: &Path) -> (PathBuf, PathBuf) {
     (dir.join(EDITS_FILE), dir.join(DELTAS_FILE))
 }
 
-/// Reads a bundle (folder or either file). A folder with neither file is an empty bundle only
-/// when `allow_missing`; otherwise a missing file is an I/O error naming it.
+/// Reads a bundle (folder or either file). With `allow_missing` (a model's edit log), a
+/// folder without `rrome_edits.jsonl` is an empty log: the JSON lines are the commit point,
+/// so a tensor file without them is the leftover of an interrupted first write. Otherwise a
+/// missing file is an I/O error naming it.
 pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
     let (edits, tensors) = bundle_paths(path);
-    if allow_missing && !edits.exists() && !tensors.exists() {
+    if allow_missing && !edits.exists() {
         return Ok(Vec::new());
     }
     let text = fs::read(&edits).at(&edits)?;

@@ -68,7 +68,7 @@ impl SecondMoment {
     /// [`Error::Shape`] if `keys.len()` is not a multiple of `d`.
     pub fn update(&mut self, keys: &[f32]) -> Result<()> {
         let d = self.d;
-        if keys.len() % d != 0 {
+        if !keys.len().is_multiple_of(d) {
             return Err(Error::Shape {
                 msg: format!("keys hold {} values, not a whole number of rows of width {d}", keys.len()),
             });

@@ -592,6 +592,7 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
         }
         crash_point("copied");
         write_regions(src, &partial, &plans, &regions)?;
+        fs::create_dir_all(undo_dir(&partial)).at(undo_dir(&partial))?;
         write_undo(&undo_path(&partial, batch), batch, &regions, |i| {
             read_region(&src.join(&regions[i].shard), regions[i].offset, regions[i].len)
         })?;

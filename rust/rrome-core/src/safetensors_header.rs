@@ -281,7 +281,7 @@ pub fn write_header<W: Write>(
         offset = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("header serialises");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     w.write_all(&(json.len() as u64).to_le_bytes())?;

@@ -1,0 +1,63 @@
+# rrome: every target does its own set-up on a fresh machine and is safe to run again.
+#   make demo   build everything, then run the main job (see README)
+#   make test   build everything, then run every check and test (what CI runs)
+#   make bench  benchmarks (never part of make test)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(abspath .venv)
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.rrome-deps-v1
+EXT_STAMP := $(VENV)/.rrome-ext
+RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup build demo test lint test-rust test-python check-wheel bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2" "numpy>=1.26" "click>=8.1" "tqdm>=4.66" "safetensors>=0.4" \
+		"torch>=2.2" "transformers>=4.45" accelerate "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+	touch $@
+
+setup: $(DEPS_STAMP)
+
+# The release build of the extension, installed editable into the venv.
+$(EXT_STAMP): $(DEPS_STAMP) $(RUST_SRC)
+	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --skip-install -q
+	touch $@
+
+build: $(EXT_STAMP)
+
+demo: build
+	$(PY) examples/offline_delta_demo.py --workdir demo-out
+
+lint: $(DEPS_STAMP)
+	cargo fmt --all --check
+	cargo clippy --workspace --release --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+
+test-rust:
+	cargo test --release -p rrome-core
+
+test-python: build
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest rrome._rust --allowlist .ci/stubtest-allowlist.txt
+	$(PY) -m pytest -q
+
+check-wheel: $(DEPS_STAMP)
+	bash .ci/check-wheel.sh $(PY)
+
+test: build lint test-rust test-python check-wheel
+
+bench: build
+	$(PY) benches/run.py
+
+clean:
+	rm -rf target dist demo-out $(EXT_STAMP)

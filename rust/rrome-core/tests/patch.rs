@@ -1,0 +1,236 @@
+//! End-to-end tests of the shard writer on synthetic checkpoints (no Python involved).
+
+use std::fs;
+use std::path::Path;
+
+use rrome_core::deltas::{read_bundle, Delta, Layout};
+use rrome_core::dtype::{decode_f32, encode_f32, Dtype};
+use rrome_core::journal::journal_path;
+use rrome_core::patch::{apply_deltas, inspect, recover, revert};
+use rrome_core::safetensors_header::{self, Header, TensorData};
+use rrome_core::Error;
+
+fn write_shard(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, dt, _, v)| {
+            let mut b = vec![0u8; v.len() * dt.size()];
+            encode_f32(*dt, v, &mut b);
+            b
+        })
+        .collect();
+    let td: Vec<TensorData> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, dt, s, _), b)| TensorData { name: n, dtype: *dt, shape: s.clone(), data: b })
+        .collect();
+    let mut f = fs::File::create(path).unwrap();
+    safetensors_header::write(&mut f, &td, &[("format".into(), "pt".into())]).unwrap();
+}
+
+fn values(n: usize, seed: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect()
+}
+
+/// Two shards with an index: `a.weight` (BF16 4×3) in shard 1, `b.weight` (F32 3×4) in shard 2.
+fn sharded_model(dir: &Path) {
+    write_shard(
+        &dir.join("s1.safetensors"),
+        &[("a.weight", Dtype::BF16, vec![4, 3], values(12, 1.0)), ("a.bias", Dtype::F32, vec![4], values(4, 2.0))],
+    );
+    write_shard(&dir.join("s2.safetensors"), &[("b.weight", Dtype::F32, vec![3, 4], values(12, 3.0))]);
+    let index = r#"{"metadata":{},"weight_map":{"a.weight":"s1.safetensors","a.bias":"s1.safetensors","b.weight":"s2.safetensors"}}"#;
+    fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    fs::write(dir.join("config.json"), "{}").unwrap();
+}
+
+fn read_tensor(dir: &Path, shard: &str, name: &str) -> Vec<f32> {
+    let (h, data) = safetensors_header::read_all(&dir.join(shard)).unwrap();
+    let t = h.get(name).unwrap();
+    let mut out = vec![0f32; t.shape.iter().product()];
+    decode_f32(t.dtype, &data[t.begin as usize..t.end as usize], &mut out);
+    out
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn delta(tensor: &str, d_in: usize, d_out: usize, layout: Layout, scale: f64) -> Delta {
+    Delta { tensor: tensor.into(), u: values(d_in, 7.0), r: values(d_out, 9.0), layout, scale, meta: None }
+}
+
+#[test]
+fn in_place_apply_matches_reference_and_reverts_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    let old_a = read_tensor(dir.path(), "s1.safetensors", "a.weight");
+    // a.weight stores 4×3 as in_out: d_in = 4, d_out = 3.
+    let deltas = vec![
+        delta("a.weight", 4, 3, Layout::InOut, 1.0),
+        delta("a.weight", 4, 3, Layout::InOut, -0.25),
+        delta("b.weight", 4, 3, Layout::OutIn, 2.0),
+    ];
+    let rep = apply_deltas(dir.path(), &deltas, None).unwrap();
+    assert_eq!(rep.batch, 1);
+    assert_eq!(rep.tensors, vec!["a.weight", "b.weight"]);
+    assert!(!journal_path(dir.path()).exists());
+
+    let new_a = read_tensor(dir.path(), "s1.safetensors", "a.weight");
+    for j in 0..4 {
+        for i in 0..3 {
+            let mut x = old_a[j * 3 + i];
+            for d in &deltas[..2] {
+                x += (d.r[i] * d.scale as f32) * d.u[j];
+            }
+            let mut b = [0u8; 2];
+            encode_f32(Dtype::BF16, &[x], &mut b);
+            let mut back = [0f32];
+            decode_f32(Dtype::BF16, &b, &mut back);
+            assert_eq!(new_a[j * 3 + i], back[0]);
+        }
+    }
+    // The bias in the same shard is untouched.
+    assert_eq!(read_tensor(dir.path(), "s1.safetensors", "a.bias"), values(4, 2.0));
+    let log = read_bundle(dir.path(), false).unwrap();
+    assert_eq!(log.len(), 3);
+    assert!(log.iter().all(|r| r.batch == Some(1)));
+
+    apply_deltas(dir.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], None).unwrap();
+    assert_eq!(revert(dir.path(), true).unwrap(), vec![2, 1]);
+    assert_eq!(snapshot(dir.path()), before);
+    assert!(matches!(revert(dir.path(), false), Err(Error::Revert { .. })));
+}
+
+#[test]
+fn copy_mode_leaves_source_untouched() {
+    let src = tempfile::tempdir().unwrap();
+    sharded_model(src.path());
+    let before = snapshot(src.path());
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("edited");
+    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    assert_eq!(snapshot(src.path()), before);
+    assert_ne!(read_tensor(&out, "s2.safetensors", "b.weight"), values(12, 3.0));
+    assert_eq!(read_tensor(&out, "s1.safetensors", "a.weight"), read_tensor(src.path(), "s1.safetensors", "a.weight"));
+    assert!(!parent.path().join(".edited.rrome-partial").exists());
+    // The copy carries its own undo data.
+    revert(&out, false).unwrap();
+    for (name, bytes) in &before {
+        assert_eq!(&fs::read(out.join(name)).unwrap(), bytes, "{name}");
+    }
+    // An existing destination is refused.
+    let err = apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap_err();
+    assert!(matches!(err, Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists), "{err}");
+}
+
+#[test]
+fn bad_deltas_are_refused_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    let cases: Vec<(Delta, &str)> = vec![
+        (delta("a.weight", 3, 4, Layout::InOut, 1.0), "need a tensor of shape [3, 4]"),
+        (delta("missing.weight", 4, 3, Layout::OutIn, 1.0), "not in the checkpoint"),
+        (delta("a.bias", 4, 1, Layout::OutIn, 1.0), "shape"),
+        (Delta { scale: f64::NAN, ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "scale"),
+        (Delta { u: vec![f32::INFINITY; 4], ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "u[0]"),
+        (delta("b.weight", 4, 3, Layout::OutIn, 1e39), "finite in float32"),
+    ];
+    // Each term is finite, their sum overflows f32 (max ~3.4e38).
+    let big = Delta {
+        tensor: "b.weight".into(),
+        u: vec![1.0; 4],
+        r: vec![1.0; 3],
+        layout: Layout::OutIn,
+        scale: 3e38,
+        meta: None,
+    };
+    let mut batches: Vec<(Vec<Delta>, &str)> = cases.into_iter().map(|(d, w)| (vec![d], w)).collect();
+    batches.push((vec![big.clone(), big], "not finite"));
+    for (ds, want) in batches {
+        let err = apply_deltas(dir.path(), &ds, None).unwrap_err().to_string();
+        assert!(err.contains(want), "{err} should mention {want}");
+        assert_eq!(snapshot(dir.path()), before);
+    }
+}
+
+#[test]
+fn hostile_index_is_refused() {
+    for bad in ["../s1.safetensors", "/etc/passwd", "sub/s1.safetensors", ".."] {
+        let dir = tempfile::tempdir().unwrap();
+        sharded_model(dir.path());
+        let index = format!(r#"{{"weight_map":{{"a.weight":"{bad}"}}}}"#);
+        fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+        let err = apply_deltas(dir.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap_err();
+        assert!(matches!(err, Error::Checkpoint { .. }), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn symlinked_and_hardlinked_shards_are_not_edited_in_place() {
+    let outside = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_shard(&outside.path().join("real.safetensors"), &[("w", Dtype::F32, vec![2, 2], values(4, 0.0))]);
+    std::os::unix::fs::symlink(outside.path().join("real.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let d = Delta {
+        tensor: "w".into(),
+        u: vec![1.0, 1.0],
+        r: vec![1.0, 1.0],
+        layout: Layout::OutIn,
+        scale: 1.0,
+        meta: None,
+    };
+    let err = apply_deltas(dir.path(), std::slice::from_ref(&d), None).unwrap_err();
+    assert!(err.to_string().contains("outside the model folder"), "{err}");
+    // Copy mode reads through the link and writes a real file.
+    let out = outside.path().join("copy");
+    apply_deltas(dir.path(), std::slice::from_ref(&d), Some(&out)).unwrap();
+    assert!(!fs::symlink_metadata(out.join("model.safetensors")).unwrap().file_type().is_symlink());
+    assert_eq!(read_tensor(outside.path(), "real.safetensors", "w"), values(4, 0.0));
+
+    let dir2 = tempfile::tempdir().unwrap();
+    fs::hard_link(outside.path().join("real.safetensors"), dir2.path().join("model.safetensors")).unwrap();
+    let err = apply_deltas(dir2.path(), &[d], None).unwrap_err();
+    assert!(err.to_string().contains("hard links"), "{err}");
+}
+
+#[test]
+fn interrupted_write_is_rolled_back_by_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    apply_deltas(dir.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], None).unwrap();
+    // Simulate a crash after the journal was written and the shard patched: move the committed
+    // undo file back to the journal and drop the batch from the log.
+    let undo = dir.path().join(".rrome/undo/batch-000001.safetensors");
+    fs::rename(&undo, journal_path(dir.path())).unwrap();
+    fs::remove_file(dir.path().join("rrome_edits.jsonl")).unwrap();
+    let pending = inspect(dir.path()).unwrap();
+    assert_eq!(pending["pending"].as_array().unwrap().len(), 1);
+    let actions = recover(dir.path()).unwrap();
+    assert!(actions.iter().any(|a| a.contains("rolled back")), "{actions:?}");
+    assert_eq!(snapshot(dir.path()), before);
+    assert!(recover(dir.path()).unwrap().is_empty());
+}
+
+#[test]
+fn corrupt_shard_header_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let p = dir.path().join("s2.safetensors");
+    let mut bytes = fs::read(&p).unwrap();
+    bytes.truncate(bytes.len() - 4);
+    fs::write(&p, &bytes).unwrap();
+    let err = apply_deltas(dir.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap_err();
+    assert!(matches!(err, Error::Header { .. }), "{err}");
+    assert!(Header::read(&p).is_err());
+}
