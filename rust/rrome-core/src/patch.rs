@@ -440,8 +440,16 @@ fn finish_revert(dir: &Path, batch: u64) -> Result<()> {
 pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
     fs::metadata(dir).at(dir)?;
     let _lock = lock_exclusive(&model_lock_path(dir))?;
+    // A revert that was interrupted is finished by the recovery; it counts as this one.
+    let interrupted = fs::read_to_string(revert_marker(dir))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("batch").and_then(Value::as_u64));
     recover_locked(dir)?;
-    let mut reverted = Vec::new();
+    let mut reverted: Vec<u64> = interrupted.into_iter().collect();
+    if !reverted.is_empty() && !all {
+        return Ok(reverted);
+    }
     loop {
         let log = read_bundle(dir, true)?;
         let Some(batch) = log.iter().filter_map(|r| r.batch).max() else {

@@ -115,7 +115,8 @@ impl PySecondMoment {
                 shape[1]
             )));
         }
-        let slice = ro.as_slice().map_err(|_| {
+        // as_slice() also accepts Fortran order, which would be read transposed: check C order.
+        let slice = ro.as_slice().ok().filter(|_| ro.is_c_contiguous()).ok_or_else(|| {
             PyTypeError::new_err("keys must be C-contiguous (use numpy.ascontiguousarray or tensor.contiguous())")
         })?;
         let inner = &mut self.inner;
