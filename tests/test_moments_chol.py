@@ -105,7 +105,7 @@ def test_merge_rejects_other_width() -> None:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     k = keys("huge-row", N_KEYS, 7, seed=3)
     m = accumulate(k)
-    m.metadata = [("model", "tiny")]
+    m.metadata = {"model": "tiny"}
     assert m.metadata == {"model": "tiny"}
     path = tmp_path / "c0.safetensors"
     m.save(path)

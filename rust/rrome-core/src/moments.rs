@@ -20,6 +20,9 @@ use crate::safetensors_header::{self, TensorData};
 /// Format tag written into statistics files.
 pub const MOMENTS_FORMAT: &str = "rrome-moments/1";
 
+/// Metadata keys the file format owns; user metadata cannot override them.
+const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
+
 /// Rows converted to f64 at a time (bounds the scratch buffer to `CHUNK × d` f64).
 const CHUNK: usize = 1024;
 
@@ -164,8 +167,9 @@ impl SecondMoment {
             ("format".to_string(), MOMENTS_FORMAT.to_string()),
             ("count".to_string(), self.count.to_string()),
             ("d".to_string(), self.d.to_string()),
+            ("writer".to_string(), concat!("rrome ", env!("CARGO_PKG_VERSION")).to_string()),
         ];
-        meta.extend(self.metadata.iter().filter(|(k, _)| !matches!(k.as_str(), "format" | "count" | "d")).cloned());
+        meta.extend(self.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned());
         atomic_write(path, |w| {
             safetensors_header::write(
                 w,
@@ -210,8 +214,7 @@ impl SecondMoment {
             }
         }
         m.count = count;
-        m.metadata =
-            header.metadata.iter().filter(|(k, _)| !matches!(k.as_str(), "format" | "count" | "d")).cloned().collect();
+        m.metadata = header.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned().collect();
         Ok(m)
     }
 }

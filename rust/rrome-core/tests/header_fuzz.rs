@@ -19,16 +19,9 @@ fn check_invariants(json: &[u8], data_len: u64) {
 
 fn entry() -> impl Strategy<Value = String> {
     let dtype = prop_oneof![Just("F32"), Just("BF16"), Just("F16"), Just("U8"), Just("I64"), Just("F99"), Just("")];
-    (
-        "[a-z.]{0,6}",
-        dtype,
-        prop::collection::vec(0u64..5, 0..3),
-        0u64..40,
-        0u64..40,
+    ("[a-z.]{0,6}", dtype, prop::collection::vec(0u64..5, 0..3), 0u64..40, 0u64..40).prop_map(
+        |(name, dt, shape, b, e)| format!(r#""{name}":{{"dtype":"{dt}","shape":{shape:?},"data_offsets":[{b},{e}]}}"#),
     )
-        .prop_map(|(name, dt, shape, b, e)| {
-            format!(r#""{name}":{{"dtype":"{dt}","shape":{shape:?},"data_offsets":[{b},{e}]}}"#)
-        })
 }
 
 proptest! {

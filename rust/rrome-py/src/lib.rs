@@ -146,8 +146,8 @@ impl PySecondMoment {
     }
 
     #[setter(metadata)]
-    fn set_metadata(&mut self, metadata: Vec<(String, String)>) {
-        self.inner.set_metadata(metadata);
+    fn set_metadata(&mut self, metadata: std::collections::BTreeMap<String, String>) {
+        self.inner.set_metadata(metadata.into_iter().collect());
     }
 
     /// Adds another accumulator's keys to this one.
