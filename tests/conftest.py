@@ -97,3 +97,14 @@ def fresh_checkpoint(pristine_checkpoint: Callable[[str, str, bool], Path], tmp_
 def _no_crash_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("RROME_CRASH_AT", raising=False)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread: with two, thread sync dominates each small op."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

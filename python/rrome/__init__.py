@@ -12,6 +12,7 @@ from rrome.errors import (
     CheckpointError,
     DeltaError,
     DeltasFileError,
+    EditFileError,
     IntegrityError,
     InvalidFileError,
     LockedError,
@@ -23,6 +24,7 @@ from rrome.errors import (
     ShapeError,
     TensorNotFoundError,
     UnsupportedDtypeError,
+    UnsupportedModelError,
 )
 from rrome.shards import (
     ApplyReport,
@@ -45,6 +47,7 @@ __all__ = [
     "Delta",
     "DeltaError",
     "DeltasFileError",
+    "EditFileError",
     "IntegrityError",
     "InvalidFileError",
     "LockedError",
@@ -58,6 +61,7 @@ __all__ = [
     "ShapeError",
     "TensorNotFoundError",
     "UnsupportedDtypeError",
+    "UnsupportedModelError",
     "apply_deltas",
     "inspect",
     "load_deltas",

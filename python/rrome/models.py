@@ -1,0 +1,126 @@
+"""Which module ROME edits in each model family, and how its weight is stored.
+
+An adapter maps a transformers ``config.model_type`` to the MLP output projection that ROME
+edits (DESIGN.md §1), its storage layout (GPT-2's ``Conv1D`` stores the transpose), and the
+dotted names used both for torch hooks and for the safetensors tensor. The layout is a fact
+of the architecture and is never inferred from a tensor's shape.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rrome.errors import UnsupportedModelError
+from rrome.shards import Layout
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to find the edited module of one model family.
+
+    Attributes:
+        family: hparams family name (``gpt2``, ``llama``, ...).
+        module_template: dotted module name with ``{}`` for the layer index.
+        layout: storage layout of the module's weight.
+        blocks: dotted name of the ``ModuleList`` of transformer blocks.
+    """
+
+    family: str
+    module_template: str
+    layout: Layout
+    blocks: str
+
+    def module_name(self, layer: int) -> str:
+        """Dotted name of the edited module at ``layer`` (also the hook target)."""
+        return self.module_template.format(layer)
+
+    def tensor_name(self, layer: int) -> str:
+        """Safetensors key of the edited weight at ``layer``."""
+        return self.module_name(layer) + ".weight"
+
+
+_LLAMA_LIKE = "model.layers.{}.mlp.down_proj"
+
+ADAPTERS: dict[str, Adapter] = {
+    "gpt2": Adapter("gpt2", "transformer.h.{}.mlp.c_proj", "in_out", "transformer.h"),
+    "gptj": Adapter("gptj", "transformer.h.{}.mlp.fc_out", "out_in", "transformer.h"),
+    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "out_in", "gpt_neox.layers"),
+    "llama": Adapter("llama", _LLAMA_LIKE, "out_in", "model.layers"),
+    "mistral": Adapter("mistral", _LLAMA_LIKE, "out_in", "model.layers"),
+    "qwen2": Adapter("qwen2", _LLAMA_LIKE, "out_in", "model.layers"),
+    "qwen3": Adapter("qwen3", _LLAMA_LIKE, "out_in", "model.layers"),
+    "gemma2": Adapter("gemma2", _LLAMA_LIKE, "out_in", "model.layers"),
+    "gemma3_text": Adapter("gemma3", _LLAMA_LIKE, "out_in", "model.layers"),
+}
+
+
+def adapter_for(config: Any) -> Adapter:
+    """The adapter of a transformers config.
+
+    Raises:
+        UnsupportedModelError: naming the model type and the supported ones.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise UnsupportedModelError(f"rrome cannot edit model_type {model_type!r}; supported: {supported}")
+    return ADAPTERS[model_type]
+
+
+def num_layers(config: Any) -> int:
+    """Number of transformer blocks of a config."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise UnsupportedModelError(f"cannot tell the number of layers of model_type {config.model_type!r}")
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, or ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(model_dir: str | Path, *, device: str | None = None, dtype: str = "float32") -> tuple[Any, Any, Adapter]:
+    """Loads a causal LM checkpoint and its fast tokenizer from a local folder, offline.
+
+    Args:
+        model_dir: a Hugging Face checkpoint folder (safetensors weights + tokenizer files).
+        device: torch device; default: CUDA when available, else CPU.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the model runs in.
+
+    Returns:
+        ``(model, tokenizer, adapter)`` with the model in eval mode and gradients disabled.
+
+    Raises:
+        UnsupportedModelError: unknown architecture, or a tokenizer without a fast version
+            (the subject's token positions come from the fast tokenizer's offset mapping).
+        FileNotFoundError: the folder does not exist.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "model folder not found", str(path))
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    adapter = adapter_for(config)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError(
+            f"{path}: the tokenizer has no fast (Rust) version; rrome needs its offset mapping to find "
+            "the subject's last token"
+        )
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    model = model.to(resolve_device(device)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, adapter

@@ -1,0 +1,575 @@
+"""Second moments C0 = E[k kᵀ] of one layer's keys over a text corpus, cached per model.
+
+ROME's update solves against C0, the uncentred second moment of the keys (the inputs of the edited
+MLP output projection) over ordinary text (DESIGN.md §1). This module turns a corpus file into
+documents (:func:`corpus_texts`), runs the model over them only as far as the edited module
+(:func:`collect_second_moment`, which feeds the float64 Rust accumulator
+:class:`rrome.SecondMoment`), and caches the result on disk per unedited model, layer, corpus and
+token budget (:func:`second_moment`). The default corpus, the WikiText-2 test split, ships inside
+the package (:func:`default_corpus`). Only the functions that run the model import torch, so the
+file and cache helpers also work where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from rrome._rust import SecondMoment
+from rrome.errors import (
+    CheckpointError,
+    InvalidFileError,
+    RromeError,
+    SafetensorsHeaderError,
+    UnsupportedModelError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from rrome.models import Adapter
+
+PathLike = str | os.PathLike[str]
+CorpusFormat = Literal["auto", "wikitext", "paragraphs"]
+
+CACHE_ENV = "RROME_CACHE_DIR"
+"""Environment variable naming the cache folder (overrides ``$XDG_CACHE_HOME/rrome``)."""
+DEFAULT_MAX_TOKENS = 100_000
+DEFAULT_SEQ_LEN = 256
+STATS_FORMAT = "rrome-stats/1"
+"""Value of the ``stats_format`` metadata field of the files :func:`second_moment` writes."""
+
+_MODEL_KEY_VERSION = b"rrome-model-key/1\n"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_TOKENIZE_CHUNK = 16  # documents tokenised per call of the (Rust) tokenizer
+# A top-level WikiText heading (" = Title = "), not a section (" = = Section = = ").
+_WIKITEXT_HEADING = re.compile(r"= [^=](?:.*[^=])? =")
+
+
+# --- corpus -------------------------------------------------------------------------------
+
+
+def default_corpus() -> Path:
+    """Path of the corpus that ships with rrome: the WikiText-2 (raw) test split, 62 articles.
+
+    Its provenance and licence (CC BY-SA 3.0) are in ``NOTICE.md`` beside it.
+
+    Raises:
+        FileNotFoundError: the package data is missing (a broken install).
+    """
+    ref = resources.files("rrome") / "data" / "wikitext2" / "wiki.test.raw"
+    path = Path(str(ref))
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "rrome's packaged corpus is missing (broken install?)", str(path))
+    return path
+
+
+def _is_wikitext_heading(line: str) -> bool:
+    return _WIKITEXT_HEADING.fullmatch(line.strip()) is not None
+
+
+def corpus_texts(path: PathLike, *, fmt: CorpusFormat = "auto") -> list[str]:
+    """The documents of a UTF-8 corpus file, in file order.
+
+    A WikiText raw file (recognised by its top-level headings ``" = Title = "``) is split into
+    articles: the text between two headings, heading lines left out. Any other file is split into
+    paragraphs at blank lines. Each line is stripped; empty documents are dropped; line endings
+    (``\\n``, ``\\r\\n``, ``\\r``) do not matter.
+
+    Args:
+        path: the corpus file.
+        fmt: ``"auto"`` (the default: WikiText if the file has a top-level heading),
+            ``"wikitext"`` or ``"paragraphs"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InvalidFileError: the file is not UTF-8 text or holds no text at all.
+        ValueError: an unknown ``fmt``.
+    """
+    if fmt not in ("auto", "wikitext", "paragraphs"):
+        raise ValueError(f'fmt must be "auto", "wikitext" or "paragraphs", got {fmt!r}')
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidFileError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if fmt == "auto":
+        fmt = "wikitext" if any(_is_wikitext_heading(line) for line in lines) else "paragraphs"
+
+    docs: list[str] = []
+    current: list[str] = []
+
+    def flush() -> None:
+        doc = "\n".join(current).strip()
+        if doc:
+            docs.append(doc)
+        current.clear()
+
+    for line in lines:
+        stripped = line.strip()
+        boundary = _is_wikitext_heading(line) if fmt == "wikitext" else not stripped
+        if boundary:
+            flush()
+        elif stripped:
+            current.append(stripped)
+    flush()
+    if not docs:
+        raise InvalidFileError(f"{p}: the corpus holds no text")
+    return docs
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- cache --------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """rrome's cache folder: ``$RROME_CACHE_DIR``, else ``$XDG_CACHE_HOME/rrome``, else ``~/.cache/rrome``.
+
+    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG base directory specification says.
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "rrome"
+    return Path.home() / ".cache" / "rrome"
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object")
+        shards = set(weight_map.values())
+        for name in shards:
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+                raise CheckpointError(f"{index}: shard {name!r} is not a plain file name inside the model folder")
+        return [model_dir / name for name in sorted(shards)]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def _tensor_specs(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Name -> (dtype, shape) of every tensor in a safetensors file's header (the data is not read)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsHeaderError(f"{path}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > _MAX_HEADER_BYTES:
+            raise SafetensorsHeaderError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise SafetensorsHeaderError(f"{path}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError(f"{path}: header is not a JSON object")
+    specs: dict[str, tuple[str, list[int]]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
+            raise SafetensorsHeaderError(f"{path}: tensor {name!r} has no valid dtype and shape")
+        specs[name] = (dtype, shape)
+    return specs
+
+
+def model_key(model_dir: PathLike) -> str:
+    """A short hash that identifies an *unedited* model, for caching its layer statistics.
+
+    The key covers the bytes of ``config.json`` and, from the safetensors headers, every tensor's
+    name, dtype and shape, but neither the weight values nor the folder's name or location:
+
+    - C0 always belongs to the unedited model (sequential edits keep the first C0, DESIGN.md §1),
+      so an edit written into the folder (new weight bytes, an edit log) keeps the key;
+    - copies of one model, and single-file and sharded saves of it, share their statistics.
+
+    Statistics are therefore only as right as the model they were first computed on: compute
+    them before editing a model in place.
+
+    Args:
+        model_dir: a Hugging Face checkpoint folder.
+
+    Returns:
+        16 hex digits.
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` does not exist.
+        CheckpointError: no weights, or an unsafe or malformed ``model.safetensors.index.json``.
+        SafetensorsHeaderError: a weight file's header cannot be read.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "model folder not found", str(d))
+    config = (d / "config.json").read_bytes()
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    for shard in _weight_files(d):
+        for name, spec in _tensor_specs(shard).items():
+            if name in tensors:
+                raise CheckpointError(f"{d}: tensor {name!r} is stored in more than one weight file")
+            tensors[name] = spec
+    h = hashlib.sha256(_MODEL_KEY_VERSION)
+    h.update(len(config).to_bytes(8, "little"))
+    h.update(config)
+    listing = [[name, dtype, shape] for name, (dtype, shape) in sorted(tensors.items())]
+    h.update(json.dumps(listing, separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def _module_tail(adapter: Adapter, layer: int) -> str:
+    """``mlp.c_proj`` for ``transformer.h.{}.mlp.c_proj``: the module's name below its block."""
+    _, _, tail = adapter.module_template.partition("{}")
+    return tail.strip(".") or adapter.module_name(layer)
+
+
+def _stats_file(key: str, adapter: Adapter, layer: int, corpus_sha: str, max_tokens: int) -> Path:
+    name = f"layer{layer}-{_module_tail(adapter, layer)}-{corpus_sha[:16]}-{max_tokens}.safetensors"
+    return cache_root() / "stats" / key / name
+
+
+def stats_path(
+    model_dir: PathLike,
+    adapter: Adapter,
+    layer: int,
+    *,
+    corpus: PathLike | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Path:
+    """Where :func:`second_moment` caches the statistics of these arguments (the file may not exist).
+
+    ``cache_root()/stats/<model_key>/layer<L>-<module tail>-<corpus sha256[:16]>-<max_tokens>.safetensors``.
+
+    Raises:
+        FileNotFoundError: the model folder, its config or the corpus does not exist.
+        CheckpointError: see :func:`model_key`.
+        SafetensorsHeaderError: see :func:`model_key`.
+    """
+    corpus_path = Path(corpus) if corpus is not None else default_corpus()
+    return _stats_file(model_key(model_dir), adapter, layer, file_sha256(corpus_path), max_tokens)
+
+
+# --- collection ---------------------------------------------------------------------------
+
+
+def _max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Iterator[list[int]]:
+    """Token windows of at most ``seq_len`` tokens, document by document, in order.
+
+    The tokenizer's own overflow splits each document, so every window gets the special tokens the
+    tokenizer adds by default (BOS for Gemma and Llama) and no window spans two documents.
+    """
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        enc = tokenizer(
+            list(texts[start : start + _TOKENIZE_CHUNK]),
+            truncation=True,
+            max_length=seq_len,
+            stride=0,
+            return_overflowing_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        for ids in enc["input_ids"]:
+            if len(ids) > 0:
+                yield [int(t) for t in ids]
+
+
+def _batches(windows: Iterable[list[int]], *, batch_size: int, budget: int) -> Iterator[list[list[int]]]:
+    """Groups windows into batches, cutting the stream after exactly ``budget`` tokens.
+
+    The last window is cut short rather than its keys dropped after the forward pass: with causal
+    attention the keys of the positions kept do not depend on the tokens cut.
+    """
+    batch: list[list[int]] = []
+    left = budget
+    for window in windows:
+        window = window[:left]
+        left -= len(window)
+        batch.append(window)
+        if len(batch) == batch_size or left == 0:
+            yield batch
+            batch = []
+        if left == 0:
+            return
+    if batch:
+        yield batch
+
+
+def _pad(batch: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    width = max(len(w) for w in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, window in enumerate(batch):
+        start = width - len(window) if left else 0
+        ids[i, start : start + len(window)] = torch.tensor(window, dtype=torch.long)
+        mask[i, start : start + len(window)] = 1
+    return ids, mask
+
+
+def collect_second_moment(
+    model: Any,
+    tokenizer: Any,
+    module_name: str,
+    *,
+    texts: Sequence[str],
+    max_tokens: int,
+    batch_size: int = 8,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    progress: bool = True,
+) -> SecondMoment:
+    """Accumulates Σ k kᵀ over the keys of the first ``max_tokens`` tokens of ``texts``.
+
+    The key of a token is the input of ``module_name`` at its position. Each document is tokenised
+    with the tokenizer's defaults (the special tokens the model sees, e.g. BOS for Gemma and
+    Llama) and cut into windows of at most ``seq_len`` tokens, each starting fresh (with BOS
+    where the tokenizer adds one). Windows are batched with padding on the tokenizer's
+    ``padding_side``; position ids are computed from the attention mask, so neither the padding
+    side nor the batch composition changes any key (beyond float rounding). The forward pass
+    stops after the module (the layers above are not needed). Keys of every non-padding token,
+    BOS included, go to the accumulator as float32, in document order, until exactly
+    ``max_tokens`` of them are in (or the texts run out: then ``count < max_tokens``).
+
+    Args:
+        model: a transformers causal LM (any dtype and device; it is not modified).
+        tokenizer: its fast tokenizer (it is not modified; without a pad token, EOS pads).
+        module_name: dotted name of the module whose input is the key.
+        texts: the documents, e.g. from :func:`corpus_texts`.
+        max_tokens: how many keys to accumulate.
+        batch_size: windows per forward pass (speed only: the result depends on it by float rounding at most).
+        seq_len: tokens per window, at most the model's number of positions.
+        progress: show a tqdm progress bar counting tokens (on stderr).
+
+    Returns:
+        The accumulator; ``moment()`` is C0.
+
+    Raises:
+        ValueError: a non-positive ``max_tokens``, ``batch_size`` or ``seq_len``, a ``seq_len``
+            above the model's positions, or texts without a single token.
+        UnsupportedModelError: a tokenizer without a fast version.
+        KeyError: the model has no module ``module_name``.
+        RromeError: the model produced non-finite keys (e.g. float16 overflow).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from rrome.hooks import StopForward, get_module, trace
+
+    for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    limit = _max_positions(model.config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions")
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError("collecting statistics needs a fast (Rust) tokenizer")
+    get_module(model, module_name)  # KeyError naming the module, before any work
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = int(pad_id) if pad_id is not None else 0  # masked out: any valid id does
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    device = model.get_input_embeddings().weight.device
+
+    moment: SecondMoment | None = None
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"C0 {module_name}", disable=not progress)
+    try:
+        with torch.no_grad(), trace(model, [module_name], inputs=True, stop_after=module_name) as rec:
+            for batch in _batches(_windows(tokenizer, texts, seq_len), batch_size=batch_size, budget=max_tokens):
+                ids, mask = _pad(batch, pad_id, left)
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                with contextlib.suppress(StopForward):  # raised once the module has run
+                    model(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        position_ids=position_ids.to(device),
+                        use_cache=False,
+                    )
+                x = rec.inputs.pop(module_name)
+                keys = x[mask.to(x.device).bool()].to(torch.float32)
+                if not bool(torch.isfinite(keys).all()):
+                    raise RromeError(
+                        f"non-finite keys at {module_name} (float16 overflow? run the model in float32 or bfloat16)"
+                    )
+                arr = np.ascontiguousarray(keys.cpu().numpy())
+                if moment is None:
+                    moment = SecondMoment(arr.shape[1])
+                moment.update(arr)
+                bar.update(arr.shape[0])
+    finally:
+        bar.close()
+    if moment is None:
+        raise ValueError("the texts hold no tokens")
+    return moment
+
+
+# --- cached statistics --------------------------------------------------------------------
+
+
+def _key_width(model: Any, adapter: Adapter, layer: int) -> int:
+    from rrome.hooks import get_module
+
+    weight: Any = get_module(model, adapter.module_name(layer)).weight
+    return int(weight.shape[0] if adapter.layout == "in_out" else weight.shape[1])
+
+
+def _load_valid(path: Path, expected: Mapping[str, str], *, d: int, max_tokens: int) -> SecondMoment | None:
+    """The cached moment at ``path`` if it is readable and says what we expect, else None."""
+    try:
+        moment = SecondMoment.load(path)
+    except InvalidFileError:  # not a moments file, or a damaged one (MomentsFileError, SafetensorsHeaderError)
+        return None
+    meta = moment.metadata
+    if any(meta.get(k) != v for k, v in expected.items()) or moment.d != d:
+        return None
+    short = 0 < moment.count < max_tokens and meta.get("tokens_available") == str(moment.count)
+    return moment if moment.count == max_tokens or short else None
+
+
+def second_moment(
+    model_dir: PathLike,
+    model: Any,
+    tokenizer: Any,
+    adapter: Adapter,
+    layer: int,
+    *,
+    corpus: PathLike | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = 8,
+    refresh: bool = False,
+    progress: bool = True,
+) -> tuple[SecondMoment, Path]:
+    """C0 statistics of the edited module at ``layer``, from the cache or computed and cached.
+
+    The cache file is :func:`stats_path` (``cache_root()/stats/<model_key>/...``). A file is used
+    only if its metadata names the same model key, layer, module, corpus sha256, token budget and
+    window length, its width matches the module and its count is ``max_tokens`` (or, for a corpus
+    with fewer tokens, the ``tokens_available`` it recorded); otherwise, or with ``refresh``, the
+    statistics are computed with :func:`collect_second_moment` (windows of
+    ``min(256, model positions)`` tokens) and saved atomically, with provenance metadata:
+    ``stats_format``, ``model_key``, ``model_type``, ``model_dtype``, ``model_dir``, ``layer``,
+    ``module``, ``corpus``, ``corpus_sha256``, ``max_tokens``, ``seq_len``, ``tokens_available``
+    (the count when the corpus ran out first, else ``">=<max_tokens>"``), ``created`` (UTC, ISO
+    8601) and ``rrome_version``.
+
+    A corpus with fewer tokens than ``max_tokens`` is used whole: ``moment.count`` is then below
+    ``max_tokens`` (tell the user).
+
+    Args:
+        model_dir: the checkpoint folder the model was loaded from (for :func:`model_key`).
+        model: the loaded, unedited model.
+        tokenizer: its fast tokenizer.
+        adapter: the model's adapter (:func:`rrome.models.adapter_for`).
+        layer: the edited layer.
+        corpus: a text file (see :func:`corpus_texts`); default :func:`default_corpus`.
+        max_tokens: how many token keys to accumulate.
+        batch_size: windows per forward pass (speed only).
+        refresh: recompute even if a valid cache file exists.
+        progress: show a progress bar while computing.
+
+    Returns:
+        ``(moment, path)``: the accumulator (``moment.moment()`` is C0) and its cache file.
+
+    Raises:
+        FileNotFoundError: the model folder, its config or the corpus does not exist.
+        CheckpointError: see :func:`model_key`.
+        SafetensorsHeaderError: see :func:`model_key`.
+        InvalidFileError: the corpus is not UTF-8 text or is empty.
+        ValueError: a non-positive ``max_tokens`` or ``batch_size``.
+        RromeError: see :func:`collect_second_moment`.
+    """
+    from rrome import __version__
+
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    corpus_path = Path(corpus) if corpus is not None else default_corpus()
+    corpus_sha = file_sha256(corpus_path)
+    key = model_key(model_dir)
+    module = adapter.module_name(layer)
+    limit = _max_positions(model.config)
+    seq_len = min(DEFAULT_SEQ_LEN, limit) if limit is not None else DEFAULT_SEQ_LEN
+    path = _stats_file(key, adapter, layer, corpus_sha, max_tokens)
+    expected = {
+        "stats_format": STATS_FORMAT,
+        "model_key": key,
+        "layer": str(layer),
+        "module": module,
+        "corpus_sha256": corpus_sha,
+        "max_tokens": str(max_tokens),
+        "seq_len": str(seq_len),
+    }
+    d = _key_width(model, adapter, layer)
+    if not refresh and path.is_file():
+        cached = _load_valid(path, expected, d=d, max_tokens=max_tokens)
+        if cached is not None:
+            return cached, path
+
+    moment = collect_second_moment(
+        model,
+        tokenizer,
+        module,
+        texts=corpus_texts(corpus_path),
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        progress=progress,
+    )
+    moment.metadata = {
+        **expected,
+        "model_type": str(getattr(model.config, "model_type", "")),
+        "model_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "model_dir": str(Path(model_dir).resolve()),
+        "corpus": corpus_path.name,
+        "tokens_available": str(moment.count) if moment.count < max_tokens else f">={max_tokens}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rrome_version": __version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    moment.save(path)
+    return moment, path

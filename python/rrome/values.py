@@ -1,0 +1,198 @@
+"""The value optimisation: the module output v_e that makes the model state the new object.
+
+δ is added to the edited module's output at the subject's last token of every prompt (the
+rewriting prompts, one per context template, each followed by the new object's tokens but the
+last, and the KL prompt "{subject} is a"), and optimised with Adam on
+
+    mean NLL(new object | rewriting prompts)
+    + kl_factor · KL(current ‖ initial) of the next-token distribution at the KL prompt's subject
+    + v_weight_decay · ‖δ‖ / ‖v_init‖²,
+
+clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (DESIGN.md §1). v_e = v_init + δ.
+
+The fast path gives the same result with less work (DESIGN.md §6): the blocks below the
+edited layer never see δ, so their output is computed once and replayed at every step, and
+logits are computed only at the positions the loss reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rrome.edits import EditRequest
+from rrome.hooks import edit_output, get_module
+from rrome.hparams import HParams
+from rrome.keys import Batch, Row, pad_rows, prompt_row, target_ids
+from rrome.shards import Layout
+
+EARLY_STOP_LOSS = 5e-2
+
+
+@dataclass
+class ValueResult:
+    """Outcome of the optimisation."""
+
+    v_e: torch.Tensor
+    v_init: torch.Tensor
+    delta: torch.Tensor
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    target_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Prompts:
+    batch: Batch
+    keep: torch.Tensor  # bool (B, T): positions whose logits the loss reads
+    n_rewrite: int
+    target: torch.Tensor  # target ids, one per kept rewriting position (row-major order)
+    target_len: int
+
+
+def _build_prompts(tokenizer: Any, request: EditRequest, templates: Sequence[str], device: torch.device) -> _Prompts:
+    rows: list[Row] = []
+    tgt: list[int] = []
+    for t in templates:
+        row = prompt_row(tokenizer, t, request)
+        at = t.index("{}")
+        prefix = t[:at] + request.text() + t[at + 2 :]
+        tgt = target_ids(tokenizer, prefix, request.target_new)
+        rows.append(Row(row.ids + tgt[:-1], row.lookup))
+    kl_req = EditRequest(prompt="{} is a", subject=request.subject, target_new=request.target_new)
+    rows.append(prompt_row(tokenizer, "{}", kl_req))
+    batch = pad_rows(tokenizer, rows, device)
+    n = len(templates)
+    keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    for i, row in enumerate(rows[:n]):
+        start = batch.offsets[i] + len(row.ids) - len(tgt)
+        keep[i, start : start + len(tgt)] = True
+    keep[n, batch.lookup[n]] = True
+    target = torch.tensor(tgt * n, device=device)
+    return _Prompts(batch, keep, n, target, len(tgt))
+
+
+class _Skip(nn.Module):
+    """Stands in for a block below the edited layer: passes its hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _replay_below(model: nn.Module, blocks_name: str, layer: int, cached: torch.Tensor) -> Iterator[None]:
+    """Replaces blocks [0, layer) by pass-throughs and feeds block ``layer`` the cached input."""
+    blocks = get_module(model, blocks_name)
+    assert isinstance(blocks, nn.ModuleList)
+    saved = [blocks[i] for i in range(layer)]
+
+    def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if args:
+            return (cached, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": cached}
+
+    handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(layer):
+            blocks[i] = _Skip()
+        yield
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
+        handle.remove()
+
+
+def compute_value(
+    model: nn.Module,
+    tokenizer: Any,
+    module_name: str,
+    blocks_name: str,
+    layer: int,
+    request: EditRequest,
+    templates: Sequence[str],
+    hp: HParams,
+    *,
+    layout: Layout,
+    fast: bool = True,
+) -> ValueResult:
+    """Optimises δ and returns v_e = v_init + δ with the loss trajectory.
+
+    Args:
+        fast: replay the blocks below the edited layer and compute only the needed logits
+            (same result as the plain loop; the tests check the loss trajectory).
+    """
+    device = next(model.parameters()).device
+    p = _build_prompts(tokenizer, request, templates, device)
+    rows = torch.arange(p.batch.input_ids.shape[0], device=device)
+    weight = get_module(model, module_name).weight
+    assert isinstance(weight, torch.Tensor)
+    d_out = int(weight.shape[1] if layout == "in_out" else weight.shape[0])
+    delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
+    state: dict[str, torch.Tensor] = {}
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        if "v_init" not in state:
+            state["v_init"] = out[0, p.batch.lookup[0]].detach().float().clone()
+        out = out.clone()
+        out[rows, p.batch.lookup] = out[rows, p.batch.lookup] + delta.to(out.dtype)
+        return out
+
+    def capture_block_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state["block_in"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    blocks = get_module(model, blocks_name)
+    assert isinstance(blocks, nn.ModuleList)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    losses: list[float] = []
+    kl_init: torch.Tensor | None = None
+    steps = 0
+    for it in range(hp.v_num_grad_steps):
+        first = it == 0
+        with edit_output(model, module_name, add_delta):
+            if first or not fast:
+                handle = None
+                if first:
+                    handle = blocks[layer].register_forward_pre_hook(capture_block_input, with_kwargs=True)
+                try:
+                    logits = model(**p.batch.model_inputs()).logits[p.keep]
+                finally:
+                    if handle is not None:
+                        handle.remove()
+            else:
+                with _replay_below(model, blocks_name, layer, state["block_in"]):
+                    logits = model(**p.batch.model_inputs(), logits_to_keep=p.keep).logits
+                    logits = logits.reshape(-1, logits.shape[-1])
+        log_probs = logits.float().log_softmax(-1)
+        n_target = p.n_rewrite * p.target_len
+        nll = -log_probs[:n_target].gather(1, p.target[:, None]).sum() / (p.n_rewrite * p.target_len)
+        kl_log = log_probs[n_target]
+        if kl_init is None:
+            kl_init = kl_log.detach().clone()
+        kl = hp.kl_factor * torch.sum(kl_log.exp() * (kl_log - kl_init))
+        v_init = state["v_init"]
+        wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
+        loss = nll + kl + wd
+        losses.append(float(loss.detach()))
+        if loss.item() < EARLY_STOP_LOSS or it == hp.v_num_grad_steps - 1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        max_norm = hp.clamp_norm_factor * v_init.norm()
+        with torch.no_grad():
+            norm = delta.norm()
+            if norm > max_norm:
+                delta.mul_(max_norm / norm)
+    v_init = state["v_init"]
+    d = delta.detach().clone()
+    if not math.isfinite(float(d.norm())):
+        raise FloatingPointError("the value optimisation diverged (δ is not finite)")
+    tgt = [int(t) for t in p.target[: p.target_len].tolist()]
+    return ValueResult(v_e=v_init + d, v_init=v_init, delta=d, steps=steps, losses=losses, target_ids=tgt)
