@@ -7,14 +7,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(abspath .venv)
 PY := $(VENV)/bin/python
-DEPS_STAMP := $(VENV)/.rrome-deps-v1
+DEPS_STAMP := $(VENV)/.rrome-deps-v2
 EXT_STAMP := $(VENV)/.rrome-ext
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup build demo test lint test-rust test-python check-wheel bench clean
+.PHONY: setup build demo demo-offline test lint test-rust test-python check-wheel bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(PY):
 $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.7,<2" "numpy>=1.26" "click>=8.1" "tqdm>=4.66" "safetensors>=0.4" \
-		"torch>=2.2" "transformers>=4.45" accelerate "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+		"torch>=2.2" "transformers>=4.45" accelerate gguf "pytest>=8" "ruff>=0.6" "mypy>=1.11"
 	touch $@
 
 setup: $(DEPS_STAMP)
@@ -35,7 +35,10 @@ $(EXT_STAMP): $(DEPS_STAMP) $(RUST_SRC)
 build: $(EXT_STAMP)
 
 demo: build
-	$(PY) examples/offline_delta_demo.py --workdir demo-out
+	$(PY) examples/demo.py
+
+demo-offline: build
+	$(PY) examples/offline_delta_demo.py --workdir demo-out/offline
 
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check

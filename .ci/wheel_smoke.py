@@ -13,7 +13,14 @@ import rrome
 
 rrome_bin = sys.argv[1]
 pkg = importlib.resources.files("rrome")
-for name in ("py.typed", "_rust.pyi"):
+for name in (
+    "py.typed",
+    "_rust.pyi",
+    "data/wikitext2/wiki.test.raw",
+    "data/wikitext2/NOTICE.md",
+    "data/hparams/gpt2.json",
+    "data/hparams/gemma3.json",
+):
     assert (pkg / name).is_file(), f"{name} missing from the wheel"
 assert "torch" not in sys.modules
 
