@@ -29,7 +29,7 @@ setup: $(DEPS_STAMP)
 
 # The release build of the extension, installed editable into the venv.
 $(EXT_STAMP): $(DEPS_STAMP) $(RUST_SRC)
-	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release --skip-install -q
+	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release -q
 	touch $@
 
 build: $(EXT_STAMP)

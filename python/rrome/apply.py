@@ -22,6 +22,7 @@ import torch
 from rrome import stats
 from rrome._rust import Cholesky
 from rrome.edits import EditRequest, parse_record
+from rrome.errors import RromeError
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
 from rrome.hparams import HParams, load_hparams
@@ -128,9 +129,12 @@ class Editor:
         """
         path = Path(model_dir)
         model, tokenizer, adapter = load(path, device=device, dtype=dtype)
-        hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(
-            layer=layer, **dict(hparams or {})
-        )
+        overrides = dict(hparams or {})
+        if layer is not None:
+            overrides["layer"] = layer
+        hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(**overrides)
+        if not 0 <= hp.layer < num_layers(model.config):
+            raise RromeError(f"layer {hp.layer} is out of range: the model has {num_layers(model.config)} layers")
         return cls(
             path,
             model,

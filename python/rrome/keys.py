@@ -77,6 +77,8 @@ def target_ids(tokenizer: object, prefix: str, target: str) -> list[int]:
     Raises:
         TokenizationError: the target tokenises to nothing.
     """
+    if not target.strip():
+        raise TokenizationError(f"target {target!r} is empty: it tokenises to nothing")
     if not target.startswith((" ", "\n")) and prefix and not prefix[-1].isspace():
         target = " " + target
     pre = list(tokenizer(prefix)["input_ids"])  # type: ignore[operator]
@@ -107,12 +109,14 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
-def pad_rows(tokenizer: object, rows: Sequence[Row], device: torch.device | str) -> Batch:
-    """Pads rows on the tokenizer's padding side; position ids count real tokens only."""
+def pad_rows(tokenizer: object, rows: Sequence[Row], device: torch.device | str, *, left: bool | None = None) -> Batch:
+    """Pads rows (on the tokenizer's padding side unless ``left`` says otherwise); position ids
+    count real tokens only, so the side does not change what the model computes."""
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    if left is None:
+        left = getattr(tokenizer, "padding_side", "right") == "left"
     width = max(len(r.ids) for r in rows)
     ids, mask, offsets = [], [], []
     for r in rows:

@@ -17,6 +17,7 @@ logits are computed only at the positions the loss reads.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,7 +57,9 @@ class _Prompts:
     target_len: int
 
 
-def _build_prompts(tokenizer: Any, request: EditRequest, templates: Sequence[str], device: torch.device) -> _Prompts:
+def _build_prompts(
+    tokenizer: Any, request: EditRequest, templates: Sequence[str], device: torch.device, *, left: bool | None
+) -> _Prompts:
     rows: list[Row] = []
     tgt: list[int] = []
     for t in templates:
@@ -67,7 +70,7 @@ def _build_prompts(tokenizer: Any, request: EditRequest, templates: Sequence[str
         rows.append(Row(row.ids + tgt[:-1], row.lookup))
     kl_req = EditRequest(prompt="{} is a", subject=request.subject, target_new=request.target_new)
     rows.append(prompt_row(tokenizer, "{}", kl_req))
-    batch = pad_rows(tokenizer, rows, device)
+    batch = pad_rows(tokenizer, rows, device, left=left)
     n = len(templates)
     keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for i, row in enumerate(rows[:n]):
@@ -76,6 +79,56 @@ def _build_prompts(tokenizer: Any, request: EditRequest, templates: Sequence[str
     keep[n, batch.lookup[n]] = True
     target = torch.tensor(tgt * n, device=device)
     return _Prompts(batch, keep, n, target, len(tgt))
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name under which this transformers version takes a KV cache (``cache`` in v5)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _PrefixCache:
+    """Keys and values of the positions before every prompt's subject token.
+
+    δ enters at the subject's last token and attention is causal, so at every layer the
+    positions before it never change: they are computed once, and each step only runs the
+    positions from the earliest lookup token on (DESIGN.md §6). The cache tensors are put back
+    before every step (a forward pass appends to them). Used only where the cache layout is
+    the plain one (a ``layers`` list with ``keys`` / ``values``) and the model has no sliding
+    window; otherwise ``cache`` is ``None`` and whole prompts are run.
+    """
+
+    def __init__(self, cache: Any, start: int) -> None:
+        self.cache = cache
+        self.start = start
+        self.saved = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+
+    @classmethod
+    def build(cls, model: nn.Module, batch: Batch) -> _PrefixCache:
+        start = int(batch.lookup.min())
+        if start == 0 or getattr(getattr(model, "config", None), "sliding_window", None):
+            # Sliding-window caches keep their own layout (and broke on a tiny Gemma 3 here):
+            # those models run whole prompts each step.
+            return cls(None, 0)
+        with torch.no_grad():
+            out = model(
+                input_ids=batch.input_ids[:, :start],
+                attention_mask=batch.attention_mask[:, :start],
+                position_ids=batch.position_ids[:, :start],
+                use_cache=True,
+            )
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+            return cls(None, 0)
+        if any(getattr(x, "keys", None) is None or x.keys.shape[-2] != start for x in layers):
+            return cls(None, 0)
+        return cls(cache, start)
+
+    def restore(self) -> Any:
+        for layer, (k, v) in zip(self.cache.layers, self.saved, strict=True):
+            layer.keys, layer.values = k, v
+        return self.cache
 
 
 class _Skip(nn.Module):
@@ -128,7 +181,12 @@ def compute_value(
             (same result as the plain loop; the tests check the loss trajectory).
     """
     device = next(model.parameters()).device
-    p = _build_prompts(tokenizer, request, templates, device)
+    # Prompts are aligned at their end (left padding, whatever the tokenizer's side; position
+    # ids keep the model's view unchanged): every subject token then sits a few positions from
+    # the end, and the fast path's prefix cache covers the rest. Both paths use the same batch,
+    # so they compute the same numbers (Adam's first step is close to sign(gradient), which
+    # would amplify even last-bit differences between two batch layouts).
+    p = _build_prompts(tokenizer, request, templates, device, left=True)
     rows = torch.arange(p.batch.input_ids.shape[0], device=device)
     weight = get_module(model, module_name).weight
     assert isinstance(weight, torch.Tensor)
@@ -136,11 +194,14 @@ def compute_value(
     delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
     state: dict[str, torch.Tensor] = {}
 
+    shift = {"s": 0}  # first sequence position of the current forward pass
+
     def add_delta(out: torch.Tensor) -> torch.Tensor:
+        at = p.batch.lookup - shift["s"]
         if "v_init" not in state:
-            state["v_init"] = out[0, p.batch.lookup[0]].detach().float().clone()
+            state["v_init"] = out[0, at[0]].detach().float().clone()
         out = out.clone()
-        out[rows, p.batch.lookup] = out[rows, p.batch.lookup] + delta.to(out.dtype)
+        out[rows, at] = out[rows, at] + delta.to(out.dtype)
         return out
 
     def capture_block_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -151,9 +212,12 @@ def compute_value(
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     losses: list[float] = []
     kl_init: torch.Tensor | None = None
+    prefix: _PrefixCache | None = None
     steps = 0
     for it in range(hp.v_num_grad_steps):
         first = it == 0
+        if fast and not first and prefix is None:
+            prefix = _PrefixCache.build(model, p.batch)  # outside the δ hook: no δ in the prefix
         with edit_output(model, module_name, add_delta):
             if first or not fast:
                 handle = None
@@ -165,9 +229,21 @@ def compute_value(
                     if handle is not None:
                         handle.remove()
             else:
-                with _replay_below(model, blocks_name, layer, state["block_in"]):
-                    logits = model(**p.batch.model_inputs(), logits_to_keep=p.keep).logits
-                    logits = logits.reshape(-1, logits.shape[-1])
+                assert prefix is not None
+                s0 = prefix.start if prefix.cache is not None else 0
+                shift["s"] = s0
+                inputs = {
+                    "input_ids": p.batch.input_ids[:, s0:],
+                    "attention_mask": p.batch.attention_mask,
+                    "position_ids": p.batch.position_ids[:, s0:],
+                    "logits_to_keep": p.keep[:, s0:],
+                }
+                if prefix.cache is not None:
+                    inputs[_cache_kwarg(model)] = prefix.restore()
+                    inputs["use_cache"] = True
+                with _replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
+                    logits = model(**inputs).logits
+                logits = logits.reshape(-1, logits.shape[-1])
         log_probs = logits.float().log_softmax(-1)
         n_target = p.n_rewrite * p.target_len
         nll = -log_probs[:n_target].gather(1, p.target[:, None]).sum() / (p.n_rewrite * p.target_len)
