@@ -93,22 +93,22 @@ class _PrefixCache:
     δ enters at the subject's last token and attention is causal, so at every layer the
     positions before it never change: they are computed once, and each step only runs the
     positions from the earliest lookup token on (DESIGN.md §6). The cache tensors are put back
-    before every step (a forward pass appends to them). Used only where the cache layout is
-    the plain one (a ``layers`` list with ``keys`` / ``values``) and the model has no sliding
-    window; otherwise ``cache`` is ``None`` and whole prompts are run.
+    before every step (a forward pass appends to them, and sliding-window layers also advance
+    a counter). Used only where the cache has the plain layout (a ``layers`` list with
+    ``keys`` / ``values``); otherwise ``cache`` is ``None`` and whole prompts are run.
     """
 
     def __init__(self, cache: Any, start: int) -> None:
         self.cache = cache
         self.start = start
-        self.saved = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+        # Each layer's whole state (tensors and counters such as a sliding window's cumulative
+        # length): a forward pass replaces these attributes rather than mutating the tensors.
+        self.saved = [dict(vars(layer)) for layer in cache.layers] if cache is not None else []
 
     @classmethod
     def build(cls, model: nn.Module, batch: Batch) -> _PrefixCache:
         start = int(batch.lookup.min())
-        if start == 0 or getattr(getattr(model, "config", None), "sliding_window", None):
-            # Sliding-window caches keep their own layout (and broke on a tiny Gemma 3 here):
-            # those models run whole prompts each step.
+        if start == 0:
             return cls(None, 0)
         with torch.no_grad():
             out = model(
@@ -126,8 +126,9 @@ class _PrefixCache:
         return cls(cache, start)
 
     def restore(self) -> Any:
-        for layer, (k, v) in zip(self.cache.layers, self.saved, strict=True):
-            layer.keys, layer.values = k, v
+        for layer, state in zip(self.cache.layers, self.saved, strict=True):
+            vars(layer).clear()
+            vars(layer).update(state)
         return self.cache
 
 
