@@ -233,7 +233,7 @@ def compute_value(
                 assert prefix is not None
                 s0 = prefix.start if prefix.cache is not None else 0
                 shift["s"] = s0
-                inputs = {
+                inputs: dict[str, Any] = {
                     "input_ids": p.batch.input_ids[:, s0:],
                     "attention_mask": p.batch.attention_mask,
                     "position_ids": p.batch.position_ids[:, s0:],
