@@ -132,14 +132,13 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, indexed, by_tensor })
     }
 
-    /// Finds a tensor: its shard and its header entry.
-    pub fn find(&self, name: &str) -> Result<(&Shard, &TensorInfo)> {
+    /// Finds a tensor: the index of its shard in [`Checkpoint::shards`], and its header entry.
+    pub fn find(&self, name: &str) -> Result<(usize, &TensorInfo)> {
         let i = *self
             .by_tensor
             .get(name)
             .ok_or_else(|| Error::TensorNotFound { path: self.dir.clone(), name: name.to_string() })?;
-        let shard = &self.shards[i];
-        Ok((shard, shard.header.get(name).expect("indexed tensor is in its shard")))
+        Ok((i, self.shards[i].header.get(name).expect("indexed tensor is in its shard")))
     }
 
     /// Total number of tensors.

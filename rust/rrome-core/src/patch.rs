@@ -93,7 +93,8 @@ fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
     for (i, d) in deltas.iter().enumerate() {
         let what = format!("delta {i} ({})", d.tensor);
         d.check_finite(&what)?;
-        let (shard, info) = ckpt.find(&d.tensor)?;
+        let (shard_idx, info) = ckpt.find(&d.tensor)?;
+        let shard = &ckpt.shards[shard_idx];
         if !info.dtype.is_editable() {
             return Err(Error::UnsupportedDtype { name: d.tensor.clone(), dtype: info.dtype.to_string() });
         }
@@ -110,7 +111,6 @@ fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
                 ),
             });
         }
-        let shard_idx = ckpt.shards.iter().position(|s| std::ptr::eq(s, shard)).expect("shard of checkpoint");
         let term = Term::from_delta(d);
         match plans.iter_mut().find(|p| p.tensor == d.tensor) {
             Some(p) => p.terms.push(term),
@@ -470,7 +470,8 @@ pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
         let undo = Undo::read(&upath)?;
         let ckpt = Checkpoint::open(dir)?;
         for r in &undo.regions {
-            let (shard, info) = ckpt.find(&r.tensor)?;
+            let (shard_idx, info) = ckpt.find(&r.tensor)?;
+            let shard = &ckpt.shards[shard_idx];
             if shard.file != r.shard || shard.header.abs_offset(info) != r.offset || info.nbytes() != r.len {
                 return Err(Error::Integrity {
                     msg: format!("{} is no longer stored where batch {batch} wrote it; refusing to revert", r.tensor),
