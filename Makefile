@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(abspath .venv)
 PY := $(VENV)/bin/python
-DEPS_STAMP := $(VENV)/.rrome-deps-v2
+DEPS_STAMP := $(VENV)/.rrome-deps-v3
 EXT_STAMP := $(VENV)/.rrome-ext
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 export HF_HUB_OFFLINE := 1
@@ -22,7 +22,7 @@ $(PY):
 $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.7,<2" "numpy>=1.26" "click>=8.1" "tqdm>=4.66" "safetensors>=0.4" \
-		"torch>=2.2" "transformers>=4.45" accelerate gguf "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+		"torch>=2.2" "transformers>=4.45" "matplotlib>=3.7" accelerate gguf "pytest>=8" "ruff>=0.6" "mypy>=1.11"
 	touch $@
 
 setup: $(DEPS_STAMP)

@@ -1,0 +1,273 @@
+"""Tables and plots from a results folder (see :mod:`rrome.runs`), rebuilt from the saved files alone.
+
+:func:`summarize` gathers per-variant metrics, |Δ| statistics and the disabling edits;
+:func:`markdown_table` prints them like the paper's Tables 1 and 2; :func:`plot` draws the
+paper's figures with matplotlib (headless): |Δ| against edit index, normalised entropy against
+|Δ| (Figure 2) and, for sequential runs, downstream accuracy and metrics against the number of
+edits (Figures 3 and 4).
+
+A **disabling edit** is one whose |Δ| is more than ``flag_ratio`` times the median |Δ| of its
+variant's run *and* whose generation entropy right after the edit fell below ``flag_entropy``
+times the unedited model's. Without recorded entropies only the |Δ| test applies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rrome.errors import RromeError
+from rrome.evaluate import METRICS, CaseProbs, metrics
+from rrome.runs import BASELINE_FILE, RUN_FILE, read_jsonl
+
+FLAG_RATIO = 10.0
+FLAG_ENTROPY = 0.5
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "table.md"
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RromeError(f"{path}: missing; is {path.parent} an `rrome eval` results folder?") from None
+    except json.JSONDecodeError as e:
+        raise RromeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def summarize(
+    results_dir: str | Path, *, flag_ratio: float = FLAG_RATIO, flag_entropy: float = FLAG_ENTROPY
+) -> dict[str, Any]:
+    """The run's figures per variant, from its files (methods not yet started are left out)."""
+    out_dir = Path(results_dir)
+    cfg = _load(out_dir / RUN_FILE)
+    base = _load(out_dir / BASELINE_FILE)
+    mode = "sequential" if cfg["sequential"] else "single"
+    base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
+    variants: dict[str, Any] = {}
+    for method in cfg["methods"]:
+        folder = out_dir / f"{mode}-{method}"
+        edits = read_jsonl(folder / "edits.jsonl")
+        if not edits:
+            continue
+        if mode == "single":
+            cases = [CaseProbs.from_json(e["case"]) for e in edits]
+            complete = len(edits) == cfg["n"]
+        else:
+            final = folder / "final.json"
+            complete = final.exists()
+            cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
+        norms = [float(e["norm_delta"]) for e in edits]
+        median = statistics.median(norms)
+        flagged = []
+        for e in edits:
+            big = e["norm_delta"] > flag_ratio * median
+            ent = e.get("generation_entropy")
+            collapsed = ent is None or base_entropy is None or ent < flag_entropy * base_entropy
+            if big and collapsed:
+                flagged.append(
+                    {
+                        "index": e["index"],
+                        "case_id": e["case_id"],
+                        "subject": e["subject"],
+                        "norm_delta": e["norm_delta"],
+                        "ratio_to_median": e["norm_delta"] / median,
+                        "generation_entropy": ent,
+                    }
+                )
+        v: dict[str, Any] = {
+            "edits": len(edits),
+            "complete": complete,
+            "metrics": metrics(cases) if cases else None,
+            "norm_delta": {
+                "median": median,
+                "mean": statistics.fmean(norms),
+                "max": max(norms),
+                "min": min(norms),
+            },
+            "disabling_edits": flagged,
+            "steps_mean": statistics.fmean(e["steps"] for e in edits),
+            "seconds_mean": statistics.fmean(e["seconds"] for e in edits),
+        }
+        ents = [e["generation_entropy"] for e in edits if "generation_entropy" in e]
+        if ents:
+            v["generation_entropy_mean"] = statistics.fmean(ents)
+        if mode == "sequential":
+            checks = read_jsonl(folder / "checkpoints.jsonl")
+            v["checkpoints"] = checks
+            if checks:
+                v["downstream_final"] = checks[-1].get("downstream", {})
+        variants[method] = v
+    return {
+        "mode": mode,
+        "config": cfg,
+        "unedited": {
+            "metrics": base["metrics"],
+            "downstream": base.get("downstream", {}),
+            "diagnostics": base.get("diagnostics"),
+        },
+        "layer": base.get("layer"),
+        "module": base.get("module"),
+        "flag_ratio": flag_ratio,
+        "flag_entropy": flag_entropy,
+        "variants": variants,
+    }
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The variants side by side (percent), with the unedited model as the first row."""
+    mode = "sequential" if summary["mode"] == "sequential" else "one edit at a time (non-sequential)"
+    cfg = summary["config"]
+    lines = [
+        f"{cfg['n']} cases from `{Path(cfg['data']).name}` (records {cfg['offset'] + 1}–{cfg['offset'] + cfg['n']}), "
+        f"{mode}, layer {summary['layer']}",
+        "",
+        "| variant | " + " | ".join(METRICS) + " | median abs Δ | max abs Δ | disabling edits |",
+        "|---" * (len(METRICS) + 4) + "|",
+    ]
+    lines.append(
+        "| unedited | " + " | ".join(_fmt(summary["unedited"]["metrics"][k]) for k in METRICS) + " | – | – | – |"
+    )
+    for name, v in summary["variants"].items():
+        m = v["metrics"] or {}
+        partial = "" if v["complete"] else f" ({v['edits']}/{cfg['n']}, running)"
+        lines.append(
+            f"| {name}{partial} | "
+            + " | ".join(_fmt(m.get(k)) for k in METRICS)
+            + f" | {_fmt(v['norm_delta']['median'], '.3g')} | {_fmt(v['norm_delta']['max'], '.3g')}"
+            + f" | {len(v['disabling_edits'])} |"
+        )
+    down = {k: v.get("downstream_final") for k, v in summary["variants"].items() if v.get("downstream_final")}
+    if summary["unedited"]["downstream"] and down:
+        tasks = list(summary["unedited"]["downstream"])
+        lines += ["", "Downstream few-shot accuracy (%) after the last edit:", ""]
+        lines += ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines.append(
+            "| unedited | " + " | ".join(_fmt(summary["unedited"]["downstream"][t], ".1f") for t in tasks) + " |"
+        )
+        for name, d in down.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(d.get(t), ".1f") for t in tasks) + " |")
+    flagged = [(name, f) for name, v in summary["variants"].items() for f in v["disabling_edits"]]
+    if flagged:
+        lines += [
+            "",
+            "Disabling edits (|Δ| above "
+            f"{summary['flag_ratio']:g}× the run's median with collapsed generation entropy):",
+            "",
+        ]
+        for name, f in flagged:
+            lines.append(
+                f"- {name}: edit {f['index']} (case {f['case_id']}, {f['subject']}): abs Δ {f['norm_delta']:.3g}"
+                f" = {f['ratio_to_median']:.0f}× median, entropy {_fmt(f['generation_entropy'], '.3f')}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list[Path]:
+    """Writes the run's figures as PNG files into the results folder and returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(results_dir)
+    summary = summary or summarize(out_dir)
+    mode = summary["mode"]
+    paths: list[Path] = []
+    per_variant = {m: read_jsonl(out_dir / f"{mode}-{m}" / "edits.jsonl") for m in summary["variants"]}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, edits in per_variant.items():
+        ax.plot(
+            [e["index"] for e in edits],
+            [e["norm_delta"] for e in edits],
+            ".-" if mode == "sequential" else ".",
+            label=m,
+            ms=4,
+            lw=0.8,
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("edit index" if mode == "sequential" else "case")
+    ax.set_ylabel("|Δ| = ‖Δ‖_F / (d_out·d_in)")
+    ax.set_title(f"Update norm per edit ({mode})")
+    ax.legend()
+    paths.append(_save(fig, out_dir / f"norm_delta-{mode}.png"))
+
+    if any("generation_entropy" in e for edits in per_variant.values() for e in edits):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, edits in per_variant.items():
+            pts = [(e["norm_delta"], e["generation_entropy"]) for e in edits if "generation_entropy" in e]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=m, alpha=0.7)
+        base = (summary["unedited"].get("diagnostics") or {}).get("generation_entropy")
+        if base is not None:
+            ax.axhline(base, color="grey", lw=0.8, ls="--", label="unedited")
+        ax.set_xscale("log")
+        ax.set_xlabel("|Δ|")
+        ax.set_ylabel("normalised generation entropy")
+        ax.set_title("Entropy after the edit against its update norm")
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"entropy_vs_norm-{mode}.png"))
+
+    if mode == "sequential":
+        checks = {m: v.get("checkpoints", []) for m, v in summary["variants"].items()}
+        base = summary["unedited"]
+        tasks = list(base["downstream"])
+        if tasks:
+            fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
+            for ax, t in zip(axes[0], tasks, strict=True):
+                for m, cs in checks.items():
+                    ax.plot(
+                        [0] + [c["edits"] for c in cs],
+                        [base["downstream"][t]] + [c["downstream"][t] for c in cs],
+                        "o-",
+                        ms=3,
+                        label=m,
+                    )
+                ax.set_title(t.upper())
+                ax.set_xlabel("edits")
+                ax.set_ylim(0, 100)
+            axes[0][0].set_ylabel("accuracy (%)")
+            axes[0][-1].legend()
+            paths.append(_save(fig, out_dir / "downstream-sequential.png"))
+        names = ("ES", "PS", "NS", "Score")
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for ax, k in zip(axes[0], names, strict=True):
+            for m, cs in checks.items():
+                ax.plot([c["edits"] for c in cs], [c["metrics"][k] for c in cs], "o-", ms=3, label=m)
+            ax.set_title(k)
+            ax.set_xlabel("edits")
+            ax.set_ylim(0, 100)
+        axes[0][0].set_ylabel("percent (edits so far)")
+        axes[0][-1].legend()
+        paths.append(_save(fig, out_dir / "metrics-sequential.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def report(
+    results_dir: str | Path, *, flag_ratio: float = FLAG_RATIO, flag_entropy: float = FLAG_ENTROPY
+) -> tuple[str, list[Path]]:
+    """Writes summary.json, table.md and the PNG figures; returns the table and the figure paths."""
+    out_dir = Path(results_dir)
+    summary = summarize(out_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
+    table = markdown_table(summary)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / TABLE_FILE).write_text(table)
+    return table, plot(out_dir, summary)

@@ -1,0 +1,358 @@
+"""Evaluation runs: edit CounterFact-style cases with each variant and record everything, resumably.
+
+A run lives in a results folder::
+
+    run.json                      the settings (a resumed run must match them)
+    baseline.json                 the unedited model: per-case probabilities, diagnostics, downstream
+    <mode>-<method>/edits.jsonl   one line per edit: |Δ|, factors' norms, steps, probabilities,
+                                  generation entropies (non-sequential: the case's metrics too)
+    sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly)
+    sequential-<method>/checkpoints.jsonl
+                                  every K edits: running metrics, downstream accuracy, |Δ|, entropy
+
+Non-sequential mode edits each case on the unedited model and restores the edited weight from a
+copy afterwards (exactly, not by subtracting Δ). Sequential mode lets edits accumulate; a killed
+run resumes by replaying the saved factors of the finished edits, which rebuilds the same weights
+bit for bit, and continues. Lines are appended with a flush and fsync after each edit, so at most
+the edit in progress is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from rrome.apply import Editor
+from rrome.edits import EditRequest, load_requests
+from rrome.errors import RromeError
+from rrome.evaluate import (
+    CaseProbs,
+    Diagnostics,
+    case_probabilities,
+    collapse_diagnostics,
+    downstream_accuracy,
+    few_shot_sets,
+    metrics,
+)
+from rrome.hooks import get_module
+from rrome.rome import METHODS, Method
+
+RUN_FILE = "run.json"
+BASELINE_FILE = "baseline.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run does. Every field but ``device`` must match when a run is resumed."""
+
+    model_dir: str
+    data: str
+    data_sha256: str
+    methods: tuple[str, ...] = ("r-rome",)
+    n: int = 100
+    offset: int = 0
+    sequential: bool = False
+    every: int = 10
+    seed: int = 0
+    glue_n: int = 0
+    diagnostics: bool = True
+    dtype: str = "float32"
+    layer: int | None = None
+    corpus: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def mode(self) -> str:
+        return "sequential" if self.sequential else "single"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_append(path: Path, obj: Any) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a results file; a torn last line (a killed run) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return [json.loads(line) for line in data[:good].decode("utf-8").splitlines() if line.strip()]
+
+
+def _check_config(out_dir: Path, cfg: RunConfig) -> None:
+    path = out_dir / RUN_FILE
+    if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, cfg.to_json())
+        return
+    saved = json.loads(path.read_text())
+    new = cfg.to_json()
+    diff = [k for k in new if k != "device" and json.dumps(saved.get(k)) != json.dumps(new[k])]
+    if diff:
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {new[k]!r}" for k in diff)
+        raise RromeError(f"{path}: this results folder holds a run with other settings ({detail}); use another --out")
+
+
+def load_cases(cfg: RunConfig) -> list[EditRequest]:
+    """The run's cases: records ``offset`` to ``offset + n`` of the data file, each with a true target."""
+    requests = load_requests(cfg.data)
+    cases = requests[cfg.offset : cfg.offset + cfg.n]
+    if len(cases) < cfg.n:
+        raise RromeError(f"{cfg.data}: asked for {cfg.n} cases from record {cfg.offset}, the file has {len(requests)}")
+    for i, r in enumerate(cases):
+        if r.target_true is None:
+            raise RromeError(f"{cfg.data}: record {cfg.offset + i + 1} has no true target; the metrics need one")
+    return cases
+
+
+class _Session:
+    """The model, the editor and the unedited weight of the edited module."""
+
+    def __init__(self, cfg: RunConfig, progress: bool) -> None:
+        overrides = dict(cfg.hparams)
+        self.editor = Editor.from_pretrained(
+            cfg.model_dir,
+            method=cast(Method, cfg.methods[0]),
+            device=cfg.device,
+            dtype=cfg.dtype,
+            layer=cfg.layer,
+            corpus=cfg.corpus,
+            hparams=overrides,
+            progress=progress,
+            allow_large_updates=True,
+        )
+        # Templates and statistics come from the unedited model; fix them before any edit.
+        self.editor.templates()
+        self.editor.cholesky()
+        weight = get_module(self.editor.model, self.editor.module_name).weight
+        assert isinstance(weight, torch.Tensor)
+        self.weight = weight
+        self.original = weight.detach().clone()
+        self.sets = few_shot_sets(cfg.glue_n, seed=cfg.seed) if cfg.glue_n > 0 else []
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.original)
+        self.editor.pending.clear()
+        self.editor.results.clear()
+
+    def probs(self, request: EditRequest) -> CaseProbs:
+        return case_probabilities(self.editor.model, self.editor.tokenizer, request)
+
+    def diagnostics(self, request: EditRequest | None, seed: int) -> Diagnostics:
+        return collapse_diagnostics(self.editor.model, self.editor.tokenizer, request, seed=seed)
+
+    def downstream(self) -> dict[str, float]:
+        return downstream_accuracy(self.editor.model, self.editor.tokenizer, self.sets) if self.sets else {}
+
+
+def _edit_record(index: int, request: EditRequest, result: Any) -> dict[str, Any]:
+    return {
+        "index": index,
+        "case_id": request.case_id,
+        "subject": request.subject,
+        "target_new": request.target_new,
+        "norm_delta": result.norm_delta,
+        "norm_u": result.norm_u,
+        "norm_r": result.norm_r,
+        "denominator": result.denominator,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "p_new": [result.p_new_before, result.p_new_after],
+        "p_true": [result.p_true_before, result.p_true_after],
+    }
+
+
+def _baseline(s: _Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: Path) -> dict[str, Any]:
+    path = out_dir / BASELINE_FILE
+    if path.exists():
+        return cast(dict[str, Any], json.loads(path.read_text()))
+    probs = [s.probs(r) for r in cases]
+    diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
+    base = {
+        "cases": [p.to_json() for p in probs],
+        "metrics": metrics(probs),
+        "diagnostics": dataclasses.asdict(diag) if diag else None,
+        "downstream": s.downstream(),
+        "layer": s.editor.layer,
+        "module": s.editor.module_name,
+        "hparams": s.editor.hparams.to_json(),
+        "templates": s.editor.templates(),
+        "stats": str(s.editor.stats_path) if s.editor.stats_path else None,
+    }
+    _write_json(path, base)
+    return base
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _single(
+    s: _Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+) -> None:
+    edits = folder / "edits.jsonl"
+    done = {rec["index"] for rec in read_jsonl(edits)}
+    for i, request in enumerate(cases):
+        if i in done:
+            continue
+        s.restore()
+        result = s.editor.edit(request)
+        rec = _edit_record(i, request, result)
+        rec["case"] = s.probs(request).to_json()
+        if cfg.diagnostics:
+            rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
+        s.restore()
+        _fsync_append(edits, rec)
+        tick(method, i + 1, len(cases))
+
+
+def _save_factors(path: Path, u: np.ndarray, r: np.ndarray) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path))
+    return t["u"], t["r"]
+
+
+def _checkpoint(
+    s: _Session, cfg: RunConfig, cases: Sequence[EditRequest], n_done: int, norms: list[float]
+) -> dict[str, Any]:
+    probs = [s.probs(r) for r in cases[:n_done]]
+    diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
+    return {
+        "edits": n_done,
+        "metrics": metrics(probs),
+        "downstream": s.downstream(),
+        "median_norm_delta": float(np.median(norms)) if norms else None,
+        "max_norm_delta": max(norms) if norms else None,
+        **(dataclasses.asdict(diag) if diag else {}),
+    }
+
+
+def _sequential(
+    s: _Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+) -> None:
+    edits_path, checks_path, deltas = folder / "edits.jsonl", folder / "checkpoints.jsonl", folder / "deltas"
+    deltas.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(edits_path)
+    checks = {c["edits"] for c in read_jsonl(checks_path)}
+    s.restore()
+    for rec in records:  # replay the finished edits: the same weights, bit for bit
+        u, r = _load_factors(deltas / f"{rec['index']:05d}.safetensors")
+        s.editor.replay(u, r)
+    norms = [float(rec["norm_delta"]) for rec in records]
+    for i in range(len(records), len(cases)):
+        request = cases[i]
+        result = s.editor.edit(request)
+        s.editor.pending.clear()
+        rec = _edit_record(i, request, result)
+        if cfg.diagnostics:
+            rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
+        _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r)
+        _fsync_append(edits_path, rec)
+        norms.append(result.norm_delta)
+        n_done = i + 1
+        if (n_done % cfg.every == 0 or n_done == len(cases)) and n_done not in checks:
+            _fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
+            checks.add(n_done)
+        tick(method, n_done, len(cases))
+    if len(cases) not in checks:  # resumed after the last edit but before its checkpoint
+        _fsync_append(checks_path, _checkpoint(s, cfg, cases, len(cases), norms))
+    final = folder / "final.json"
+    if not final.exists():
+        _write_json(final, {"cases": [s.probs(r).to_json() for r in cases]})
+    s.restore()
+
+
+def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = True) -> Path:
+    """Runs (or resumes) an evaluation and returns its results folder.
+
+    Raises:
+        RromeError: bad data, or a results folder made with other settings.
+    """
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise RromeError(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
+    if cfg.every < 1:
+        raise RromeError(f"--every must be at least 1, got {cfg.every}")
+    out = Path(out_dir)
+    cases = load_cases(cfg)
+    _check_config(out, cfg)
+    torch.manual_seed(cfg.seed)
+    s = _Session(cfg, progress)
+    _baseline(s, cfg, cases, out)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cases) * len(cfg.methods), disable=not progress, unit="edit")
+    seen: dict[str, int] = {}
+
+    def tick(method: str, done: int, total: int) -> None:
+        bar.set_description(f"{cfg.mode} {method}")
+        bar.update(done - seen.get(method, 0))
+        seen[method] = done
+
+    for method in cfg.methods:
+        s.editor.method = cast(Method, method)
+        folder = out / f"{cfg.mode}-{method}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if cfg.sequential:
+            _sequential(s, cfg, method, cases, folder, tick)
+        else:
+            _single(s, cfg, method, cases, folder, tick)
+        seen.setdefault(method, 0)
+        bar.update(len(cases) - seen[method])
+        seen[method] = len(cases)
+    bar.close()
+    return out
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x

@@ -1,0 +1,312 @@
+"""Evaluation: metric functions against hand-computed cases, entropies on known distributions,
+target probabilities against a direct computation, and resumable runs with their plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model
+
+from rrome.apply import Editor
+from rrome.edits import EditRequest
+from rrome.errors import RromeError
+from rrome.evaluate import (
+    TASKS,
+    CaseProbs,
+    continuation_logprob,
+    downstream_accuracy,
+    entropy,
+    few_shot_sets,
+    generation_entropy,
+    harmonic_mean,
+    metrics,
+    ngram_entropy,
+    target_probabilities,
+)
+from rrome.models import load
+from rrome.report import report, summarize
+from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():  # a checkout beside /work/shared
+    SHARED = Path("/work/shared/data")
+DATA = SHARED / "counterfact" / "counterfact-val.json"
+
+# --------------------------------------------------------------------------------------------
+# metrics on hand-computed cases
+
+
+def test_metrics_hand_computed() -> None:
+    a = CaseProbs(rewrite=[(0.6, 0.2)], paraphrase=[(0.1, 0.3), (0.5, 0.4)], neighborhood=[(0.2, 0.7)])
+    b = CaseProbs(rewrite=[(0.1, 0.3)], paraphrase=[(0.3, 0.3)], neighborhood=[(0.4, 0.4), (0.1, 0.5)])
+    m = metrics([a, b])
+    # ES: a succeeds, b fails -> 50. PS: a 1/2, b 0/1 (a tie fails) -> 25. NS: a 1, b 1/2 (tie fails) -> 75.
+    assert m["ES"] == pytest.approx(50.0)
+    assert m["PS"] == pytest.approx(25.0)
+    assert m["NS"] == pytest.approx(75.0)
+    # EM: mean of (0.4, -0.2) = 0.1 -> 10. PM: a mean(-0.2, 0.1) = -0.05, b 0 -> -2.5.
+    assert m["EM"] == pytest.approx(10.0)
+    assert m["PM"] == pytest.approx(-2.5)
+    # NM: a 0.5, b mean(0, 0.4) = 0.2 -> 35.
+    assert m["NM"] == pytest.approx(35.0)
+    assert m["Score"] == pytest.approx(3 / (1 / 50 + 1 / 25 + 1 / 75))
+
+
+def test_metrics_ties_fail_both_ways() -> None:
+    tie = CaseProbs(rewrite=[(0.3, 0.3)], paraphrase=[(0.3, 0.3)], neighborhood=[(0.3, 0.3)])
+    m = metrics([tie])
+    assert m["ES"] == m["PS"] == m["NS"] == 0.0
+    assert m["Score"] == 0.0
+    assert m["EM"] == m["PM"] == m["NM"] == 0.0
+
+
+def test_metrics_missing_groups_are_nan_and_left_out_of_score() -> None:
+    c = CaseProbs(rewrite=[(0.9, 0.1)], paraphrase=[], neighborhood=[(0.1, 0.9)])
+    m = metrics([c])
+    assert math.isnan(m["PS"]) and math.isnan(m["PM"])
+    assert m["Score"] == pytest.approx(100.0)
+
+
+def test_harmonic_mean() -> None:
+    assert harmonic_mean([100.0, 50.0]) == pytest.approx(2 / (1 / 100 + 1 / 50))
+    assert harmonic_mean([100.0, 0.0]) == 0.0
+    assert math.isnan(harmonic_mean([math.nan, 1.0]))
+
+
+def test_case_probs_round_trip() -> None:
+    c = CaseProbs(rewrite=[(0.5, 0.25)], paraphrase=[(0.125, 0.0625)], neighborhood=[])
+    assert CaseProbs.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+# --------------------------------------------------------------------------------------------
+# entropies on known distributions
+
+
+def test_entropy_known_distributions() -> None:
+    assert entropy([5, 5, 5, 5]) == pytest.approx(math.log(4))
+    assert entropy([5, 5, 5, 5], base=2) == pytest.approx(2.0)
+    assert entropy([7]) == 0.0
+    assert entropy([]) == 0.0
+    assert entropy([1, 3], base=2) == pytest.approx(-(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75)))
+
+
+def test_generation_entropy_is_normalised() -> None:
+    assert generation_entropy([[3, 3, 3], [3]], vocab_size=10) == 0.0
+    # every token of a vocabulary of 8 once: the uniform distribution -> 1.
+    assert generation_entropy([[0, 1, 2, 3], [4, 5, 6, 7]], vocab_size=8) == pytest.approx(1.0)
+    assert generation_entropy([[0, 1]], vocab_size=16) == pytest.approx(math.log(2) / math.log(16))
+
+
+def test_ngram_entropy_hand_computed() -> None:
+    # words a b a b a b: bigrams ab×3, ba×2; trigrams aba×2, bab×2.
+    h2 = entropy([3, 2], base=2)
+    h3 = 1.0
+    assert ngram_entropy(["a b a b a b"]) == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    # a fully repetitive text has zero n-gram entropy; the mean runs over texts.
+    assert ngram_entropy(["x x x x x"]) == 0.0
+    assert ngram_entropy(["x x x x x", "a b a b a b"]) == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 4)
+    # punctuation is a word of its own
+    assert ngram_entropy(["a, a, a,"]) == pytest.approx(ngram_entropy(["a b a b a b"]))
+
+
+# --------------------------------------------------------------------------------------------
+# probabilities on a tiny model, against a direct single-sequence computation
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Any, Any, Any]]:
+    root = tmp_path_factory.mktemp("eval-models")
+    loaded: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+
+    def get(family: str, side: str = "right") -> tuple[Any, Any, Any]:
+        if (family, side) not in loaded:
+            folder = build_tiny_model(family, root / f"{family}-{side}", padding_side=side)
+            loaded[(family, side)] = load(folder, device="cpu")
+        return loaded[(family, side)]
+
+    return get
+
+
+def _direct_logprobs(model: Any, tok: Any, prompt: str, target: str) -> list[float]:
+    pre = tok(prompt)["input_ids"]
+    full = tok(prompt + target)["input_ids"]
+    assert full[: len(pre)] == pre
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        lp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    return [float(lp[i - 1, full[i]]) for i in range(len(pre), len(full))]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_target_probabilities_match_direct(tiny: Callable[..., Any], family: str, side: str) -> None:
+    model, tok, _ = tiny(family, side)
+    prompts = ["The capital of France is", "A", "The mother tongue of Danielle Darrieux is"]
+    targets = ["Paris", "longer target string here", " English"]
+    got = target_probabilities(model, tok, prompts, targets)
+    sums = continuation_logprob(model, tok, prompts, targets)
+    for p, t, g, s in zip(prompts, targets, got, sums, strict=True):
+        # the leading-space rule: a target after a non-space gets " " in front, once
+        direct = _direct_logprobs(model, tok, p, t if t.startswith(" ") else " " + t)
+        assert len(direct) >= 1
+        assert g == pytest.approx(math.exp(sum(direct) / len(direct)), rel=1e-5)
+        assert s == pytest.approx(sum(direct), rel=1e-5, abs=1e-5)
+    # multi-token target: the mean runs over all its tokens
+    assert len(_direct_logprobs(model, tok, prompts[1], " " + targets[1])) > 1
+    # a leading space given explicitly is not doubled
+    assert target_probabilities(model, tok, [prompts[0]], [" Paris"]) == pytest.approx(got[:1], rel=1e-6)
+
+
+def test_few_shot_sets_fixed_and_disjoint() -> None:
+    a = few_shot_sets(5, seed=3)
+    b = few_shot_sets(5, seed=3)
+    c = few_shot_sets(5, seed=4)
+    assert [s.records for s in a] == [s.records for s in b]
+    assert [s.records for s in a] != [s.records for s in c]
+    for s in a:
+        assert len(s.records) == 5
+        assert sorted(x["label"] for x in s.shots) == list(range(len(s.task.labels)))
+        assert s.prompts()[0].count("\n\n") == len(s.task.labels)
+        assert all(r not in s.shots for r in s.records)
+    assert [s.task.name for s in a] == [t.name for t in TASKS]
+
+
+def test_long_prompts_keep_their_end(tiny: Callable[..., Any]) -> None:
+    model, tok, _ = tiny("gpt2")
+    limit = model.config.n_positions
+    long = "word " * (2 * limit) + "The capital of France is"
+    tail = tok.decode(tok(long)["input_ids"][-(limit - 1) :])
+    got = continuation_logprob(model, tok, [long], ["Paris"])
+    assert got == pytest.approx(continuation_logprob(model, tok, [tail], ["Paris"]), rel=1e-5)
+
+
+def test_downstream_accuracy_matches_label_scoring(tiny: Callable[..., Any]) -> None:
+    model, tok, _ = tiny("gpt2")
+    # no demonstrations: the tiny model's context (512) would not hold the few-shot prompts
+    sets = few_shot_sets(4, shots_per_label=0, seed=0)
+    acc = downstream_accuracy(model, tok, sets)
+    for s in sets:
+        prompts = s.prompts()
+        right = 0
+        for p, rec in zip(prompts, s.records, strict=True):
+            scores = [sum(_direct_logprobs(model, tok, p, " " + w)) for w in s.task.labels]
+            right += int(int(np.argmax(scores)) == rec["label"])
+        assert acc[s.task.name] == pytest.approx(100 * right / len(s.records))
+
+
+# --------------------------------------------------------------------------------------------
+# runs: exact restore, resume, report and plots
+
+QUICK = {"v_num_grad_steps": 4, "stats_max_tokens": 2000, "context_template_lengths": [[3, 4]]}
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
+    return build_tiny_model("gpt2", tmp_path / "gpt2")
+
+
+def _config(model: Path, **kw: Any) -> RunConfig:
+    base: dict[str, Any] = {
+        "model_dir": str(model),
+        "data": str(DATA),
+        "data_sha256": sha256_file(DATA),
+        "n": 3,
+        "layer": 0,
+        "hparams": QUICK,
+    }
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> None:
+    out = run(_config(gpt2_dir, methods=("r-rome", "rome")), tmp_path / "res", progress=False)
+    recs = read_jsonl(out / "single-r-rome" / "edits.jsonl")
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    # The third case edited alone on a fresh editor gives the same numbers: no drift from the
+    # two edits before it (the weight was restored exactly between cases).
+    editor = Editor.from_pretrained(gpt2_dir, layer=0, hparams=QUICK, progress=False)
+    editor.templates()
+    req = run_cases(gpt2_dir)[2]
+    alone = editor.edit(req)
+    assert recs[2]["norm_delta"] == alone.norm_delta
+    assert recs[2]["p_new"] == [alone.p_new_before, alone.p_new_after]
+    base = json.loads((out / "baseline.json").read_text())
+    assert base["cases"][2]["rewrite"][0][0] == pytest.approx(alone.p_new_before, rel=1e-6)
+
+    s = summarize(out)
+    assert set(s["variants"]) == {"r-rome", "rome"}
+    assert all(v["complete"] and v["edits"] == 3 for v in s["variants"].values())
+
+
+def run_cases(model: Path) -> list[EditRequest]:
+    from rrome.runs import load_cases
+
+    return load_cases(_config(model))
+
+
+def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Path) -> None:
+    cfg = _config(gpt2_dir, n=4, sequential=True, every=2, glue_n=2)
+    whole = run(cfg, tmp_path / "whole", progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    folder = part / "sequential-r-rome"
+    # a run killed during its third edit: two complete lines and a torn one, one checkpoint
+    lines = (folder / "edits.jsonl").read_text().splitlines(keepends=True)
+    (folder / "edits.jsonl").write_text("".join(lines[:2]) + lines[2][:17])
+    checks = (folder / "checkpoints.jsonl").read_text().splitlines(keepends=True)
+    (folder / "checkpoints.jsonl").write_text(checks[0])
+    for i in (2, 3):
+        (folder / "deltas" / f"{i:05d}.safetensors").unlink()
+    (folder / "final.json").unlink()
+    run(cfg, part, progress=False)
+
+    a = read_jsonl(whole / "sequential-r-rome" / "edits.jsonl")
+    b = read_jsonl(folder / "edits.jsonl")
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in a] == [
+        {k: v for k, v in r.items() if k not in strip} for r in b
+    ]
+    assert json.loads((folder / "final.json").read_text()) == json.loads(
+        (whole / "sequential-r-rome" / "final.json").read_text()
+    )
+    ca = read_jsonl(whole / "sequential-r-rome" / "checkpoints.jsonl")
+    cb = read_jsonl(folder / "checkpoints.jsonl")
+    assert [c["edits"] for c in ca] == [c["edits"] for c in cb] == [2, 4]
+    assert ca == cb
+    assert set(ca[-1]["downstream"]) == {t.name for t in TASKS}
+
+    table, figures = report(part)
+    assert "| r-rome |" in table and "unedited" in table
+    names = sorted(f.name for f in figures)
+    assert names == [
+        "downstream-sequential.png",
+        "entropy_vs_norm-sequential.png",
+        "metrics-sequential.png",
+        "norm_delta-sequential.png",
+    ]
+    import matplotlib.image
+
+    for f in figures:
+        img = matplotlib.image.imread(f)
+        assert img.shape[0] > 200 and img.shape[1] > 300, (f, img.shape)
+        assert float(np.std(img[..., :3])) > 0.01, f"{f} is blank"
+
+
+def test_resume_with_other_settings_is_refused(gpt2_dir: Path, tmp_path: Path) -> None:
+    run(_config(gpt2_dir, n=1, diagnostics=False), tmp_path / "r", progress=False)
+    with pytest.raises(RromeError, match=r"other settings.*n: saved 1, now 2"):
+        run(_config(gpt2_dir, n=2, diagnostics=False), tmp_path / "r", progress=False)
+
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(RromeError, match=r"run\.json: missing"):
+        summarize(tmp_path)
