@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rrome import stats
 from rrome._rust import Cholesky
 from rrome.edits import EditRequest, parse_record
-from rrome.errors import RromeError
+from rrome.errors import LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
 from rrome.hparams import HParams, load_hparams
@@ -31,6 +32,13 @@ from rrome.models import Adapter, load, num_layers
 from rrome.rome import METHODS, Method, Update, compute_update
 from rrome.shards import ApplyReport, Delta, apply_deltas
 from rrome.values import compute_value
+
+LARGE_UPDATE_RATIO = 20.0
+"""Default of ``large_update_ratio``: an edit whose |Δ| exceeds this many times the median |Δ|
+of the session's earlier edits is refused as a likely disabling edit (DESIGN.md §1)."""
+
+LARGE_UPDATE_MIN_EDITS = 3
+"""The large-update guard compares against a median only once this many edits were accepted."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,15 @@ class Editor:
         method: Method,
         corpus: Path | None,
         progress: bool,
+        allow_large_updates: bool = False,
+        large_update_ratio: float = LARGE_UPDATE_RATIO,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        if not (np.isfinite(large_update_ratio) and large_update_ratio > 1.0):
+            raise ValueError(f"large_update_ratio must be a finite number above 1; got {large_update_ratio!r}")
+        self.allow_large_updates = allow_large_updates
+        self.large_update_ratio = float(large_update_ratio)
         self.model_dir = model_dir
         self.model = model
         self.tokenizer = tokenizer
@@ -114,6 +128,8 @@ class Editor:
         corpus: str | os.PathLike[str] | None = None,
         hparams: Mapping[str, Any] | None = None,
         progress: bool = True,
+        allow_large_updates: bool = False,
+        large_update_ratio: float = LARGE_UPDATE_RATIO,
     ) -> Editor:
         """Loads a checkpoint folder for editing.
 
@@ -126,6 +142,11 @@ class Editor:
             corpus: text file for the statistics C0; default: the packaged wikitext sample.
             hparams: overrides of :class:`~rrome.hparams.HParams` fields.
             progress: show progress bars.
+            allow_large_updates: accept updates the large-update guard would refuse (to study
+                model collapse); updates holding NaN or Inf are refused regardless.
+            large_update_ratio: the guard refuses an edit whose |Δ| exceeds this many times
+                the median |Δ| of this editor's earlier edits (once it has made
+                :data:`LARGE_UPDATE_MIN_EDITS`); see :meth:`edit`.
         """
         path = Path(model_dir)
         model, tokenizer, adapter = load(path, device=device, dtype=dtype)
@@ -144,6 +165,8 @@ class Editor:
             method=method,
             corpus=Path(corpus) if corpus is not None else None,
             progress=progress,
+            allow_large_updates=allow_large_updates,
+            large_update_ratio=large_update_ratio,
         )
 
     @property
@@ -186,6 +209,33 @@ class Editor:
         probs = target_probabilities(self.model, self.tokenizer, [request.text()] * len(targets), targets)
         return probs[0], (probs[1] if len(probs) > 1 else None)
 
+    def _check_update(self, update: Update, request: EditRequest) -> None:
+        """Refuses a non-finite update always, and one far above the session's median |Δ|
+        unless ``allow_large_updates``; called before the update touches the model."""
+        case = f"case {request.case_id}" if request.case_id is not None else "the edit"
+        what = f"{case} ({request.subject!r} -> {request.target_new!r}, layer {self.layer}, {self.method})"
+        finite = bool(np.isfinite(update.norm_delta) and np.isfinite(update.u).all() and np.isfinite(update.r).all())
+        if not finite:
+            raise NonFiniteUpdateError(
+                f"refused {what}: its update holds NaN or Inf (|Δ| = {update.norm_delta}); the model is unchanged"
+            )
+        history = [r.norm_delta for r in self.results]
+        if self.allow_large_updates or len(history) < LARGE_UPDATE_MIN_EDITS:
+            return
+        median = float(np.median(history))
+        if median > 0 and update.norm_delta > self.large_update_ratio * median:
+            ratio = update.norm_delta / median
+            raise LargeUpdateError(
+                f"refused {what}: |Δ| = {update.norm_delta:.3e} is {ratio:.1f} times the median |Δ| "
+                f"{median:.3e} of the {len(history)} earlier edits of this session (limit "
+                f"{self.large_update_ratio:g}x); an update this large is typically a disabling edit that "
+                "collapses the model. The model is unchanged; to apply it anyway, pass "
+                "allow_large_updates=True (--allow-large-updates) or raise large_update_ratio "
+                "(--large-update-ratio)",
+                update.norm_delta,
+                median,
+            )
+
     def _apply_in_memory(self, update: Update) -> None:
         weight = get_module(self.model, self.module_name).weight
         assert isinstance(weight, torch.Tensor)
@@ -200,9 +250,18 @@ class Editor:
     def edit(self, request: EditRequest | Mapping[str, Any]) -> EditResult:
         """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`.
 
+        The update is checked before it touches the model: one holding NaN or Inf is always
+        refused (:class:`~rrome.errors.NonFiniteUpdateError`), and once this editor has
+        accepted :data:`LARGE_UPDATE_MIN_EDITS` edits, one whose |Δ| exceeds
+        ``large_update_ratio`` times their median |Δ| is refused
+        (:class:`~rrome.errors.LargeUpdateError`) unless ``allow_large_updates``. A refused
+        edit leaves the model, :attr:`pending` and :attr:`results` as they were.
+
         Raises:
             EditFileError: a malformed request mapping.
             TokenizationError: the subject or target cannot be tokenised as needed.
+            LargeUpdateError: |Δ| far above the session's median (see above).
+            NonFiniteUpdateError: the update holds NaN or Inf.
         """
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
@@ -223,7 +282,11 @@ class Editor:
             self.hparams,
             layout=self.adapter.layout,
         )
-        update = compute_update(self.method, chol, keys, value.v_e)
+        try:
+            update = compute_update(self.method, chol, keys, value.v_e)
+        except FloatingPointError as e:
+            raise NonFiniteUpdateError(f"refused the edit of {request.subject!r}: {e}; the model is unchanged") from e
+        self._check_update(update, request)
         self._apply_in_memory(update)
         p_new1, p_true1 = self._probabilities(request)
         meta = {

@@ -166,6 +166,17 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option(
+    "--allow-large-updates",
+    is_flag=True,
+    help="Apply edits whose |Δ| is far above the run's median (likely disabling edits); refused by default.",
+)
+@click.option(
+    "--large-update-ratio",
+    type=click.FloatRange(min=1.0, min_open=True),
+    default=None,
+    help="Refuse an edit whose |Δ| exceeds this many times the median of the earlier edits [default: 20].",
+)
 @_expected_errors
 def apply_cmd(
     edits: Path,
@@ -177,16 +188,20 @@ def apply_cmd(
     device: str | None,
     dtype: str,
     no_progress: bool,
+    allow_large_updates: bool,
+    large_update_ratio: float | None,
 ) -> None:
     """Edit the facts in EDITS (JSONL or JSON) into the checkpoint in MODEL_DIR.
 
     Every record is validated before any work. Edits are sequential: each is computed on the
     model as left by the previous ones. The updates are written into the safetensors shards at
-    the end (in place, journaled and revertible with `rrome revert`, or to --out).
+    the end (in place, journaled and revertible with `rrome revert`, or to --out). An edit
+    whose |Δ| is far above the median of the earlier edits stops the run before anything is
+    written, unless --allow-large-updates; NaN/Inf updates always do.
     """
     from tqdm import tqdm
 
-    from rrome.apply import Editor
+    from rrome.apply import LARGE_UPDATE_RATIO, Editor
     from rrome.edits import load_requests
     from rrome.rome import Method
 
@@ -199,6 +214,8 @@ def apply_cmd(
         layer=layer,
         corpus=corpus,
         progress=not no_progress,
+        allow_large_updates=allow_large_updates,
+        large_update_ratio=large_update_ratio or LARGE_UPDATE_RATIO,
     )
     results = []
     for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):

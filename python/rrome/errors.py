@@ -73,6 +73,32 @@ class NotPositiveDefiniteError(RromeError, ValueError):
         return str(self.args[0])
 
 
+class LargeUpdateError(RromeError):
+    """An edit's update |Δ| is far above the median of the session's earlier edits.
+
+    Such an update is the mark of a "disabling edit" (DESIGN.md §1): it tends to collapse the
+    model. The editor refuses it before touching the model unless told ``allow_large_updates``.
+
+    Attributes:
+        norm_delta: |Δ| of the refused update.
+        median: the median |Δ| of the session's earlier edits.
+        ratio: ``norm_delta / median``.
+    """
+
+    def __init__(self, message: str, norm_delta: float = float("nan"), median: float = float("nan")) -> None:
+        super().__init__(message)
+        self.norm_delta = norm_delta
+        self.median = median
+        self.ratio = norm_delta / median if median > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NonFiniteUpdateError(DeltaError):
+    """An edit's update holds NaN or Inf; it is always refused, before the model is touched."""
+
+
 class LockedError(RromeError):
     """Another rrome process holds the model folder's lock; the message names it."""
 
@@ -92,8 +118,10 @@ __all__ = [
     "EditFileError",
     "IntegrityError",
     "InvalidFileError",
+    "LargeUpdateError",
     "LockedError",
     "MomentsFileError",
+    "NonFiniteUpdateError",
     "NotPositiveDefiniteError",
     "RevertError",
     "RromeError",
