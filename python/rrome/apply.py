@@ -10,6 +10,7 @@ through the Rust shard writer: the checkpoint is never re-saved with ``save_pret
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from rrome import stats
@@ -351,3 +353,12 @@ class Editor:
                 )
             out.append(self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
+
+    def replay(self, u: npt.NDArray[np.float32], r: npt.NDArray[np.float32]) -> None:
+        """Adds the stored update Δ = r uᵀ to the in-memory model, exactly as :meth:`edit` did.
+
+        Replaying the factors of earlier edits in order rebuilds the same weights bit for bit
+        (used to resume a sequential evaluation). Nothing is queued for :meth:`save`.
+        """
+        u32, r32 = np.asarray(u, np.float32), np.asarray(r, np.float32)
+        self._apply_in_memory(Update(u=u32, r=r32, denominator=math.nan, norm_delta=math.nan))

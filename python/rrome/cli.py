@@ -286,6 +286,110 @@ def stats_cmd(
     click.echo(str(path))
 
 
+@main.command("eval")
+@click.argument("model_dir", type=_dir)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CounterFact or zsRE records (JSON/JSONL).",
+)
+@click.option(
+    "--method", "methods", default="r-rome", show_default=True, help="Variants, comma-separated: rome,r-rome,p-rome."
+)
+@click.option("--n", type=int, default=100, show_default=True, help="Number of cases (records offset+1 … offset+n).")
+@click.option("--offset", type=int, default=0, show_default=True, help="Records to skip at the start of --data.")
+@click.option("--sequential", is_flag=True, help="Let the edits accumulate (default: each on the unedited model).")
+@click.option("--every", type=int, default=10, show_default=True, help="Sequential: checkpoint every K edits.")
+@click.option(
+    "--glue-n", type=int, default=None, help="Downstream records per GLUE task [default: 50 sequential, 0 otherwise]."
+)
+@click.option("--no-diagnostics", is_flag=True, help="Skip the generation entropies after each edit.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and few-shot choice.")
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the family's hyperparameters).")
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
+@click.option("--stats-tokens", type=int, default=None, help="Corpus tokens for C0 (default: hyperparameters).")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Results folder (resumed if it exists).",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_expected_errors
+def eval_cmd(
+    model_dir: Path,
+    data: Path,
+    methods: str,
+    n: int,
+    offset: int,
+    sequential: bool,
+    every: int,
+    glue_n: int | None,
+    no_diagnostics: bool,
+    seed: int,
+    layer: int | None,
+    corpus: Path | None,
+    stats_tokens: int | None,
+    device: str | None,
+    dtype: str,
+    out_dir: Path,
+    no_progress: bool,
+) -> None:
+    """Edit N cases of DATA into MODEL_DIR with each variant and measure them (DESIGN.md §2).
+
+    The checkpoint on disk is never written. Results go to --out as JSON lines, a table and
+    plots; a killed run continues where it stopped when started again with the same --out.
+    """
+    from rrome.report import report
+    from rrome.runs import RunConfig, run, sha256_file
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    cfg = RunConfig(
+        model_dir=str(model_dir.resolve()),
+        data=str(data.resolve()),
+        data_sha256=sha256_file(data),
+        methods=names,
+        n=n,
+        offset=offset,
+        sequential=sequential,
+        every=every,
+        seed=seed,
+        glue_n=glue_n if glue_n is not None else (50 if sequential else 0),
+        diagnostics=not no_diagnostics,
+        dtype=dtype,
+        layer=layer,
+        corpus=str(corpus.resolve()) if corpus else None,
+        hparams={"stats_max_tokens": stats_tokens} if stats_tokens else {},
+        device=device,
+    )
+    run(cfg, out_dir, progress=not no_progress)
+    table, figures = report(out_dir)
+    click.echo(table)
+    for f in figures:
+        click.echo(f"wrote {f}")
+
+
+@main.command("report")
+@click.argument("results_dir", type=_dir)
+@click.option(
+    "--flag-ratio", type=float, default=10.0, show_default=True, help="Disabling edit: |Δ| above this × median …"
+)
+@click.option("--flag-entropy", type=float, default=0.5, show_default=True, help="… and entropy below this × unedited.")
+@_expected_errors
+def report_cmd(results_dir: Path, flag_ratio: float, flag_entropy: float) -> None:
+    """Rebuild the table (table.md, summary.json) and plots of an `rrome eval` results folder."""
+    from rrome.report import report
+
+    table, figures = report(results_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
+    click.echo(table)
+    for f in figures:
+        click.echo(f"wrote {f}")
+
+
 @main.command("demo-model")
 @_expected_errors
 def demo_model_cmd() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from rrome.errors import RromeError
 from rrome.evaluate import METRICS, CaseProbs, metrics
+from rrome.rome import METHODS
 from rrome.runs import BASELINE_FILE, RUN_FILE, read_jsonl
 
 FLAG_RATIO = 10.0
@@ -48,7 +49,8 @@ def summarize(
     mode = "sequential" if cfg["sequential"] else "single"
     base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
     variants: dict[str, Any] = {}
-    for method in cfg["methods"]:
+    # Variants are found by their folders: parallel processes may each have added one.
+    for method in (m for m in METHODS if (out_dir / f"{mode}-{m}").is_dir()):
         folder = out_dir / f"{mode}-{method}"
         edits = read_jsonl(folder / "edits.jsonl")
         if not edits:

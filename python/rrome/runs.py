@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +52,8 @@ BASELINE_FILE = "baseline.json"
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run does. Every field but ``device`` must match when a run is resumed."""
+    """What a run does. Every field but ``device`` and ``methods`` must match when a run is
+    resumed; variants may be added to a folder later (or by parallel processes)."""
 
     model_dir: str
     data: str
@@ -125,10 +125,14 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
         return
     saved = json.loads(path.read_text())
     new = cfg.to_json()
-    diff = [k for k in new if k != "device" and json.dumps(saved.get(k)) != json.dumps(new[k])]
+    free = ("device", "methods")  # a folder collects variants: each has its own subfolder
+    diff = [k for k in new if k not in free and json.dumps(saved.get(k)) != json.dumps(new[k])]
     if diff:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {new[k]!r}" for k in diff)
         raise RromeError(f"{path}: this results folder holds a run with other settings ({detail}); use another --out")
+    methods = [m for m in METHODS if m in set(saved.get("methods", ())) | set(cfg.methods)]
+    if methods != saved.get("methods"):
+        _write_json(path, {**saved, "methods": methods})
 
 
 def load_cases(cfg: RunConfig) -> list[EditRequest]:
@@ -352,7 +356,3 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
         seen[method] = len(cases)
     bar.close()
     return out
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
