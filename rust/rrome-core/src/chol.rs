@@ -7,9 +7,20 @@
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch, LltError};
 use faer::linalg::triangular_solve::{solve_lower_triangular_in_place, solve_upper_triangular_in_place};
+use std::path::Path;
+
 use faer::{Mat, MatMut, Par};
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::fsutil::atomic_write;
+use crate::safetensors_header::{self, TensorData};
+
+/// Format tag written into factor files.
+pub const CHOLESKY_FORMAT: &str = "rrome-cholesky/1";
+
+/// Metadata keys the factor file format owns; user metadata cannot override them.
+const RESERVED: [&str; 4] = ["format", "d", "ridge", "writer"];
 
 /// A Cholesky factor of a symmetric positive definite f64 matrix.
 #[derive(Debug, Clone)]
@@ -65,6 +76,96 @@ impl Cholesky {
             }
         }
         Ok(Cholesky { l, ridge })
+    }
+
+    /// A factor computed earlier (by [`Cholesky::new`], then stored): the row-major `d × d`
+    /// lower-triangular `l` with C0 + ridge·I = L Lᵀ. Nothing is recomputed.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `l` is not `d × d`, not finite, has a non-zero entry above the
+    /// diagonal or a diagonal entry that is not positive, or `ridge` is negative or not finite.
+    pub fn from_factor(l: &[f64], d: usize, ridge: f64) -> Result<Cholesky> {
+        if d == 0 || l.len() != d * d {
+            return Err(Error::Shape {
+                msg: format!("a Cholesky factor must be square; got {} values for d = {d}", l.len()),
+            });
+        }
+        if !(ridge.is_finite() && ridge >= 0.0) {
+            return Err(Error::Shape { msg: format!("ridge must be finite and non-negative, got {ridge}") });
+        }
+        if !l.iter().all(|v| v.is_finite()) {
+            return Err(Error::Shape { msg: "factor holds NaN or Inf".into() });
+        }
+        let mut m = Mat::<f64>::zeros(d, d);
+        for i in 0..d {
+            for j in 0..d {
+                let v = l[i * d + j];
+                if j > i && v != 0.0 {
+                    return Err(Error::Shape { msg: format!("factor is not lower triangular: L[{i},{j}] = {v}") });
+                }
+                if j == i && v <= 0.0 {
+                    return Err(Error::Shape { msg: format!("factor has a non-positive diagonal: L[{i},{i}] = {v}") });
+                }
+                m[(i, j)] = v;
+            }
+        }
+        Ok(Cholesky { l: m, ridge })
+    }
+
+    /// Writes the factor (F64 tensor `factor`), its ridge and `metadata` to a safetensors file,
+    /// atomically. Keys `format`, `d`, `ridge` and `writer` belong to the format.
+    pub fn save(&self, path: &Path, metadata: &[(String, String)]) -> Result<()> {
+        let bytes: Vec<u8> = self.factor().iter().flat_map(|v| v.to_le_bytes()).collect();
+        let d = self.dim();
+        let mut meta = vec![
+            ("format".to_string(), CHOLESKY_FORMAT.to_string()),
+            ("d".to_string(), d.to_string()),
+            // `{:?}` prints the shortest string that parses back to the same f64.
+            ("ridge".to_string(), format!("{:?}", self.ridge)),
+            ("writer".to_string(), concat!("rrome ", env!("CARGO_PKG_VERSION")).to_string()),
+        ];
+        meta.extend(metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned());
+        atomic_write(path, |w| {
+            safetensors_header::write(
+                w,
+                &[TensorData { name: "factor", dtype: Dtype::F64, shape: vec![d, d], data: &bytes }],
+                &meta,
+            )
+        })
+    }
+
+    /// Reads a file written by [`Cholesky::save`], validating it like [`Cholesky::from_factor`].
+    /// Returns the factor and the caller's metadata (the format's own keys left out).
+    ///
+    /// # Errors
+    /// [`Error::Moments`] for a file that is not a valid factor file (a statistics-side file);
+    /// [`Error::Header`] / [`Error::Io`] as the safetensors reader reports them.
+    pub fn load(path: &Path) -> Result<(Cholesky, Vec<(String, String)>)> {
+        let (header, data) = safetensors_header::read_all(path)?;
+        let bad = |msg: String| Error::Moments { path: path.to_path_buf(), msg };
+        if header.meta("format") != Some(CHOLESKY_FORMAT) {
+            return Err(bad(format!(
+                "not an rrome Cholesky factor file (format {:?}, expected {CHOLESKY_FORMAT:?})",
+                header.meta("format")
+            )));
+        }
+        let d: usize = header
+            .meta("d")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("metadata \"d\" missing or not an integer".into()))?;
+        let ridge: f64 = header
+            .meta("ridge")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("metadata \"ridge\" missing or not a number".into()))?;
+        let t = header.get("factor").ok_or_else(|| bad("tensor \"factor\" missing".into()))?;
+        if t.dtype != Dtype::F64 || t.shape != [d, d] {
+            return Err(bad(format!("tensor \"factor\" is {} {:?}, expected F64 [{d}, {d}]", t.dtype, t.shape)));
+        }
+        let raw = &data[t.begin as usize..t.end as usize];
+        let l: Vec<f64> = raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let chol = Cholesky::from_factor(&l, d, ridge).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned().collect();
+        Ok((chol, meta))
     }
 
     /// Matrix dimension.
@@ -152,6 +253,35 @@ mod tests {
         }
         // A ridge large enough makes it SPD.
         assert!(Cholesky::new(&a, 3, 2.0).is_ok());
+    }
+
+    #[test]
+    fn stored_factor_equals_fresh_one() {
+        let d = 30;
+        let a = spd(d);
+        let c = Cholesky::new(&a, d, 0.25).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("chol.safetensors");
+        c.save(&p, &[("stats".into(), "abc".into()), ("d".into(), "spoofed".into())]).unwrap();
+        let (back, meta) = Cholesky::load(&p).unwrap();
+        assert_eq!(back.factor(), c.factor());
+        assert_eq!(back.ridge(), 0.25);
+        assert_eq!(meta, vec![("stats".to_string(), "abc".to_string())]);
+        let again = Cholesky::from_factor(&c.factor(), d, c.ridge()).unwrap();
+        let rhs: Vec<f64> = (0..d).map(|i| (i as f64).cos()).collect();
+        let (mut x1, mut x2) = (rhs.clone(), rhs.clone());
+        c.solve_in_place(&mut x1, 1).unwrap();
+        again.solve_in_place(&mut x2, 1).unwrap();
+        assert_eq!(x1, x2);
+    }
+
+    #[test]
+    fn from_factor_validates() {
+        assert!(Cholesky::from_factor(&[1.0, 0.5, 0.0, 1.0], 2, 0.0).is_err()); // upper entry
+        assert!(Cholesky::from_factor(&[1.0, 0.0, 0.5, 0.0], 2, 0.0).is_err()); // zero pivot
+        assert!(Cholesky::from_factor(&[1.0, 0.0, 0.5, 1.0], 2, -1.0).is_err()); // ridge
+        assert!(Cholesky::from_factor(&[1.0; 3], 2, 0.0).is_err()); // shape
+        assert!(Cholesky::from_factor(&[1.0, 0.0, 0.5, 1.0], 2, 0.0).is_ok());
     }
 
     #[test]

@@ -133,6 +133,37 @@ impl SecondMoment {
         Ok(())
     }
 
+    /// An accumulator holding a given sum Σ k kᵀ (row-major `d × d`) and key count: how a
+    /// moment reduced across workers (e.g. an all-reduce of their [`SecondMoment::sum`]s) is
+    /// turned back into an accumulator. Only the lower triangle is kept; the upper one must
+    /// agree with it to 1e-10 relative (sums added in different orders differ by rounding).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `sum` is not `d × d`, holds NaN or Inf, or is not symmetric.
+    pub fn from_sum(sum: &[f64], d: usize, count: u64) -> Result<SecondMoment> {
+        let mut m = SecondMoment::new(d)?;
+        if sum.len() != d * d {
+            return Err(Error::Shape { msg: format!("sum holds {} values; expected {d} × {d}", sum.len()) });
+        }
+        if !sum.iter().all(|v| v.is_finite()) {
+            return Err(Error::Shape { msg: "sum holds NaN or Inf".into() });
+        }
+        let tol = 1e-10 * sum.iter().fold(0f64, |acc, v| acc.max(v.abs()));
+        for i in 0..d {
+            for j in 0..=i {
+                let (lo, up) = (sum[i * d + j], sum[j * d + i]);
+                if (lo - up).abs() > tol {
+                    return Err(Error::Shape {
+                        msg: format!("sum is not symmetric: s[{i},{j}] = {lo} but s[{j},{i}] = {up}"),
+                    });
+                }
+                m.lower[j * d + i] = lo;
+            }
+        }
+        m.count = count;
+        Ok(m)
+    }
+
     /// The full symmetric sum Σ k kᵀ, row-major d × d.
     pub fn sum(&self) -> Vec<f64> {
         let d = self.d;
@@ -286,6 +317,21 @@ mod tests {
         assert_eq!(a.count(), whole.count());
         assert!(rel_err(&a.sum(), &whole.sum()) < 1e-14);
         assert!(a.merge(&SecondMoment::new(4).unwrap()).is_err());
+    }
+
+    #[test]
+    fn from_sum_round_trips_and_validates() {
+        let d = 5;
+        let mut seed = 5;
+        let keys: Vec<f32> = (0..50 * d).map(|_| lcg(&mut seed)).collect();
+        let mut m = SecondMoment::new(d).unwrap();
+        m.update(&keys).unwrap();
+        let back = SecondMoment::from_sum(&m.sum(), d, m.count()).unwrap();
+        assert_eq!(back.sum(), m.sum());
+        assert_eq!(back.count(), 50);
+        assert!(SecondMoment::from_sum(&[1.0; 3], 2, 1).is_err());
+        assert!(SecondMoment::from_sum(&[1.0, 2.0, 0.0, 1.0], 2, 1).is_err());
+        assert!(SecondMoment::from_sum(&[f64::NAN, 0.0, 0.0, 1.0], 2, 1).is_err());
     }
 
     #[test]

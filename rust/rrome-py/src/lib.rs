@@ -162,6 +162,21 @@ impl PySecondMoment {
         Ok(Array2::from_shape_vec((d, d), m).expect("d × d").into_pyarray(py))
     }
 
+    /// An accumulator holding the sum Σ k kᵀ (a float64 (d, d) array) of `count` keys, e.g.
+    /// partial sums of several workers added up. Only the lower triangle is kept.
+    #[staticmethod]
+    fn from_sum(py: Python<'_>, sum: &Bound<'_, PyAny>, count: u64) -> PyResult<Self> {
+        let a = as_f64(sum)?;
+        let ro = a.readonly();
+        let shape = ro.shape().to_vec();
+        if shape.len() != 2 || shape[0] != shape[1] {
+            return Err(exc::ShapeError::new_err(format!("sum must be a square matrix; got shape {shape:?}")));
+        }
+        let slice = ro.as_slice().expect("contiguous");
+        let inner = py.detach(|| moments::SecondMoment::from_sum(slice, shape[0], count)).map_err(to_py)?;
+        Ok(PySecondMoment { inner })
+    }
+
     /// The sum Σ k kᵀ as a float64 (d, d) array.
     fn sum<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
         let d = self.inner.dim();
@@ -196,6 +211,7 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
 #[pyclass(module = "rrome._rust", name = "Cholesky")]
 struct PyCholesky {
     inner: chol::Cholesky,
+    metadata: Vec<(String, String)>,
 }
 
 #[pymethods]
@@ -211,7 +227,52 @@ impl PyCholesky {
         }
         let slice = ro.as_slice().expect("contiguous");
         let inner = py.detach(|| chol::Cholesky::new(slice, shape[0], ridge)).map_err(to_py)?;
-        Ok(PyCholesky { inner })
+        Ok(PyCholesky { inner, metadata: Vec::new() })
+    }
+
+    /// A factor computed earlier: the lower-triangular L (float64, (d, d)) with
+    /// c0 + ridge·I = L Lᵀ, validated (lower triangular, positive diagonal) but not recomputed.
+    #[staticmethod]
+    #[pyo3(signature = (factor, ridge = 0.0))]
+    fn from_factor(py: Python<'_>, factor: &Bound<'_, PyAny>, ridge: f64) -> PyResult<Self> {
+        let a = as_f64(factor)?;
+        let ro = a.readonly();
+        let shape = ro.shape().to_vec();
+        if shape.len() != 2 || shape[0] != shape[1] {
+            return Err(exc::ShapeError::new_err(format!("factor must be a square matrix; got shape {shape:?}")));
+        }
+        let slice = ro.as_slice().expect("contiguous");
+        let inner = py.detach(|| chol::Cholesky::from_factor(slice, shape[0], ridge)).map_err(to_py)?;
+        Ok(PyCholesky { inner, metadata: Vec::new() })
+    }
+
+    /// Writes the factor, its ridge and `metadata` to a safetensors file (atomically).
+    #[pyo3(signature = (path, metadata = None))]
+    fn save(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        metadata: Option<std::collections::BTreeMap<String, String>>,
+    ) -> PyResult<()> {
+        let meta: Vec<(String, String)> = metadata.unwrap_or_default().into_iter().collect();
+        py.detach(|| self.inner.save(&path, &meta)).map_err(to_py)
+    }
+
+    /// Reads a file written by `save`; its metadata is in `metadata`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let (inner, metadata) = py.detach(|| chol::Cholesky::load(&path)).map_err(to_py)?;
+        Ok(PyCholesky { inner, metadata })
+    }
+
+    /// The metadata read by `load` (empty for a factor computed here).
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (k, v) in &self.metadata {
+            out.set_item(k, v)?;
+        }
+        Ok(out)
     }
 
     /// Solves (c0 + ridge·I) x = k for a vector (d,) or a matrix (d, m) of right-hand sides.
