@@ -77,6 +77,22 @@ class EditResult:
     seconds: float = 0.0
 
 
+def _resident_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The tensor that holds ``module.weight``'s values: the parameter itself, or, when accelerate
+    offloaded it (``meta`` outside forward passes), the CPU copy its hook loads from."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    if weight.device.type != "meta":
+        return weight
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook])  # accelerate's SequentialHook holds several
+    stored = next((h.weights_map for h in hooks if getattr(h, "weights_map", None) is not None), None)
+    held = stored["weight"] if stored is not None else None
+    if not isinstance(held, torch.Tensor) or held.device.type == "meta":
+        raise RromeError("the edited module's weight is offloaded to disk; use a device_map that keeps it in memory")
+    return held
+
+
 class Editor:
     """Sequential ROME / r-ROME / p-ROME editing of one checkpoint.
 
@@ -130,6 +146,7 @@ class Editor:
         corpus: str | os.PathLike[str] | None = None,
         hparams: Mapping[str, Any] | None = None,
         progress: bool = True,
+        device_map: str | dict[str, Any] | None = None,
         allow_large_updates: bool = False,
         large_update_ratio: float = LARGE_UPDATE_RATIO,
     ) -> Editor:
@@ -144,6 +161,9 @@ class Editor:
             corpus: text file for the statistics C0; default: the packaged wikitext sample.
             hparams: overrides of :class:`~rrome.hparams.HParams` fields.
             progress: show progress bars.
+            device_map: ``"auto"`` (or an explicit map) to spread the model over devices with
+                accelerate, e.g. a model larger than one GPU; ``device`` is then ignored. The
+                update is still written offline into the shards.
             allow_large_updates: accept updates the large-update guard would refuse (to study
                 model collapse); updates holding NaN or Inf are refused regardless.
             large_update_ratio: the guard refuses an edit whose |Δ| exceeds this many times
@@ -151,7 +171,7 @@ class Editor:
                 :data:`LARGE_UPDATE_MIN_EDITS`); see :meth:`edit`.
         """
         path = Path(model_dir)
-        model, tokenizer, adapter = load(path, device=device, dtype=dtype)
+        model, tokenizer, adapter = load(path, device=device, dtype=dtype, device_map=device_map)
         overrides = dict(hparams or {})
         if layer is not None:
             overrides["layer"] = layer
@@ -191,7 +211,7 @@ class Editor:
         return self._templates
 
     def cholesky(self) -> Cholesky:
-        """The Cholesky factor of C0 for the edited layer (statistics cached on disk)."""
+        """The Cholesky factor of C0 for the edited layer (statistics and factor cached on disk)."""
         if self._chol is None:
             moment, self.stats_path = stats.second_moment(
                 self.model_dir,
@@ -203,7 +223,7 @@ class Editor:
                 max_tokens=self.hparams.stats_max_tokens,
                 progress=self.progress,
             )
-            self._chol = Cholesky(moment.moment())
+            self._chol, _ = stats.cached_cholesky(self.stats_path, moment)
         return self._chol
 
     def _probabilities(self, request: EditRequest) -> tuple[float, float | None]:
@@ -239,8 +259,7 @@ class Editor:
             )
 
     def _apply_in_memory(self, update: Update) -> None:
-        weight = get_module(self.model, self.module_name).weight
-        assert isinstance(weight, torch.Tensor)
+        weight = _resident_weight(get_module(self.model, self.module_name))
         r = torch.from_numpy(update.r.copy()).to(weight.device)
         u = torch.from_numpy(update.u.copy()).to(weight.device)
         outer = torch.outer(r, u)

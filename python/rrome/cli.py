@@ -165,6 +165,7 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option("--device-map", default=None, help='Spread the model over devices with accelerate ("auto").')
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option(
     "--allow-large-updates",
@@ -187,6 +188,7 @@ def apply_cmd(
     corpus: Path | None,
     device: str | None,
     dtype: str,
+    device_map: str | None,
     no_progress: bool,
     allow_large_updates: bool,
     large_update_ratio: float | None,
@@ -211,6 +213,7 @@ def apply_cmd(
         method=cast(Method, method),
         device=device,
         dtype=dtype,
+        device_map=device_map,
         layer=layer,
         corpus=corpus,
         progress=not no_progress,
@@ -255,6 +258,21 @@ def generate_cmd(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int,
 @click.option("--refresh", is_flag=True, help="Recompute even when cached.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option("--device-map", default=None, help='Spread the model over devices with accelerate ("auto").')
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine, each on its share of the corpus (as torchrun --nproc-per-node).",
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the moment to this file (loadable with rrome.SecondMoment.load).",
+)
 @_expected_errors
 def stats_cmd(
     model_dir: Path,
@@ -264,26 +282,63 @@ def stats_cmd(
     refresh: bool,
     device: str | None,
     dtype: str,
+    device_map: str | None,
+    nproc: int,
+    out_file: Path | None,
 ) -> None:
-    """Compute (or find cached) the key second moment C0 of one layer of MODEL_DIR."""
-    from rrome import stats
+    """Compute (or find cached) the key second moment C0 of one layer of MODEL_DIR.
+
+    Under torchrun (or with --nproc N) each worker runs the model over its own share of the
+    corpus; the partial sums are all-reduced and rank 0 alone writes the cache file and prints
+    its path. If a worker dies, the run fails and no statistics file is written.
+    """
+    from rrome import distributed, stats
     from rrome.hparams import load_hparams
     from rrome.models import load, num_layers
 
-    model, tokenizer, adapter = load(model_dir, device=device, dtype=dtype)
-    hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(layer=layer)
-    moment, path = stats.second_moment(
-        model_dir,
-        model,
-        tokenizer,
-        adapter,
-        hp.layer,
-        corpus=corpus,
-        max_tokens=max_tokens or hp.stats_max_tokens,
-        refresh=refresh,
-    )
-    click.echo(f"C0 of {adapter.module_name(hp.layer)}: d = {moment.d}, {moment.count} tokens")
-    click.echo(str(path))
+    if device_map is not None and (nproc > 1 or distributed.env_world() is not None):
+        raise click.UsageError("--device-map spreads one model over devices; it cannot be combined with workers")
+    if nproc > 1:
+        if distributed.env_world() is not None:
+            raise click.UsageError("--nproc launches its own workers; do not combine it with torchrun")
+        args = [str(model_dir), "--dtype", dtype]
+        options: dict[str, object] = {
+            "--layer": layer,
+            "--corpus": corpus,
+            "--max-tokens": max_tokens,
+            "--device": device,
+            "--out": out_file,
+        }
+        for flag, value in options.items():
+            if value is not None:
+                args += [flag, str(value)]
+        if refresh:
+            args.append("--refresh")
+        distributed.launch(distributed.python_argv(["stats", *args]), nproc)
+        return
+
+    device = distributed.worker_device(device)
+    with distributed.session(device) as info:
+        model, tokenizer, adapter = load(model_dir, device=device, dtype=dtype, device_map=device_map)
+        hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(layer=layer)
+        moment, path = stats.second_moment(
+            model_dir,
+            model,
+            tokenizer,
+            adapter,
+            hp.layer,
+            corpus=corpus,
+            max_tokens=max_tokens or hp.stats_max_tokens,
+            refresh=refresh,
+        )
+        if info is None or info.is_main:
+            if out_file is not None:
+                moment.save(out_file)
+            workers = f" from {info.world_size} workers" if info is not None else ""
+            click.echo(f"C0 of {adapter.module_name(hp.layer)}: d = {moment.d}, {moment.count} tokens{workers}")
+            click.echo(str(path))
+            if out_file is not None:
+                click.echo(str(out_file))
 
 
 @main.command("eval")

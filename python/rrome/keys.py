@@ -22,6 +22,7 @@ import torch
 from rrome.edits import EditRequest
 from rrome.errors import RromeError
 from rrome.hooks import StopForward, trace
+from rrome.models import input_device
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -139,15 +140,20 @@ def pad_rows(tokenizer: object, rows: Sequence[Row], device: torch.device | str,
 def module_io_at(
     model: torch.nn.Module, tokenizer: object, module_name: str, rows: Sequence[Row]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of ``module_name`` at each row's lookup token, as float32 (n, d)."""
-    device = next(model.parameters()).device
+    """Input and output of ``module_name`` at each row's lookup token, as float32 (n, d).
+
+    Upcast from the model's dtype, on the device where the module ran (with a ``device_map``
+    that need not be the inputs' device).
+    """
+    device = input_device(model)
     batch = pad_rows(tokenizer, rows, device)
     watch = trace(model, [module_name], inputs=True, outputs=True, stop_after=module_name)
     with torch.no_grad(), watch as rec, contextlib.suppress(StopForward):
         model(**batch.model_inputs())
-    idx = torch.arange(len(rows), device=device)
-    k = rec.inputs[module_name][idx, batch.lookup].float()
-    v = rec.outputs[module_name][idx, batch.lookup].float()
+    x, y = rec.inputs[module_name], rec.outputs[module_name]
+    idx = torch.arange(len(rows), device=x.device)
+    k = x[idx, batch.lookup.to(x.device)].float()
+    v = y[idx.to(y.device), batch.lookup.to(y.device)].float()
     return k, v
 
 
@@ -191,7 +197,7 @@ def generate_templates(
     a generator seeded by ``seed``; each becomes ``"<text>. {}"`` (braces in the text are
     replaced by spaces). Same model, seed and device give the same templates.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     special = set(getattr(tokenizer, "all_special_ids", []))
     templates = ["{}"]

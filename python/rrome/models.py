@@ -88,13 +88,43 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(model_dir: str | Path, *, device: str | None = None, dtype: str = "float32") -> tuple[Any, Any, Adapter]:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def input_device(model: Any) -> Any:
+    """The device the model's inputs go to: that of the input embeddings.
+
+    With a ``device_map`` (accelerate) the model may span devices; accelerate's hooks move
+    activations between them, and inputs belong where the embeddings run. Embeddings offloaded
+    to the ``meta`` device fall back to the first real device of ``hf_device_map``.
+    """
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    if device.type != "meta":
+        return device
+    for where in getattr(model, "hf_device_map", {}).values():
+        if where not in ("disk", "meta"):
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    return torch.device("cpu")
+
+
+def load(
+    model_dir: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str = "float32",
+    device_map: str | dict[str, Any] | None = None,
+) -> tuple[Any, Any, Adapter]:
     """Loads a causal LM checkpoint and its fast tokenizer from a local folder, offline.
 
     Args:
         model_dir: a Hugging Face checkpoint folder (safetensors weights + tokenizer files).
-        device: torch device; default: CUDA when available, else CPU.
+        device: torch device; default: CUDA when available, else CPU. Ignored with ``device_map``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the model runs in.
+        device_map: passed to ``from_pretrained`` (needs accelerate): ``"auto"`` spreads the
+            layers over the visible GPUs, then CPU memory; or an explicit map. The model is
+            then left where accelerate put it.
 
     Returns:
         ``(model, tokenizer, adapter)`` with the model in eval mode and gradients disabled.
@@ -118,9 +148,22 @@ def load(model_dir: str | Path, *, device: str | None = None, dtype: str = "floa
             f"{path}: the tokenizer has no fast (Rust) version; rrome needs its offset mapping to find "
             "the subject's last token"
         )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    model = model.to(resolve_device(device)).eval()
+    model: Any
+    if device_map is not None:
+        try:
+            import accelerate  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError:
+            raise UnsupportedModelError("device_map needs the accelerate package (pip install accelerate)") from None
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, device_map=device_map, local_files_only=True
+        )
+        model = model.eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = model.to(resolve_device(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer, adapter

@@ -77,7 +77,7 @@ def compute_update(method: Method, chol: Cholesky, keys: Keys, v_e: torch.Tensor
     denominator = float(u @ k_den)
     if not np.isfinite(denominator) or denominator == 0.0:
         raise FloatingPointError(f"{method}: the update's denominator uᵀk is {denominator}")
-    residual = (v_e.double() - w_k_res.double()).cpu().numpy()
+    residual = (v_e.double().cpu() - w_k_res.double().cpu()).numpy()  # may sit on two devices
     r = residual / denominator
     norm_delta = float(np.linalg.norm(r) * np.linalg.norm(u)) / (r.size * u.size)
     return Update(u=u.astype(np.float32), r=r.astype(np.float32), denominator=denominator, norm_delta=norm_delta)

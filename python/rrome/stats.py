@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from rrome._rust import SecondMoment
+from rrome._rust import Cholesky, SecondMoment
 from rrome.errors import (
     CheckpointError,
     InvalidFileError,
@@ -262,8 +262,11 @@ def _module_tail(adapter: Adapter, layer: int) -> str:
     return tail.strip(".") or adapter.module_name(layer)
 
 
-def _stats_file(key: str, adapter: Adapter, layer: int, corpus_sha: str, max_tokens: int) -> Path:
-    name = f"layer{layer}-{_module_tail(adapter, layer)}-{corpus_sha[:16]}-{max_tokens}.safetensors"
+def _stats_file(key: str, adapter: Adapter, layer: int, corpus_sha: str, max_tokens: int, dtype: str) -> Path:
+    # Keys of a half-precision run differ from float32 ones by rounding: their statistics are
+    # kept apart (float32 files keep the names they always had).
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    name = f"layer{layer}-{_module_tail(adapter, layer)}-{corpus_sha[:16]}-{max_tokens}{suffix}.safetensors"
     return cache_root() / "stats" / key / name
 
 
@@ -274,10 +277,12 @@ def stats_path(
     *,
     corpus: PathLike | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    dtype: str = "float32",
 ) -> Path:
     """Where :func:`second_moment` caches the statistics of these arguments (the file may not exist).
 
-    ``cache_root()/stats/<model_key>/layer<L>-<module tail>-<corpus sha256[:16]>-<max_tokens>.safetensors``.
+    ``cache_root()/stats/<model_key>/layer<L>-<module tail>-<corpus sha256[:16]>-<max_tokens>.safetensors``,
+    with ``-<dtype>`` before the extension when the model runs in ``bfloat16`` or ``float16``.
 
     Raises:
         FileNotFoundError: the model folder, its config or the corpus does not exist.
@@ -285,7 +290,7 @@ def stats_path(
         SafetensorsHeaderError: see :func:`model_key`.
     """
     corpus_path = Path(corpus) if corpus is not None else default_corpus()
-    return _stats_file(model_key(model_dir), adapter, layer, file_sha256(corpus_path), max_tokens)
+    return _stats_file(model_key(model_dir), adapter, layer, file_sha256(corpus_path), max_tokens, dtype)
 
 
 # --- collection ---------------------------------------------------------------------------
@@ -299,25 +304,39 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
+def _leading_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default ([BOS] for Gemma and Llama)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return [int(t) for t in full[:i]]
+    return []
+
+
 def _windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Iterator[list[int]]:
     """Token windows of at most ``seq_len`` tokens, document by document, in order.
 
-    The tokenizer's own overflow splits each document, so every window gets the special tokens the
-    tokenizer adds by default (BOS for Gemma and Llama) and no window spans two documents.
+    Each document is tokenised whole and cut into windows, each starting with the special
+    tokens the tokenizer puts before a text (BOS for Gemma and Llama); no window spans two
+    documents. (The tokenizer's own overflow handling would do the same, but not every
+    transformers version returns the overflow: 5.17 silently keeps only the first window.)
     """
+    lead = _leading_specials(tokenizer)
+    room = seq_len - len(lead)
+    if room < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room beside {len(lead)} special token(s)")
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         enc = tokenizer(
             list(texts[start : start + _TOKENIZE_CHUNK]),
-            truncation=True,
-            max_length=seq_len,
-            stride=0,
-            return_overflowing_tokens=True,
+            add_special_tokens=False,
             return_attention_mask=False,
             return_token_type_ids=False,
+            verbose=False,
         )
         for ids in enc["input_ids"]:
-            if len(ids) > 0:
-                yield [int(t) for t in ids]
+            for at in range(0, len(ids), room):
+                yield lead + [int(t) for t in ids[at : at + room]]
 
 
 def _batches(windows: Iterable[list[int]], *, batch_size: int, budget: int) -> Iterator[list[list[int]]]:
@@ -364,6 +383,7 @@ def collect_second_moment(
     batch_size: int = 8,
     seq_len: int = DEFAULT_SEQ_LEN,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> SecondMoment:
     """Accumulates Σ k kᵀ over the keys of the first ``max_tokens`` tokens of ``texts``.
 
@@ -386,6 +406,12 @@ def collect_second_moment(
         batch_size: windows per forward pass (speed only: the result depends on it by float rounding at most).
         seq_len: tokens per window, at most the model's number of positions.
         progress: show a tqdm progress bar counting tokens (on stderr).
+        shard: ``(rank, world_size)``: accumulate only batches ``rank``, ``rank + world_size``,
+            ... of the batch sequence described above (which every rank forms identically:
+            tokenising is cheap next to the forward passes). The shards of all ranks are
+            disjoint and together hold exactly the keys of ``shard=(0, 1)``, computed from the
+            same padded batches, so the sum of their moments equals the whole moment up to the
+            order of the f64 additions. A rank whose share is empty returns an empty moment.
 
     Returns:
         The accumulator; ``moment()`` is C0.
@@ -401,27 +427,35 @@ def collect_second_moment(
     from tqdm import tqdm
 
     from rrome.hooks import StopForward, get_module, trace
+    from rrome.models import input_device
 
     for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     limit = _max_positions(model.config)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions")
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError("collecting statistics needs a fast (Rust) tokenizer")
-    get_module(model, module_name)  # KeyError naming the module, before any work
+    module = get_module(model, module_name)  # KeyError naming the module, before any work
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = int(pad_id) if pad_id is not None else 0  # masked out: any valid id does
     left = getattr(tokenizer, "padding_side", "right") == "left"
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
 
     moment: SecondMoment | None = None
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"C0 {module_name}", disable=not progress)
+    total = max_tokens if world == 1 else None
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"C0 {module_name}", disable=not progress)
     try:
         with torch.no_grad(), trace(model, [module_name], inputs=True, stop_after=module_name) as rec:
-            for batch in _batches(_windows(tokenizer, texts, seq_len), batch_size=batch_size, budget=max_tokens):
+            batches = _batches(_windows(tokenizer, texts, seq_len), batch_size=batch_size, budget=max_tokens)
+            for index, batch in enumerate(batches):
+                if index % world != rank:
+                    continue
                 ids, mask = _pad(batch, pad_id, left)
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 with contextlib.suppress(StopForward):  # raised once the module has run
@@ -442,14 +476,28 @@ def collect_second_moment(
                     moment = SecondMoment(arr.shape[1])
                 moment.update(arr)
                 bar.update(arr.shape[0])
+                if world > 1:
+                    from rrome.distributed import crash_hook
+
+                    crash_hook(rank)
     finally:
         bar.close()
     if moment is None:
+        if world > 1:
+            return SecondMoment(_input_width(module))
         raise ValueError("the texts hold no tokens")
     return moment
 
 
 # --- cached statistics --------------------------------------------------------------------
+
+
+def _input_width(module: Any) -> int:
+    """Width of a linear module's input: ``in_features``, or the rows of a GPT-2 ``Conv1D`` weight."""
+    width = getattr(module, "in_features", None)
+    if isinstance(width, int):
+        return width
+    return int(module.weight.shape[0])
 
 
 def _key_width(model: Any, adapter: Adapter, layer: int) -> int:
@@ -488,15 +536,23 @@ def second_moment(
     """C0 statistics of the edited module at ``layer``, from the cache or computed and cached.
 
     The cache file is :func:`stats_path` (``cache_root()/stats/<model_key>/...``). A file is used
-    only if its metadata names the same model key, layer, module, corpus sha256, token budget and
-    window length, its width matches the module and its count is ``max_tokens`` (or, for a corpus
-    with fewer tokens, the ``tokens_available`` it recorded); otherwise, or with ``refresh``, the
-    statistics are computed with :func:`collect_second_moment` (windows of
+    only if its metadata names the same model key, layer, module, corpus sha256, token budget,
+    window length and model dtype, its width matches the module and its count is ``max_tokens``
+    (or, for a corpus with fewer tokens, the ``tokens_available`` it recorded); otherwise, or
+    with ``refresh``, the statistics are computed with :func:`collect_second_moment` (windows of
     ``min(256, model positions)`` tokens) and saved atomically, with provenance metadata:
-    ``stats_format``, ``model_key``, ``model_type``, ``model_dtype``, ``model_dir``, ``layer``,
-    ``module``, ``corpus``, ``corpus_sha256``, ``max_tokens``, ``seq_len``, ``tokens_available``
-    (the count when the corpus ran out first, else ``">=<max_tokens>"``), ``created`` (UTC, ISO
-    8601) and ``rrome_version``.
+    ``stats_format``, ``model_key``, ``model_type``, ``model_name``, ``model_dtype``,
+    ``model_dir``, ``layer``, ``module``, ``corpus``, ``corpus_sha256``, ``max_tokens``,
+    ``seq_len``, ``batch_size``, ``workers``, ``tokens_available`` (the count when the corpus
+    ran out first, else ``">=<max_tokens>"``), ``created`` (UTC, ISO 8601) and
+    ``rrome_version``; the file format itself records ``count`` and ``d``.
+
+    Inside an initialised torch.distributed process group of several processes (``rrome
+    stats`` under torchrun, see :mod:`rrome.distributed`) this is a collective call: every
+    rank must make it with the same arguments. Rank 0 checks the cache and tells the others;
+    otherwise each rank accumulates its share of the batches (``shard=(rank, world_size)``),
+    the partial sums and counts are all-reduced, and rank 0 alone writes the file. Every rank
+    returns the same moment.
 
     A corpus with fewer tokens than ``max_tokens`` is used whole: ``moment.count`` is then below
     ``max_tokens`` (tell the user).
@@ -511,7 +567,7 @@ def second_moment(
         max_tokens: how many token keys to accumulate.
         batch_size: windows per forward pass (speed only).
         refresh: recompute even if a valid cache file exists.
-        progress: show a progress bar while computing.
+        progress: show a progress bar while computing (rank 0 only).
 
     Returns:
         ``(moment, path)``: the accumulator (``moment.moment()`` is C0) and its cache file.
@@ -521,20 +577,24 @@ def second_moment(
         CheckpointError: see :func:`model_key`.
         SafetensorsHeaderError: see :func:`model_key`.
         InvalidFileError: the corpus is not UTF-8 text or is empty.
-        ValueError: a non-positive ``max_tokens`` or ``batch_size``.
+        ValueError: a non-positive ``max_tokens`` or ``batch_size``, or a corpus without tokens.
         RromeError: see :func:`collect_second_moment`.
     """
     from rrome import __version__
+    from rrome import distributed as dist
 
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    info = dist.current()
+    main = info is None or info.is_main
     corpus_path = Path(corpus) if corpus is not None else default_corpus()
     corpus_sha = file_sha256(corpus_path)
     key = model_key(model_dir)
     module = adapter.module_name(layer)
     limit = _max_positions(model.config)
     seq_len = min(DEFAULT_SEQ_LEN, limit) if limit is not None else DEFAULT_SEQ_LEN
-    path = _stats_file(key, adapter, layer, corpus_sha, max_tokens)
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    path = _stats_file(key, adapter, layer, corpus_sha, max_tokens, dtype)
     expected = {
         "stats_format": STATS_FORMAT,
         "model_key": key,
@@ -543,13 +603,18 @@ def second_moment(
         "corpus_sha256": corpus_sha,
         "max_tokens": str(max_tokens),
         "seq_len": str(seq_len),
+        "model_dtype": dtype,
     }
     d = _key_width(model, adapter, layer)
-    if not refresh and path.is_file():
+    cached = None
+    if main and not refresh and path.is_file():
         cached = _load_valid(path, expected, d=d, max_tokens=max_tokens)
-        if cached is not None:
-            return cached, path
+    if info is not None and dist.broadcast_flag(cached is not None, info):
+        return dist.broadcast_moment(cached, info, d), path
+    if cached is not None:
+        return cached, path
 
+    world = 1 if info is None else info.world_size
     moment = collect_second_moment(
         model,
         tokenizer,
@@ -558,18 +623,66 @@ def second_moment(
         max_tokens=max_tokens,
         batch_size=batch_size,
         seq_len=seq_len,
-        progress=progress,
+        progress=progress and main,
+        shard=(0, 1) if info is None else (info.rank, info.world_size),
     )
+    if info is not None:
+        moment = dist.allreduce_moment(moment, info)
+        if moment.count == 0:
+            raise ValueError("the texts hold no tokens")
     moment.metadata = {
         **expected,
         "model_type": str(getattr(model.config, "model_type", "")),
-        "model_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "model_name": Path(model_dir).resolve().name,
         "model_dir": str(Path(model_dir).resolve()),
         "corpus": corpus_path.name,
+        "batch_size": str(batch_size),
+        "workers": str(world),
         "tokens_available": str(moment.count) if moment.count < max_tokens else f">={max_tokens}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "rrome_version": __version__,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    moment.save(path)
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moment.save(path)
+    if info is not None:
+        dist.barrier(info)
     return moment, path
+
+
+def cholesky_path(stats_file: PathLike, ridge: float = 0.0) -> Path:
+    """Where :func:`cached_cholesky` keeps the factor of the statistics in ``stats_file``:
+    beside it, ``<stats stem>.chol-ridge<ridge>.safetensors``."""
+    p = Path(stats_file)
+    return p.with_name(f"{p.stem}.chol-ridge{float(ridge)!r}.safetensors")
+
+
+def cached_cholesky(stats_file: PathLike, moment: SecondMoment, *, ridge: float = 0.0) -> tuple[Cholesky, Path]:
+    """The Cholesky factor of ``moment.moment() + ridge·I``, from the cache or computed and cached.
+
+    ``moment`` must be the statistics stored in ``stats_file``. The factor is kept in
+    :func:`cholesky_path` with the sha256 of the statistics file it was computed from; it is
+    reused only when that hash, the ridge and the width match (so recomputed or replaced
+    statistics never meet a stale factor), and rebuilt otherwise. Factoring costs d³/3 flops,
+    reading the cached factor d² · 8 bytes.
+
+    Returns:
+        ``(cholesky, factor_path)``.
+
+    Raises:
+        FileNotFoundError: ``stats_file`` does not exist.
+        NotPositiveDefiniteError: C0 + ridge·I is not positive definite.
+    """
+    stats_file = Path(stats_file)
+    path = cholesky_path(stats_file, ridge)
+    sha = file_sha256(stats_file)
+    if path.is_file():
+        try:
+            chol = Cholesky.load(path)
+        except InvalidFileError:
+            chol = None
+        if chol is not None and chol.metadata.get("stats_sha256") == sha and chol.ridge == ridge and chol.d == moment.d:
+            return chol, path
+    chol = Cholesky(moment.moment(), ridge)
+    chol.save(path, {"stats_file": stats_file.name, "stats_sha256": sha})
+    return chol, path

@@ -31,6 +31,7 @@ from rrome.edits import EditRequest
 from rrome.hooks import edit_output, get_module
 from rrome.hparams import HParams
 from rrome.keys import Batch, Row, pad_rows, prompt_row, target_ids
+from rrome.models import input_device
 from rrome.shards import Layout
 
 EARLY_STOP_LOSS = 5e-2
@@ -181,7 +182,10 @@ def compute_value(
         fast: replay the blocks below the edited layer and compute only the needed logits
             (same result as the plain loop; the tests check the loss trajectory).
     """
-    device = next(model.parameters()).device
+    # δ, the loss and v_init live on the inputs' device (where the logits come back, also with a
+    # device_map); δ is moved to the edited module's device and dtype where it is added, so a
+    # half-precision model or a model spread over devices optimises the same float32 δ.
+    device = input_device(model)
     # Prompts are aligned at their end (left padding, whatever the tokenizer's side; position
     # ids keep the model's view unchanged): every subject token then sits a few positions from
     # the end, and the fast path's prefix cache covers the rest. Both paths use the same batch,
@@ -198,11 +202,12 @@ def compute_value(
     shift = {"s": 0}  # first sequence position of the current forward pass
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        at = p.batch.lookup - shift["s"]
+        at = (p.batch.lookup - shift["s"]).to(out.device)
         if "v_init" not in state:
-            state["v_init"] = out[0, at[0]].detach().float().clone()
+            state["v_init"] = out[0, at[0]].detach().float().to(device).clone()
         out = out.clone()
-        out[rows, at] = out[rows, at] + delta.to(out.dtype)
+        where = rows.to(out.device)
+        out[where, at] = out[where, at] + delta.to(device=out.device, dtype=out.dtype)
         return out
 
     def capture_block_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -233,18 +238,21 @@ def compute_value(
                 assert prefix is not None
                 s0 = prefix.start if prefix.cache is not None else 0
                 shift["s"] = s0
+                keep = p.keep[:, s0:]
+                cols = keep.any(0).nonzero().squeeze(1)
                 inputs: dict[str, Any] = {
                     "input_ids": p.batch.input_ids[:, s0:],
                     "attention_mask": p.batch.attention_mask,
                     "position_ids": p.batch.position_ids[:, s0:],
-                    "logits_to_keep": p.keep[:, s0:],
+                    # One column index list for the whole batch (a 1-D logits_to_keep works on
+                    # every transformers version that has the argument; a 2-D mask only on new ones).
+                    "logits_to_keep": cols,
                 }
                 if prefix.cache is not None:
                     inputs[_cache_kwarg(model)] = prefix.restore()
                     inputs["use_cache"] = True
                 with _replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
-                    logits = model(**inputs).logits
-                logits = logits.reshape(-1, logits.shape[-1])
+                    logits = model(**inputs).logits[keep[:, cols]]  # row-major, as the plain path
         log_probs = logits.float().log_softmax(-1)
         n_target = p.n_rewrite * p.target_len
         nll = -log_probs[:n_target].gather(1, p.target[:, None]).sum() / (p.n_rewrite * p.target_len)
