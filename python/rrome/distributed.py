@@ -96,22 +96,26 @@ def current() -> DistInfo | None:
 def session(device: str | None) -> Iterator[DistInfo | None]:
     """Joins the torch.distributed job described by the environment, if there is one.
 
-    Backend nccl when the worker runs on a CUDA device, gloo otherwise. A process group that
-    is already initialised is used as it is (and left open); one created here is destroyed on
-    exit. Yields None outside a job (or in a job of one process).
+    Backend nccl when the worker runs on a CUDA device of its own, gloo otherwise (on CPU, or
+    when more workers run on this machine than it has GPUs: NCCL needs one GPU per rank, and
+    the single all-reduce of d² f64 values is cheap next to the forward passes). A process
+    group that is already initialised is used as it is (and left open); one created here is
+    destroyed on exit. Yields None outside a job (or in a job of one process).
     """
-    if env_world() is None:
+    world = env_world()
+    if world is None:
         yield current()
         return
+    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         yield current()
         return
-    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        import torch
-
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world[1])))
+    on_gpu = device is not None and device.startswith("cuda")
+    backend = "nccl" if on_gpu and local_world <= torch.cuda.device_count() else "gloo"
+    if on_gpu:
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     try:
