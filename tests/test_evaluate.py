@@ -267,6 +267,10 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
     for i in (2, 3):
         (folder / "deltas" / f"{i:05d}.safetensors").unlink()
     (folder / "final.json").unlink()
+    # the report of the unfinished run shows the last checkpoint's metrics, marked as such
+    v = summarize(part)["variants"]["r-rome"]
+    assert not v["complete"] and v["edits"] == 2 and v["metrics_at_edits"] == 2
+    assert v["metrics"] == json.loads(checks[0])["metrics"]
     run(cfg, part, progress=False)
 
     a = read_jsonl(whole / "sequential-r-rome" / "edits.jsonl")
@@ -310,3 +314,37 @@ def test_resume_with_other_settings_is_refused(gpt2_dir: Path, tmp_path: Path) -
 def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(RromeError, match=r"run\.json: missing"):
         summarize(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
+    from _helpers import run_cli
+
+    out = tmp_path / "cli-res"
+    r = run_cli(
+        "eval", gpt2_dir, "--data", DATA, "--n", "2", "--layer", "0", "--stats-tokens", "2000",
+        "--no-diagnostics", "--out", out, "--no-progress", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "| unedited |" in r.stdout and "| r-rome |" in r.stdout
+    assert (out / "table.md").read_text() in r.stdout
+    again = run_cli("report", out)
+    assert again.returncode == 0 and (out / "table.md").read_text() in again.stdout
+    assert (out / "norm_delta-single.png").stat().st_size > 1000
+
+
+def test_cli_eval_and_report_errors(gpt2_dir: Path, tmp_path: Path) -> None:
+    from _helpers import run_cli
+
+    bad = run_cli("eval", gpt2_dir, "--data", DATA, "--method", "rome,bogus", "--n", "1", "--out", tmp_path / "x")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "rrome: error: unknown method 'bogus'; expected one of r-rome, rome, p-rome"
+    ]
+    missing = run_cli("report", tmp_path)
+    assert missing.returncode == 1 and "run.json: missing" in missing.stderr and "Traceback" not in missing.stderr
+    usage = run_cli("eval", gpt2_dir, "--out", tmp_path / "y")
+    assert usage.returncode == 2 and "--data" in usage.stderr

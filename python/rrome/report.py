@@ -62,6 +62,11 @@ def summarize(
             final = folder / "final.json"
             complete = final.exists()
             cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
+        checks = read_jsonl(folder / "checkpoints.jsonl") if mode == "sequential" else []
+        metrics_at = len(edits) if complete else None
+        if mode == "sequential" and not complete and checks:
+            # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
+            metrics_at = checks[-1]["edits"]
         norms = [float(e["norm_delta"]) for e in edits]
         median = statistics.median(norms)
         flagged = []
@@ -83,7 +88,8 @@ def summarize(
         v: dict[str, Any] = {
             "edits": len(edits),
             "complete": complete,
-            "metrics": metrics(cases) if cases else None,
+            "metrics": metrics(cases) if cases else (checks[-1]["metrics"] if checks else None),
+            "metrics_at_edits": metrics_at,
             "norm_delta": {
                 "median": median,
                 "mean": statistics.fmean(norms),
@@ -98,7 +104,6 @@ def summarize(
         if ents:
             v["generation_entropy_mean"] = statistics.fmean(ents)
         if mode == "sequential":
-            checks = read_jsonl(folder / "checkpoints.jsonl")
             v["checkpoints"] = checks
             if checks:
                 v["downstream_final"] = checks[-1].get("downstream", {})
@@ -141,7 +146,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     )
     for name, v in summary["variants"].items():
         m = v["metrics"] or {}
-        partial = "" if v["complete"] else f" ({v['edits']}/{cfg['n']}, running)"
+        partial = ""
+        if not v["complete"]:
+            at = v.get("metrics_at_edits")
+            partial = f" ({v['edits']}/{cfg['n']} edits" + (f"; metrics over the first {at})" if at else ")")
         lines.append(
             f"| {name}{partial} | "
             + " | ".join(_fmt(m.get(k)) for k in METRICS)

@@ -52,8 +52,8 @@ BASELINE_FILE = "baseline.json"
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run does. Every field but ``device`` and ``methods`` must match when a run is
-    resumed; variants may be added to a folder later (or by parallel processes)."""
+    """What a run does. Every field but ``device``, ``methods`` and the two paths must match when a
+    run is resumed; variants may be added to a folder later (or by parallel processes)."""
 
     model_dir: str
     data: str
@@ -125,7 +125,9 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
         return
     saved = json.loads(path.read_text())
     new = cfg.to_json()
-    free = ("device", "methods")  # a folder collects variants: each has its own subfolder
+    # A folder collects variants (each has its own subfolder); the model folder and the data file
+    # may move between machines (the data's sha256 must still match).
+    free = ("device", "methods", "model_dir", "data")
     diff = [k for k in new if k not in free and json.dumps(saved.get(k)) != json.dumps(new[k])]
     if diff:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {new[k]!r}" for k in diff)
