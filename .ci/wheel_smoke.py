@@ -20,6 +20,11 @@ for name in (
     "data/wikitext2/NOTICE.md",
     "data/hparams/gpt2.json",
     "data/hparams/gemma3.json",
+    "data/glue/NOTICE.md",
+    "data/glue/sst2_validation_balanced_856.jsonl",
+    "data/glue/mrpc_validation_balanced_258.jsonl",
+    "data/glue/rte_validation_balanced_262.jsonl",
+    "data/glue/cola_validation_balanced_644.jsonl",
 ):
     assert (pkg / name).is_file(), f"{name} missing from the wheel"
 assert "torch" not in sys.modules
