@@ -24,12 +24,12 @@ import torch
 
 from rrome import stats
 from rrome._rust import Cholesky
-from rrome.edits import EditRequest, parse_record
-from rrome.errors import LargeUpdateError, NonFiniteUpdateError, RromeError
+from rrome.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
+from rrome.errors import EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
 from rrome.hparams import HParams, load_hparams
-from rrome.keys import compute_keys, generate_templates, target_ids
+from rrome.keys import TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.models import Adapter, load, num_layers
 from rrome.rome import METHODS, Method, Update, compute_update
 from rrome.shards import ApplyReport, Delta, apply_deltas
@@ -345,9 +345,47 @@ class Editor:
         self.results.append(result)
         return result
 
+    def check_requests(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+        """Tokenises every request's subject and targets as the edits will, before any edit.
+
+        Returns:
+            The requests as :class:`~rrome.edits.EditRequest` objects.
+
+        Raises:
+            EditFileError: every request whose subject no token covers, or whose ``target_new``
+                or ``target_true`` tokenises to nothing, one per line as ``WHERE: field "x":
+                ...``, ``WHERE`` being the request's ``FILE:LINE`` when it came from a file.
+        """
+        out = [r if isinstance(r, EditRequest) else parse_record(dict(r), where="request") for r in requests]
+        problems: list[str] = []
+        for i, req in enumerate(out, 1):
+            where = req.source if req.source and req.source != "request" else f"request {i}"
+            try:
+                prompt_row(self.tokenizer, "{}", req)
+            except TokenizationError as e:
+                problems.append(f'{where}: field "subject": {e}')
+            for name in ("target_new", "target_true"):
+                value = getattr(req, name)
+                if value is None:
+                    continue
+                try:
+                    target_ids(self.tokenizer, req.text(), value)
+                except TokenizationError as e:
+                    problems.append(f'{where}: field "{name}": {e}')
+        if problems:
+            more = len(problems) - MAX_REPORTED_ERRORS
+            raise EditFileError(
+                "\n".join(problems[:MAX_REPORTED_ERRORS] + ([f"... and {more} more"] if more > 0 else []))
+            )
+        return out
+
     def edit_many(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditResult]:
-        """Edits in order; each edit is computed on the model as left by the previous ones."""
-        return [self.edit(r) for r in requests]
+        """Edits in order; each edit is computed on the model as left by the previous ones.
+
+        Every request is checked first (:meth:`check_requests`): a bad one stops the run before
+        the first edit.
+        """
+        return [self.edit(r) for r in self.check_requests(requests)]
 
     def save(self, out_dir: str | os.PathLike[str] | None = None) -> ApplyReport | None:
         """Writes every pending edit into the checkpoint's shards (in place, or to ``out_dir``).

@@ -68,9 +68,9 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None) -> Non
     either file. In place (the default), the write is journaled and locked and can be undone
     with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
     """
-    from rrome.shards import apply_deltas, load_deltas
+    from rrome.shards import apply_deltas, load_deltas_for
 
-    batch = [rec.delta for rec in load_deltas(deltas)]
+    batch = [rec.delta for rec in load_deltas_for(deltas, model_dir)]
     t0 = time.perf_counter()
     rep = apply_deltas(model_dir, batch, out_dir=out_dir)
     dt = time.perf_counter() - t0
@@ -220,6 +220,7 @@ def apply_cmd(
         allow_large_updates=allow_large_updates,
         large_update_ratio=large_update_ratio or LARGE_UPDATE_RATIO,
     )
+    editor.check_requests(requests)  # every subject and target tokenises, before the first edit
     results = []
     for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):
         results.append(editor.edit(req))

@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from rrome.errors import EditFileError
@@ -130,6 +130,9 @@ class EditRequest:
         neighborhood_target: the true answer of the neighbourhood prompts, when the record
             says so (flat CounterFact's ``locality_ground_truth``, zsRE's ``loc_ans``). None
             in ROME's records, whose neighbourhood prompts all answer ``target_true``.
+        source: where the request was read, ``"FILE:LINE"`` or ``"FILE: record N"`` (set by
+            :func:`load_requests` and :func:`parse_record`); used to locate later problems,
+            such as a target that tokenises to nothing. Not compared, not written out.
 
     Raises:
         EditFileError: a field is not a non-blank string, ``prompt`` does not hold exactly one
@@ -145,6 +148,7 @@ class EditRequest:
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
     neighborhood_target: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -526,6 +530,7 @@ def parse_record(obj: Any, *, where: str) -> EditRequest:
     request, _, problems = _parse(obj)
     if request is None:
         raise EditFileError(_summary([f"{where}: {p}" for p in problems]))
+    object.__setattr__(request, "source", where)
     return request
 
 
@@ -675,6 +680,7 @@ def load_requests(
             errors.extend(f"{slot.where}: {p}" for p in problems)
             skipped.append((slot.where, "; ".join(problems)))
         elif request is not None:
+            object.__setattr__(request, "source", slot.where)
             requests.append(request)
     if skip_invalid:
         return requests, skipped

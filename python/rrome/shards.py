@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rrome import _rust
-from rrome.errors import DeltaError
+from rrome.errors import DeltaError, RromeError, TensorNotFoundError, UnsupportedDtypeError
 
 Layout = Literal["out_in", "in_out"]
 PathLike = str | os.PathLike[str]
@@ -209,3 +209,57 @@ def load_deltas(path: PathLike) -> list[LoggedDelta]:
         delta = Delta(tensor, u, r, cast(Layout, layout), scale, None if meta is None else json.loads(meta))
         out.append(LoggedDelta(rid, batch, applied_at, delta))
     return out
+
+
+def load_deltas_for(path: PathLike, model_dir: PathLike) -> list[LoggedDelta]:
+    """Reads a bundle like :func:`load_deltas` and checks every delta against the checkpoint in
+    ``model_dir`` (headers only) before anything is written: the tensor exists, its dtype can
+    be edited, and ``d_out`` × ``d_in`` in the delta's layout is the tensor's shape.
+
+    Every problem is reported at once, each as ``FILE:LINE: field "x": ...`` naming the line of
+    ``rrome_edits.jsonl`` that holds the delta.
+
+    Raises:
+        TensorNotFoundError, UnsupportedDtypeError, DeltaError: the class of the first problem.
+        DeltasFileError, SafetensorsHeaderError, CheckpointError: a malformed bundle or checkpoint.
+    """
+    records = load_deltas(path)
+    edits = os.fspath(path)
+    if os.path.isdir(edits):
+        edits = os.path.join(edits, EDITS_FILE)
+    elif os.path.basename(edits) != EDITS_FILE:
+        edits = os.path.join(os.path.dirname(edits), EDITS_FILE)
+    with open(edits, "rb") as f:
+        lines = [n for n, raw in enumerate(f.read().split(b"\n"), 1) if raw.strip()]
+    tensors = {t["name"]: t for t in inspect(model_dir)["tensors"]}
+    problems: list[tuple[type[RromeError], str]] = []
+    for rec, line in zip(records, lines, strict=False):
+        d = rec.delta
+        where = f"{edits}:{line}"
+        t = tensors.get(d.tensor)
+        if t is None:
+            problems.append((TensorNotFoundError, f'{where}: field "tensor": {d.tensor!r} is not in {model_dir}'))
+            continue
+        if t["dtype"] not in ("F32", "F16", "BF16"):
+            problems.append(
+                (UnsupportedDtypeError, f'{where}: field "tensor": {d.tensor!r} is {t["dtype"]}; only F32, F16, BF16')
+            )
+            continue
+        shape = list(t["shape"])
+        if len(shape) != 2:
+            problems.append((DeltaError, f'{where}: field "tensor": {d.tensor!r} has shape {shape}, not a matrix'))
+            continue
+        t_out, t_in = shape if d.layout == "out_in" else shape[::-1]
+        bad = [
+            f'field "{f}": {v} (the tensor has {w})'
+            for f, v, w in (("d_out", d.d_out, t_out), ("d_in", d.d_in, t_in))
+            if v != w
+        ]
+        if bad:
+            problems.append(
+                (DeltaError, f"{where}: {'; '.join(bad)}: {d.tensor!r} has shape {shape}, layout {d.layout}")
+            )
+    if problems:
+        shown = [m for _, m in problems[:20]] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise problems[0][0]("\n".join(shown))
+    return records
