@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup build demo demo-offline test lint test-rust test-python check-wheel bench clean
+.PHONY: setup build demo demo-offline test lint test-rust test-python check-wheel bench bench-rust clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +59,14 @@ check-wheel: $(DEPS_STAMP)
 
 test: build lint test-rust test-python check-wheel
 
-bench: build
-	$(PY) benches/run.py
+# Criterion benches of the Rust kernels, summarised (bench-results-rust.json), then the Python
+# driver's side-by-side comparisons (bench-results.json). BENCH_ARGS=--quick for a smoke run.
+bench: build bench-rust
+	$(PY) benches/run.py $(BENCH_ARGS)
+
+bench-rust: $(DEPS_STAMP)
+	mkdir -p target && cargo bench -p rrome-core --bench kernels > target/bench-rust.log 2>&1 || { tail -30 target/bench-rust.log; exit 1; }
+	$(PY) benches/criterion_summary.py
 
 clean:
 	rm -rf target dist demo-out $(EXT_STAMP)

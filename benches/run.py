@@ -9,6 +9,14 @@ records go to ``bench-results.json``.
     python benches/run.py --only moments  # names containing "moments"
     python benches/run.py --quick         # smaller sizes, for a smoke run
 
+Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f32),
+``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``apply-gpt2m-*``
+(``rrome apply-deltas`` in place / to a copy vs transformers load + W += Δ + save),
+``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model; skipped with a
+message where it cannot be installed), and ``stats-workers`` when ``benches/stats_workers.py``
+exists. Each record also carries the 1-minute load average at the time it was measured: on
+a shared machine, a high one means noisy figures.
+
 Not part of ``make test``: timings belong here, never in unit tests.
 """
 
@@ -37,25 +45,38 @@ RESULTS: list[dict[str, Any]] = []
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+    return timed_result(fn, repeats)[0]
+
+
+def timed_result(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls, and the first call's result."""
+    times, first = [], None
+    for i in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if i == 0:
+            first = out
+        del out
+    return statistics.median(times), first
 
 
 def report(name: str, ours: float, baseline: float, **extra: Any) -> None:
     speedup = baseline / ours
     extras = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
     print(f"{name}  ours={ours:.4f}  baseline={baseline:.4f}  speedup={speedup:.2f}  {extras}".rstrip(), flush=True)
-    RESULTS.append({"name": name, "ours_s": ours, "baseline_s": baseline, "speedup": speedup, **extra})
+    load = os.getloadavg()[0]
+    RESULTS.append(
+        {"name": name, "ours_s": ours, "baseline_s": baseline, "speedup": speedup, **extra, "load_avg": load}
+    )
 
 
 def exact_entries(batches: list[np.ndarray], pairs: np.ndarray) -> np.ndarray:
     """Σ k_i k_j over all keys for sampled (i, j), correctly rounded (math.fsum of exact products)."""
-    cols = np.concatenate(batches).astype(np.float64)
-    return np.array([math.fsum((cols[:, i] * cols[:, j]).tolist()) for i, j in pairs])
+    idx, inv = np.unique(pairs, return_inverse=True)
+    cols = np.concatenate([b[:, idx] for b in batches]).astype(np.float64)
+    inv = inv.reshape(pairs.shape)
+    return np.array([math.fsum((cols[:, i] * cols[:, j]).tolist()) for i, j in inv])
 
 
 def rel_err(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -89,13 +110,12 @@ def bench_moments(d: int, n_batches: int, repeats: int) -> None:
             acc.addmm_(k.T, k)
         return acc.numpy()
 
-    errs = {}
+    errs, times = {}, {}
     for label, fn in (("ours", ours), ("f64", torch64), ("f32", torch32)):
-        full = fn()
+        times[label], full = timed_result(fn, repeats)
         errs[label] = rel_err(full[pairs[:, 0], pairs[:, 1]].astype(np.float64), exact)
-    t_ours = timed(ours, repeats)
-    t64 = timed(torch64, repeats)
-    t32 = timed(torch32, repeats)
+        del full
+    t_ours, t64, t32 = times["ours"], times["f64"], times["f32"]
     n = 4096 * n_batches
     report(f"moments-d{d}-vs-torch-f64", t_ours, t64, d=d, keys=n, rel_err_ours=errs["ours"], rel_err_base=errs["f64"])
     report(f"moments-d{d}-vs-torch-f32", t_ours, t32, d=d, keys=n, rel_err_ours=errs["ours"], rel_err_base=errs["f32"])
@@ -108,16 +128,39 @@ def bench_solve(d: int, n_rhs: int, repeats: int) -> None:
     ks = torch.randn(n_rhs, d, dtype=torch.float64, generator=g)
     c0_np, ks_np = c0.numpy(), ks.numpy()
 
-    def ours() -> list[np.ndarray]:
+    def ours() -> tuple[float, float, list[np.ndarray]]:
+        t0 = time.perf_counter()
         chol = rrome.Cholesky(c0_np)
-        return [chol.solve(k) for k in ks_np]
+        t1 = time.perf_counter()
+        xs = [chol.solve(k) for k in ks_np]
+        return t1 - t0, time.perf_counter() - t1, xs
 
-    def baseline() -> list[torch.Tensor]:
+    def baseline() -> tuple[float, float, list[torch.Tensor]]:
+        t0 = time.perf_counter()
         inv = torch.inverse(c0)
-        return [inv @ k for k in ks]
+        t1 = time.perf_counter()
+        xs = [inv @ k for k in ks]
+        return t1 - t0, time.perf_counter() - t1, xs
 
-    resid = max(float(np.linalg.norm(c0_np @ x - k) / np.linalg.norm(k)) for x, k in zip(ours(), ks_np, strict=True))
-    report(f"solve-d{d}", timed(ours, repeats), timed(baseline, repeats), d=d, solves=n_rhs, max_rel_residual=resid)
+    phases: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
+    for _ in range(repeats):  # interleaved, so that both see the same machine load
+        for label, fn in (("ours", ours), ("base", baseline)):
+            f, s, _ = fn()
+            phases[label].append((f, s))
+    resid = max(float(np.linalg.norm(c0_np @ x - k) / np.linalg.norm(k)) for x, k in zip(ours()[2], ks_np, strict=True))
+    o, b = phases["ours"], phases["base"]
+    report(
+        f"solve-d{d}",
+        statistics.median(f + s for f, s in o),
+        statistics.median(f + s for f, s in b),
+        d=d,
+        solves=n_rhs,
+        max_rel_residual=resid,
+        factor_s=statistics.median(f for f, _ in o),
+        solves_s=statistics.median(s for _, s in o),
+        inverse_s=statistics.median(f for f, _ in b),
+        matvecs_s=statistics.median(s for _, s in b),
+    )
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
@@ -177,35 +220,40 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
     rrome_bin = [sys.executable, "-m", "rrome.cli"]
     name = f"apply-gpt2m-{dtype}" if not quick else f"apply-gpt2small-{dtype}"
 
-    def baseline_once() -> float:
+    def baseline_once() -> tuple[float, int]:
         out = work / "baseline-out"
         shutil.rmtree(out, ignore_errors=True)
-        secs, _ = run_measured([sys.executable, "-c", BASELINE_SCRIPT, str(src), str(bundle), str(out)])
+        measured = run_measured([sys.executable, "-c", BASELINE_SCRIPT, str(src), str(bundle), str(out)])
         shutil.rmtree(out)
-        return secs
+        return measured
 
-    t_base = statistics.median(baseline_once() for _ in range(repeats))
+    base_runs = [baseline_once() for _ in range(repeats)]
+    t_base = statistics.median(secs for secs, _ in base_runs)
 
-    # In place: each run is one more batch; the report gives bytes written for one batch.
+    # In place: each run is one more batch of the same 10 deltas (all reverted afterwards).
     runs, rss = [], []
     for _ in range(repeats):
         secs, peak = run_measured([*rrome_bin, "apply-deltas", str(bundle), str(src)])
         runs.append(secs)
         rss.append(peak)
-    rep = rrome.apply_deltas(src, [deltas[0]])  # one more, in-process, to read the byte counts of a batch
     rrome.revert(src, all=True)
+    # One batch in-process, to read its byte counts: the edited tensors, the undo journal (their
+    # original bytes) and the edit log (the factors, which make revert exact).
     full = rrome.apply_deltas(src, deltas)
-    written_ratio = full["bytes_written"] / full["tensor_bytes"]
+    log_bytes = sum((src / f).stat().st_size for f in ("rrome_edits.jsonl", "rrome_deltas.safetensors"))
     rrome.revert(src, all=True)
-    del rep
     report(
         f"{name}-inplace",
         statistics.median(runs),
         t_base,
         params=nparams,
         shards=len(shards),
-        bytes_written_over_tensor_bytes=written_ratio,
+        edited_tensors=len(full["tensors"]),
+        tensor_mib=full["tensor_bytes"] / 2**20,
+        bytes_written_over_tensor_bytes=full["bytes_written"] / full["tensor_bytes"],
+        tensor_plus_journal_over_tensor_bytes=(full["bytes_written"] - log_bytes) / full["tensor_bytes"],
         peak_rss_mib=max(rss),
+        baseline_peak_rss_mib=max(r for _, r in base_runs),
         shard_mib=max((src / s).stat().st_size for s in shards) // 2**20,
     )
 
@@ -220,10 +268,155 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
     shutil.rmtree(src)
 
 
+# --- Gemma 3 270M: statistics and one edit ------------------------------------------------
+
+
+class TorchF32Moment:
+    """Original ROME's accumulation, ``mom2 += kᵀ k`` in float32 torch (the stats baseline)."""
+
+    def __init__(self, d: int) -> None:
+        self.acc = torch.zeros(d, d, dtype=torch.float32)
+        self.count = 0
+
+    def update(self, keys: np.ndarray) -> None:
+        k = torch.from_numpy(keys)
+        self.acc.addmm_(k.T, k)
+        self.count += keys.shape[0]
+
+
+def bench_gemma(repeats: int, quick: bool, only: str) -> None:
+    """``stats-gemma270m`` and ``edit-gemma270m`` on the demo model (cached C0 for the edit)."""
+    from rrome import apply as apply_mod
+    from rrome import stats as stats_mod
+    from rrome import values as values_mod
+    from rrome.demo import demo_model_dir
+    from rrome.edits import load_requests
+    from rrome.hooks import get_module
+
+    try:
+        model_dir = demo_model_dir()
+    except Exception as e:  # any failure to install the model skips these two
+        print(f"stats-gemma270m, edit-gemma270m: skipped (demo model unavailable: {e})")
+        return
+    overrides = {"v_num_grad_steps": 2} if quick else {}
+    editor = apply_mod.Editor.from_pretrained(model_dir, progress=False, hparams=overrides)
+    module = editor.module_name
+
+    if only in "stats-gemma270m":
+        # 3 × 2 collections of 2,000 tokens: about a minute and a half at ~150 tokens/s.
+        tokens = 500 if quick else 2_000
+        texts = stats_mod.corpus_texts(stats_mod.default_corpus())
+
+        def collect(n_tokens: int = tokens) -> Any:
+            return stats_mod.collect_second_moment(
+                editor.model, editor.tokenizer, module, texts=texts, max_tokens=n_tokens, progress=False
+            )
+
+        collect(256)  # warm-up (tokenizer caches, first-call allocations)
+        n = max(1, min(repeats, 3))
+        times: dict[str, list[float]] = {"ours": [], "base": []}
+        for _ in range(n):  # interleaved: both see the same machine load
+            for label in ("ours", "base"):
+                orig = stats_mod.SecondMoment
+                if label == "base":
+                    stats_mod.SecondMoment = TorchF32Moment
+                try:
+                    t0 = time.perf_counter()
+                    m = collect()
+                    times[label].append(time.perf_counter() - t0)
+                finally:
+                    stats_mod.SecondMoment = orig
+                assert m.count == tokens
+        t_ours, t_base = statistics.median(times["ours"]), statistics.median(times["base"])
+        report(
+            "stats-gemma270m",
+            t_ours,
+            t_base,
+            tokens=tokens,
+            d=int(m.acc.shape[0]),
+            layer=editor.layer,
+            tok_per_s_ours=tokens / t_ours,
+            tok_per_s_base=tokens / t_base,
+        )
+
+    if only in "edit-gemma270m":
+        request = load_requests(Path(__file__).resolve().parent.parent / "examples" / "edits.jsonl")[0]
+        editor.templates()  # generated once per editor, outside the timing
+        editor.cholesky()  # cached statistics and factor
+        weight = get_module(editor.model, module).weight
+        original = weight.detach().clone()
+        value_s: list[float] = []
+
+        def edit_once(fast: bool) -> tuple[float, list[float], int]:
+            def timed_value(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                out = values_mod.compute_value(*a, **kw, fast=fast)
+                value_s.append(time.perf_counter() - t0)
+                return out
+
+            apply_mod.compute_value = timed_value
+            try:
+                t0 = time.perf_counter()
+                res = editor.edit(request)
+                secs = time.perf_counter() - t0
+            finally:
+                apply_mod.compute_value = values_mod.compute_value
+                with torch.no_grad():
+                    weight.copy_(original)  # each edit starts from the unedited model
+                editor.pending.clear()
+                editor.results.clear()
+            return secs, list(res.losses), res.steps
+
+        n = max(1, min(repeats, 3))
+        runs: dict[str, list[tuple[float, list[float], int]]] = {"fast": [], "plain": []}
+        values: dict[str, list[float]] = {"fast": [], "plain": []}
+        for _ in range(n):
+            for label in ("fast", "plain"):
+                value_s.clear()
+                runs[label].append(edit_once(label == "fast"))
+                values[label].append(value_s[0])
+        fast_losses, plain_losses = runs["fast"][0][1], runs["plain"][0][1]
+        diff = max((abs(a - b) for a, b in zip(fast_losses, plain_losses, strict=False)), default=0.0)
+        report(
+            "edit-gemma270m",
+            statistics.median(r[0] for r in runs["fast"]),
+            statistics.median(r[0] for r in runs["plain"]),
+            layer=editor.layer,
+            steps_fast=runs["fast"][0][2],
+            steps_plain=runs["plain"][0][2],
+            value_s_fast=statistics.median(values["fast"]),
+            value_s_plain=statistics.median(values["plain"]),
+            max_loss_diff=diff,
+        )
+
+
+def bench_stats_workers(path: Path, quick: bool) -> None:
+    """The optional ``stats-workers`` line (1 vs 2 torchrun workers), from its own script."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location("stats_workers", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        rec = mod.bench(tokens=4_000) if quick else mod.bench()
+    except Exception as e:  # an optional line: report and go on
+        print(f"stats-workers: skipped ({type(e).__name__}: {e})")
+        return
+    rec["load_avg"] = os.getloadavg()[0]
+    RESULTS.append(rec)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run only benchmarks whose name contains this")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--large-repeats",
+        type=int,
+        default=1,
+        help="runs of moments-d6400 (one run of its three variants takes about 10 minutes on 2 cores)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the reported figures)")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = ap.parse_args()
@@ -231,10 +424,11 @@ def main() -> None:
     dims = (256, 512) if args.quick else (2048, 6400)
     jobs: list[tuple[str, Callable[[], None]]] = []
     for d in dims:
-        jobs.append((f"moments-d{d}", lambda d=d: bench_moments(d, 2 if args.quick else 16, args.repeats)))
+        reps = args.repeats if d < 4096 else min(args.repeats, args.large_repeats)
+        jobs.append((f"moments-d{d}", lambda d=d, reps=reps: bench_moments(d, 2 if args.quick else 16, reps)))
     for d in dims:
         jobs.append((f"solve-d{d}", lambda d=d: bench_solve(d, 100, args.repeats)))
-    work = Path(tempfile.mkdtemp(prefix="rrome-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="bench_rrome-"))
     try:
         for dtype in ("f32", "bf16"):
             job = lambda dtype=dtype: bench_apply(work, dtype, args.repeats, args.quick)  # noqa: E731
@@ -244,9 +438,13 @@ def main() -> None:
                 job()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("edit-gemma270m, stats-gemma270m: not wired into the benchmarks yet; skipped")
+    if args.only in "stats-gemma270m" or args.only in "edit-gemma270m":
+        bench_gemma(args.repeats, args.quick, args.only)
+    workers = Path(__file__).with_name("stats_workers.py")
+    if workers.is_file() and args.only in "stats-workers":
+        bench_stats_workers(workers, args.quick)
     args.out.write_text(json.dumps(RESULTS, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}  (load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
 
 
 if __name__ == "__main__":
