@@ -7,7 +7,7 @@ Where tests/test_crash.py aborts at named steps (``RROME_CRASH_AT``), this harne
    on a synthetic sharded checkpoint (F32, F16 and BF16 tensors, three shards, built here with
    plain numpy so nothing imports torch);
 2. waits until the child holds the folder's lock (its pid appears in ``.rrome/lock``), then
-   sleeps a random fraction of the measured length of that command's write phase (a few
+   sleeps a random time up to 1.3 times the measured length of that command's write phase (a few
    trials kill before the lock, during start-up) and sends SIGKILL;
 3. recovers, at random through ``rrome recover``, the ``rrome.recover`` API, the next command
    itself, or a recovery that is itself killed and then rerun;
@@ -274,8 +274,6 @@ def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
     copy = root / "oracle-copy"
     for name, args, done in [
         ("apply", ["apply-deltas", bundle, scratch], lambda: (undo / "batch-000001.safetensors").exists()),
-        ("apply", ["apply-deltas", bundle, scratch], lambda: (undo / "batch-000002.safetensors").exists()),
-        ("revert", ["revert", scratch], lambda: not (undo / "batch-000002.safetensors").exists()),
         ("revert", ["revert", scratch], lambda: not (undo / "batch-000001.safetensors").exists()),
         ("copy", ["apply-deltas", "--out", copy, bundle, scratch], copy.exists),
     ]:
@@ -388,11 +386,11 @@ def _where(folder: Path, run: Run, op: str, k: int, out: Path | None = None) -> 
 def trial(rng: random.Random, model: Path, oracle: Oracle, k: int, stats: Stats, work: Path) -> int:
     """One killed command on ``model`` (in oracle state ``k``); returns the state it ends in."""
     stats.trials += 1
-    ops = ["apply", "copy"] + (["revert", "revert"] if k else [])
+    ops = ["apply", "apply", "copy"] + (["revert", "revert"] if k else [])
     op = rng.choice(ops)
     window = oracle.windows[op]
     early = rng.random() < 0.1
-    kill_after = None if early else rng.uniform(0.0, 1.15 * window)
+    kill_after = None if early else rng.uniform(0.0, 1.3 * window)
     before_lock = rng.uniform(0.0, 0.4) if early else None
     out = work / f"copy-{stats.trials}"
 
@@ -440,7 +438,7 @@ def trial(rng: random.Random, model: Path, oracle: Oracle, k: int, stats: Stats,
         return k
 
     before, after = (k, k + 1) if op == "apply" else (k, k - 1)
-    how = rng.choices(["cli", "api", "next", "killed-recover"], weights=[2, 5, 3, 2])[0]
+    how = rng.choices(["cli", "api", "next", "killed-recover"], weights=[1, 6, 3, 2])[0]
     stats.recoveries[how] += 1
     if how == "cli":
         proc = run_cli("recover", model)
