@@ -44,23 +44,6 @@ import rrome
 RESULTS: list[dict[str, Any]] = []
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    return timed_result(fn, repeats)[0]
-
-
-def timed_result(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median wall time of ``repeats`` calls, and the first call's result."""
-    times, first = [], None
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            first = out
-        del out
-    return statistics.median(times), first
-
-
 def report(name: str, ours: float, baseline: float, **extra: Any) -> None:
     speedup = baseline / ours
     extras = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
@@ -110,12 +93,18 @@ def bench_moments(d: int, n_batches: int, repeats: int) -> None:
             acc.addmm_(k.T, k)
         return acc.numpy()
 
-    errs, times = {}, {}
-    for label, fn in (("ours", ours), ("f64", torch64), ("f32", torch32)):
-        times[label], full = timed_result(fn, repeats)
-        errs[label] = rel_err(full[pairs[:, 0], pairs[:, 1]].astype(np.float64), exact)
-        del full
-    t_ours, t64, t32 = times["ours"], times["f64"], times["f32"]
+    # Interleaved (ours, f64, f32, ours, ...): on a shared machine all three see the same load.
+    errs: dict[str, float] = {}
+    times: dict[str, list[float]] = {"ours": [], "f64": [], "f32": []}
+    for _ in range(repeats):
+        for label, fn in (("ours", ours), ("f64", torch64), ("f32", torch32)):
+            t0 = time.perf_counter()
+            full = fn()
+            times[label].append(time.perf_counter() - t0)
+            if label not in errs:
+                errs[label] = rel_err(full[pairs[:, 0], pairs[:, 1]].astype(np.float64), exact)
+            del full
+    t_ours, t64, t32 = (statistics.median(times[k]) for k in ("ours", "f64", "f32"))
     n = 4096 * n_batches
     report(f"moments-d{d}-vs-torch-f64", t_ours, t64, d=d, keys=n, rel_err_ours=errs["ours"], rel_err_base=errs["f64"])
     report(f"moments-d{d}-vs-torch-f32", t_ours, t32, d=d, keys=n, rel_err_ours=errs["ours"], rel_err_base=errs["f32"])
