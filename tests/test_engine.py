@@ -481,6 +481,20 @@ def test_fast_value_equals_plain(
     _check_fast_equals_plain(model, tok, adapter, layer, request_, templates)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_fast_value_equals_plain_with_column_logits(
+    family: str, tiny_loaded: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers versions without 2-D ``logits_to_keep`` masks get one column list for the
+    batch (every row's logits there, then the needed pairs selected): the same numbers."""
+    import rrome.values
+
+    monkeypatch.setattr(rrome.values, "_MASKED_LOGITS", False)
+    model, tok, adapter = tiny_loaded(family, "left")
+    templates = generate_templates(model, tok, lengths=((3, 5),)) + HAND_TEMPLATES
+    _check_fast_equals_plain(model, tok, adapter, 1, DARRIEUX, templates)
+
+
 SHORT = EditRequest(prompt="In {}", subject="France", target_new="London")
 
 

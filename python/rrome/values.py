@@ -82,6 +82,18 @@ def _build_prompts(
     return _Prompts(batch, keep, n, target, len(tgt))
 
 
+def _masked_logits_supported() -> bool:
+    """Whether this transformers takes a 2-D boolean ``logits_to_keep`` (newer versions do)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_MASKED_LOGITS = _masked_logits_supported()
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """The name under which this transformers version takes a KV cache (``cache`` in v5)."""
     params = inspect.signature(model.forward).parameters
@@ -239,20 +251,22 @@ def compute_value(
                 s0 = prefix.start if prefix.cache is not None else 0
                 shift["s"] = s0
                 keep = p.keep[:, s0:]
-                cols = keep.any(0).nonzero().squeeze(1)
+                cols = None if _MASKED_LOGITS else keep.any(0).nonzero().squeeze(1)
                 inputs: dict[str, Any] = {
                     "input_ids": p.batch.input_ids[:, s0:],
                     "attention_mask": p.batch.attention_mask,
                     "position_ids": p.batch.position_ids[:, s0:],
-                    # One column index list for the whole batch (a 1-D logits_to_keep works on
-                    # every transformers version that has the argument; a 2-D mask only on new ones).
-                    "logits_to_keep": cols,
+                    # The exact (row, position) pairs where transformers takes a 2-D mask; else one
+                    # list of columns for the whole batch (every row's logits at each, then selected).
+                    "logits_to_keep": keep if cols is None else cols,
                 }
                 if prefix.cache is not None:
                     inputs[_cache_kwarg(model)] = prefix.restore()
                     inputs["use_cache"] = True
                 with _replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
-                    logits = model(**inputs).logits[keep[:, cols]]  # row-major, as the plain path
+                    logits = model(**inputs).logits
+                # row-major (row, position) order, as the plain path's logits[p.keep]
+                logits = logits.reshape(-1, logits.shape[-1]) if cols is None else logits[keep[:, cols]]
         log_probs = logits.float().log_softmax(-1)
         n_target = p.n_rewrite * p.target_len
         nll = -log_probs[:n_target].gather(1, p.target[:, None]).sum() / (p.n_rewrite * p.target_len)
