@@ -32,6 +32,7 @@ import torch
 from rrome.edits import EditRequest
 from rrome.errors import RromeError
 from rrome.keys import Row, pad_rows, target_ids
+from rrome.models import input_device
 
 METRICS = ("ES", "PS", "NS", "Score", "EM", "PM", "NM")
 
@@ -49,7 +50,7 @@ def _log_probs(
         cut = max(0, len(ids) - limit) if limit else 0  # too long: keep the end, where the target is
         rows.append(Row(ids[cut:], len(pre) - 1 - cut))
         spans.append(tgt)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[torch.Tensor] = []
     for at in range(0, len(rows), batch_size):
         batch = pad_rows(tokenizer, rows[at : at + batch_size], device)
@@ -211,7 +212,7 @@ def generate_texts(
     top_k: int = 5,
 ) -> list[list[int]]:
     """Seeded top-k samples, one continuation (token ids) per prompt, batched with left padding."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
