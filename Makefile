@@ -43,8 +43,8 @@ demo-offline: build
 lint: $(DEPS_STAMP)
 	cargo fmt --all --check
 	cargo clippy --workspace --release --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests benches examples
-	$(VENV)/bin/ruff format --check python tests benches examples
+	$(VENV)/bin/ruff check python tests benches examples scripts
+	$(VENV)/bin/ruff format --check python tests benches examples scripts
 
 test-rust:
 	cargo test --release -p rrome-core

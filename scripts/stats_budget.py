@@ -122,8 +122,8 @@ def main() -> None:
     state_path.write_text(json.dumps(state, indent=1) + "\n")
 
     lines = [
-        f"| budget | tokens | C0 time (s) | ES | PS | NS | Score | mean abs Δ | C0⁻¹k_e change vs {_name(max(budgets))} "
-        "(median / max) |",
+        "| budget | tokens | C0 time (s) | ES | PS | NS | Score | mean abs Δ | "
+        f"C0⁻¹k_e change vs {_name(max(budgets))} (median / max) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for budget in budgets:
