@@ -199,6 +199,11 @@ class Editor:
     def module_name(self) -> str:
         return self.adapter.module_name(self.layer)
 
+    def edited_weight(self) -> torch.Tensor:
+        """The tensor that holds the edited module's weight (with accelerate's offloading, the
+        copy its hook loads from): what :meth:`edit` and :meth:`replay` add to."""
+        return _resident_weight(get_module(self.model, self.module_name))
+
     def templates(self) -> list[str]:
         """The context templates (generated once per editor from the unedited model, seeded)."""
         if self._templates is None:
@@ -259,7 +264,7 @@ class Editor:
             )
 
     def _apply_in_memory(self, update: Update) -> None:
-        weight = _resident_weight(get_module(self.model, self.module_name))
+        weight = self.edited_weight()
         r = torch.from_numpy(update.r.copy()).to(weight.device)
         u = torch.from_numpy(update.u.copy()).to(weight.device)
         outer = torch.outer(r, u)

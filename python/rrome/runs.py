@@ -43,7 +43,6 @@ from rrome.evaluate import (
     few_shot_sets,
     metrics,
 )
-from rrome.hooks import get_module
 from rrome.rome import METHODS, Method
 
 RUN_FILE = "run.json"
@@ -168,10 +167,8 @@ class _Session:
         # Templates and statistics come from the unedited model; fix them before any edit.
         self.editor.templates()
         self.editor.cholesky()
-        weight = get_module(self.editor.model, self.editor.module_name).weight
-        assert isinstance(weight, torch.Tensor)
-        self.weight = weight
-        self.original = weight.detach().clone()
+        self.weight = self.editor.edited_weight()
+        self.original = self.weight.detach().clone()
         self.sets = few_shot_sets(cfg.glue_n, seed=cfg.seed) if cfg.glue_n > 0 else []
 
     def restore(self) -> None:
