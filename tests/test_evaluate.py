@@ -267,8 +267,11 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
     for i in (2, 3):
         (folder / "deltas" / f"{i:05d}.safetensors").unlink()
     (folder / "final.json").unlink()
-    # the report of the unfinished run shows the last checkpoint's metrics, marked as such
+    # the report of the unfinished run shows the last checkpoint's metrics, marked as such, and
+    # leaves the torn line alone (it may be a line a running process is still writing)
+    torn = (folder / "edits.jsonl").read_bytes()
     v = summarize(part)["variants"]["r-rome"]
+    assert (folder / "edits.jsonl").read_bytes() == torn
     assert not v["complete"] and v["edits"] == 2 and v["metrics_at_edits"] == 2
     assert v["metrics"] == json.loads(checks[0])["metrics"]
     run(cfg, part, progress=False)

@@ -104,13 +104,15 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a results file; a torn last line (a killed run) is cut off."""
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The complete lines of a results file, without a torn last line (a killed run's, or the
+    line a running process is writing). ``repair`` also cuts it off the file: only the run that
+    is about to append may do that, never a reader such as ``rrome report``."""
     if not path.exists():
         return []
     data = path.read_bytes()
     good = data.rfind(b"\n") + 1
-    if good < len(data):
+    if repair and good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
     return [json.loads(line) for line in data[:good].decode("utf-8").splitlines() if line.strip()]
@@ -232,7 +234,7 @@ def _single(
     s: _Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
 ) -> None:
     edits = folder / "edits.jsonl"
-    done = {rec["index"] for rec in read_jsonl(edits)}
+    done = {rec["index"] for rec in read_jsonl(edits, repair=True)}
     for i, request in enumerate(cases):
         if i in done:
             continue
@@ -284,8 +286,8 @@ def _sequential(
 ) -> None:
     edits_path, checks_path, deltas = folder / "edits.jsonl", folder / "checkpoints.jsonl", folder / "deltas"
     deltas.mkdir(parents=True, exist_ok=True)
-    records = read_jsonl(edits_path)
-    checks = {c["edits"] for c in read_jsonl(checks_path)}
+    records = read_jsonl(edits_path, repair=True)
+    checks = {c["edits"] for c in read_jsonl(checks_path, repair=True)}
     s.restore()
     for rec in records:  # replay the finished edits: the same weights, bit for bit
         u, r = _load_factors(deltas / f"{rec['index']:05d}.safetensors")
