@@ -11,7 +11,8 @@ records go to ``bench-results.json``.
 
 Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f32),
 ``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``apply-gpt2m-*``
-(``rrome apply-deltas`` in place / to a copy vs transformers load + W += Δ + save),
+(``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy, and in place spread
+over 10 tensors, vs transformers load + W += Δ + save),
 ``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model; skipped with a
 message where it cannot be installed), and ``stats-workers`` when ``benches/stats_workers.py``
 exists. Each record also carries the 1-minute load average at the time it was measured: on
@@ -182,6 +183,8 @@ model.save_pretrained(out)
 
 
 def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
+    """10 deltas into one tensor (ROME writes every edit into the same layer's projection), in
+    place and to a copy; then the same 10 deltas spread over 10 layers' tensors, in place."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -195,19 +198,25 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
     del model
     shards = sorted(p.name for p in src.glob("model-*.safetensors"))
     rng = np.random.default_rng(0)
-    deltas = [
-        rrome.Delta(
-            f"transformer.h.{i % layers}.mlp.c_proj.weight",
-            rng.standard_normal(4 * width).astype(np.float32) * 1e-2,
-            rng.standard_normal(width).astype(np.float32) * 1e-2,
-            layout="in_out",
-        )
-        for i in range(10)
-    ]
-    bundle = work / f"bundle-{dtype}"
-    rrome.save_deltas(bundle, deltas)
+    edit_layer = layers // 3  # a third of the depth, where ROME edits (layer 8 of GPT-2 medium)
+
+    def make_bundle(label: str, spread: bool) -> tuple[Path, list[Any]]:
+        deltas = [
+            rrome.Delta(
+                f"transformer.h.{i % layers if spread else edit_layer}.mlp.c_proj.weight",
+                rng.standard_normal(4 * width).astype(np.float32) * 1e-2,
+                rng.standard_normal(width).astype(np.float32) * 1e-2,
+                layout="in_out",
+            )
+            for i in range(10)
+        ]
+        bundle = work / f"bundle-{dtype}-{label}"
+        rrome.save_deltas(bundle, deltas)
+        return bundle, deltas
+
     rrome_bin = [sys.executable, "-m", "rrome.cli"]
     name = f"apply-gpt2m-{dtype}" if not quick else f"apply-gpt2small-{dtype}"
+    bundle, deltas = make_bundle("one-tensor", spread=False)
 
     def baseline_once() -> tuple[float, int]:
         out = work / "baseline-out"
@@ -219,32 +228,35 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
     base_runs = [baseline_once() for _ in range(repeats)]
     t_base = statistics.median(secs for secs, _ in base_runs)
 
-    # In place: each run is one more batch of the same 10 deltas (all reverted afterwards).
-    runs, rss = [], []
-    for _ in range(repeats):
-        secs, peak = run_measured([*rrome_bin, "apply-deltas", str(bundle), str(src)])
-        runs.append(secs)
-        rss.append(peak)
-    rrome.revert(src, all=True)
-    # One batch in-process, to read its byte counts: the edited tensors, the undo journal (their
-    # original bytes) and the edit log (the factors, which make revert exact).
-    full = rrome.apply_deltas(src, deltas)
-    log_bytes = sum((src / f).stat().st_size for f in ("rrome_edits.jsonl", "rrome_deltas.safetensors"))
-    rrome.revert(src, all=True)
-    report(
-        f"{name}-inplace",
-        statistics.median(runs),
-        t_base,
-        params=nparams,
-        shards=len(shards),
-        edited_tensors=len(full["tensors"]),
-        tensor_mib=full["tensor_bytes"] / 2**20,
-        bytes_written_over_tensor_bytes=full["bytes_written"] / full["tensor_bytes"],
-        tensor_plus_journal_over_tensor_bytes=(full["bytes_written"] - log_bytes) / full["tensor_bytes"],
-        peak_rss_mib=max(rss),
-        baseline_peak_rss_mib=max(r for _, r in base_runs),
-        shard_mib=max((src / s).stat().st_size for s in shards) // 2**20,
-    )
+    def in_place(line: str, bundle: Path, deltas: list[Any]) -> None:
+        # Each run is one more batch of the same 10 deltas (all reverted afterwards).
+        runs, rss = [], []
+        for _ in range(repeats):
+            secs, peak = run_measured([*rrome_bin, "apply-deltas", str(bundle), str(src)])
+            runs.append(secs)
+            rss.append(peak)
+        rrome.revert(src, all=True)
+        # One batch in-process, to read its byte counts: the edited tensors, the undo journal
+        # (their original bytes) and the edit log (the factors, which make revert exact).
+        full = rrome.apply_deltas(src, deltas)
+        log_bytes = sum((src / f).stat().st_size for f in ("rrome_edits.jsonl", "rrome_deltas.safetensors"))
+        rrome.revert(src, all=True)
+        report(
+            line,
+            statistics.median(runs),
+            t_base,
+            params=nparams,
+            shards=len(shards),
+            edited_tensors=len(full["tensors"]),
+            tensor_mib=full["tensor_bytes"] / 2**20,
+            bytes_written_over_tensor_bytes=full["bytes_written"] / full["tensor_bytes"],
+            tensor_plus_journal_over_tensor_bytes=(full["bytes_written"] - log_bytes) / full["tensor_bytes"],
+            peak_rss_mib=max(rss),
+            baseline_peak_rss_mib=max(r for _, r in base_runs),
+            shard_mib=max((src / s).stat().st_size for s in shards) // 2**20,
+        )
+
+    in_place(f"{name}-inplace", bundle, deltas)
 
     def copy_once() -> float:
         out = work / "copy-out"
@@ -254,6 +266,8 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
         return secs
 
     report(f"{name}-copy", statistics.median(copy_once() for _ in range(repeats)), t_base, params=nparams)
+    # The same 10 deltas spread over 10 layers: ten times the tensor bytes to journal and write.
+    in_place(f"{name}-inplace-10tensors", *make_bundle("ten-tensors", spread=True))
     shutil.rmtree(src)
 
 

@@ -88,16 +88,22 @@ def main() -> None:
             progress=False,
         )
         templates = editor.templates()
+        row = state["rows"].get(key, {})
+        if "stats_seconds" not in row:
+            # A cached C0 without a recorded time (a run killed between the statistics and the
+            # row): collect again, or the row would time a file load.
+            for stale in (args.out / "cache" / "stats").glob(f"*/*-{budget}.*safetensors"):
+                stale.unlink()
         t0 = time.perf_counter()
         chol = editor.cholesky()
         seconds = time.perf_counter() - t0
-        row = state["rows"].get(key, {})
         if "stats_seconds" not in row:  # first computation: the time is that of the statistics
             from rrome._rust import SecondMoment
 
             assert editor.stats_path is not None
             row["tokens"] = SecondMoment.load(str(editor.stats_path)).count
             row["stats_seconds"] = seconds
+            row["stats_device"] = _device_name(editor.model)
         keys = torch.stack(
             [compute_keys(editor.model, editor.tokenizer, editor.module_name, r, templates).k_e for r in cases]
         )
@@ -122,20 +128,28 @@ def main() -> None:
     state_path.write_text(json.dumps(state, indent=1) + "\n")
 
     lines = [
-        "| budget | tokens | C0 time (s) | ES | PS | NS | Score | mean abs Δ | "
+        "| budget | tokens | C0 time (s) | on | ES | PS | NS | Score | mean abs Δ | "
         f"C0⁻¹k_e change vs {_name(max(budgets))} (median / max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for budget in budgets:
         r = state["rows"][str(budget)]
         m = r["metrics"]
         lines.append(
-            f"| {_name(budget)} | {r['tokens']:,} | {r['stats_seconds']:.1f} | {m['ES']:.1f} | {m['PS']:.1f} | "
+            f"| {_name(budget)} | {r['tokens']:,} | {r['stats_seconds']:.1f} | {r.get('stats_device', '?')} | "
+            f"{m['ES']:.1f} | {m['PS']:.1f} | "
             f"{m['NS']:.1f} | {m['Score']:.1f} | {r['mean_norm_delta']:.3g} | "
             f"{r['rel_change_solve_median']:.3g} / {r['rel_change_solve_max']:.3g} |"
         )
     (args.out / "budget.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _device_name(model: torch.nn.Module) -> str:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _name(budget: int) -> str:
