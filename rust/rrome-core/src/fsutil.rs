@@ -10,6 +10,18 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
+/// Environment variable that makes the process abort at a named step (crash tests only).
+pub const CRASH_ENV: &str = "RROME_CRASH_AT";
+
+/// Aborts the process when [`CRASH_ENV`] names `step` (crash tests only).
+pub(crate) fn crash_point(step: &str) {
+    if let Ok(want) = std::env::var(CRASH_ENV) {
+        if want == step {
+            std::process::abort();
+        }
+    }
+}
+
 /// Flushes a folder's entries (renames, creations, removals) to disk.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).at(dir)?;

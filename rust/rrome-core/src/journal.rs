@@ -67,47 +67,106 @@ pub fn undo_path(model_dir: &Path, batch: u64) -> PathBuf {
 /// Reads `len` bytes at `offset` of `path`.
 pub fn read_region(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let f = File::open(path).at(path)?;
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset).at(path)?;
+    let mut buf = Vec::new();
+    read_region_into(&f, path, offset, len, &mut buf)?;
     Ok(buf)
 }
 
-/// Writes an undo file atomically; `original(i)` yields the original bytes of region `i`
-/// (called once per region, in order, so only one region is in memory at a time).
+/// Reads `len` bytes at `offset` of the open file `f` (named `path` in errors) into `buf`,
+/// which is resized to `len`: a buffer reused for regions of one size is allocated and
+/// zeroed once.
+pub fn read_region_into(f: &File, path: &Path, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+    buf.resize(len as usize, 0);
+    f.read_exact_at(buf, offset).at(path)
+}
+
+/// Stands for a sha256 in the first version of an undo header: the real hex digest that
+/// replaces it has the same length, so the header keeps its length.
+const HASH_PLACEHOLDER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Counts the bytes written through it.
+struct Counted<'a> {
+    inner: &'a mut dyn Write,
+    n: u64,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes an undo file atomically, hashing each region once, while its bytes stream.
+///
+/// `regions` gives each region's place; their `sha_before` and `sha_after` are filled in here.
+/// `original(i, w)` writes exactly `regions[i].len` original bytes of region `i` into `w` and
+/// returns (sha256 of those bytes, sha256 of the bytes the batch puts there). It is called once
+/// per region, in order, so one region at a time needs to be in memory. The header goes out
+/// first with placeholder hashes of the same length; once every region has streamed, it is
+/// rewritten in place with the real hashes, before the file is flushed and renamed into place,
+/// so no reader or crash ever sees the placeholders under the final name.
 pub fn write_undo(
     path: &Path,
     batch: u64,
-    regions: &[Region],
-    mut original: impl FnMut(usize) -> Result<Vec<u8>>,
+    regions: &mut [Region],
+    mut original: impl FnMut(usize, &mut dyn Write) -> Result<(String, String)>,
 ) -> Result<()> {
     let names: Vec<String> = (0..regions.len()).map(|i| format!("region.{i}")).collect();
     let descs: Vec<(&str, Dtype, Vec<usize>)> =
-        names.iter().zip(regions).map(|(n, r)| (n.as_str(), Dtype::U8, vec![r.len as usize])).collect();
-    let meta = vec![
-        ("format".to_string(), UNDO_FORMAT.to_string()),
-        ("batch".to_string(), batch.to_string()),
-        ("regions".to_string(), serde_json::to_string(regions).expect("regions serialise")),
-    ];
+        names.iter().zip(regions.iter()).map(|(n, r)| (n.as_str(), Dtype::U8, vec![r.len as usize])).collect();
+    let header = |regions: &[Region]| -> Vec<u8> {
+        let meta = vec![
+            ("format".to_string(), UNDO_FORMAT.to_string()),
+            ("batch".to_string(), batch.to_string()),
+            ("regions".to_string(), serde_json::to_string(regions).expect("regions serialise")),
+        ];
+        let mut h = Vec::new();
+        safetensors_header::write_header(&mut h, &descs, &meta).expect("writing into memory");
+        h
+    };
+    for r in regions.iter_mut() {
+        r.sha_before = HASH_PLACEHOLDER.to_string();
+        r.sha_after = HASH_PLACEHOLDER.to_string();
+    }
+    let first = header(regions);
     let mut inner: Option<Error> = None;
     let res = atomic_write(path, |w| {
-        safetensors_header::write_header(w, &descs, &meta)?;
-        for (i, r) in regions.iter().enumerate() {
-            let bytes = match original(i) {
-                Ok(b) => b,
+        w.write_all(&first)?;
+        for (i, r) in regions.iter_mut().enumerate() {
+            let mut counted = Counted { inner: &mut *w, n: 0 };
+            let (before, after) = match original(i, &mut counted) {
+                Ok(h) => h,
                 Err(e) => {
                     inner = Some(e);
-                    return Err(std::io::Error::other("reading original bytes failed"));
+                    return Err(std::io::Error::other("streaming the original bytes failed"));
                 }
             };
-            if bytes.len() as u64 != r.len || sha256_hex(&bytes) != r.sha_before {
+            if counted.n != r.len {
                 inner = Some(Error::Integrity {
-                    msg: format!("{} of {} changed while the undo journal was written", r.tensor, r.shard),
+                    msg: format!(
+                        "undo data of {} in {}: {} bytes written, {} expected",
+                        r.tensor, r.shard, counted.n, r.len
+                    ),
                 });
-                return Err(std::io::Error::other("original bytes changed"));
+                return Err(std::io::Error::other("wrong region length"));
             }
-            w.write_all(&bytes)?;
+            r.sha_before = before;
+            r.sha_after = after;
         }
-        Ok(())
+        let last = header(regions);
+        if last.len() != first.len() {
+            inner = Some(Error::Integrity {
+                msg: format!("{}: the undo header changed length when its hashes were filled in", path.display()),
+            });
+            return Err(std::io::Error::other("undo header changed length"));
+        }
+        w.flush()?;
+        w.get_ref().write_all_at(&last, 0)
     });
     match (res, inner) {
         (_, Some(e)) => Err(e),
@@ -164,5 +223,13 @@ impl Undo {
             });
         }
         Ok(buf)
+    }
+
+    /// The bytes of region `i` as stored, unchecked, into `buf` (for a byte-for-byte
+    /// comparison with what is about to be overwritten).
+    pub fn raw_into(&self, i: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let t = self.header.get(&format!("region.{i}")).expect("validated");
+        let f = File::open(&self.path).at(&self.path)?;
+        read_region_into(&f, &self.path, self.header.abs_offset(t), t.nbytes(), buf)
     }
 }

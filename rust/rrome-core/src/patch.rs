@@ -2,18 +2,22 @@
 //!
 //! In place, under the folder's exclusive lock:
 //! 1. finish or roll back whatever an earlier crashed run left (see [`recover`]);
-//! 2. validate the checkpoint and every delta, compute each edited tensor's new bytes and the
-//!    sha256 of old and new;
-//! 3. write the undo journal (original bytes + hashes), fsync, rename into place;
-//! 4. patch the regions, fsync the shards, re-read and verify the new hashes;
+//! 2. validate the checkpoint and every delta;
+//! 3. write the undo journal: stream each region's original bytes into it while the new bytes
+//!    are computed and both are hashed (in parallel), fill the hashes into its header, fsync,
+//!    rename into place (a region is read and hashed once here, and nothing touches a shard);
+//! 4. patch: re-read each region, check it byte for byte against the journal's copy, compute
+//!    the new bytes and write them; fsync the shards. (The new bytes are a pure function of the
+//!    old ones, so their hash is the one recorded in step 3; re-reading the page cache to hash
+//!    them again would prove nothing more.)
 //! 5. append the batch to the edit log (atomic rename of `rrome_edits.jsonl`: the commit point);
 //! 6. move the journal to `.rrome/undo/batch-N.safetensors`, the data `revert` uses.
 //!
 //! A crash before 5 is rolled back from the journal, a crash after 5 is rolled forward; every
 //! recovery step checks hashes first, so running it twice is harmless.
 //!
-//! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced,
-//! verified and renamed into place at the end, so the destination is complete or absent.
+//! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced
+//! and renamed into place at the end, so the destination is complete or absent.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -27,21 +31,15 @@ use serde_json::{json, Value};
 use crate::checkpoint::{Checkpoint, Shard};
 use crate::deltas::{read_bundle, write_bundle, Delta, Record, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{fsync_dir, parent_of, remove_if_exists};
-use crate::journal::{journal_path, read_region, sha256_hex, undo_dir, undo_path, write_undo, Region, Undo};
+use crate::fsutil::{crash_point, fsync_dir, parent_of, remove_if_exists};
+use crate::journal::{
+    journal_path, read_region, read_region_into, sha256_hex, undo_dir, undo_path, write_undo, Region, Undo,
+};
 use crate::lock::{lock_exclusive, model_lock_path, DirLock, STATE_DIR};
 use crate::rank_one::{self, Term};
 
 /// Environment variable that makes the process abort at a named step (crash tests only).
-pub const CRASH_ENV: &str = "RROME_CRASH_AT";
-
-fn crash_point(step: &str) {
-    if let Ok(want) = std::env::var(CRASH_ENV) {
-        if want == step {
-            std::process::abort();
-        }
-    }
-}
+pub use crate::fsutil::CRASH_ENV;
 
 /// What an apply did.
 #[derive(Debug, Clone)]
@@ -73,15 +71,56 @@ struct Plan {
 }
 
 impl Plan {
-    /// New bytes for the given old bytes; refuses results that overflow the dtype.
-    fn new_bytes(&self, old: &[u8]) -> Result<Vec<u8>> {
-        let mut new = vec![0u8; old.len()];
-        if !rank_one::apply(self.dtype, self.rows, self.cols, old, &self.terms, &mut new) {
+    /// New bytes for the given old bytes, into `new` (resized; reusable across regions);
+    /// refuses results that overflow the dtype. Deterministic: the same old bytes always give
+    /// the same new bytes (each element is computed on its own, in term order).
+    fn new_bytes_into(&self, old: &[u8], new: &mut Vec<u8>) -> Result<()> {
+        new.resize(old.len(), 0);
+        if !rank_one::apply(self.dtype, self.rows, self.cols, old, &self.terms, new) {
             return Err(Error::Delta {
                 msg: format!("the update of {} produces values that are not finite in {}", self.tensor, self.dtype),
             });
         }
-        Ok(new)
+        Ok(())
+    }
+
+    /// Computes the new bytes from `old` into `new` and returns (sha256 of old, sha256 of
+    /// new); the old bytes are hashed while the new ones are computed and hashed.
+    fn compute_and_hash(&self, old: &[u8], new: &mut Vec<u8>) -> Result<(String, String)> {
+        let (before, after) =
+            rayon::join(|| sha256_hex(old), || self.new_bytes_into(old, new).map(|()| sha256_hex(new)));
+        Ok((before, after?))
+    }
+}
+
+/// The files of the shards a batch touches, each opened once.
+struct OpenShards {
+    write: bool,
+    files: Vec<(PathBuf, File)>,
+}
+
+impl OpenShards {
+    fn new(write: bool) -> OpenShards {
+        OpenShards { write, files: Vec::new() }
+    }
+
+    fn get(&mut self, path: &Path) -> Result<&File> {
+        let i = match self.files.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let f = OpenOptions::new().read(true).write(self.write).open(path).at(path)?;
+                self.files.push((path.to_path_buf(), f));
+                self.files.len() - 1
+            }
+        };
+        Ok(&self.files[i].1)
+    }
+
+    fn sync_all(&self) -> Result<()> {
+        for (p, f) in &self.files {
+            f.sync_all().at(p)?;
+        }
+        Ok(())
     }
 }
 
@@ -166,49 +205,60 @@ fn new_records(deltas: &[Delta], batch: u64) -> Vec<Record> {
         .collect()
 }
 
-/// Computes every region's hashes (pass 1: nothing is written).
-fn regions_for(ckpt: &Checkpoint, plans: &[Plan]) -> Result<Vec<Region>> {
+/// The regions the plans change, hashes still unknown.
+fn region_slots(ckpt: &Checkpoint, plans: &[Plan]) -> Vec<Region> {
     plans
         .iter()
-        .map(|p| {
-            let shard = &ckpt.shards[p.shard];
-            let old = read_region(&shard.path, p.offset, p.len)?;
-            let new = p.new_bytes(&old)?;
-            Ok(Region {
-                shard: shard.file.clone(),
-                tensor: p.tensor.clone(),
-                offset: p.offset,
-                len: p.len,
-                sha_before: sha256_hex(&old),
-                sha_after: sha256_hex(&new),
-            })
+        .map(|p| Region {
+            shard: ckpt.shards[p.shard].file.clone(),
+            tensor: p.tensor.clone(),
+            offset: p.offset,
+            len: p.len,
+            sha_before: String::new(),
+            sha_after: String::new(),
         })
         .collect()
 }
 
-/// Writes each plan's new bytes into `dir`'s copy of its shard, reading the old bytes from
-/// `src_dir` (the same folder in place), then fsyncs the touched shards.
-fn write_regions(src_dir: &Path, dir: &Path, plans: &[Plan], regions: &[Region]) -> Result<()> {
-    let mut touched: Vec<(String, File)> = Vec::new();
-    for (p, r) in plans.iter().zip(regions) {
-        let old = read_region(&src_dir.join(&r.shard), p.offset, p.len)?;
-        let new = p.new_bytes(&old)?;
-        if sha256_hex(&new) != r.sha_after {
-            return Err(Error::Integrity { msg: format!("{} in {} changed during the write", r.tensor, r.shard) });
-        }
+/// In place, pass 1: writes the undo journal. Each region's original bytes are read once,
+/// streamed into the journal and hashed while the new bytes are computed and hashed; no shard
+/// is written. Returns the regions with their hashes.
+fn write_journal(ckpt: &Checkpoint, plans: &[Plan], journal: &Path, batch: u64) -> Result<Vec<Region>> {
+    let mut regions = region_slots(ckpt, plans);
+    let mut shards = OpenShards::new(false);
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    write_undo(journal, batch, &mut regions, |i, w| {
+        let p = &plans[i];
+        let path = &ckpt.shards[p.shard].path;
+        read_region_into(shards.get(path)?, path, p.offset, p.len, &mut old)?;
+        let hashes = p.compute_and_hash(&old, &mut new)?;
+        w.write_all(&old).at(journal)?;
+        Ok(hashes)
+    })?;
+    Ok(regions)
+}
+
+/// In place, pass 2: for each region, checks that the shard still holds exactly the bytes
+/// the journal saved, computes the new bytes and writes them; then fsyncs the shards.
+fn patch_from_journal(dir: &Path, plans: &[Plan], regions: &[Region], journal: &Path) -> Result<()> {
+    let undo = Undo::read(journal)?;
+    let mut shards = OpenShards::new(true);
+    let (mut old, mut buf) = (Vec::new(), Vec::new());
+    for (i, (p, r)) in plans.iter().zip(regions).enumerate() {
         let path = dir.join(&r.shard);
-        if !touched.iter().any(|(s, _)| s == &r.shard) {
-            let f = OpenOptions::new().write(true).open(&path).at(&path)?;
-            touched.push((r.shard.clone(), f));
+        let f = shards.get(&path)?;
+        read_region_into(f, &path, p.offset, p.len, &mut old)?;
+        undo.raw_into(i, &mut buf)?;
+        if old != buf {
+            return Err(Error::Integrity {
+                msg: format!("{} in {} changed after the undo journal was written", r.tensor, r.shard),
+            });
         }
-        let f = &touched.iter().find(|(s, _)| s == &r.shard).expect("opened").1;
-        f.write_all_at(&new, p.offset).at(&path)?;
+        p.new_bytes_into(&old, &mut buf)?;
+        f.write_all_at(&buf, p.offset).at(&path)?;
         crash_point("patch-region");
     }
-    for (s, f) in &touched {
-        f.sync_all().at(dir.join(s))?;
-    }
-    Ok(())
+    shards.sync_all()
 }
 
 /// Re-reads every region of `dir` and checks its hash (`after` or `before`).
@@ -247,22 +297,18 @@ fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
     recover_locked(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     let plans = plan(&ckpt, deltas)?;
+    let log = read_bundle(dir, true)?;
+    let batch = next_batch(&log);
     for p in &plans {
         check_writable_in_place(&ckpt, &ckpt.shards[p.shard])?;
     }
-    let log = read_bundle(dir, true)?;
-    let batch = next_batch(&log);
-    let regions = regions_for(&ckpt, &plans)?;
 
     let journal = journal_path(dir);
-    write_undo(&journal, batch, &regions, |i| {
-        read_region(&dir.join(&regions[i].shard), regions[i].offset, regions[i].len)
-    })?;
+    let regions = write_journal(&ckpt, &plans, &journal, batch)?;
     crash_point("journal-written");
     let result = (|| {
-        write_regions(dir, dir, &plans, &regions)?;
+        patch_from_journal(dir, &plans, &regions, &journal)?;
         crash_point("patched");
-        verify(dir, &regions, true)?;
         let mut records = log.clone();
         records.extend(new_records(deltas, batch));
         write_bundle(dir, &records)?;
@@ -320,12 +366,12 @@ fn restore(dir: &Path, undo: &Undo) -> Result<()> {
             continue;
         }
         let orig = undo.original(i)?;
+        if !touched.contains(&path) {
+            touched.push(path.clone());
+        }
         let f = OpenOptions::new().write(true).open(&path).at(&path)?;
         f.write_all_at(&orig, r.offset).at(&path)?;
         crash_point("restore-region");
-        if !touched.contains(&path) {
-            touched.push(path);
-        }
     }
     for p in &touched {
         File::open(p).and_then(|f| f.sync_all()).at(p)?;
@@ -585,7 +631,7 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(src, true)?;
     let batch = next_batch(&log);
-    let regions = regions_for(&ckpt, &plans)?;
+    let mut regions = region_slots(&ckpt, &plans);
 
     let (partial, part_lock) = claim_partial(out)?;
     let result = (|| {
@@ -600,11 +646,23 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
             synced_dirs.insert(parent);
         }
         crash_point("copied");
-        write_regions(src, &partial, &plans, &regions)?;
+        // One pass: read each region from the copied shard, compute the new bytes, hash both
+        // (in parallel), write the new bytes into the copy and stream the old into its undo file.
+        let upath = undo_path(&partial, batch);
         fs::create_dir_all(undo_dir(&partial)).at(undo_dir(&partial))?;
-        write_undo(&undo_path(&partial, batch), batch, &regions, |i| {
-            read_region(&src.join(&regions[i].shard), regions[i].offset, regions[i].len)
+        let mut shards = OpenShards::new(true);
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        write_undo(&upath, batch, &mut regions, |i, w| {
+            let p = &plans[i];
+            let path = partial.join(&ckpt.shards[p.shard].file);
+            let f = shards.get(&path)?;
+            read_region_into(f, &path, p.offset, p.len, &mut old)?;
+            let hashes = p.compute_and_hash(&old, &mut new)?;
+            f.write_all_at(&new, p.offset).at(&path)?;
+            w.write_all(&old).at(&upath)?;
+            Ok(hashes)
         })?;
+        shards.sync_all()?;
         let mut records = log.clone();
         records.extend(new_records(deltas, batch));
         write_bundle(&partial, &records)?;
@@ -618,7 +676,6 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
             fsync_dir(d)?;
         }
         fsync_dir(&partial)?;
-        verify(&partial, &regions, true)?;
         crash_point("copy-ready");
         if out.exists() {
             return Err(Error::io(

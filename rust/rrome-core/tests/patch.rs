@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rrome_core::deltas::{read_bundle, Delta, Layout};
 use rrome_core::dtype::{decode_f32, encode_f32, Dtype};
-use rrome_core::journal::journal_path;
+use rrome_core::journal::{journal_path, sha256_hex, undo_path, Undo};
 use rrome_core::patch::{apply_deltas, inspect, recover, revert};
 use rrome_core::safetensors_header::{self, Header, TensorData};
 use rrome_core::Error;
@@ -201,6 +201,25 @@ fn symlinked_and_hardlinked_shards_are_not_edited_in_place() {
     fs::hard_link(outside.path().join("real.safetensors"), dir2.path().join("model.safetensors")).unwrap();
     let err = apply_deltas(dir2.path(), &[d], None).unwrap_err();
     assert!(err.to_string().contains("hard links"), "{err}");
+}
+
+#[test]
+fn undo_file_holds_the_real_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let shard = dir.path().join("s2.safetensors");
+    let (h, data) = safetensors_header::read_all(&shard).unwrap();
+    let t = h.get("b.weight").unwrap();
+    let old = data[t.begin as usize..t.end as usize].to_vec();
+    apply_deltas(dir.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], None).unwrap();
+    let undo = Undo::read(&undo_path(dir.path(), 1)).unwrap();
+    assert_eq!(undo.regions.len(), 1);
+    let r = &undo.regions[0];
+    let (_, now) = safetensors_header::read_all(&shard).unwrap();
+    assert_eq!(r.sha_before, sha256_hex(&old));
+    assert_eq!(r.sha_after, sha256_hex(&now[t.begin as usize..t.end as usize]));
+    assert_ne!(r.sha_before, r.sha_after);
+    assert_eq!(undo.original(0).unwrap(), old);
 }
 
 #[test]
