@@ -9,8 +9,9 @@
 use std::path::Path;
 
 use faer::linalg::matmul::matmul;
-use faer::reborrow::ReborrowMut;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -26,25 +27,55 @@ const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
 /// Rows converted to f64 at a time (bounds the scratch buffer to `CHUNK × d` f64).
 const CHUNK: usize = 1024;
 
-/// Width below which a diagonal block is updated with one full gemm.
-const LEAF: usize = 128;
+/// Side of the square tiles of the lower triangle; each tile is one single-threaded gemm.
+const TILE: usize = 512;
 
-/// acc += Kᵀ K on the lower triangle (plus the upper half of small diagonal blocks).
+/// acc += Kᵀ K on the lower triangle (diagonal included).
 ///
-/// Recursive: split the columns in two halves; the off-diagonal block is one large gemm, the
-/// two diagonal blocks recurse down to `LEAF` columns, where a full small gemm is done. About
-/// half the flops of a full product, almost all of them in large, efficient gemm calls.
-fn lower_update(mut acc: MatMut<'_, f64>, k: MatRef<'_, f64>) {
+/// The lower triangle is cut into `TILE × TILE` tiles; an off-diagonal tile is one full gemm
+/// and a diagonal tile a gemm that writes only its lower triangle, so the flops are those of
+/// the triangle. The tiles run in parallel on rayon's pool, each gemm on one thread: equal,
+/// independent pieces of work keep both cores busy at the gemm's full single-thread rate,
+/// where splitting each (often small) gemm across threads did not.
+fn lower_update(acc: MatMut<'_, f64>, k: MatRef<'_, f64>) {
     let d = k.ncols();
-    if d <= LEAF {
-        matmul(acc, Accum::Add, k.transpose(), k, 1.0, Par::rayon(0));
-        return;
+    let mut tiles = Vec::new();
+    let mut rest = acc;
+    let mut c0 = 0;
+    while c0 < d {
+        let w = TILE.min(d - c0);
+        let (block, right) = rest.split_at_col_mut(w);
+        rest = right;
+        // Rows c0.. of this column block: the diagonal tile first, then the ones below it.
+        let (_, mut below) = block.split_at_row_mut(c0);
+        let mut r0 = c0;
+        while r0 < d {
+            let h = TILE.min(d - r0);
+            let (tile, next) = below.split_at_row_mut(h);
+            below = next;
+            tiles.push((tile, r0, c0));
+            r0 += h;
+        }
+        c0 += w;
     }
-    let h = d / 2;
-    let (k_lo, k_hi) = (k.subcols(0, h), k.subcols(h, d - h));
-    matmul(acc.rb_mut().submatrix_mut(h, 0, d - h, h), Accum::Add, k_hi.transpose(), k_lo, 1.0, Par::rayon(0));
-    lower_update(acc.rb_mut().submatrix_mut(0, 0, h, h), k_lo);
-    lower_update(acc.submatrix_mut(h, h, d - h, d - h), k_hi);
+    tiles.into_par_iter().for_each(|(tile, r0, c0)| {
+        let (lhs, rhs) = (k.subcols(r0, tile.nrows()).transpose(), k.subcols(c0, tile.ncols()));
+        if r0 == c0 {
+            triangular::matmul(
+                tile,
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                lhs,
+                BlockStructure::Rectangular,
+                rhs,
+                BlockStructure::Rectangular,
+                1.0,
+                Par::Seq,
+            );
+        } else {
+            matmul(tile, Accum::Add, lhs, rhs, 1.0, Par::Seq);
+        }
+    });
 }
 
 /// Accumulator of Σ k kᵀ over keys of width `d`, in f64.
@@ -292,9 +323,9 @@ mod tests {
     }
 
     #[test]
-    fn matches_naive_sum_across_recursion() {
-        // d > LEAF exercises the recursion, with halves of unequal width.
-        let d = 3 * LEAF + 37;
+    fn matches_naive_sum_across_tiles() {
+        // d > TILE exercises the tiling, with a last tile narrower than the others.
+        let d = TILE + 37;
         let mut seed = 11;
         let keys: Vec<f32> = (0..40 * d).map(|_| lcg(&mut seed)).collect();
         let mut m = SecondMoment::new(d).unwrap();
