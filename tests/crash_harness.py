@@ -128,6 +128,23 @@ def make_deltas(seed: int = 11) -> list[rrome.Delta]:
     return out
 
 
+# The one tensor edited by ``copy_delta``: a copy made with it changes only the last shard and
+# may share the other two with its source by hard link.
+COPY_TENSOR = "layers.2.mlp.c_proj.weight"
+COPY_SHARD = TENSORS[COPY_TENSOR][2]
+
+
+def copy_delta(seed: int = 3) -> rrome.Delta:
+    """One delta on ``COPY_TENSOR`` only."""
+    rng = np.random.default_rng(seed)
+    _, shape, _ = TENSORS[COPY_TENSOR]
+    layout = EDITED[COPY_TENSOR]
+    d_out, d_in = shape if layout == "out_in" else shape[::-1]
+    u = (rng.standard_normal(d_in) * 0.05).astype(np.float32)
+    r = (rng.standard_normal(d_out) * 0.05).astype(np.float32)
+    return rrome.Delta(COPY_TENSOR, u, r, layout=layout)
+
+
 # --- processes ---------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from _helpers import (
     shard_of,
     without_lock,
 )
+from crash_harness import COPY_SHARD, build_checkpoint, copy_delta, make_deltas
 
 import rrome
 
@@ -288,3 +289,74 @@ def test_crash_during_copy(case: Case, tmp_path: Path, step: str, source: str) -
     assert leftovers(out) == []
     assert rrome.revert(out, all=True)[-1] == 1
     assert shard_hashes(out) == case.shards_old
+
+
+# --- un-sharing a hard-linked shard before an in-place write ----------------------------------
+
+# Steps of giving a shard that a copy shares by hard link an inode of its own: the private copy
+# is written and flushed beside it ("unshare-copied"), then renamed over it ("unshared").
+UNSHARE_STEPS = ["unshare-copied", "unshared"]
+
+
+def _shared_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A synthetic source and a copy of it made with --out that shares two of its three shards."""
+    src = build_checkpoint(tmp_path / "src")
+    out = tmp_path / "copy"
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+    shared = [s for s in shard_hashes(src) if s != COPY_SHARD]
+    assert shared and all((src / s).samefile(out / s) for s in shared)
+    return src, out
+
+
+@pytest.mark.parametrize("edit", ["copy", "source"])
+@pytest.mark.parametrize("step", UNSHARE_STEPS)
+def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str) -> None:
+    src, out = _shared_pair(tmp_path)
+    edited, other = (out, src) if edit == "copy" else (src, out)
+    bundle = tmp_path / "bundle"
+    rrome.save_deltas(bundle, make_deltas())
+    before_edited = without_lock(file_hashes(edited))
+    before_other = without_lock(file_hashes(other))
+
+    crash("apply-deltas", bundle, edited, step=step)
+    tmp_left = [p.name for p in edited.iterdir() if ".rrome-tmp-" in p.name]
+    assert bool(tmp_left) == (step == "unshare-copied"), tmp_left
+    # Nothing but the inode of one shard may have changed: the bytes are all as they were.
+    assert without_lock(file_hashes(other)) == before_other
+    assert {k: v for k, v in without_lock(file_hashes(edited)).items() if ".rrome-tmp-" not in k} == before_edited
+
+    out_text = recover_cli(edited)
+    assert ("removed unfinished temporary file" in out_text) == (step == "unshare-copied")
+    assert leftovers(edited) == [] and leftovers(other) == []
+    assert without_lock(file_hashes(edited)) == before_edited
+    assert without_lock(file_hashes(other)) == before_other
+    assert rrome.inspect(edited)["pending"] == []
+
+    # The next apply un-shares what is still shared and edits only its own folder.
+    proc = run_cli("apply-deltas", bundle, edited)
+    assert proc.returncode == 0, proc.stderr
+    assert without_lock(file_hashes(other)) == before_other
+    assert shard_hashes(edited) != {k: before_edited[k] for k in shard_hashes(edited)}
+    assert leftovers(edited) == []
+
+
+@pytest.mark.parametrize("step", UNSHARE_STEPS)
+def test_crash_while_unsharing_during_revert(tmp_path: Path, step: str) -> None:
+    src = build_checkpoint(tmp_path / "src")
+    pristine = shard_hashes(src)
+    rrome.apply_deltas(src, make_deltas())  # batch 1 in place
+    out = tmp_path / "copy"
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out)  # shares the shards batch 1 changed
+    assert any((src / s).samefile(out / s) for s in pristine if s != COPY_SHARD)
+    before_out = without_lock(file_hashes(out))
+
+    crash("revert", src, step=step)
+    assert rrome.inspect(src)["pending"], "an interrupted revert must be reported as pending"
+    assert without_lock(file_hashes(out)) == before_out
+    recover_cli(src)
+    assert shard_hashes(src) == pristine
+    assert_log(src, [])
+    assert leftovers(src) == []
+    assert without_lock(file_hashes(out)) == before_out
+    assert rrome.revert(out, all=True) == [2, 1]
+    assert shard_hashes(out) == pristine

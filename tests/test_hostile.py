@@ -300,19 +300,17 @@ def test_hostile_index(case: str, sharded: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "copy").exists()
 
 
-@pytest.mark.parametrize("how", ["symlink", "symlinked folder", "hard link"])
+@pytest.mark.parametrize("how", ["symlink", "symlinked folder"])
 def test_shard_links_out_of_the_folder_are_not_written(how: str, sharded: Path, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.move(sharded / "a.safetensors", outside / "a.safetensors")
     if how == "symlink":
         (sharded / "a.safetensors").symlink_to(outside / "a.safetensors")
-    elif how == "symlinked folder":
-        (sharded / "a.safetensors").symlink_to(Path("..") / "elsewhere" / "a.safetensors")
     else:
-        os.link(outside / "a.safetensors", sharded / "a.safetensors")
+        (sharded / "a.safetensors").symlink_to(Path("..") / "elsewhere" / "a.safetensors")
     before = snapshot(tmp_path)
-    with pytest.raises(rrome.CheckpointError, match="outside the model folder" if "sym" in how else "hard links"):
+    with pytest.raises(rrome.CheckpointError, match="outside the model folder"):
         rrome.apply_deltas(sharded, [DELTA])
     assert_untouched(before, snapshot(tmp_path), sharded)
     # Reading through the link (e.g. a Hugging Face cache snapshot) and editing a copy are fine.
@@ -320,6 +318,24 @@ def test_shard_links_out_of_the_folder_are_not_written(how: str, sharded: Path, 
     rrome.apply_deltas(sharded, [DELTA], out_dir=tmp_path / "copy")
     assert not (tmp_path / "copy" / "a.safetensors").is_symlink()
     assert (outside / "a.safetensors").read_bytes() == before[str(outside / "a.safetensors")][0]
+
+
+def test_hard_linked_shard_is_unshared_not_written_through(sharded: Path, tmp_path: Path) -> None:
+    # A shard with another hard link (outside the folder here) gets an inode of its own before
+    # the in-place edit: the other name keeps its bytes and its modification time.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(sharded / "a.safetensors", outside / "a.safetensors")
+    os.link(outside / "a.safetensors", sharded / "a.safetensors")
+    before = snapshot(outside)
+    rrome.apply_deltas(sharded, [DELTA])
+    assert_untouched(before, snapshot(outside), sharded)
+    assert os.stat(outside / "a.safetensors").st_nlink == 1
+    assert not (sharded / "a.safetensors").samefile(outside / "a.safetensors")
+    assert (sharded / "a.safetensors").read_bytes() != before[str(outside / "a.safetensors")][0]
+    assert not [p.name for p in sharded.iterdir() if ".rrome-tmp-" in p.name]
+    rrome.revert(sharded)
+    assert (sharded / "a.safetensors").read_bytes() == before[str(outside / "a.safetensors")][0]
 
 
 # --- full disks and read-only files ---------------------------------------------------------

@@ -3,9 +3,12 @@
 //! A file that other processes may read (statistics, edit logs, deltas bundles) is never
 //! written in place: it is written to a temporary sibling, flushed to disk, renamed over the
 //! target and the folder is flushed, so a reader or a crash sees the old file or the new one.
+//! A shard shared by hard link with another folder is given an inode of its own the same way
+//! ([`unshare`]) before anything writes into it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -70,5 +73,50 @@ pub fn remove_if_exists(path: &Path) -> Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Gives `path` an inode of its own when it shares one with other hard links, so that writing
+/// into it cannot change the other names. The content is copied to the temporary sibling
+/// (which recovery removes after a crash), flushed, renamed over `path`, and the folder is
+/// flushed: a crash leaves either the shared file or the private copy, byte for byte equal.
+/// The other links keep the original inode untouched. Returns whether a copy was made.
+pub fn unshare(path: &Path) -> Result<bool> {
+    if fs::metadata(path).at(path)?.nlink() <= 1 {
+        return Ok(false);
+    }
+    let tmp = tmp_sibling(path);
+    let result = (|| {
+        // fs::copy carries the permission bits over; the copy is flushed before the rename.
+        fs::copy(path, &tmp).at(&tmp)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
+        crash_point("unshare-copied");
+        fs::rename(&tmp, path).at(path)?;
+        fsync_dir(&parent_of(path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    crash_point("unshared");
+    Ok(true)
+}
+
+/// Puts `from` (symbolic links followed) at `to`, sharing its inode by hard link where the
+/// filesystem allows and copying it otherwise. Returns whether it was linked.
+///
+/// Only for files that no rrome writer changes through an existing inode while it has other
+/// links: in-place writers [`unshare`] a file first, and every other writer replaces files by
+/// rename.
+pub fn link_or_copy(from: &Path, to: &Path) -> Result<bool> {
+    let real = fs::canonicalize(from).at(from)?;
+    match fs::hard_link(&real, to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::io(to, e)),
+        // Across filesystems, without permission, or on a filesystem without links: copy.
+        Err(_) => {
+            fs::copy(&real, to).at(to)?;
+            Ok(false)
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! In place, under the folder's exclusive lock:
 //! 1. finish or roll back whatever an earlier crashed run left (see [`recover`]);
-//! 2. validate the checkpoint and every delta;
+//! 2. validate the checkpoint and every delta; give any edited shard that shares its inode with
+//!    other hard links (a copy made with `out_dir`) an inode of its own ([`unshare`]);
 //! 3. write the undo journal: stream each region's original bytes into it while the new bytes
 //!    are computed and both are hashed (in parallel), fill the hashes into its header, fsync,
 //!    rename into place (a region is read and hashed once here, and nothing touches a shard);
@@ -17,12 +18,16 @@
 //! recovery step checks hashes first, so running it twice is harmless.
 //!
 //! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced
-//! and renamed into place at the end, so the destination is complete or absent.
+//! and renamed into place at the end, so the destination is complete or absent. Shards that no
+//! delta touches (and committed undo files, which are only ever replaced, never rewritten) are
+//! hard links to the source's files where the filesystem allows; an in-place write on either
+//! side un-shares a shard before it changes a byte of it, so neither folder ever writes through
+//! the other's file.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,7 +36,7 @@ use serde_json::{json, Value};
 use crate::checkpoint::{Checkpoint, Shard};
 use crate::deltas::{read_bundle, write_bundle, Delta, Record, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{crash_point, fsync_dir, parent_of, remove_if_exists};
+use crate::fsutil::{crash_point, fsync_dir, link_or_copy, parent_of, remove_if_exists, unshare};
 use crate::journal::{
     journal_path, read_region, read_region_into, sha256_hex, undo_dir, undo_path, write_undo, Region, Undo,
 };
@@ -168,8 +173,9 @@ fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
     Ok(plans)
 }
 
-/// Refuses to write through a shard that is a link out of the folder or has other hard links.
-fn check_writable_in_place(ckpt: &Checkpoint, shard: &Shard) -> Result<()> {
+/// Refuses to write through a shard that is a link out of the folder; returns the file it
+/// resolves to.
+fn check_writable_in_place(ckpt: &Checkpoint, shard: &Shard) -> Result<PathBuf> {
     let root = fs::canonicalize(&ckpt.dir).at(&ckpt.dir)?;
     let real = fs::canonicalize(&shard.path).at(&shard.path)?;
     if real.parent() != Some(root.as_path()) {
@@ -178,12 +184,33 @@ fn check_writable_in_place(ckpt: &Checkpoint, shard: &Shard) -> Result<()> {
             format!("resolves to {} outside the model folder; edit a copy with --out instead", real.display()),
         ));
     }
-    let nlink = fs::metadata(&real).at(&real)?.nlink();
-    if nlink > 1 {
-        return Err(Error::checkpoint(
-            &shard.path,
-            format!("has {nlink} hard links; editing it in place would change the other copies too; use --out"),
-        ));
+    Ok(real)
+}
+
+/// Makes every shard the plans write safe to write in place: all are checked first (nothing
+/// changes when one is refused), then a shard with other hard links gets an inode of its own,
+/// so the other names (another folder's copy) keep their bytes.
+fn own_shards(ckpt: &Checkpoint, plans: &[Plan]) -> Result<()> {
+    let mut reals: Vec<PathBuf> = Vec::new();
+    for p in plans {
+        let real = check_writable_in_place(ckpt, &ckpt.shards[p.shard])?;
+        if !reals.contains(&real) {
+            reals.push(real);
+        }
+    }
+    for real in &reals {
+        unshare(real)?;
+    }
+    Ok(())
+}
+
+/// Before a restore writes into `path`: un-shares it when it is a file of the folder `dir`
+/// with other hard links (a link out of the folder is written through, as it always was).
+fn own_for_restore(dir: &Path, path: &Path) -> Result<()> {
+    let root = fs::canonicalize(dir).at(dir)?;
+    let real = fs::canonicalize(path).at(path)?;
+    if real.parent() == Some(root.as_path()) {
+        unshare(&real)?;
     }
     Ok(())
 }
@@ -299,9 +326,7 @@ fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(dir, true)?;
     let batch = next_batch(&log);
-    for p in &plans {
-        check_writable_in_place(&ckpt, &ckpt.shards[p.shard])?;
-    }
+    own_shards(&ckpt, &plans)?;
 
     let journal = journal_path(dir);
     let regions = write_journal(&ckpt, &plans, &journal, batch)?;
@@ -367,6 +392,7 @@ fn restore(dir: &Path, undo: &Undo) -> Result<()> {
         }
         let orig = undo.original(i)?;
         if !touched.contains(&path) {
+            own_for_restore(dir, &path)?;
             touched.push(path.clone());
         }
         let f = OpenOptions::new().write(true).open(&path).at(&path)?;
@@ -632,6 +658,14 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
     let log = read_bundle(src, true)?;
     let batch = next_batch(&log);
     let mut regions = region_slots(&ckpt, &plans);
+    // Files the copy may share with the source by hard link: shards no delta touches, and
+    // committed undo files (rrome only ever replaces or removes those, never rewrites them).
+    let edited: HashSet<PathBuf> = regions.iter().map(|r| PathBuf::from(&r.shard)).collect();
+    let shareable = |rel: &Path| -> bool {
+        let name = rel.to_string_lossy();
+        let untouched_shard = ckpt.shards.iter().any(|s| Path::new(&s.file) == rel) && !edited.contains(rel);
+        untouched_shard || (parent_of(rel) == Path::new(STATE_DIR).join("undo") && name.ends_with(".safetensors"))
+    };
 
     let (partial, part_lock) = claim_partial(out)?;
     let result = (|| {
@@ -642,7 +676,11 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
             let to = partial.join(rel);
             let parent = parent_of(&to);
             fs::create_dir_all(&parent).at(&parent)?;
-            fs::copy(&from, &to).at(&to)?;
+            if shareable(rel) {
+                link_or_copy(&from, &to)?;
+            } else {
+                fs::copy(&from, &to).at(&to)?;
+            }
             synced_dirs.insert(parent);
         }
         crash_point("copied");

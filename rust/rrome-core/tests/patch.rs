@@ -1,6 +1,7 @@
 //! End-to-end tests of the shard writer on synthetic checkpoints (no Python involved).
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use rrome_core::deltas::{read_bundle, Delta, Layout};
@@ -176,7 +177,7 @@ fn hostile_index_is_refused() {
 }
 
 #[test]
-fn symlinked_and_hardlinked_shards_are_not_edited_in_place() {
+fn symlinked_shards_are_not_edited_in_place_and_hardlinked_ones_are_unshared() {
     let outside = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_shard(&outside.path().join("real.safetensors"), &[("w", Dtype::F32, vec![2, 2], values(4, 0.0))]);
@@ -197,10 +198,54 @@ fn symlinked_and_hardlinked_shards_are_not_edited_in_place() {
     assert!(!fs::symlink_metadata(out.join("model.safetensors")).unwrap().file_type().is_symlink());
     assert_eq!(read_tensor(outside.path(), "real.safetensors", "w"), values(4, 0.0));
 
+    // A hard link is given an inode of its own before the edit: the other name keeps its bytes.
     let dir2 = tempfile::tempdir().unwrap();
-    fs::hard_link(outside.path().join("real.safetensors"), dir2.path().join("model.safetensors")).unwrap();
-    let err = apply_deltas(dir2.path(), &[d], None).unwrap_err();
-    assert!(err.to_string().contains("hard links"), "{err}");
+    let real = outside.path().join("real.safetensors");
+    let real_bytes = fs::read(&real).unwrap();
+    fs::hard_link(&real, dir2.path().join("model.safetensors")).unwrap();
+    apply_deltas(dir2.path(), std::slice::from_ref(&d), None).unwrap();
+    assert_eq!(fs::read(&real).unwrap(), real_bytes);
+    assert_eq!(fs::metadata(&real).unwrap().nlink(), 1);
+    assert_eq!(fs::metadata(dir2.path().join("model.safetensors")).unwrap().nlink(), 1);
+    assert_ne!(read_tensor(dir2.path(), "model.safetensors", "w"), values(4, 0.0));
+    assert!(leftover_tmp(dir2.path()).is_empty());
+    revert(dir2.path(), false).unwrap();
+    assert_eq!(fs::read(dir2.path().join("model.safetensors")).unwrap(), real_bytes);
+}
+
+fn leftover_tmp(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".rrome-tmp-"))
+        .collect()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (ma, mb) = (fs::metadata(a).unwrap(), fs::metadata(b).unwrap());
+    (ma.dev(), ma.ino()) == (mb.dev(), mb.ino())
+}
+
+#[test]
+fn copy_shares_untouched_shards_and_undo_files_by_hard_link() {
+    let src = tempfile::tempdir().unwrap();
+    sharded_model(src.path());
+    // Batch 1 in place gives the source an undo file.
+    apply_deltas(src.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
+    let before = snapshot(src.path());
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("edited");
+    let rep = apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    assert_eq!(rep.batch, 2);
+    assert_eq!(snapshot(src.path()), before);
+    // The edited shard is a file of its own; the untouched shard and the undo file are shared.
+    assert!(!same_file(&src.path().join("s2.safetensors"), &out.join("s2.safetensors")));
+    assert!(same_file(&src.path().join("s1.safetensors"), &out.join("s1.safetensors")));
+    let undo1 = ".rrome/undo/batch-000001.safetensors";
+    assert!(same_file(&src.path().join(undo1), &out.join(undo1)));
+    // Small side files are copied.
+    assert!(!same_file(&src.path().join("config.json"), &out.join("config.json")));
+    assert_ne!(read_tensor(&out, "s2.safetensors", "b.weight"), values(12, 3.0));
 }
 
 #[test]
@@ -220,6 +265,51 @@ fn undo_file_holds_the_real_hashes() {
     assert_eq!(r.sha_after, sha256_hex(&now[t.begin as usize..t.end as usize]));
     assert_ne!(r.sha_before, r.sha_after);
     assert_eq!(undo.original(0).unwrap(), old);
+}
+
+#[test]
+fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
+    let src = tempfile::tempdir().unwrap();
+    sharded_model(src.path());
+    let pristine = snapshot(src.path());
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("edited");
+    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    let (s1_src, s1_out) = (src.path().join("s1.safetensors"), out.join("s1.safetensors"));
+    assert!(same_file(&s1_src, &s1_out));
+    let out_before = fs::read(&s1_out).unwrap();
+
+    // Editing the copy's shared shard: the source keeps its bytes.
+    apply_deltas(&out, &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
+    assert!(!same_file(&s1_src, &s1_out));
+    assert_eq!(snapshot(src.path()), pristine);
+    assert_ne!(fs::read(&s1_out).unwrap(), out_before);
+    assert!(leftover_tmp(&out).is_empty());
+    assert_eq!(revert(&out, true).unwrap(), vec![2, 1]);
+    assert_eq!(fs::read(&s1_out).unwrap(), out_before);
+
+    // Editing the source's shared shard: the copy keeps its bytes.
+    let out2 = parent.path().join("edited2");
+    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out2)).unwrap();
+    let out2_before = snapshot(&out2);
+    assert!(same_file(&s1_src, &out2.join("s1.safetensors")));
+    apply_deltas(src.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
+    assert_ne!(fs::read(&s1_src).unwrap(), pristine.iter().find(|(n, _)| n == "s1.safetensors").unwrap().1);
+    assert_eq!(snapshot(&out2), out2_before);
+
+    // A revert in the source of a shard that a later copy shares: the copy keeps the edit.
+    let out3 = parent.path().join("edited3");
+    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out3)).unwrap();
+    assert!(same_file(&s1_src, &out3.join("s1.safetensors")));
+    let out3_before = snapshot(&out3);
+    revert(src.path(), true).unwrap();
+    assert_eq!(snapshot(src.path()), pristine);
+    assert_eq!(snapshot(&out3), out3_before);
+    // The copy still reverts exactly, through its own undo files.
+    assert_eq!(revert(&out3, true).unwrap(), vec![2, 1]);
+    for (name, bytes) in &pristine {
+        assert_eq!(&fs::read(out3.join(name)).unwrap(), bytes, "{name}");
+    }
 }
 
 #[test]
