@@ -302,7 +302,7 @@ def _shared_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A synthetic source and a copy of it made with --out that shares two of its three shards."""
     src = build_checkpoint(tmp_path / "src")
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
     shared = [s for s in shard_hashes(src) if s != COPY_SHARD]
     assert shared and all((src / s).samefile(out / s) for s in shared)
     return src, out
@@ -346,7 +346,7 @@ def test_crash_while_unsharing_during_revert(tmp_path: Path, step: str) -> None:
     pristine = shard_hashes(src)
     rrome.apply_deltas(src, make_deltas())  # batch 1 in place
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out)  # shares the shards batch 1 changed
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)  # shares the shards batch 1 changed
     assert any((src / s).samefile(out / s) for s in pristine if s != COPY_SHARD)
     before_out = without_lock(file_hashes(out))
 

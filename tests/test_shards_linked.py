@@ -1,4 +1,5 @@
-"""A copy made with ``--out`` shares the shards no delta touches with its source, by hard link.
+"""A copy made with ``--out --link-untouched`` shares the shards no delta touches with its
+source, by hard link (a plain ``--out`` copy shares nothing).
 
 That is only safe because no in-place write goes through a shared inode: an in-place apply
 (or revert) that must change a shard with other hard links first gives it an inode of its
@@ -37,7 +38,7 @@ def src(tmp_path: Path) -> Path:
 def test_copy_links_untouched_shards_and_copies_edited_ones(src: Path, tmp_path: Path) -> None:
     before = without_lock(file_hashes(src))
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
     assert without_lock(file_hashes(src)) == before
     for shard in SHARDS:
         assert same_inode(src / shard, out / shard) == (shard != COPY_SHARD), shard
@@ -50,6 +51,33 @@ def test_copy_links_untouched_shards_and_copies_edited_ones(src: Path, tmp_path:
     assert shard_hashes(out) == shard_hashes(src)
 
 
+def test_copy_shares_nothing_by_default(src: Path, tmp_path: Path) -> None:
+    rrome.apply_deltas(src, make_deltas())  # batch 1: the source gets an undo file too
+    out = tmp_path / "copy"
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert any(f.parts[0] == STATE_DIR for f in files)
+    for rel in files:
+        assert os.stat(out / rel).st_nlink == 1, rel
+
+
+def test_cli_link_untouched(src: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rrome.cli import main
+
+    bundle = tmp_path / "bundle"
+    rrome.save_deltas(bundle, [copy_delta()])
+    runner = CliRunner()
+    refused = runner.invoke(main, ["apply-deltas", str(bundle), str(src), "--link-untouched"])
+    assert refused.exit_code == 2 and "--out" in refused.output
+    assert rrome.inspect(src)["edits"] == []
+    out = tmp_path / "copy"
+    done = runner.invoke(main, ["apply-deltas", str(bundle), str(src), "--out", str(out), "--link-untouched"])
+    assert done.exit_code == 0, done.output
+    assert [s for s in SHARDS if (src / s).samefile(out / s)] == [s for s in SHARDS if s != COPY_SHARD]
+
+
 def test_copy_falls_back_to_copying_across_filesystems(src: Path, tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev or not os.access(shm, os.W_OK):
@@ -58,7 +86,7 @@ def test_copy_falls_back_to_copying_across_filesystems(src: Path, tmp_path: Path
     parent.mkdir()
     try:
         out = parent / "copy"
-        rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+        rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
         for shard in SHARDS:
             assert not same_inode(src / shard, out / shard)
             assert os.stat(src / shard).st_nlink == 1
@@ -72,7 +100,7 @@ def test_copy_falls_back_to_copying_across_filesystems(src: Path, tmp_path: Path
 @pytest.mark.parametrize("edit", ["copy", "source"])
 def test_in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone(edit: str, src: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out)
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
     edited, other = (out, src) if edit == "copy" else (src, out)
     other_before = without_lock(file_hashes(other))
     edited_before = shard_hashes(edited)
@@ -94,7 +122,7 @@ def test_revert_of_a_shared_shard_leaves_the_copy_alone(src: Path, tmp_path: Pat
     pristine = shard_hashes(src)
     rrome.apply_deltas(src, make_deltas())  # batch 1 in place, all three shards
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out)  # batch 2 in the copy only
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)  # batch 2 in the copy only
     assert same_inode(src / SHARDS[0], out / SHARDS[0])
     undo1 = Path(STATE_DIR) / "undo" / "batch-000001.safetensors"
     assert same_inode(src / undo1, out / undo1)

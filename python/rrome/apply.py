@@ -392,15 +392,18 @@ class Editor:
         """
         return [self.edit(r) for r in self.check_requests(requests)]
 
-    def save(self, out_dir: str | os.PathLike[str] | None = None) -> ApplyReport | None:
-        """Writes every pending edit into the checkpoint's shards (in place, or to ``out_dir``).
+    def save(
+        self, out_dir: str | os.PathLike[str] | None = None, *, link_untouched: bool = False
+    ) -> ApplyReport | None:
+        """Writes every pending edit into the checkpoint's shards (in place, or to ``out_dir``;
+        ``link_untouched`` as in :func:`rrome.apply_deltas`).
 
         Returns:
             The shard writer's report, or ``None`` when nothing was pending.
         """
         if not self.pending:
             return None
-        report = apply_deltas(self.model_dir, self.pending, out_dir=out_dir)
+        report = apply_deltas(self.model_dir, self.pending, out_dir=out_dir, link_untouched=link_untouched)
         self.pending = []
         return report
 

@@ -50,6 +50,20 @@ def main() -> None:
     """rrome: edit facts in language models with ROME / r-ROME, written straight into safetensors files."""
 
 
+_LINK_UNTOUCHED = click.option(
+    "--link-untouched",
+    is_flag=True,
+    help="With --out: hard-link the shards no edit touches instead of copying them (fast, no extra "
+    "disk). rrome's own later writes un-share a shard first, but another tool that rewrites a shared "
+    "shard in place changes both folders.",
+)
+
+
+def _check_link_untouched(link_untouched: bool, out_dir: Path | None) -> None:
+    if link_untouched and out_dir is None:
+        raise click.UsageError("--link-untouched only applies to a copy: add --out DIR")
+
+
 @main.command("apply-deltas")
 @click.argument("deltas", type=click.Path(path_type=Path))
 @click.argument("model_dir", type=_dir)
@@ -60,8 +74,9 @@ def main() -> None:
     default=None,
     help="Write an edited copy to this new folder instead of editing in place.",
 )
+@_LINK_UNTOUCHED
 @_expected_errors
-def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None) -> None:
+def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_untouched: bool) -> None:
     """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
 
     DELTAS is a folder holding rrome_edits.jsonl and rrome_deltas.safetensors, or the path of
@@ -70,9 +85,10 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None) -> Non
     """
     from rrome.shards import apply_deltas, load_deltas_for
 
+    _check_link_untouched(link_untouched, out_dir)
     batch = [rec.delta for rec in load_deltas_for(deltas, model_dir)]
     t0 = time.perf_counter()
-    rep = apply_deltas(model_dir, batch, out_dir=out_dir)
+    rep = apply_deltas(model_dir, batch, out_dir=out_dir, link_untouched=link_untouched)
     dt = time.perf_counter() - t0
     click.echo(
         f"applied {len(batch)} delta(s) to {len(rep['tensors'])} tensor(s) in {len(rep['shards'])} shard(s) "
@@ -161,6 +177,7 @@ _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 @click.argument("model_dir", type=_dir)
 @click.option("--method", type=_METHODS, default="r-rome", show_default=True, help="Update variant.")
 @click.option("--out", "out_dir", type=_dir, default=None, help="Write an edited copy here instead of in place.")
+@_LINK_UNTOUCHED
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the family's hyperparameters).")
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -184,6 +201,7 @@ def apply_cmd(
     model_dir: Path,
     method: str,
     out_dir: Path | None,
+    link_untouched: bool,
     layer: int | None,
     corpus: Path | None,
     device: str | None,
@@ -207,6 +225,7 @@ def apply_cmd(
     from rrome.edits import load_requests
     from rrome.rome import Method
 
+    _check_link_untouched(link_untouched, out_dir)
     requests = load_requests(edits)
     editor = Editor.from_pretrained(
         model_dir,
@@ -224,7 +243,7 @@ def apply_cmd(
     results = []
     for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):
         results.append(editor.edit(req))
-    rep = editor.save(out_dir)
+    rep = editor.save(out_dir, link_untouched=link_untouched)
     click.echo(f"\n{'case':>8}  {'subject':<24} {'target_new':<14} {'|Δ|':>9} {'P(new) before→after':>21}  steps")
     for r in results:
         case = r.request.case_id or "-"

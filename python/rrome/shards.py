@@ -128,7 +128,13 @@ class ApplyReport(TypedDict):
     bytes_written: int
 
 
-def apply_deltas(model_dir: PathLike, deltas: Iterable[Delta], *, out_dir: PathLike | None = None) -> ApplyReport:
+def apply_deltas(
+    model_dir: PathLike,
+    deltas: Iterable[Delta],
+    *,
+    out_dir: PathLike | None = None,
+    link_untouched: bool = False,
+) -> ApplyReport:
     """Writes a batch of deltas into the checkpoint in ``model_dir`` without loading the model.
 
     Each edited tensor becomes ``round(decode(W) + Σ (scale·r) uᵀ)``: decoded to float32, all
@@ -142,6 +148,12 @@ def apply_deltas(model_dir: PathLike, deltas: Iterable[Delta], *, out_dir: PathL
         model_dir: a folder with ``model.safetensors`` or sharded files and their index.
         deltas: the batch; applied in order.
         out_dir: where to write an edited copy; must not exist yet.
+        link_untouched: with ``out_dir``, hard-link the shards no delta touches (and committed
+            undo files) instead of copying them, where the filesystem allows. Much faster and
+            smaller for large checkpoints, and safe against rrome's own later writes (an
+            in-place apply or revert un-shares a shard before writing it), but a tool other
+            than rrome that rewrites a shared shard in place changes both folders. Off by
+            default: the copy then shares nothing with ``model_dir``.
 
     Returns:
         The batch number, edited tensors and shards, and byte counts.
@@ -158,7 +170,9 @@ def apply_deltas(model_dir: PathLike, deltas: Iterable[Delta], *, out_dir: PathL
             raise DeltaError(f"expected rrome.Delta objects, got {type(d).__name__}")
     raw = [d._raw() for d in batch]
     out = None if out_dir is None else os.fspath(out_dir)
-    return _rust.apply_deltas(os.fspath(model_dir), raw, out)  # type: ignore[return-value]
+    if link_untouched and out is None:
+        raise DeltaError("link_untouched only applies to a copy (out_dir)")
+    return _rust.apply_deltas(os.fspath(model_dir), raw, out, link_untouched)  # type: ignore[return-value]
 
 
 def revert(model_dir: PathLike, *, all: bool = False) -> list[int]:  # noqa: A002 - mirrors the CLI flag

@@ -18,11 +18,11 @@
 //! recovery step checks hashes first, so running it twice is harmless.
 //!
 //! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced
-//! and renamed into place at the end, so the destination is complete or absent. Shards that no
-//! delta touches (and committed undo files, which are only ever replaced, never rewritten) are
-//! hard links to the source's files where the filesystem allows; an in-place write on either
-//! side un-shares a shard before it changes a byte of it, so neither folder ever writes through
-//! the other's file.
+//! and renamed into place at the end, so the destination is complete or absent. With
+//! [`Untouched::HardLink`], shards that no delta touches (and committed undo files, which are
+//! only ever replaced, never rewritten) are hard links to the source's files where the
+//! filesystem allows; an in-place write on either side un-shares a shard before it changes a
+//! byte of it, so neither folder ever writes through the other's file.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -302,15 +302,43 @@ fn verify(dir: &Path, regions: &[Region], after: bool) -> Result<()> {
     Ok(())
 }
 
-/// Applies `deltas` to the checkpoint in `model_dir`, in place or into a new folder `out_dir`.
+/// How a copy made with `out_dir` holds the files that no delta changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Untouched {
+    /// Copied: the two folders share nothing (the default).
+    #[default]
+    Copy,
+    /// Untouched shards and committed undo files are hard links to the source's files (copied
+    /// where the filesystem cannot link). Fast and small, and safe against rrome's own later
+    /// writes (an in-place write un-shares a shard first), but a tool other than rrome that
+    /// rewrites a shared shard in place (opening it for writing rather than replacing it)
+    /// changes both folders.
+    HardLink,
+}
+
+/// Applies `deltas` to the checkpoint in `model_dir`, in place or into a new folder `out_dir`
+/// that shares no file with `model_dir` (see [`apply_deltas_with`]).
 ///
 /// # Errors
 /// Any [`Error`]; on error the model folder is unchanged (in place: rolled back before
 /// returning, or by the next command after a crash) and `out_dir` does not exist.
 pub fn apply_deltas(model_dir: &Path, deltas: &[Delta], out_dir: Option<&Path>) -> Result<ApplyReport> {
+    apply_deltas_with(model_dir, deltas, out_dir, Untouched::Copy)
+}
+
+/// [`apply_deltas`], choosing how a copy holds the files no delta changes (ignored in place).
+///
+/// # Errors
+/// As [`apply_deltas`].
+pub fn apply_deltas_with(
+    model_dir: &Path,
+    deltas: &[Delta],
+    out_dir: Option<&Path>,
+    untouched: Untouched,
+) -> Result<ApplyReport> {
     match out_dir {
         None => apply_in_place(model_dir, deltas),
-        Some(out) => apply_to_copy(model_dir, deltas, out),
+        Some(out) => apply_to_copy(model_dir, deltas, out, untouched),
     }
 }
 
@@ -628,7 +656,7 @@ fn claim_partial(out: &Path) -> Result<(PathBuf, DirLock)> {
     Err(Error::Locked { path: partial, holder: "another rrome process building the same destination".into() })
 }
 
-fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport> {
+fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched) -> Result<ApplyReport> {
     fs::metadata(src).at(src)?;
     if out.exists() {
         return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
@@ -662,6 +690,9 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path) -> Result<ApplyReport
     // committed undo files (rrome only ever replaces or removes those, never rewrites them).
     let edited: HashSet<PathBuf> = regions.iter().map(|r| PathBuf::from(&r.shard)).collect();
     let shareable = |rel: &Path| -> bool {
+        if untouched != Untouched::HardLink {
+            return false;
+        }
         let name = rel.to_string_lossy();
         let untouched_shard = ckpt.shards.iter().any(|s| Path::new(&s.file) == rel) && !edited.contains(rel);
         untouched_shard || (parent_of(rel) == Path::new(STATE_DIR).join("undo") && name.ends_with(".safetensors"))

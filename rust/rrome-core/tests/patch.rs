@@ -7,7 +7,7 @@ use std::path::Path;
 use rrome_core::deltas::{read_bundle, Delta, Layout};
 use rrome_core::dtype::{decode_f32, encode_f32, Dtype};
 use rrome_core::journal::{journal_path, sha256_hex, undo_path, Undo};
-use rrome_core::patch::{apply_deltas, inspect, recover, revert};
+use rrome_core::patch::{apply_deltas, apply_deltas_with, inspect, recover, revert, Untouched};
 use rrome_core::safetensors_header::{self, Header, TensorData};
 use rrome_core::Error;
 
@@ -235,7 +235,9 @@ fn copy_shares_untouched_shards_and_undo_files_by_hard_link() {
     let before = snapshot(src.path());
     let parent = tempfile::tempdir().unwrap();
     let out = parent.path().join("edited");
-    let rep = apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    let rep =
+        apply_deltas_with(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out), Untouched::HardLink)
+            .unwrap();
     assert_eq!(rep.batch, 2);
     assert_eq!(snapshot(src.path()), before);
     // The edited shard is a file of its own; the untouched shard and the undo file are shared.
@@ -274,7 +276,8 @@ fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
     let pristine = snapshot(src.path());
     let parent = tempfile::tempdir().unwrap();
     let out = parent.path().join("edited");
-    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    apply_deltas_with(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out), Untouched::HardLink)
+        .unwrap();
     let (s1_src, s1_out) = (src.path().join("s1.safetensors"), out.join("s1.safetensors"));
     assert!(same_file(&s1_src, &s1_out));
     let out_before = fs::read(&s1_out).unwrap();
@@ -290,7 +293,8 @@ fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
 
     // Editing the source's shared shard: the copy keeps its bytes.
     let out2 = parent.path().join("edited2");
-    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out2)).unwrap();
+    apply_deltas_with(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out2), Untouched::HardLink)
+        .unwrap();
     let out2_before = snapshot(&out2);
     assert!(same_file(&s1_src, &out2.join("s1.safetensors")));
     apply_deltas(src.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
@@ -299,7 +303,8 @@ fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
 
     // A revert in the source of a shard that a later copy shares: the copy keeps the edit.
     let out3 = parent.path().join("edited3");
-    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out3)).unwrap();
+    apply_deltas_with(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out3), Untouched::HardLink)
+        .unwrap();
     assert!(same_file(&s1_src, &out3.join("s1.safetensors")));
     let out3_before = snapshot(&out3);
     revert(src.path(), true).unwrap();
@@ -342,4 +347,18 @@ fn corrupt_shard_header_is_reported() {
     let err = apply_deltas(dir.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap_err();
     assert!(matches!(err, Error::Header { .. }), "{err}");
     assert!(Header::read(&p).is_err());
+}
+
+#[test]
+fn copy_shares_nothing_by_default() {
+    let src = tempfile::tempdir().unwrap();
+    sharded_model(src.path());
+    apply_deltas(src.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("edited");
+    apply_deltas(src.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], Some(&out)).unwrap();
+    for name in ["s1.safetensors", "s2.safetensors", ".rrome/undo/batch-000001.safetensors"] {
+        assert!(!same_file(&src.path().join(name), &out.join(name)), "{name} is shared");
+        assert_eq!(fs::metadata(out.join(name)).unwrap().nlink(), 1, "{name}");
+    }
 }

@@ -354,15 +354,18 @@ fn from_record<'py>(py: Python<'py>, rec: Record) -> PyResult<Bound<'py, PyTuple
 
 /// Applies deltas to a model folder, in place or into `out_dir`. Returns a report dict.
 #[pyfunction]
-#[pyo3(signature = (model_dir, deltas, out_dir = None))]
+#[pyo3(signature = (model_dir, deltas, out_dir = None, link_untouched = false))]
 fn apply_deltas<'py>(
     py: Python<'py>,
     model_dir: PathBuf,
     deltas: Vec<RawDelta<'py>>,
     out_dir: Option<PathBuf>,
+    link_untouched: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let deltas: Vec<Delta> = deltas.into_iter().map(to_delta).collect::<PyResult<_>>()?;
-    let rep = py.detach(|| patch::apply_deltas(&model_dir, &deltas, out_dir.as_deref())).map_err(to_py)?;
+    let untouched = if link_untouched { patch::Untouched::HardLink } else { patch::Untouched::Copy };
+    let rep =
+        py.detach(|| patch::apply_deltas_with(&model_dir, &deltas, out_dir.as_deref(), untouched)).map_err(to_py)?;
     let out = PyDict::new(py);
     out.set_item("batch", rep.batch)?;
     out.set_item("model_dir", rep.model_dir.display().to_string())?;
