@@ -11,8 +11,8 @@ records go to ``bench-results.json``.
 
 Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f32),
 ``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``apply-gpt2m-*``
-(``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy, and in place spread
-over 10 tensors, vs transformers load + W += Δ + save),
+(``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy / to a copy with
+``--link-untouched``, and in place spread over 10 tensors, vs transformers load + W += Δ + save),
 ``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model; skipped with a
 message where it cannot be installed), and ``stats-workers`` when ``benches/stats_workers.py``
 exists. Each record also carries the 1-minute load average at the time it was measured: on
@@ -258,14 +258,17 @@ def bench_apply(work: Path, dtype: str, repeats: int, quick: bool) -> None:
 
     in_place(f"{name}-inplace", bundle, deltas)
 
-    def copy_once() -> float:
+    def copy_once(*flags: str) -> float:
         out = work / "copy-out"
         shutil.rmtree(out, ignore_errors=True)
-        secs, _ = run_measured([*rrome_bin, "apply-deltas", str(bundle), str(src), "--out", str(out)])
+        secs, _ = run_measured([*rrome_bin, "apply-deltas", str(bundle), str(src), "--out", str(out), *flags])
         shutil.rmtree(out)
         return secs
 
+    # A copy that shares nothing (the default), then one that hard-links the untouched shard.
     report(f"{name}-copy", statistics.median(copy_once() for _ in range(repeats)), t_base, params=nparams)
+    linked = statistics.median(copy_once("--link-untouched") for _ in range(repeats))
+    report(f"{name}-copy-link-untouched", linked, t_base, params=nparams)
     # The same 10 deltas spread over 10 layers: ten times the tensor bytes to journal and write.
     in_place(f"{name}-inplace-10tensors", *make_bundle("ten-tensors", spread=True))
     shutil.rmtree(src)
