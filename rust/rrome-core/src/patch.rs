@@ -348,6 +348,10 @@ fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
         fs::metadata(dir).at(dir)?;
         return Err(Error::checkpoint(dir, "is not a folder"));
     }
+    // Refuse a folder that is not a checkpoint, or deltas that do not fit it, before the lock
+    // creates any state inside it (headers are never rewritten, so this read is valid even
+    // with a crashed batch pending); the checks are repeated under the lock.
+    plan(&Checkpoint::open(dir)?, deltas)?;
     let _lock = lock_exclusive(&model_lock_path(dir))?;
     recover_locked(dir)?;
     let ckpt = Checkpoint::open(dir)?;
@@ -512,6 +516,9 @@ fn recover_locked(dir: &Path) -> Result<Vec<String>> {
 /// Recovers a model folder after a crash: takes the lock and finishes or rolls back.
 pub fn recover(dir: &Path) -> Result<Vec<String>> {
     fs::metadata(dir).at(dir)?;
+    if !dir.join(STATE_DIR).is_dir() && remove_tmp_files(dir)?.is_empty() {
+        return Ok(Vec::new()); // rrome never wrote here: nothing to recover, nothing to create
+    }
     let _lock = lock_exclusive(&model_lock_path(dir))?;
     recover_locked(dir)
 }
@@ -539,6 +546,11 @@ fn finish_revert(dir: &Path, batch: u64) -> Result<()> {
 /// [`Error::Integrity`] when an edited tensor changed since the batch was applied.
 pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
     fs::metadata(dir).at(dir)?;
+    if !dir.join(STATE_DIR).is_dir() {
+        // No lock, journal or undo file was ever made here: check it is a checkpoint at all
+        // before creating the lock.
+        Checkpoint::open(dir)?;
+    }
     let _lock = lock_exclusive(&model_lock_path(dir))?;
     // A revert that was interrupted is finished by the recovery; it counts as this one.
     let interrupted = fs::read_to_string(revert_marker(dir))

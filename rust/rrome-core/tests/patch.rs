@@ -362,3 +362,26 @@ fn copy_shares_nothing_by_default() {
         assert_eq!(fs::metadata(out.join(name)).unwrap().nlink(), 1, "{name}");
     }
 }
+
+#[test]
+fn commands_on_a_folder_that_is_not_a_checkpoint_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
+    assert!(apply_deltas(dir.path(), &[delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).is_err());
+    assert!(revert(dir.path(), false).is_err());
+    assert_eq!(recover(dir.path()).unwrap(), Vec::<String>::new());
+    let names: Vec<String> =
+        fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["notes.txt".to_string()]);
+}
+
+#[test]
+fn deltas_that_do_not_fit_create_no_state() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    let err = apply_deltas(dir.path(), &[delta("no.such.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap_err();
+    assert!(err.to_string().contains("no.such.weight"), "{err}");
+    assert!(!dir.path().join(".rrome").exists());
+    assert_eq!(snapshot(dir.path()), before);
+}
