@@ -24,9 +24,105 @@ pub const MOMENTS_FORMAT: &str = "rrome-moments/1";
 /// Metadata keys the file format owns; user metadata cannot override them.
 const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
 
-/// lower += Kᵀ K on the lower triangle of the column-major `d × d` accumulator, for a row-major
-/// `n × d` f32 batch `keys`: the packed AVX2 kernel where the CPU has AVX2 and FMA, faer's gemm
-/// on tiles elsewhere. Both give the same sums up to the order of the f64 additions.
+/// How the lower triangle is stored: in the order the update kernel visits it.
+///
+/// Rows are cut into blocks of [`BLOCK_ROWS`]; block `b` (rows `i0..i1`) holds columns
+/// `0..i1` as tiles of [`TILE_ROWS`] rows × [`TILE_COLS`] columns, column group by column group
+/// (`(i1 - i0).div_ceil(8)` tiles per group, the tile of rows `i0 + 8t..` at slot `t`), each
+/// tile 48 contiguous values, column after column. A block's storage is then one sequential
+/// stream for the kernel, where the column-major d × d matrix it replaces cost a cache and TLB
+/// miss on six distant columns per tile (about 7 % of the update). It also takes about half
+/// the memory (the upper triangle is only stored within the diagonal tiles). Slots above the
+/// diagonal or past `d` stay zero.
+mod layout {
+    /// Rows per block: a multiple of 24 = lcm(8, 6), so that full blocks hold whole tiles.
+    pub const BLOCK_ROWS: usize = 192;
+    pub const TILE_ROWS: usize = 8;
+    pub const TILE_COLS: usize = 6;
+    pub const TILE_LEN: usize = TILE_ROWS * TILE_COLS;
+
+    /// Rows `i0..i1` of block `b`.
+    pub fn rows(d: usize, b: usize) -> (usize, usize) {
+        let i0 = b * BLOCK_ROWS;
+        (i0, (i0 + BLOCK_ROWS).min(d))
+    }
+
+    pub fn blocks(d: usize) -> usize {
+        d.div_ceil(BLOCK_ROWS)
+    }
+
+    /// Tiles per column group in block `b`.
+    pub fn tiles_per_group(d: usize, b: usize) -> usize {
+        let (i0, i1) = rows(d, b);
+        (i1 - i0).div_ceil(TILE_ROWS)
+    }
+
+    /// Values stored for block `b`.
+    pub fn block_len(d: usize, b: usize) -> usize {
+        tiles_per_group(d, b) * rows(d, b).1.div_ceil(TILE_COLS) * TILE_LEN
+    }
+
+    /// Start of block `b`: every block before it is full, (b' + 1) · BLOCK_ROWS² values each.
+    pub fn block_offset(b: usize) -> usize {
+        BLOCK_ROWS * BLOCK_ROWS * (b * (b + 1) / 2)
+    }
+
+    /// Values stored for width `d`, or None if that overflows.
+    pub fn len(d: usize) -> Option<usize> {
+        let last = blocks(d).checked_sub(1)?;
+        // block_offset(last) <= BLOCK_ROWS · d²/2-ish; check the product before computing it.
+        d.checked_mul(d)?.checked_mul(2)?;
+        Some(block_offset(last) + block_len(d, last))
+    }
+
+    /// Where entry (i, j), j <= i < d, is stored.
+    pub fn index(d: usize, i: usize, j: usize) -> usize {
+        debug_assert!(j <= i && i < d);
+        let b = i / BLOCK_ROWS;
+        let i0 = b * BLOCK_ROWS;
+        let slot = (j / TILE_COLS) * tiles_per_group(d, b) + (i - i0) / TILE_ROWS;
+        block_offset(b) + slot * TILE_LEN + (j % TILE_COLS) * TILE_ROWS + (i - i0) % TILE_ROWS
+    }
+
+    /// Calls `f(i, j, index)` for every stored entry of the lower triangle, in storage order.
+    pub fn for_each(d: usize, mut f: impl FnMut(usize, usize, usize)) {
+        for b in 0..blocks(d) {
+            let (i0, i1) = rows(d, b);
+            let per_group = tiles_per_group(d, b);
+            let mut at = block_offset(b);
+            for g in 0..i1.div_ceil(TILE_COLS) {
+                for t in 0..per_group {
+                    for jj in 0..TILE_COLS {
+                        let j = g * TILE_COLS + jj;
+                        for r in 0..TILE_ROWS {
+                            let i = i0 + t * TILE_ROWS + r;
+                            if j <= i && i < i1 {
+                                f(i, j, at + jj * TILE_ROWS + r);
+                            }
+                        }
+                    }
+                    at += TILE_LEN;
+                }
+            }
+        }
+    }
+
+    /// The storage cut into its blocks, with each block's first row.
+    pub fn split_blocks(d: usize, lower: &mut [f64]) -> Vec<(usize, &mut [f64])> {
+        let mut out = Vec::with_capacity(blocks(d));
+        let mut rest = lower;
+        for b in 0..blocks(d) {
+            let (block, tail) = rest.split_at_mut(block_len(d, b));
+            out.push((rows(d, b).0, block));
+            rest = tail;
+        }
+        out
+    }
+}
+
+/// lower += Kᵀ K on the lower triangle (in the [`layout`] order) for a row-major `n × d` f32
+/// batch `keys`: the packed AVX2 kernel where the CPU has AVX2 and FMA, faer's gemm elsewhere.
+/// Both give the same sums up to the order of the f64 additions.
 fn add_keys(lower: &mut [f64], d: usize, keys: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
@@ -39,19 +135,18 @@ fn add_keys(lower: &mut [f64], d: usize, keys: &[f32]) {
 /// Rows converted to f64 at a time by the faer path (bounds its scratch to `CHUNK × d` f64).
 const CHUNK: usize = 1024;
 
-/// Side of the square tiles of the lower triangle in the faer path; each tile is one
-/// single-threaded gemm.
-const TILE: usize = 512;
-
-/// The portable path: widen and transpose `CHUNK` rows at a time, then [`lower_update`].
+/// The portable path: widen and transpose `CHUNK` rows at a time (faer's gemm runs about twice
+/// as fast on a column-major K as on the row-major layout the keys arrive in), then per block
+/// of rows, in parallel: one gemm left of the diagonal and one lower-triangular gemm on it,
+/// single-threaded, into a column-major scratch that is then added into the tiles.
 fn add_keys_faer(lower: &mut [f64], d: usize, keys: &[f32]) {
+    use layout::{TILE_COLS, TILE_LEN, TILE_ROWS};
     let n = keys.len() / d;
     let mut wide = vec![0f64; CHUNK.min(n.max(1)) * d];
+    let mut blocks = layout::split_blocks(d, lower);
     for rows in keys.chunks(CHUNK * d) {
         let m = rows.len() / d;
         let buf = &mut wide[..m * d];
-        // Widen and transpose in one pass: faer's gemm runs about twice as fast on a
-        // column-major K as on the row-major layout the keys arrive in.
         for i0 in (0..m).step_by(64) {
             for j in 0..d {
                 let col = &mut buf[j * m..(j + 1) * m];
@@ -61,75 +156,60 @@ fn add_keys_faer(lower: &mut [f64], d: usize, keys: &[f32]) {
             }
         }
         let k = MatRef::from_column_major_slice(buf, m, d);
-        let acc = MatMut::from_column_major_slice_mut(lower, d, d);
-        lower_update(acc, k);
-    }
-}
-
-/// acc += Kᵀ K on the lower triangle (diagonal included).
-///
-/// The lower triangle is cut into `TILE × TILE` tiles; an off-diagonal tile is one full gemm
-/// and a diagonal tile a gemm that writes only its lower triangle, so the flops are those of
-/// the triangle. The tiles run in parallel on rayon's pool, each gemm on one thread: equal,
-/// independent pieces of work keep both cores busy at the gemm's full single-thread rate,
-/// where splitting each (often small) gemm across threads did not.
-fn lower_update(acc: MatMut<'_, f64>, k: MatRef<'_, f64>) {
-    let d = k.ncols();
-    let mut tiles = Vec::new();
-    let mut rest = acc;
-    let mut c0 = 0;
-    while c0 < d {
-        let w = TILE.min(d - c0);
-        let (block, right) = rest.split_at_col_mut(w);
-        rest = right;
-        // Rows c0.. of this column block: the diagonal tile first, then the ones below it.
-        let (_, mut below) = block.split_at_row_mut(c0);
-        let mut r0 = c0;
-        while r0 < d {
-            let h = TILE.min(d - r0);
-            let (tile, next) = below.split_at_row_mut(h);
-            below = next;
-            tiles.push((tile, r0, c0));
-            r0 += h;
-        }
-        c0 += w;
-    }
-    tiles.into_par_iter().for_each(|(tile, r0, c0)| {
-        let (lhs, rhs) = (k.subcols(r0, tile.nrows()).transpose(), k.subcols(c0, tile.ncols()));
-        if r0 == c0 {
+        blocks.par_iter_mut().for_each(|(i0, block)| {
+            let i0 = *i0;
+            let h = layout::BLOCK_ROWS.min(d - i0);
+            let i1 = i0 + h;
+            let mut scratch = vec![0f64; h * i1];
+            let s = MatMut::from_column_major_slice_mut(&mut scratch, h, i1);
+            let k_rows = k.subcols(i0, h).transpose();
+            let (left, diag) = s.split_at_col_mut(i0);
+            if i0 > 0 {
+                matmul(left, Accum::Replace, k_rows, k.subcols(0, i0), 1.0, Par::Seq);
+            }
             triangular::matmul(
-                tile,
+                diag,
                 BlockStructure::TriangularLower,
-                Accum::Add,
-                lhs,
+                Accum::Replace,
+                k_rows,
                 BlockStructure::Rectangular,
-                rhs,
+                k.subcols(i0, h),
                 BlockStructure::Rectangular,
                 1.0,
                 Par::Seq,
             );
-        } else {
-            matmul(tile, Accum::Add, lhs, rhs, 1.0, Par::Seq);
-        }
-    });
+            let per_group = h.div_ceil(TILE_ROWS);
+            for (slot, tile) in block.chunks_exact_mut(TILE_LEN).enumerate() {
+                let (g, t) = (slot / per_group, slot % per_group);
+                for jj in 0..TILE_COLS {
+                    let j = g * TILE_COLS + jj;
+                    for r in 0..TILE_ROWS {
+                        let i = i0 + t * TILE_ROWS + r;
+                        if j <= i && i < i1 {
+                            tile[jj * TILE_ROWS + r] += scratch[j * h + (i - i0)];
+                        }
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// The lower-triangle update as a packed AVX2 + FMA kernel, reading the f32 keys directly.
 ///
-/// faer's gemm needs the keys widened to f64 and transposed first, and it reached about two
-/// thirds of the f64 FMA peak here; this kernel reaches about 80 % by doing what a gemm does
-/// (pack, then 8 × 6 register tiles) with the symmetric update's own shape:
+/// faer's gemm needs the keys widened to f64 and transposed first, and it reached about 60 %
+/// of the f64 FMA peak here; this kernel does what a gemm does (pack, then 8 × 6 register
+/// tiles) with the symmetric update's own shape:
 ///
 /// - `KC` keys at a time are widened straight into a packed buffer `P` of 4-column panels:
 ///   panel `g` holds columns `4g..4g+4` of those keys, key after key (`P[g][r][0..4]`), zero
 ///   beyond `d`. The same buffer serves both operands of Kᵀ K: eight rows of the accumulator
 ///   are two consecutive panels, six columns are six scalars taken from one or two panels.
-/// - The accumulator's rows are cut into blocks of `MC` rows (their packed panels stay in L2),
-///   one rayon task per block, largest (lowest) blocks first. A block walks its columns six at
-///   a time, left of its diagonal only, and runs the 8 × 6 micro-kernel down the column: twelve
-///   ymm accumulators, two loads and six broadcasts per key, `KC` keys deep, then one add into
-///   the accumulator. Tiles that cross the diagonal or the edge add only their lower, in-bounds
-///   entries.
+/// - Each block of the [`layout`] (192 rows; their panels stay in L2) is one rayon task,
+///   largest (lowest) blocks first. A block walks its column groups left of its diagonal and
+///   runs the 8 × 6 micro-kernel down each: twelve ymm accumulators, two loads and six
+///   broadcasts per key, `KC` keys deep, then one add into the tile (a sequential stream).
+///   Tiles that cross the diagonal or the edge add only their lower, in-bounds entries.
 ///
 /// Each accumulator entry is a sum of exact f64 products (f32 × f32 fits in f64's 53 bits;
 /// an FMA of an exact product rounds exactly like an add), so the result differs from any
@@ -141,16 +221,12 @@ mod avx2 {
         _mm256_storeu_pd,
     };
 
-    use faer::MatMut;
     use rayon::prelude::*;
+
+    use super::layout::{self, TILE_COLS as NR, TILE_LEN, TILE_ROWS as MR};
 
     /// Keys per packed block (the depth of each micro-kernel call).
     const KC: usize = 256;
-    /// Accumulator rows per rayon task; a multiple of the 8-row micro-tile.
-    const MC: usize = 192;
-    /// Micro-tile: MR rows (two 4-wide vectors) × NR columns (broadcasts).
-    const MR: usize = 8;
-    const NR: usize = 6;
     /// Panels packed per rayon task when packing.
     const PACK_PANELS: usize = 16;
 
@@ -158,11 +234,10 @@ mod avx2 {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
-    /// lower += Kᵀ K (lower triangle; column-major `d × d`) for row-major `n × d` f32 keys.
-    /// Call only where [`available`] is true.
+    /// lower += Kᵀ K (lower triangle, [`layout`] order) for row-major `n × d` f32 keys.
     pub(super) fn add_keys(lower: &mut [f64], d: usize, keys: &[f32]) {
         assert!(available(), "the AVX2 moment kernel needs AVX2 and FMA");
-        assert_eq!(lower.len(), d * d);
+        assert_eq!(Some(lower.len()), layout::len(d));
         assert!(keys.len().is_multiple_of(d));
         let n = keys.len() / d;
         if n == 0 {
@@ -170,19 +245,8 @@ mod avx2 {
         }
         // Packed columns: whole 8-row panels and whole 6-column groups (24 = lcm(8, 6, 4)).
         let dp = d.div_ceil(24) * 24;
-        let kc_max = KC.min(n);
-        let mut packed = vec![0f64; dp * kc_max];
-        // Row blocks of the accumulator, as disjoint views (rows i0..i1, all columns).
-        let mut blocks = Vec::with_capacity(d.div_ceil(MC));
-        let mut rest = MatMut::from_column_major_slice_mut(lower, d, d);
-        let mut i0 = 0;
-        while i0 < d {
-            let h = MC.min(d - i0);
-            let (block, below) = rest.split_at_row_mut(h);
-            blocks.push((i0, block));
-            rest = below;
-            i0 += h;
-        }
+        let mut packed = vec![0f64; dp * KC.min(n)];
+        let mut blocks = layout::split_blocks(d, lower);
         blocks.reverse(); // the lowest blocks hold the most work: start them first
         for rows in keys.chunks(KC * d) {
             let kc = rows.len() / d;
@@ -191,8 +255,8 @@ mod avx2 {
             let p: &[f64] = p;
             blocks.par_iter_mut().for_each(|(i0, block)| {
                 // SAFETY: AVX2 and FMA were checked above; `p` holds `dp / 4` panels of `kc`
-                // keys and `block` is rows `i0..i0 + block.nrows()` of the `d × d` accumulator.
-                unsafe { row_block(block.as_mut(), *i0, d, p, kc) }
+                // keys; `block` is the storage of the layout block starting at row `i0`.
+                unsafe { row_block(block, *i0, d, p, kc) }
             });
         }
     }
@@ -219,64 +283,59 @@ mod avx2 {
         });
     }
 
-    /// Adds the packed keys' contribution to rows `i0..i0 + block.nrows()`, columns `0..=row`.
+    /// Adds the packed keys' contribution to the layout block of rows `i0..`.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `p` must hold `d.div_ceil(24) * 6` panels of `kc` keys;
-    /// `i0` must be a multiple of `MR` and `i0 + block.nrows() <= d`.
+    /// `block` must be the storage of the layout block that starts at row `i0`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_block(block: MatMut<'_, f64>, i0: usize, d: usize, p: &[f64], kc: usize) {
-        let i1 = i0 + block.nrows();
-        let cs = block.col_stride();
-        let base = block.as_ptr_mut();
-        let panels = p.len() / (4 * kc);
-        debug_assert!(i0.is_multiple_of(MR) && i1 <= d && panels * 4 >= d.div_ceil(24) * 24);
+    unsafe fn row_block(block: &mut [f64], i0: usize, d: usize, p: &[f64], kc: usize) {
+        let b = i0 / layout::BLOCK_ROWS;
+        let i1 = layout::rows(d, b).1;
+        let per_group = layout::tiles_per_group(d, b);
+        assert!(block.len() == layout::block_len(d, b) && p.len() >= d.div_ceil(24) * 24 * kc);
         let panel = |c: usize| p.as_ptr().wrapping_add((c / 4) * 4 * kc + c % 4);
-        let mut j = 0;
-        while j < i1 {
-            // Column j + jj's keys: every 4th value from panel_ptr(j + jj).
-            let b: [*const f64; NR] = std::array::from_fn(|jj| panel(j + jj));
-            let mut i = i0.max(j / MR * MR);
-            while i < i1 {
-                let a = panel(i);
-                // SAFETY: rows i..i + 8 and columns j..j + 6 lie below dp, so the panels
-                // read (2 from `a`, 6 columns from `b`, `kc` keys each) are inside `p`.
-                let acc = unsafe { micro_kernel(kc, a, &b) };
-                if i + MR <= d && j + NR <= d && i >= j + NR - 1 {
-                    // Whole tile inside the lower triangle: add it with vector loads/stores.
-                    for (jj, pair) in acc.chunks_exact(2).enumerate() {
-                        // SAFETY: rows i..i + 8 < i1 and column j + jj < d are inside the
-                        // block (column stride cs, unit row stride).
+        for (g, group) in block.chunks_exact_mut(per_group * TILE_LEN).enumerate() {
+            let j = g * NR;
+            // Column j + jj's keys: every 4th value from panel(j + jj).
+            let cols: [*const f64; NR] = std::array::from_fn(|jj| panel(j + jj));
+            // The first tile with a row at or below the diagonal of column j.
+            let t_first = (j.max(i0) - i0) / MR;
+            for (t, tile) in group.chunks_exact_mut(TILE_LEN).enumerate().skip(t_first) {
+                let i = i0 + t * MR;
+                // SAFETY: rows i..i + 8 and columns j..j + 6 lie below dp = d.div_ceil(24) * 24,
+                // so the panels read (2 from `panel(i)`, 6 columns from `cols`, `kc` keys each) are
+                // inside `p` (asserted above).
+                let acc = unsafe { micro_kernel(kc, panel(i), &cols) };
+                if i + MR <= i1 && j + NR <= d && i >= j + NR - 1 {
+                    // The whole tile is in the lower triangle: add it with vector loads/stores.
+                    for (q, v) in acc.iter().enumerate() {
+                        // SAFETY: `tile` holds 48 = 12 × 4 values.
                         unsafe {
-                            let dst = base.offset((j + jj) as isize * cs).add(i - i0);
-                            _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), pair[0]));
-                            _mm256_storeu_pd(dst.add(4), _mm256_add_pd(_mm256_loadu_pd(dst.add(4)), pair[1]));
+                            let dst = tile.as_mut_ptr().add(4 * q);
+                            _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), *v));
                         }
                     }
                 } else {
-                    let mut tile = [0f64; MR * NR];
+                    let mut sums = [0f64; TILE_LEN];
                     for (q, v) in acc.iter().enumerate() {
-                        // SAFETY: `tile` holds 12 × 4 values.
-                        unsafe { _mm256_storeu_pd(tile.as_mut_ptr().add(4 * q), *v) };
+                        // SAFETY: `sums` holds 48 = 12 × 4 values.
+                        unsafe { _mm256_storeu_pd(sums.as_mut_ptr().add(4 * q), *v) };
                     }
                     for jj in 0..NR {
                         for r in 0..MR {
-                            let (row, col) = (i + r, j + jj);
-                            if col <= row && row < i1 {
-                                // SAFETY: col <= row < i1 <= d: inside the block.
-                                unsafe { *base.offset(col as isize * cs).add(row - i0) += tile[jj * MR + r] };
+                            if j + jj <= i + r && i + r < i1 {
+                                tile[jj * MR + r] += sums[jj * MR + r];
                             }
                         }
                     }
                 }
-                i += MR;
             }
-            j += NR;
         }
     }
 
-    /// Σ over `kc` keys of (8 values at `a`) ⊗ (6 values at `b`): accumulator `2 jj + h` holds
-    /// rows `4h..4h + 4` of column `jj`.
+    /// Σ over `kc` keys of (8 values at `a`, `a + 4 kc`) ⊗ (6 values at `b`): accumulator
+    /// `2 jj + h` holds rows `4h..4h + 4` of column `jj` (the tile's storage order).
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `a` and `a + 4 kc` must each be readable for `4 kc`
@@ -316,7 +375,7 @@ mod avx2 {
 pub struct SecondMoment {
     d: usize,
     count: u64,
-    /// Column-major d × d; only the lower triangle (diagonal included) is maintained.
+    /// The lower triangle (diagonal included), stored as [`layout`] describes.
     lower: Vec<f64>,
     metadata: Vec<(String, String)>,
 }
@@ -327,7 +386,7 @@ impl SecondMoment {
         if d == 0 {
             return Err(Error::Shape { msg: "SecondMoment width d must be positive".into() });
         }
-        let len = d.checked_mul(d).ok_or_else(|| Error::Shape { msg: format!("d = {d} is too large") })?;
+        let len = layout::len(d).ok_or_else(|| Error::Shape { msg: format!("d = {d} is too large") })?;
         Ok(SecondMoment { d, count: 0, lower: vec![0.0; len], metadata: Vec::new() })
     }
 
@@ -404,7 +463,7 @@ impl SecondMoment {
                         msg: format!("sum is not symmetric: s[{i},{j}] = {lo} but s[{j},{i}] = {up}"),
                     });
                 }
-                m.lower[j * d + i] = lo;
+                m.lower[layout::index(d, i, j)] = lo;
             }
         }
         m.count = count;
@@ -415,13 +474,11 @@ impl SecondMoment {
     pub fn sum(&self) -> Vec<f64> {
         let d = self.d;
         let mut out = vec![0f64; d * d];
-        for j in 0..d {
-            for i in j..d {
-                let v = self.lower[j * d + i];
-                out[i * d + j] = v;
-                out[j * d + i] = v;
-            }
-        }
+        layout::for_each(d, |i, j, at| {
+            let v = self.lower[at];
+            out[i * d + j] = v;
+            out[j * d + i] = v;
+        });
         out
     }
 
@@ -488,7 +545,7 @@ impl SecondMoment {
             }
             let (i, j) = (idx / d, idx % d);
             if i >= j {
-                m.lower[j * d + i] = v;
+                m.lower[layout::index(d, i, j)] = v;
             }
         }
         m.count = count;
@@ -539,9 +596,9 @@ mod tests {
     }
 
     #[test]
-    fn matches_naive_sum_across_tiles() {
-        // d > TILE exercises the tiling, with a last tile narrower than the others.
-        let d = TILE + 37;
+    fn matches_naive_sum_across_blocks() {
+        // Three blocks of the layout, the last one partial.
+        let d = 2 * layout::BLOCK_ROWS + 37;
         let mut seed = 11;
         let keys: Vec<f32> = (0..40 * d).map(|_| lcg(&mut seed)).collect();
         let mut m = SecondMoment::new(d).unwrap();
@@ -556,7 +613,9 @@ mod tests {
     #[test]
     fn both_kernels_match_naive_sum() {
         let mut seed = 17;
-        for (d, n) in [(1, 3), (5, 1), (13, 7), (24, 9), (25, 300), (61, 1100), (200, 31), (TILE + 37, 40)] {
+        for (d, n) in
+            [(1, 3), (5, 1), (13, 7), (24, 9), (25, 300), (61, 1100), (200, 31), (2 * layout::BLOCK_ROWS + 37, 40)]
+        {
             let keys: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
             let want = naive(&keys, d);
             let mut kernels: Vec<(&str, Kernel)> = vec![("faer", add_keys_faer)];
@@ -571,6 +630,25 @@ mod tests {
                 assert!(err < 1e-13, "{name} kernel, d = {d}, n = {n}: relative error {err:e}");
             }
         }
+    }
+
+    #[test]
+    fn layout_stores_each_lower_entry_once() {
+        for d in [1, 5, 6, 8, 24, 191, 192, 193, 2 * layout::BLOCK_ROWS + 37] {
+            let len = layout::len(d).unwrap();
+            let mut seen = vec![false; len];
+            let mut count = 0;
+            layout::for_each(d, |i, j, at| {
+                assert!(j <= i && i < d && !seen[at], "d = {d}: ({i}, {j}) at {at}");
+                assert_eq!(layout::index(d, i, j), at);
+                seen[at] = true;
+                count += 1;
+            });
+            assert_eq!(count, d * (d + 1) / 2);
+            let blocks: usize = (0..layout::blocks(d)).map(|b| layout::block_len(d, b)).sum();
+            assert_eq!(blocks, len);
+        }
+        assert!(layout::len(usize::MAX / 2).is_none());
     }
 
     #[test]
