@@ -36,7 +36,7 @@ const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
 /// diagonal or past `d` stay zero.
 mod layout {
     /// Rows per block: a multiple of 24 = lcm(8, 6), so that full blocks hold whole tiles.
-    pub const BLOCK_ROWS: usize = 192;
+    pub const BLOCK_ROWS: usize = 96;
     pub const TILE_ROWS: usize = 8;
     pub const TILE_COLS: usize = 6;
     pub const TILE_LEN: usize = TILE_ROWS * TILE_COLS;
@@ -205,7 +205,9 @@ fn add_keys_faer(lower: &mut [f64], d: usize, keys: &[f32]) {
 ///   panel `g` holds columns `4g..4g+4` of those keys, key after key (`P[g][r][0..4]`), zero
 ///   beyond `d`. The same buffer serves both operands of Kᵀ K: eight rows of the accumulator
 ///   are two consecutive panels, six columns are six scalars taken from one or two panels.
-/// - Each block of the [`layout`] (192 rows; their panels stay in L2) is one rayon task,
+///   Panels start `4 KC + PANEL_PAD` values apart: at exactly 4 KC (8 KiB) the panels read
+///   together would all map to the same L1 cache sets.
+/// - Each block of the [`layout`] (96 rows; their panels stay in L2) is one rayon task,
 ///   largest (lowest) blocks first. A block walks its column groups left of its diagonal and
 ///   runs the 8 × 6 micro-kernel down each: twelve ymm accumulators, two loads and six
 ///   broadcasts per key, `KC` keys deep, then one add into the tile (a sequential stream).
@@ -229,6 +231,8 @@ mod avx2 {
     const KC: usize = 256;
     /// Panels packed per rayon task when packing.
     const PACK_PANELS: usize = 16;
+    /// Values between the end of one packed panel and the start of the next (two cache lines).
+    const PANEL_PAD: usize = 16;
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -245,28 +249,31 @@ mod avx2 {
         }
         // Packed columns: whole 8-row panels and whole 6-column groups (24 = lcm(8, 6, 4)).
         let dp = d.div_ceil(24) * 24;
-        let mut packed = vec![0f64; dp * KC.min(n)];
+        let mut packed = vec![0f64; dp / 4 * (4 * KC.min(n) + PANEL_PAD)];
         let mut blocks = layout::split_blocks(d, lower);
         blocks.reverse(); // the lowest blocks hold the most work: start them first
         for rows in keys.chunks(KC * d) {
             let kc = rows.len() / d;
-            let p = &mut packed[..dp * kc];
-            pack(p, rows, d, kc);
+            let stride = 4 * kc + PANEL_PAD;
+            let p = &mut packed[..dp / 4 * stride];
+            pack(p, rows, d, kc, stride);
             let p: &[f64] = p;
             blocks.par_iter_mut().for_each(|(i0, block)| {
                 // SAFETY: AVX2 and FMA were checked above; `p` holds `dp / 4` panels of `kc`
-                // keys; `block` is the storage of the layout block starting at row `i0`.
-                unsafe { row_block(block, *i0, d, p, kc) }
+                // keys, `stride` apart; `block` is the storage of the layout block at row `i0`.
+                unsafe { row_block(block, *i0, d, p, kc, stride) }
             });
         }
     }
 
-    /// Widens `kc` keys (row-major, width `d`) into 4-column panels, zero past column `d`.
-    fn pack(p: &mut [f64], rows: &[f32], d: usize, kc: usize) {
-        p.par_chunks_mut(PACK_PANELS * 4 * kc).enumerate().for_each(|(t, out)| {
+    /// Widens `kc` keys (row-major, width `d`) into 4-column panels `stride` apart, zero past
+    /// column `d`.
+    fn pack(p: &mut [f64], rows: &[f32], d: usize, kc: usize, stride: usize) {
+        debug_assert!(stride >= 4 * kc && rows.len() == kc * d);
+        p.par_chunks_mut(PACK_PANELS * stride).enumerate().for_each(|(t, out)| {
             let c_first = t * PACK_PANELS * 4;
             for (r, key) in rows.chunks_exact(d).enumerate() {
-                for (g, panel) in out.chunks_exact_mut(4 * kc).enumerate() {
+                for (g, panel) in out.chunks_exact_mut(stride).enumerate() {
                     let c0 = c_first + 4 * g;
                     let dst = &mut panel[4 * r..4 * r + 4];
                     if c0 + 4 <= d {
@@ -286,15 +293,16 @@ mod avx2 {
     /// Adds the packed keys' contribution to the layout block of rows `i0..`.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `p` must hold `d.div_ceil(24) * 6` panels of `kc` keys;
-    /// `block` must be the storage of the layout block that starts at row `i0`.
+    /// AVX2 and FMA must be available; `p` must hold `d.div_ceil(24) * 6` panels of `kc` keys,
+    /// `stride >= 4 kc` apart; `block` must be the storage of the layout block at row `i0`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_block(block: &mut [f64], i0: usize, d: usize, p: &[f64], kc: usize) {
+    unsafe fn row_block(block: &mut [f64], i0: usize, d: usize, p: &[f64], kc: usize, stride: usize) {
         let b = i0 / layout::BLOCK_ROWS;
         let i1 = layout::rows(d, b).1;
         let per_group = layout::tiles_per_group(d, b);
-        assert!(block.len() == layout::block_len(d, b) && p.len() >= d.div_ceil(24) * 24 * kc);
-        let panel = |c: usize| p.as_ptr().wrapping_add((c / 4) * 4 * kc + c % 4);
+        assert!(block.len() == layout::block_len(d, b) && stride >= 4 * kc);
+        assert!(p.len() >= d.div_ceil(24) * 6 * stride);
+        let panel = |c: usize| p.as_ptr().wrapping_add((c / 4) * stride + c % 4);
         for (g, group) in block.chunks_exact_mut(per_group * TILE_LEN).enumerate() {
             let j = g * NR;
             // Column j + jj's keys: every 4th value from panel(j + jj).
@@ -304,9 +312,9 @@ mod avx2 {
             for (t, tile) in group.chunks_exact_mut(TILE_LEN).enumerate().skip(t_first) {
                 let i = i0 + t * MR;
                 // SAFETY: rows i..i + 8 and columns j..j + 6 lie below dp = d.div_ceil(24) * 24,
-                // so the panels read (2 from `panel(i)`, 6 columns from `cols`, `kc` keys each) are
-                // inside `p` (asserted above).
-                let acc = unsafe { micro_kernel(kc, panel(i), &cols) };
+                // so the panels read (`panel(i)`, `panel(i + 4)` and the 6 columns of `cols`,
+                // `kc` keys each) are inside `p` (asserted above).
+                let acc = unsafe { micro_kernel(kc, panel(i), panel(i + 4), &cols) };
                 if i + MR <= i1 && j + NR <= d && i >= j + NR - 1 {
                     // The whole tile is in the lower triangle: add it with vector loads/stores.
                     for (q, v) in acc.iter().enumerate() {
@@ -334,16 +342,16 @@ mod avx2 {
         }
     }
 
-    /// Σ over `kc` keys of (8 values at `a`, `a + 4 kc`) ⊗ (6 values at `b`): accumulator
-    /// `2 jj + h` holds rows `4h..4h + 4` of column `jj` (the tile's storage order).
+    /// Σ over `kc` keys of (4 values at `a0` and 4 at `a1`) ⊗ (6 values at `b`): accumulator
+    /// `2 jj + h` holds rows `4h..4h + 4` of column `jj` (the tile's storage order). Each step
+    /// of the key index moves every pointer by 4 values.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `a` and `a + 4 kc` must each be readable for `4 kc`
-    /// values and every `b[jj]` for `4 (kc - 1) + 1` values.
+    /// AVX2 and FMA must be available; `a0` and `a1` must each be readable for `4 kc` values
+    /// and every `b[jj]` for `4 (kc - 1) + 1` values.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro_kernel(kc: usize, a: *const f64, b: &[*const f64; NR]) -> [__m256d; 2 * NR] {
-        let (a0, a1) = (a, a.wrapping_add(4 * kc));
+    unsafe fn micro_kernel(kc: usize, a0: *const f64, a1: *const f64, b: &[*const f64; NR]) -> [__m256d; 2 * NR] {
         let [b0, b1, b2, b3, b4, b5] = *b;
         let mut c = [_mm256_setzero_pd(); 2 * NR];
         for k in 0..kc {
@@ -634,7 +642,7 @@ mod tests {
 
     #[test]
     fn layout_stores_each_lower_entry_once() {
-        for d in [1, 5, 6, 8, 24, 191, 192, 193, 2 * layout::BLOCK_ROWS + 37] {
+        for d in [1, 5, 6, 8, 24, 95, 96, 97, 191, 192, 193, 2 * layout::BLOCK_ROWS + 37] {
             let len = layout::len(d).unwrap();
             let mut seen = vec![false; len];
             let mut count = 0;
