@@ -233,6 +233,9 @@ mod avx2 {
     const PACK_PANELS: usize = 16;
     /// Values between the end of one packed panel and the start of the next (two cache lines).
     const PANEL_PAD: usize = 16;
+    /// Column groups (of 6) per rayon task: blocks low in the triangle are cut into pieces of
+    /// at most 384 columns, so that tasks stay small and many next to the largest block's work.
+    const GROUPS_PER_TASK: usize = 64;
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -250,18 +253,26 @@ mod avx2 {
         // Packed columns: whole 8-row panels and whole 6-column groups (24 = lcm(8, 6, 4)).
         let dp = d.div_ceil(24) * 24;
         let mut packed = vec![0f64; dp / 4 * (4 * KC.min(n) + PANEL_PAD)];
-        let mut blocks = layout::split_blocks(d, lower);
-        blocks.reverse(); // the lowest blocks hold the most work: start them first
+        // Tasks: (first row, first column group, storage of those groups of that block).
+        let mut tasks = Vec::new();
+        for (i0, block) in layout::split_blocks(d, lower) {
+            let group_len = layout::tiles_per_group(d, i0 / layout::BLOCK_ROWS) * TILE_LEN;
+            for (c, part) in block.chunks_mut(GROUPS_PER_TASK * group_len).enumerate() {
+                tasks.push((i0, c * GROUPS_PER_TASK, part));
+            }
+        }
+        tasks.reverse(); // the lowest blocks hold the most work: start them first
         for rows in keys.chunks(KC * d) {
             let kc = rows.len() / d;
             let stride = 4 * kc + PANEL_PAD;
             let p = &mut packed[..dp / 4 * stride];
             pack(p, rows, d, kc, stride);
             let p: &[f64] = p;
-            blocks.par_iter_mut().for_each(|(i0, block)| {
+            tasks.par_iter_mut().for_each(|(i0, g0, groups)| {
                 // SAFETY: AVX2 and FMA were checked above; `p` holds `dp / 4` panels of `kc`
-                // keys, `stride` apart; `block` is the storage of the layout block at row `i0`.
-                unsafe { row_block(block, *i0, d, p, kc, stride) }
+                // keys, `stride` apart; `groups` is the storage of column groups `g0..` of the
+                // layout block at row `i0`.
+                unsafe { row_block(groups, *i0, *g0, d, p, kc, stride) }
             });
         }
     }
@@ -290,21 +301,25 @@ mod avx2 {
         });
     }
 
-    /// Adds the packed keys' contribution to the layout block of rows `i0..`.
+    /// Adds the packed keys' contribution to column groups `g0..` of the layout block of rows
+    /// `i0..`, whose storage is `groups`.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `p` must hold `d.div_ceil(24) * 6` panels of `kc` keys,
-    /// `stride >= 4 kc` apart; `block` must be the storage of the layout block at row `i0`.
+    /// `stride >= 4 kc` apart; `groups` must be the storage of whole column groups `g0..` of the
+    /// layout block at row `i0`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_block(block: &mut [f64], i0: usize, d: usize, p: &[f64], kc: usize, stride: usize) {
+    unsafe fn row_block(groups: &mut [f64], i0: usize, g0: usize, d: usize, p: &[f64], kc: usize, stride: usize) {
         let b = i0 / layout::BLOCK_ROWS;
         let i1 = layout::rows(d, b).1;
         let per_group = layout::tiles_per_group(d, b);
-        assert!(block.len() == layout::block_len(d, b) && stride >= 4 * kc);
+        let group_len = per_group * TILE_LEN;
+        assert!(groups.len().is_multiple_of(group_len));
+        assert!(g0 * group_len + groups.len() <= layout::block_len(d, b) && stride >= 4 * kc);
         assert!(p.len() >= d.div_ceil(24) * 6 * stride);
         let panel = |c: usize| p.as_ptr().wrapping_add((c / 4) * stride + c % 4);
-        for (g, group) in block.chunks_exact_mut(per_group * TILE_LEN).enumerate() {
-            let j = g * NR;
+        for (g, group) in groups.chunks_exact_mut(group_len).enumerate() {
+            let j = (g0 + g) * NR;
             // Column j + jj's keys: every 4th value from panel(j + jj).
             let cols: [*const f64; NR] = std::array::from_fn(|jj| panel(j + jj));
             // The first tile with a row at or below the diagonal of column j.
@@ -617,13 +632,22 @@ mod tests {
     type Kernel = fn(&mut [f64], usize, &[f32]);
 
     /// Both kernels directly (whichever this CPU runs), over widths that leave partial panels,
-    /// partial 6-column groups and partial row blocks, and batches that end mid-`KC`/`CHUNK`.
+    /// partial 6-column groups and partial row blocks, rows cut into several tasks (d = 450 >
+    /// 384 columns), and batches that end mid-`KC`/`CHUNK`.
     #[test]
     fn both_kernels_match_naive_sum() {
         let mut seed = 17;
-        for (d, n) in
-            [(1, 3), (5, 1), (13, 7), (24, 9), (25, 300), (61, 1100), (200, 31), (2 * layout::BLOCK_ROWS + 37, 40)]
-        {
+        for (d, n) in [
+            (1, 3),
+            (5, 1),
+            (13, 7),
+            (24, 9),
+            (25, 300),
+            (61, 1100),
+            (200, 31),
+            (2 * layout::BLOCK_ROWS + 37, 40),
+            (450, 9),
+        ] {
             let keys: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
             let want = naive(&keys, d);
             let mut kernels: Vec<(&str, Kernel)> = vec![("faer", add_keys_faer)];
