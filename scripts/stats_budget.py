@@ -4,11 +4,11 @@ For each budget this computes C0 of the edited layer from the corpus (timed, in 
 to the output folder so nothing is reused from elsewhere), runs `rrome eval` (one edit at a time,
 r-rome) on the same cases, and measures how much the solve C0⁻¹k_e of every case moves against
 the largest budget (‖x_b − x_ref‖ / ‖x_ref‖; the update's direction u is this vector). It writes
-``budget.json`` and ``budget.md`` (the table of docs/statistics-budget.md) into --out.
+``budget.json`` and ``budget.md`` (the table of docs/results.md, "Statistics budget") into --out.
 
 Resumable: a budget whose results are complete is not recomputed.
 
-Example (the run behind docs/statistics-budget.md):
+Example (the run behind that table):
 
     python scripts/stats_budget.py "$(rrome demo-model)" \\
         --data /work/shared/data/counterfact/counterfact-val.json --n 50 \\
