@@ -31,7 +31,7 @@ const TILE: usize = 64;
 /// and d = 6400 on 2 cores).
 const VEC_BLOCK: usize = 256;
 
-/// Rows per parallel dot-product task of the backward pass of [`Cholesky::solve_vector`].
+/// Fewest dot products per parallel task in the backward pass of [`Cholesky::solve_vector`].
 const VEC_MIN_DOTS: usize = 64;
 
 /// The rectangular update of the forward pass is cut into one piece per thread, in whole cache
