@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -256,6 +257,11 @@ def run_cases(model: Path) -> list[EditRequest]:
 def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Path) -> None:
     cfg = _config(gpt2_dir, n=4, sequential=True, every=2, glue_n=2)
     whole = run(cfg, tmp_path / "whole", progress=False)
+    # the saved factors get the umask's mode (safetensors' own writer would make them 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.stat().st_mode & 0o777 for f in (whole / "sequential-r-rome" / "deltas").iterdir()}
+    assert modes == {0o666 & ~umask}
     part = tmp_path / "part"
     shutil.copytree(whole, part)
     folder = part / "sequential-r-rome"

@@ -67,6 +67,13 @@ def demo_model_dir(*, refresh: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # safetensors creates its files readable by their owner alone; give them the mode any other
+    # new file gets here (the umask's), so a shared cache and its edited copies stay readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -250,11 +250,15 @@ def _single(
 
 
 def _save_factors(path: Path, u: np.ndarray, r: np.ndarray) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    # Written through our own handle, not safetensors' save_file, which creates files readable
+    # by their owner alone: a results folder is meant to be shared.
+    data = save({"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)})
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)}, str(tmp))
-    with open(tmp, "rb") as f:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
