@@ -28,7 +28,7 @@ from rrome.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
 from rrome.errors import EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
-from rrome.hparams import HParams, load_hparams
+from rrome.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
 from rrome.keys import TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.models import Adapter, load, num_layers
 from rrome.rome import METHODS, Method, Update, compute_update
@@ -58,6 +58,11 @@ class EditResult:
         steps: Adam steps taken by the value optimisation.
         losses: its loss per iteration.
         seconds: wall time of the edit.
+        stop: why the value optimisation stopped (``most-probable``, ``loss``, ``max-steps``).
+        delta_ratio: ‖δ‖ / ‖v_init‖, the change of the module output relative to its size.
+        value: the optimisation's diagnostics (:meth:`rrome.values.ValueResult.record`: the loss
+            terms nll, kl and weight decay per forward pass, the argmax hit rate, the lr used),
+            also in the edit log as ``meta["value"]``.
     """
 
     request: EditRequest
@@ -75,6 +80,9 @@ class EditResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    stop: str = ""
+    delta_ratio: float = math.nan
+    value: dict[str, Any] = field(default_factory=dict)
 
 
 def _resident_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -144,7 +152,7 @@ class Editor:
         dtype: str = "float32",
         layer: int | None = None,
         corpus: str | os.PathLike[str] | None = None,
-        hparams: Mapping[str, Any] | None = None,
+        hparams: HParamsSpec = None,
         progress: bool = True,
         device_map: str | dict[str, Any] | None = None,
         allow_large_updates: bool = False,
@@ -157,9 +165,12 @@ class Editor:
             method: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
             device: torch device; CUDA when available, else CPU.
             dtype: the dtype the model runs in (``float32``, ``bfloat16``, ``float16``).
-            layer: the layer to edit; default from the family's hyperparameters.
+            layer: the layer to edit (overrides ``hparams``); default from the hyperparameters.
             corpus: text file for the statistics C0; default: the packaged wikitext sample.
-            hparams: overrides of :class:`~rrome.hparams.HParams` fields.
+            hparams: the hyperparameters (:mod:`rrome.hparams`): a preset name
+                (``"reference"``, ``"default"``), the path of a JSON file of fields, a mapping
+                of fields, each applied over the family's defaults, or an
+                :class:`~rrome.hparams.HParams` used as given. ``None``: the family's defaults.
             progress: show progress bars.
             device_map: ``"auto"`` (or an explicit map) to spread the model over devices with
                 accelerate, e.g. a model larger than one GPU; ``device`` is then ignored. The
@@ -169,13 +180,17 @@ class Editor:
             large_update_ratio: the guard refuses an edit whose |Δ| exceeds this many times
                 the median |Δ| of this editor's earlier edits (once it has made
                 :data:`LARGE_UPDATE_MIN_EDITS`); see :meth:`edit`.
+
+        Raises:
+            HParamsError: an unknown preset or field, or a bad value (before the model is loaded).
+            HParamsFileError: a malformed hyperparameters file.
         """
         path = Path(model_dir)
+        if not isinstance(hparams, HParams):
+            hparams = spec_overrides(hparams)  # fail on a bad name, file or value before loading
         model, tokenizer, adapter = load(path, device=device, dtype=dtype, device_map=device_map)
-        overrides = dict(hparams or {})
-        if layer is not None:
-            overrides["layer"] = layer
-        hp = load_hparams(adapter.family, n_layers=num_layers(model.config)).with_overrides(**overrides)
+        overrides = {"layer": layer} if layer is not None else {}
+        hp = resolve_hparams(adapter.family, hparams, n_layers=num_layers(model.config), overrides=overrides)
         if not 0 <= hp.layer < num_layers(model.config):
             raise RromeError(f"layer {hp.layer} is out of range: the model has {num_layers(model.config)} layers")
         return cls(
@@ -315,6 +330,7 @@ class Editor:
         self._check_update(update, request)
         self._apply_in_memory(update)
         p_new1, p_true1 = self._probabilities(request)
+        diagnostics = value.record()
         meta = {
             "request": request.to_json(),
             "method": self.method,
@@ -322,6 +338,7 @@ class Editor:
             "norm_delta": update.norm_delta,
             "denominator": update.denominator,
             "steps": value.steps,
+            "value": diagnostics,
             "p_new": [p_new0, p_new1],
             "p_true": [p_true0, p_true1],
             "hparams": self.hparams.to_json(),
@@ -346,6 +363,9 @@ class Editor:
             steps=value.steps,
             losses=value.losses,
             seconds=time.perf_counter() - t0,
+            stop=value.stop,
+            delta_ratio=value.delta_ratio,
+            value=diagnostics,
         )
         self.results.append(result)
         return result

@@ -1,51 +1,322 @@
-"""Hyperparameters of an edit: per-family defaults shipped as data files, overridable per run.
+"""Hyperparameters of an edit: per-family defaults, presets, files and ``key=value`` overrides.
 
-``rrome/data/hparams/<family>.json`` holds, for each model family, the edited layer and the
-value-optimisation constants of DESIGN.md §1. The starting points are the reference ROME
-values (GPT-2 XL: layer 17; GPT-J: layer 5); a layer beyond a smaller model's depth falls
-back to a third of its depth. Every run records the hyperparameters it used in the edit log.
+Resolution
+----------
+A run's hyperparameters are resolved in this order, each step overriding the previous one:
+
+1. the family's defaults, ``rrome/data/hparams/<family>.json`` (the edited layer and every
+   constant below; a layer beyond a smaller model's depth falls back to a third of its depth);
+2. ``--hparams FILE|PRESET`` (``Editor.from_pretrained(hparams=...)``): a preset name
+   (:data:`PRESETS`), or a JSON file holding an object of fields (any subset; ``family``, if
+   present, must be the model's);
+3. ``--set key=value``, repeatable (values as in JSON; a bare word is a string);
+4. the explicit ``--layer`` option.
+
+Every field is checked (name, type, range) before the model is loaded; a bad one raises
+:class:`HParamsError` naming the key and what it expects. The resolved set is recorded in each
+edit's metadata (``meta["hparams"]``, in the edit log) and in ``rrome eval``'s results.
+
+The value optimisation and its units
+------------------------------------
+δ is added to the edited module's output v_init at the subject's last token and optimised
+with Adam for at most ``v_num_grad_steps - 1`` steps (``v_num_grad_steps`` forward passes, as
+the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.values`).
+
+* ``v_lr`` with ``v_lr_unit = "absolute"`` (the reference code) is Adam's learning rate as is.
+  Adam's first step moves every coordinate of δ by about the learning rate, so its norm is about
+  ``v_lr · √d_out``: 0.5 is a step of 12.6 on a 640-wide model whose ‖v_init‖ is 3, and of 32 on
+  a 4096-wide one. With ``v_lr_unit = "relative"`` the learning rate is
+  ``v_lr · ‖v_init‖ / √d_out`` (``v_lr`` times the root-mean-square coordinate of v_init), so the
+  first step's norm is about ``v_lr · ‖v_init‖`` whatever the width: ``v_lr`` is a step size as a
+  fraction of the module output it edits, and means the same on every model.
+* ``clamp_norm_factor``: after each step ‖δ‖ is clamped to ``clamp_norm_factor · ‖v_init‖``
+  (relative to the model's own scale in the reference code already).
+* ``v_weight_decay`` with ``v_weight_decay_unit = "reference"`` adds
+  ``v_weight_decay · ‖δ‖ / ‖v_init‖²`` (the reference code; its size depends on ‖v_init‖), with
+  ``"relative"`` it adds ``v_weight_decay · ‖δ‖ / ‖v_init‖`` (dimensionless).
+* ``kl_factor`` weighs KL(current ‖ initial) of the next-token distribution after "{subject} is a".
+* Stopping: the optimisation stops after the forward pass at which the loss falls below
+  ``v_stop_loss`` (the reference code's rule, 0.05; 0 turns it off), or, when
+  ``v_stop_most_probable`` = k ≥ 1, once the new target has been the argmax at every target
+  position of every rewriting prompt at k consecutive forward passes (most-probable early
+  stopping, ENCORE: Gupta et al. 2025); ``v_num_grad_steps`` bounds both.
+
+Presets: ``reference`` is the reference ROME code's constants and stopping rule exactly (it
+leaves the layer and the statistics budget to the family); ``default`` is the family's packaged
+set unchanged. The packaged family sets are still the reference recipe (each file's ``note``
+says so): per-family values measured on CounterFact have not been selected yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from rrome.errors import RromeError
+from rrome.errors import InvalidFileError, RromeError
+
+
+class HParamsError(RromeError, ValueError):
+    """A hyperparameter name or value is not valid; the message names the key and what it expects."""
+
+
+class HParamsFileError(HParamsError, InvalidFileError):
+    """A hyperparameters file (``--hparams FILE``) is unreadable or malformed; the message names it."""
+
+
+LR_UNITS = ("absolute", "relative")
+WEIGHT_DECAY_UNITS = ("reference", "relative")
 
 
 @dataclass(frozen=True)
 class HParams:
-    """Hyperparameters of ROME / r-ROME for one model family."""
+    """Hyperparameters of ROME / r-ROME for one model family (see the module docstring).
+
+    Every field is checked on construction; a bad value raises :class:`HParamsError`.
+    """
 
     family: str
     layer: int
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
+    v_lr_unit: str = "absolute"
     v_weight_decay: float = 0.5
+    v_weight_decay_unit: str = "reference"
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    v_stop_loss: float = 0.05
+    v_stop_most_probable: int = 0
     context_template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
     stats_max_tokens: int = 100_000
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name)))
 
     def with_overrides(self, **overrides: Any) -> HParams:
         """A copy with the given fields replaced (``None`` values are ignored).
 
         Raises:
-            RromeError: for an unknown field name.
+            HParamsError: an unknown field name or a bad value.
         """
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise RromeError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for key in given:
+            _spec(key)
+        return dataclasses.replace(self, **given)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["context_template_lengths"] = [list(x) for x in self.context_template_lengths]
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# field checks
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    expect: str  # what a valid value is, in words
+    ok: Callable[[Any], bool]
+    kind: str  # "int", "float", "str", "lengths"
+
+
+def _int(expect: str, ok: Callable[[int], bool]) -> _Spec:
+    return _Spec(expect, lambda v: _is_int(v) and ok(v), "int")
+
+
+def _float(expect: str, ok: Callable[[float], bool]) -> _Spec:
+    return _Spec(expect, lambda v: _is_number(v) and ok(v), "float")
+
+
+def _choice(*choices: str) -> _Spec:
+    return _Spec("one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices, "str")
+
+
+def _lengths_ok(v: Any) -> bool:
+    if not isinstance(v, list | tuple) or not v:
+        return False
+    return all(isinstance(p, list | tuple) and len(p) == 2 and all(_is_int(x) and x >= 1 for x in p) for p in v)
+
+
+_SPECS: dict[str, _Spec] = {
+    "family": _Spec("a family name (a string)", lambda v: isinstance(v, str) and bool(v), "str"),
+    "layer": _int("an integer >= 0", lambda v: v >= 0),
+    "v_num_grad_steps": _int("an integer >= 1", lambda v: v >= 1),
+    "v_lr": _float("a number > 0", lambda v: v > 0),
+    "v_lr_unit": _choice(*LR_UNITS),
+    "v_weight_decay": _float("a number >= 0", lambda v: v >= 0),
+    "v_weight_decay_unit": _choice(*WEIGHT_DECAY_UNITS),
+    "clamp_norm_factor": _float("a number > 0", lambda v: v > 0),
+    "kl_factor": _float("a number >= 0", lambda v: v >= 0),
+    "v_stop_loss": _float("a number >= 0", lambda v: v >= 0),
+    "v_stop_most_probable": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
+    "context_template_lengths": _Spec(
+        "a non-empty list of [count, length] pairs of integers >= 1, e.g. [[5,10],[10,10]]", _lengths_ok, "lengths"
+    ),
+    "template_seed": _int("an integer", lambda v: True),
+    "stats_max_tokens": _int("an integer >= 1", lambda v: v >= 1),
+    "note": _Spec("a string", lambda v: isinstance(v, str), "str"),
+}
+assert set(_SPECS) == {f.name for f in dataclasses.fields(HParams)}
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HParams))
+"""Every hyperparameter name, in the order of :class:`HParams`."""
+
+
+def _spec(key: str) -> _Spec:
+    spec = _SPECS.get(key)
+    if spec is None:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(FIELDS)}"
+        raise HParamsError(f"unknown hyperparameter {key!r}{hint}")
+    return spec
+
+
+def _check(key: str, value: Any) -> Any:
+    """The value in its canonical form (floats as float, lengths as tuples), or HParamsError."""
+    spec = _spec(key)
+    if not spec.ok(value):
+        raise HParamsError(f"{key}: expected {spec.expect}, got {json.dumps(value, default=repr)}")
+    if spec.kind == "float":
+        return float(value)
+    if spec.kind == "lengths":
+        return tuple((int(a), int(b)) for a, b in value)
+    return value
+
+
+def check_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks names and values of a partial set of fields; returns them in canonical form.
+
+    Raises:
+        HParamsError: the first unknown name or bad value.
+    """
+    return {k: _check(str(k), v) for k, v in values.items()}
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """One ``--set key=value``: the value is read as JSON (``0.1``, ``3``, ``[[5,10]]``), else as
+    a plain string (``v_lr_unit=relative``), then checked like any other value.
+
+    Raises:
+        HParamsError: no ``=``, an unknown key or a bad value; the message quotes the assignment.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise HParamsError(f"--set {text}: expected KEY=VALUE, e.g. --set clamp_norm_factor=1.0")
+    spec = _spec(key)
+    raw = raw.strip()
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if spec.kind == "str" and not isinstance(value, str):
+        value = raw  # e.g. note=123 is the string "123"
+    if spec.kind == "float" and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity"):
+        value = float(value)
+    try:
+        return key, _check(key, value)
+    except HParamsError as e:
+        raise HParamsError(f"--set {text}: {e}") from None
+
+
+def parse_assignments(texts: Iterable[str]) -> dict[str, Any]:
+    """``--set`` assignments in order (a later one of the same key wins)."""
+    out: dict[str, Any] = {}
+    for t in texts:
+        key, value = parse_assignment(t)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# presets, files, family defaults
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference ROME code (Meng et al. 2022; kept by r-ROME, Gupta et al. 2024) for GPT-2 XL
+    # and GPT-J: rome/compute_v.py with hparams/ROME/*.json. The layer and the statistics budget
+    # stay the family's.
+    "reference": {
+        "v_num_grad_steps": 20,
+        "v_lr": 0.5,
+        "v_lr_unit": "absolute",
+        "v_weight_decay": 0.5,
+        "v_weight_decay_unit": "reference",
+        "clamp_norm_factor": 4.0,
+        "kl_factor": 0.0625,
+        "v_stop_loss": 0.05,
+        "v_stop_most_probable": 0,
+        "context_template_lengths": ((5, 10), (10, 10)),
+        "note": "preset reference: the reference ROME code's constants and stopping rule",
+    },
+    "default": {},
+}
+"""Named sets of fields for ``--hparams PRESET``, applied over the family's defaults."""
+
+
+def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields of a hyperparameters file (a JSON object, any subset of the fields), checked.
+
+    Raises:
+        FileNotFoundError, PermissionError, ...: the file cannot be read.
+        HParamsFileError: not a JSON object, or an unknown field or bad value (named with the file).
+    """
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HParamsFileError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise HParamsFileError(f"{p}: expected a JSON object of hyperparameters, got {type(raw).__name__}")
+    try:
+        return check_overrides(raw)
+    except HParamsError as e:
+        raise HParamsFileError(f"{p}: {e}") from None
+
+
+HParamsSpec = str | os.PathLike[str] | Mapping[str, Any] | HParams | None
+"""What ``hparams=`` accepts: a preset name or file path, a mapping of fields, an HParams, or None."""
+
+
+def spec_overrides(spec: str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields a preset name, file path or mapping sets, checked (no family defaults applied).
+
+    A string that names a preset is that preset; any other string or path is a file.
+
+    Raises:
+        HParamsError: an unknown preset that is no file either, an unknown field or a bad value.
+        HParamsFileError: a malformed file.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        return check_overrides(spec)
+    if isinstance(spec, str) and spec in PRESETS:
+        return dict(PRESETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        presets = ", ".join(PRESETS)
+        raise HParamsError(f"--hparams {spec}: no such preset or file (presets: {presets}; a file is a JSON object)")
+    return read_hparams_file(path)
 
 
 def load_hparams(family: str, *, n_layers: int | None = None) -> HParams:
@@ -58,8 +329,37 @@ def load_hparams(family: str, *, n_layers: int | None = None) -> HParams:
     if not path.is_file():
         raise RromeError(f"no default hyperparameters for model family {family!r}")
     raw = json.loads(path.read_text())
-    raw["context_template_lengths"] = tuple(tuple(x) for x in raw["context_template_lengths"])
-    hp = HParams(**raw)
+    try:
+        hp = HParams(**check_overrides(raw))
+    except (HParamsError, TypeError) as e:
+        raise RromeError(f"packaged hyperparameters of {family!r} are invalid: {e}") from e
     if n_layers is not None and not 0 <= hp.layer < n_layers:
         hp = dataclasses.replace(hp, layer=n_layers // 3)
     return hp
+
+
+def resolve_hparams(
+    family: str,
+    spec: HParamsSpec = None,
+    *,
+    n_layers: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> HParams:
+    """The hyperparameters of a run: the family's defaults, then ``spec``, then ``overrides``.
+
+    ``spec`` is a preset name, a file path, a mapping of fields (each over the family's
+    defaults), or an :class:`HParams` (used as given, ``overrides`` still applied).
+
+    Raises:
+        HParamsError: an unknown preset, field or bad value, or a set made for another family.
+        HParamsFileError: a malformed file.
+    """
+    if isinstance(spec, HParams):
+        base, fields = spec, {}
+    else:
+        base, fields = load_hparams(family, n_layers=n_layers), spec_overrides(spec)
+    fields.update(check_overrides(overrides or {}))
+    other = fields.pop("family", base.family)
+    if other != base.family:
+        raise HParamsError(f"family: these hyperparameters are for {other!r}, the model is {base.family!r}")
+    return base.with_overrides(**fields)

@@ -4,8 +4,10 @@ A run lives in a results folder::
 
     run.json                      the settings (a resumed run must match them)
     baseline.json                 the unedited model: per-case probabilities, diagnostics, downstream
-    <mode>-<method>/edits.jsonl   one line per edit: |Δ|, factors' norms, steps, probabilities,
-                                  generation entropies (non-sequential: the case's metrics too)
+    <mode>-<method>/edits.jsonl   one line per edit: |Δ|, factors' norms, the value optimisation
+                                  (steps, why it stopped, ‖δ‖/‖v_init‖, loss terms per pass),
+                                  probabilities, generation entropies (non-sequential: the case's
+                                  metrics too)
     sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly)
     sequential-<method>/checkpoints.jsonl
                                   every K edits: running metrics, downstream accuracy, |Δ|, entropy
@@ -200,6 +202,9 @@ def _edit_record(index: int, request: EditRequest, result: Any) -> dict[str, Any
         "norm_r": result.norm_r,
         "denominator": result.denominator,
         "steps": result.steps,
+        "stop": result.stop,
+        "delta_ratio": result.delta_ratio,
+        "value": result.value,  # the loss terms per forward pass, the argmax hit rate, the lr
         "seconds": result.seconds,
         "p_new": [result.p_new_before, result.p_new_after],
         "p_true": [result.p_true_before, result.p_true_after],

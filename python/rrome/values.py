@@ -6,9 +6,15 @@ last, and the KL prompt "{subject} is a"), and optimised with Adam on
 
     mean NLL(new object | rewriting prompts)
     + kl_factor · KL(current ‖ initial) of the next-token distribution at the KL prompt's subject
-    + v_weight_decay · ‖δ‖ / ‖v_init‖²,
+    + v_weight_decay · ‖δ‖ / ‖v_init‖²   (‖δ‖ / ‖v_init‖ with v_weight_decay_unit "relative"),
 
 clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (DESIGN.md §1). v_e = v_init + δ.
+Adam's learning rate is ``v_lr``, or ``v_lr · ‖v_init‖ / √d_out`` with v_lr_unit "relative".
+It stops after the forward pass at which the loss is below ``v_stop_loss``, or at which the new
+target has been the argmax at every target position of every rewriting prompt for
+``v_stop_most_probable`` consecutive passes (when that is ≥ 1), and after at most
+``v_num_grad_steps`` passes (:mod:`rrome.hparams` describes the units). With the ``reference``
+preset this is the reference code's loop, step for step.
 
 The fast path gives the same result with less work (DESIGN.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
@@ -35,11 +41,26 @@ from rrome.models import input_device
 from rrome.shards import Layout
 
 EARLY_STOP_LOSS = 5e-2
+"""The reference code's loss threshold (the default of ``HParams.v_stop_loss``)."""
+
+STOP_REASONS = ("most-probable", "loss", "max-steps")
 
 
 @dataclass
 class ValueResult:
-    """Outcome of the optimisation."""
+    """Outcome of the optimisation.
+
+    Attributes:
+        v_e, v_init, delta: v_e = v_init + δ (float32, on the inputs' device).
+        steps: Adam steps taken (forward passes − 1).
+        losses: the total loss at each forward pass; ``nll``, ``kl``, ``weight_decay`` its terms
+            (``kl`` and ``weight_decay`` already multiplied by their factors).
+        top1: at each pass, the fraction of the rewriting prompts' target positions at which the
+            new target is the argmax.
+        stop: why it stopped, one of :data:`STOP_REASONS`.
+        lr: Adam's learning rate as used (absolute).
+        target_ids: the new object's tokens.
+    """
 
     v_e: torch.Tensor
     v_init: torch.Tensor
@@ -47,6 +68,37 @@ class ValueResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     target_ids: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    weight_decay: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    stop: str = "max-steps"
+    lr: float = math.nan
+
+    @property
+    def v_init_norm(self) -> float:
+        return float(self.v_init.norm())
+
+    @property
+    def delta_ratio(self) -> float:
+        """‖δ‖ / ‖v_init‖: how far the edit moved the module output, relative to its size."""
+        return float(self.delta.norm()) / self.v_init_norm
+
+    def record(self) -> dict[str, Any]:
+        """The optimisation's diagnostics as JSON (the edit log's ``meta["value"]``)."""
+        return {
+            "steps": self.steps,
+            "stop": self.stop,
+            "lr": self.lr,
+            "v_init_norm": self.v_init_norm,
+            "delta_norm": float(self.delta.norm()),
+            "delta_ratio": self.delta_ratio,
+            "loss": self.losses,
+            "nll": self.nll,
+            "kl": self.kl,
+            "weight_decay": self.weight_decay,
+            "top1": self.top1,
+        }
 
 
 @dataclass
@@ -228,7 +280,10 @@ def compute_value(
     blocks = get_module(model, blocks_name)
     assert isinstance(blocks, nn.ModuleList)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    losses: list[float] = []
+    trace: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "wd": [], "top1": []}
+    losses = trace["loss"]
+    held = 0  # consecutive passes at which every target token was the argmax
+    stop = "max-steps"
     kl_init: torch.Tensor | None = None
     prefix: _PrefixCache | None = None
     steps = 0
@@ -275,10 +330,26 @@ def compute_value(
             kl_init = kl_log.detach().clone()
         kl = hp.kl_factor * torch.sum(kl_log.exp() * (kl_log - kl_init))
         v_init = state["v_init"]
-        wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
+        if first and hp.v_lr_unit == "relative":
+            # Adam moves each coordinate by about lr: the first step's norm is ≈ v_lr · ‖v_init‖.
+            opt.param_groups[0]["lr"] = hp.v_lr * float(v_init.norm()) / math.sqrt(d_out)
+        if hp.v_weight_decay_unit == "relative":
+            wd = hp.v_weight_decay * (delta.norm() / v_init.norm())
+        else:
+            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
         loss = nll + kl + wd
-        losses.append(float(loss.detach()))
-        if loss.item() < EARLY_STOP_LOSS or it == hp.v_num_grad_steps - 1:
+        with torch.no_grad():
+            hit = log_probs[:n_target].argmax(-1) == p.target
+        for key, value in (("loss", loss), ("nll", nll), ("kl", kl), ("wd", wd), ("top1", hit.float().mean())):
+            trace[key].append(float(value.detach()))
+        held = held + 1 if bool(hit.all()) else 0
+        if hp.v_stop_most_probable and held >= hp.v_stop_most_probable:
+            stop = "most-probable"
+            break
+        if loss.item() < hp.v_stop_loss:
+            stop = "loss"
+            break
+        if it == hp.v_num_grad_steps - 1:
             break
         opt.zero_grad()
         loss.backward()
@@ -294,4 +365,17 @@ def compute_value(
     if not math.isfinite(float(d.norm())):
         raise FloatingPointError("the value optimisation diverged (δ is not finite)")
     tgt = [int(t) for t in p.target[: p.target_len].tolist()]
-    return ValueResult(v_e=v_init + d, v_init=v_init, delta=d, steps=steps, losses=losses, target_ids=tgt)
+    return ValueResult(
+        v_e=v_init + d,
+        v_init=v_init,
+        delta=d,
+        steps=steps,
+        losses=losses,
+        target_ids=tgt,
+        nll=trace["nll"],
+        kl=trace["kl"],
+        weight_decay=trace["wd"],
+        top1=trace["top1"],
+        stop=stop,
+        lr=float(opt.param_groups[0]["lr"]),
+    )
