@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
 import rrome
 from rrome.apply import Editor
+from rrome.cli import main
 from rrome.edits import EditRequest
 from rrome.hparams import (
     FIELDS,
@@ -468,7 +473,7 @@ def test_relative_step_size_and_weight_decay(tiny_loaded: Callable[[str], Any]) 
 
 
 # --------------------------------------------------------------------------------------------
-# 5. the edit record
+# 5. the edit record and the command line
 
 QUICK = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 5]]}
 
@@ -488,3 +493,88 @@ def test_edit_record_holds_the_resolved_set(tiny_dir: Callable[[str], Path], tmp
     for key in ("loss", "nll", "kl", "weight_decay", "top1"):
         assert len(value[key]) == 3, key
     json.dumps(meta)  # all of it is JSON
+
+
+def test_cli_apply_records_hparams_and_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir("gpt2"), model)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps(DARRIEUX.to_json()) + "\n")
+    args = ["apply", str(edits), str(model), "--layer", "0", "--no-progress", "--hparams", "reference"]
+    for key, value in QUICK.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    args += ["--set", "v_stop_most_probable=2", "--set", "clamp_norm_factor=1.5"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "clamp 1.5·‖v_init‖" in res.stdout and "target top-1 for 2 pass(es)" in res.stdout
+    (logged,) = rrome.load_deltas(model)
+    hp = logged.delta.meta["hparams"]
+    assert hp["clamp_norm_factor"] == 1.5 and hp["v_stop_most_probable"] == 2 and hp["v_num_grad_steps"] == 3
+    assert hp["v_lr"] == REFERENCE["v_lr"] and hp["note"] == PRESETS["reference"]["note"]
+    assert logged.delta.meta["value"]["steps"] == 2
+
+
+CLI_SET_ERRORS = [
+    (["--set", "no_such_key=1"], ["no_such_key"]),
+    (["--set", "v_lr=fast"], ["v_lr", "number"]),
+    (["--set", "clamp_norm_factor=-1"], ["clamp_norm_factor", "> 0"]),
+    (["--set", "v_num_grad_steps=2.5"], ["v_num_grad_steps", "integer"]),
+    (["--set", "v_lr"], ["KEY=VALUE"]),
+    (["--hparams", "no-such-preset"], ["no-such-preset", "reference"]),
+]
+
+
+def _one_line(stderr: str, *needles: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("rrome: error: ") and "Traceback" not in stderr, lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["apply", "eval"])
+@pytest.mark.parametrize(("extra", "needles"), CLI_SET_ERRORS, ids=[" ".join(a) for a, _ in CLI_SET_ERRORS])
+def test_cli_bad_set_is_a_one_line_usage_error(
+    command: str, extra: list[str], needles: list[str], tmp_path: Path
+) -> None:
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps(DARRIEUX.to_json()) + "\n")
+    model = tmp_path / "model"  # never loaded: the check comes first
+    if command == "apply":
+        args = ["apply", str(edits), str(model), *extra]
+    else:
+        args = ["eval", str(model), "--data", str(edits), "--out", str(tmp_path / "out"), *extra]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    _one_line(res.stderr, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_hparams_file_is_an_expected_failure(tmp_path: Path) -> None:
+    """Through the console entry point: one line, status 1 (a malformed file), no torch import."""
+    bad = tmp_path / "hp.json"
+    bad.write_text('{"clamp_norm_factor": 0}')
+    code = (
+        "import sys\n"
+        "from rrome.cli import main\n"
+        f"sys.argv = ['rrome', 'apply', 'edits.jsonl', 'model', '--hparams', {str(bad)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    _one_line(proc.stderr, str(bad), "clamp_norm_factor", "> 0")
+
+
+@pytest.mark.parametrize("command", ["apply", "eval"])
+def test_cli_help_lists_hparams_and_set(command: str) -> None:
+    res = CliRunner().invoke(main, [command, "--help"])
+    assert res.exit_code == 0
+    assert "--hparams FILE|PRESET" in res.stdout and "--set KEY=VALUE" in res.stdout
+    assert "reference" in res.stdout

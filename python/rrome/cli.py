@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from rrome.errors import RromeError
+from rrome.hparams import FIELDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +43,19 @@ def _expected_errors(fn: F) -> F:
 
 
 _dir = click.Path(file_okay=False, dir_okay=True, path_type=Path)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: names read from a model folder are untrusted
+    and must not forge output lines or terminal escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _echo_recovered(actions: list[str]) -> None:
+    for action in actions:
+        click.echo(f"recovered: {action}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,6 +104,7 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
     t0 = time.perf_counter()
     rep = apply_deltas(model_dir, batch, out_dir=out_dir, link_untouched=link_untouched)
     dt = time.perf_counter() - t0
+    _echo_recovered(rep["recovered"])
     click.echo(
         f"applied {len(batch)} delta(s) to {len(rep['tensors'])} tensor(s) in {len(rep['shards'])} shard(s) "
         f"as batch {rep['batch']} of {rep['model_dir']} ({rep['tensor_bytes'] / 1e6:.1f} MB of tensors, {dt:.2f} s)"
@@ -102,9 +117,10 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
 @_expected_errors
 def revert_cmd(model_dir: Path, all_: bool) -> None:
     """Restore the exact original bytes of the last applied batch (or of all batches)."""
-    from rrome.shards import revert
+    from rrome.shards import revert_with_report
 
-    batches = revert(model_dir, all=all_)
+    batches, recovered = revert_with_report(model_dir, all=all_)
+    _echo_recovered(recovered)
     click.echo(f"reverted batch{'es' if len(batches) > 1 else ''} {', '.join(map(str, batches))} of {model_dir}")
 
 
@@ -139,21 +155,17 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
     """Show a checkpoint's shards, tensors and dtypes, and its rrome edit log."""
     from rrome.shards import inspect
 
-    info = inspect(model_dir)
+    info = inspect(model_dir, tensors=show_tensors or as_json)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    tensors = info["tensors"]
-    dtypes: dict[str, int] = {}
-    for t in tensors:
-        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + 1
-    click.echo(f"{info['model_dir']}: {len(tensors)} tensors in {len(info['shards'])} shard(s)")
-    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(dtypes.items())))
+    click.echo(f"{_printable(info['model_dir'])}: {info['num_tensors']} tensors in {len(info['shards'])} shard(s)")
+    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(info["dtypes"].items())))
     for s in info["shards"]:
-        click.echo(f"  {s['file']}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors")
+        click.echo(f"  {_printable(s['file'])}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors")
     if show_tensors:
-        for t in tensors:
-            click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}  {t['shard']}")
+        for t in info["tensors"]:
+            click.echo(f"  {_printable(t['name'])}  {t['dtype']}  {t['shape']}  {_printable(t['shard'])}")
     edits = info["edits"]
     if not edits:
         click.echo("edit log: empty")
@@ -162,7 +174,8 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
         for e in edits:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["applied_at"])) if e["applied_at"] else "-"
             undo = "revertible" if e["undo"] else "no undo data"
-            fields = [f"batch {e['batch']}", e["id"], e["tensor"], e["layout"], f"scale={e['scale']:g}", when, undo]
+            fields = [f"batch {e['batch']}", _printable(e["id"]), _printable(e["tensor"]), e["layout"]]
+            fields += [f"scale={e['scale']:g}", when, undo]
             click.echo("  " + "  ".join(fields))
     for p in info["pending"]:
         click.echo(f"pending: {p}")
@@ -172,13 +185,56 @@ _METHODS = click.Choice(["r-rome", "rome", "p-rome"])
 _DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 
 
+def _hparams_options(fn: F) -> F:
+    """``--hparams FILE|PRESET`` and ``--set KEY=VALUE`` (for every command that edits)."""
+    fn = click.option(
+        "--set",
+        "assignments",
+        metavar="KEY=VALUE",
+        multiple=True,
+        help="Set one hyperparameter, after --hparams (repeatable), e.g. --set clamp_norm_factor=1 "
+        "--set v_stop_most_probable=2. Values are JSON; a bare word is a string. Keys: "
+        + ", ".join(f for f in FIELDS if f != "family")
+        + ".",
+    )(fn)
+    return click.option(
+        "--hparams",
+        "hparams_spec",
+        metavar="FILE|PRESET",
+        default=None,
+        help="Hyperparameters over the family's defaults: a preset (reference: the reference ROME code's "
+        "constants and stopping rule; default: the family's) or a JSON file of fields.",
+    )(fn)
+
+
+def _cli_hparams(spec: str | None, assignments: tuple[str, ...]) -> dict[str, Any]:
+    """The fields --hparams and --set give, checked before any model is loaded.
+
+    A bad --set, or a --hparams that is neither a preset nor a file, is a usage error: one line
+    ``rrome: error: ...`` naming the key and what it expects, exit status 2. A malformed file is
+    an expected failure (status 1, through ``_expected_errors``).
+    """
+    from rrome.hparams import HParamsError, HParamsFileError, parse_assignments, spec_overrides
+
+    try:
+        fields = spec_overrides(spec)
+        fields.update(parse_assignments(assignments))
+    except HParamsFileError:
+        raise
+    except HParamsError as e:
+        click.echo(f"rrome: error: {e}", err=True)
+        sys.exit(2)
+    return fields
+
+
 @main.command("apply")
 @click.argument("edits", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("model_dir", type=_dir)
 @click.option("--method", type=_METHODS, default="r-rome", show_default=True, help="Update variant.")
 @click.option("--out", "out_dir", type=_dir, default=None, help="Write an edited copy here instead of in place.")
 @_LINK_UNTOUCHED
-@click.option("--layer", type=int, default=None, help="Layer to edit (default: the family's hyperparameters).")
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
+@_hparams_options
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
@@ -203,6 +259,8 @@ def apply_cmd(
     out_dir: Path | None,
     link_untouched: bool,
     layer: int | None,
+    hparams_spec: str | None,
+    assignments: tuple[str, ...],
     corpus: Path | None,
     device: str | None,
     dtype: str,
@@ -218,14 +276,19 @@ def apply_cmd(
     the end (in place, journaled and revertible with `rrome revert`, or to --out). An edit
     whose |Δ| is far above the median of the earlier edits stops the run before anything is
     written, unless --allow-large-updates; NaN/Inf updates always do.
+
+    Hyperparameters: the family's defaults, then --hparams, then each --set, then --layer; the
+    resolved set is recorded with every edit in the edit log.
     """
+    _check_link_untouched(link_untouched, out_dir)
+    fields = _cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
+
     from tqdm import tqdm
 
     from rrome.apply import LARGE_UPDATE_RATIO, Editor
     from rrome.edits import load_requests
     from rrome.rome import Method
 
-    _check_link_untouched(link_untouched, out_dir)
     requests = load_requests(edits)
     editor = Editor.from_pretrained(
         model_dir,
@@ -234,6 +297,7 @@ def apply_cmd(
         dtype=dtype,
         device_map=device_map,
         layer=layer,
+        hparams=fields,
         corpus=corpus,
         progress=not no_progress,
         allow_large_updates=allow_large_updates,
@@ -244,14 +308,25 @@ def apply_cmd(
     for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):
         results.append(editor.edit(req))
     rep = editor.save(out_dir, link_untouched=link_untouched)
-    click.echo(f"\n{'case':>8}  {'subject':<24} {'target_new':<14} {'|Δ|':>9} {'P(new) before→after':>21}  steps")
+    hp = editor.hparams
+    click.echo(
+        f"\nlayer {hp.layer}: v_lr {hp.v_lr:g} ({hp.v_lr_unit}), clamp {hp.clamp_norm_factor:g}·‖v_init‖, "
+        f"weight decay {hp.v_weight_decay:g} ({hp.v_weight_decay_unit}), kl {hp.kl_factor:g}, at most "
+        f"{hp.v_num_grad_steps} passes, stop at loss < {hp.v_stop_loss:g}"
+        + (f" or target top-1 for {hp.v_stop_most_probable} pass(es)" if hp.v_stop_most_probable else "")
+    )
+    click.echo(
+        f"{'case':>8}  {'subject':<24} {'target_new':<14} {'|Δ|':>9} {'P(new) before→after':>21}  steps  stop"
+        "           ‖δ‖/‖v_init‖"
+    )
     for r in results:
         case = r.request.case_id or "-"
         click.echo(
             f"{case:>8}  {r.request.subject[:24]:<24} {r.request.target_new[:14]:<14} {r.norm_delta:9.2e} "
-            f"{r.p_new_before:9.3f} → {r.p_new_after:<9.3f}  {r.steps}"
+            f"{r.p_new_before:9.3f} → {r.p_new_after:<9.3f}  {r.steps:>5}  {r.stop:<13}  {r.delta_ratio:.3f}"
         )
     if rep is not None:
+        _echo_recovered(rep["recovered"])
         click.echo(f"wrote {len(results)} edit(s) as batch {rep['batch']} of {rep['model_dir']} (layer {editor.layer})")
 
 
@@ -381,7 +456,8 @@ def stats_cmd(
 )
 @click.option("--no-diagnostics", is_flag=True, help="Skip the generation entropies after each edit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and few-shot choice.")
-@click.option("--layer", type=int, default=None, help="Layer to edit (default: the family's hyperparameters).")
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
+@_hparams_options
 @click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
 @click.option("--stats-tokens", type=int, default=None, help="Corpus tokens for C0 (default: hyperparameters).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
@@ -407,6 +483,8 @@ def eval_cmd(
     no_diagnostics: bool,
     seed: int,
     layer: int | None,
+    hparams_spec: str | None,
+    assignments: tuple[str, ...],
     corpus: Path | None,
     stats_tokens: int | None,
     device: str | None,
@@ -418,7 +496,13 @@ def eval_cmd(
 
     The checkpoint on disk is never written. Results go to --out as JSON lines, a table and
     plots; a killed run continues where it stopped when started again with the same --out.
+    The fields --hparams and --set give are saved in the folder's run.json (a resumed run must
+    give the same) and the resolved set in baseline.json.
     """
+    fields = _cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
+    if stats_tokens:
+        fields["stats_max_tokens"] = stats_tokens
+
     from rrome.report import report
     from rrome.runs import RunConfig, run, sha256_file
 
@@ -438,7 +522,7 @@ def eval_cmd(
         dtype=dtype,
         layer=layer,
         corpus=str(corpus.resolve()) if corpus else None,
-        hparams={"stats_max_tokens": stats_tokens} if stats_tokens else {},
+        hparams=fields,
         device=device,
     )
     run(cfg, out_dir, progress=not no_progress)
