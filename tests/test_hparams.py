@@ -348,6 +348,7 @@ def test_bad_values_are_refused_everywhere(tmp_path: Path) -> None:
             resolve_hparams("gpt2", str(bad))
         assert str(bad) in str(info.value)
         assert isinstance(info.value, rrome.InvalidFileError) and isinstance(info.value, rrome.RromeError)
+    assert rrome.HParamsError is HParamsError and rrome.HParamsFileError is HParamsFileError
 
 
 def test_editor_refuses_bad_hparams_before_loading(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from rrome.errors import (
     UnsupportedDtypeError,
     UnsupportedModelError,
 )
+from rrome.hparams import HParamsError, HParamsFileError
 from rrome.shards import (
     ApplyReport,
     Delta,
@@ -50,6 +51,8 @@ __all__ = [
     "DeltaError",
     "DeltasFileError",
     "EditFileError",
+    "HParamsError",
+    "HParamsFileError",
     "IntegrityError",
     "InvalidFileError",
     "LargeUpdateError",
