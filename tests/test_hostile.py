@@ -313,10 +313,12 @@ def test_shard_links_out_of_the_folder_are_not_written(how: str, sharded: Path, 
     with pytest.raises(rrome.CheckpointError, match="outside the model folder"):
         rrome.apply_deltas(sharded, [DELTA])
     assert_untouched(before, snapshot(tmp_path), sharded)
-    # Reading through the link (e.g. a Hugging Face cache snapshot) and editing a copy are fine.
+    # Reading through the link (e.g. a Hugging Face cache snapshot) is fine; a copy never
+    # follows a link (tests/test_untrusted_folder.py): `cp -rL` first makes a real folder.
     assert {t["name"] for t in rrome.inspect(sharded)["tensors"]} == {"w", "b"}
-    rrome.apply_deltas(sharded, [DELTA], out_dir=tmp_path / "copy")
-    assert not (tmp_path / "copy" / "a.safetensors").is_symlink()
+    with pytest.raises(rrome.CheckpointError, match="symbolic link"):
+        rrome.apply_deltas(sharded, [DELTA], out_dir=tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
     assert (outside / "a.safetensors").read_bytes() == before[str(outside / "a.safetensors")][0]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "read_bundle",
     "recover",
     "revert",
+    "tensor_specs",
     "write_bundle",
 ]
 
@@ -65,12 +66,24 @@ class Cholesky:
 def apply_deltas(
     model_dir: _Path, deltas: list[_RawDelta], out_dir: _Path | None = None, link_untouched: bool = False
 ) -> dict[str, Any]: ...
-def revert(model_dir: _Path, all: bool = False) -> list[int]: ...
+def revert(model_dir: _Path, all: bool = False) -> tuple[list[int], list[str]]: ...
 def recover(model_dir: _Path) -> list[str]: ...
-def inspect(model_dir: _Path) -> str: ...
+def inspect(model_dir: _Path, tensors: bool = True) -> str: ...
+def tensor_specs(model_dir: _Path, names: list[str]) -> list[tuple[str, list[int]] | None]: ...
 def read_bundle(
     path: _Path,
 ) -> list[
-    tuple[str, int | None, float | None, str, npt.NDArray[np.float32], npt.NDArray[np.float32], str, float, str | None]
+    tuple[
+        str,
+        int | None,
+        float | None,
+        int,
+        str,
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        str,
+        float,
+        str | None,
+    ]
 ]: ...
 def write_bundle(dir: _Path, deltas: list[_RawDelta]) -> None: ...

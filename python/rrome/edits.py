@@ -233,6 +233,35 @@ class _JsonObject(dict[str, Any]):
     duplicates: tuple[str, ...] = ()
 
 
+class _UnreadableJSONError(ValueError):
+    """JSON that Python's parser cannot hold: nested deeper than the interpreter's recursion
+    limit, or an integer longer than ``int``'s digit limit. ``json.loads`` raises
+    RecursionError / a plain ValueError for these, not JSONDecodeError."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.colno = 0
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` for untrusted text: every failure is a JSONDecodeError or :class:`_UnreadableJSONError`."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_pairs)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _UnreadableJSONError("nested too deeply") from None
+    except ValueError as e:
+        raise _UnreadableJSONError(f"a number too long to read ({str(e).split(';')[0]})") from None
+
+
+def _json_problem(e: json.JSONDecodeError | _UnreadableJSONError) -> str:
+    if isinstance(e, _UnreadableJSONError):
+        return f"malformed JSON: {e.msg}"
+    return f"malformed JSON: {e.msg} (column {e.colno})"
+
+
 def _object_pairs(pairs: list[tuple[str, Any]]) -> _JsonObject:
     obj = _JsonObject(pairs)
     if len(obj) != len(pairs):
@@ -572,9 +601,11 @@ def _read_slots(path: str, data: bytes) -> list[_Slot]:
         if bad:
             raise EditFileError(_summary([f"{path}:{number}: {message}" for number, message in bad.items()]))
         try:
-            records = json.loads("\n".join(texts), object_pairs_hook=_object_pairs)
+            records = _loads("\n".join(texts))
         except json.JSONDecodeError as e:
-            raise EditFileError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            raise EditFileError(f"{path}:{e.lineno}: {_json_problem(e)}") from None
+        except _UnreadableJSONError as e:
+            raise EditFileError(f"{path}:1: {_json_problem(e)}") from None
         if not records:
             raise EditFileError(f"{path}:1: empty JSON array: no edit requests")
         return [_Slot(f"{path}: record {i}", f"record {i}", obj) for i, obj in enumerate(records, 1)]
@@ -588,14 +619,14 @@ def _read_slots(path: str, data: bytes) -> list[_Slot]:
             continue
         else:
             try:
-                slot.obj = json.loads(line, object_pairs_hook=_object_pairs)
-            except json.JSONDecodeError as e:
+                slot.obj = _loads(line)
+            except (json.JSONDecodeError, _UnreadableJSONError) as e:
                 if not slots and _is_one_object("\n".join(texts)):
                     raise EditFileError(
                         f"{path}:{number}: the file holds one JSON object spread over several lines; "
                         "write one object per line (JSONL) or a JSON array of objects"
                     ) from None
-                slot.problems = [f"malformed JSON: {e.msg} (column {e.colno})"]
+                slot.problems = [_json_problem(e)]
         slots.append(slot)
     if not slots:
         raise EditFileError(f"{path}:1: empty file: no edit requests")
@@ -604,8 +635,8 @@ def _read_slots(path: str, data: bytes) -> list[_Slot]:
 
 def _is_one_object(text: str) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+        return isinstance(_loads(text), dict)
+    except (json.JSONDecodeError, _UnreadableJSONError):
         return False
 
 

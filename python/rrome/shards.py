@@ -11,6 +11,7 @@ format. Nothing here imports torch, so the ``rrome apply-deltas`` command starts
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ PathLike = str | os.PathLike[str]
 
 EDITS_FILE = "rrome_edits.jsonl"
 DELTAS_FILE = "rrome_deltas.safetensors"
+
+_log = logging.getLogger("rrome")
 
 
 def _vector(name: str, value: Any) -> npt.NDArray[np.float32]:
@@ -115,6 +118,8 @@ class LoggedDelta:
     batch: int | None
     applied_at: float | None
     delta: Delta
+    line: int = 0
+    """Line of ``rrome_edits.jsonl`` the record was read from (1-based)."""
 
 
 class ApplyReport(TypedDict):
@@ -126,6 +131,8 @@ class ApplyReport(TypedDict):
     shards: list[str]
     tensor_bytes: int
     bytes_written: int
+    recovered: list[str]
+    """What the recovery that runs first did to an interrupted earlier write (empty if nothing)."""
 
 
 def apply_deltas(
@@ -156,12 +163,15 @@ def apply_deltas(
             default: the copy then shares nothing with ``model_dir``.
 
     Returns:
-        The batch number, edited tensors and shards, and byte counts.
+        The batch number, edited tensors and shards, byte counts, and ``recovered``: what the
+        recovery that runs first did (an interrupted earlier write finished or rolled back).
 
     Raises:
         TensorNotFoundError, UnsupportedDtypeError, DeltaError: a delta does not fit.
         SafetensorsHeaderError, CheckpointError: the checkpoint is malformed or unsafe.
         LockedError: another rrome process is writing this folder.
+        IntegrityError: the folder holds a journal, undo file or revert marker that does not
+            fit its checkpoint (not written by rrome); nothing is written.
         OSError: I/O failures (FileNotFoundError, PermissionError, ...), nothing half-written.
     """
     batch = list(deltas)
@@ -178,14 +188,26 @@ def apply_deltas(
 def revert(model_dir: PathLike, *, all: bool = False) -> list[int]:  # noqa: A002 - mirrors the CLI flag
     """Restores the exact original bytes of the last applied batch (or of every batch).
 
+    An interrupted earlier write is recovered first; what that did is logged (logger
+    ``"rrome"``, level WARNING) and printed by ``rrome revert``.
+
     Returns:
         The reverted batch numbers, newest first.
 
     Raises:
         RevertError: nothing to revert, or the undo data is missing.
-        IntegrityError: an edited tensor was changed by something else since; nothing written.
+        IntegrityError: an edited tensor was changed by something else since, or an undo file
+            does not fit the checkpoint; nothing written.
     """
-    return _rust.revert(os.fspath(model_dir), all)
+    return revert_with_report(model_dir, all=all)[0]
+
+
+def revert_with_report(model_dir: PathLike, *, all: bool = False) -> tuple[list[int], list[str]]:  # noqa: A002
+    """:func:`revert`, also returning what the recovery that runs first did."""
+    batches, recovered = _rust.revert(os.fspath(model_dir), all)
+    for action in recovered:
+        _log.warning("%s: recovered: %s", os.fspath(model_dir), action)
+    return batches, recovered
 
 
 def recover(model_dir: PathLike) -> list[str]:
@@ -199,9 +221,13 @@ def recover(model_dir: PathLike) -> list[str]:
     return _rust.recover(os.fspath(model_dir))
 
 
-def inspect(model_dir: PathLike) -> dict[str, Any]:
-    """Describes a model folder: shards, tensors (name, dtype, shape, shard), edit log, pending state."""
-    result: dict[str, Any] = json.loads(_rust.inspect(os.fspath(model_dir)))
+def inspect(model_dir: PathLike, *, tensors: bool = True) -> dict[str, Any]:
+    """Describes a model folder: shards, tensors (name, dtype, shape, shard), edit log, pending state.
+
+    ``num_tensors`` and ``dtypes`` (tensors per dtype) are always there; the list ``tensors``
+    only with ``tensors=True`` (otherwise ``None``), since a checkpoint may hold many.
+    """
+    result: dict[str, Any] = json.loads(_rust.inspect(os.fspath(model_dir), tensors))
     return result
 
 
@@ -217,11 +243,11 @@ def load_deltas(path: PathLike) -> list[LoggedDelta]:
         DeltasFileError: a malformed record, naming file, line and field.
     """
     out = []
-    for rid, batch, applied_at, tensor, u, r, layout, scale, meta in _rust.read_bundle(os.fspath(path)):
+    for rid, batch, applied_at, line, tensor, u, r, layout, scale, meta in _rust.read_bundle(os.fspath(path)):
         if layout not in ("out_in", "in_out"):
             raise DeltaError(f"{path}: unknown layout {layout!r}")
         delta = Delta(tensor, u, r, cast(Layout, layout), scale, None if meta is None else json.loads(meta))
-        out.append(LoggedDelta(rid, batch, applied_at, delta))
+        out.append(LoggedDelta(rid, batch, applied_at, delta, line))
     return out
 
 
@@ -243,23 +269,20 @@ def load_deltas_for(path: PathLike, model_dir: PathLike) -> list[LoggedDelta]:
         edits = os.path.join(edits, EDITS_FILE)
     elif os.path.basename(edits) != EDITS_FILE:
         edits = os.path.join(os.path.dirname(edits), EDITS_FILE)
-    with open(edits, "rb") as f:
-        lines = [n for n, raw in enumerate(f.read().split(b"\n"), 1) if raw.strip()]
-    tensors = {t["name"]: t for t in inspect(model_dir)["tensors"]}
+    specs = _rust.tensor_specs(os.fspath(model_dir), [rec.delta.tensor for rec in records])
     problems: list[tuple[type[RromeError], str]] = []
-    for rec, line in zip(records, lines, strict=False):
+    for rec, spec in zip(records, specs, strict=True):
         d = rec.delta
-        where = f"{edits}:{line}"
-        t = tensors.get(d.tensor)
-        if t is None:
+        where = f"{edits}:{rec.line}"
+        if spec is None:
             problems.append((TensorNotFoundError, f'{where}: field "tensor": {d.tensor!r} is not in {model_dir}'))
             continue
-        if t["dtype"] not in ("F32", "F16", "BF16"):
+        dtype, shape = spec
+        if dtype not in ("F32", "F16", "BF16"):
             problems.append(
-                (UnsupportedDtypeError, f'{where}: field "tensor": {d.tensor!r} is {t["dtype"]}; only F32, F16, BF16')
+                (UnsupportedDtypeError, f'{where}: field "tensor": {d.tensor!r} is {dtype}; only F32, F16, BF16')
             )
             continue
-        shape = list(t["shape"])
         if len(shape) != 2:
             problems.append((DeltaError, f'{where}: field "tensor": {d.tensor!r} has shape {shape}, not a matrix'))
             continue

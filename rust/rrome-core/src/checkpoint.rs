@@ -7,9 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{open_read, read_file};
 use crate::safetensors_header::{Header, TensorInfo};
 
 /// Name of the single-file checkpoint.
@@ -26,6 +28,8 @@ pub struct Shard {
     pub path: PathBuf,
     /// File size in bytes.
     pub len: u64,
+    /// Permission bits of the file.
+    pub mode: u32,
     /// Validated header.
     pub header: Header,
 }
@@ -74,7 +78,7 @@ impl Checkpoint {
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
         let (files, weight_map, indexed) = if index_path.exists() {
-            let text = fs::read(&index_path).at(&index_path)?;
+            let text = read_file(&index_path)?;
             let v: serde_json::Value = serde_json::from_slice(&text)
                 .map_err(|e| Error::checkpoint(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
@@ -101,14 +105,16 @@ impl Checkpoint {
         let mut by_tensor = HashMap::new();
         for (i, file) in files.iter().enumerate() {
             let path = dir.join(file);
-            let header = Header::read(&path)?;
-            let len = fs::metadata(&path).at(&path)?.len();
+            let mut f = open_read(&path)?;
+            let meta = f.metadata().at(&path)?;
+            let (len, mode) = (meta.len(), meta.mode() & 0o7777);
+            let header = Header::read_from(&mut f, len, &path)?;
             for t in &header.tensors {
                 if by_tensor.insert(t.name.clone(), i).is_some() {
                     return Err(Error::checkpoint(dir, format!("tensor {:?} appears in more than one shard", t.name)));
                 }
             }
-            shards.push(Shard { file: file.clone(), path, len, header });
+            shards.push(Shard { file: file.clone(), path, len, mode, header });
         }
         if let Some(wm) = weight_map {
             for (tensor, file) in &wm {
@@ -139,6 +145,17 @@ impl Checkpoint {
             .get(name)
             .ok_or_else(|| Error::TensorNotFound { path: self.dir.clone(), name: name.to_string() })?;
         Ok((i, self.shards[i].header.get(name).expect("indexed tensor is in its shard")))
+    }
+
+    /// The mode of files rrome creates for this checkpoint (edit log, journal, undo files,
+    /// lock): the permission bits all shards share, plus read and write for the owner.
+    pub fn file_mode(&self) -> u32 {
+        crate::fsutil::owner_rw(self.shards.iter().fold(0o7777, |m, s| m & s.mode))
+    }
+
+    /// The shard stored in file `file`, if the checkpoint has one.
+    pub fn shard(&self, file: &str) -> Option<&Shard> {
+        self.shards.iter().find(|s| s.file == file)
     }
 
     /// Total number of tensors.

@@ -15,15 +15,14 @@
 //! applied batch appends its records there, which is what `revert` and `inspect` read.
 
 use std::collections::HashSet;
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
 use crate::dtype::Dtype;
-use crate::error::{Error, IoContext, Result};
-use crate::fsutil::atomic_write;
+use crate::error::{Error, Result};
+use crate::fsutil::{atomic_write_mode, crash_point, read_file};
 use crate::safetensors_header::{self, TensorData};
 
 /// File name of the JSON-lines half of a bundle.
@@ -125,6 +124,9 @@ pub struct Record {
     pub batch: Option<u64>,
     /// Unix time the batch was applied (edit log only).
     pub applied_at: Option<f64>,
+    /// Line of `rrome_edits.jsonl` the record was read from (1-based; 0 for a record built
+    /// in memory).
+    pub line: usize,
     /// The delta itself.
     pub delta: Delta,
 }
@@ -144,7 +146,7 @@ pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
     if allow_missing && !edits.exists() {
         return Ok(Vec::new());
     }
-    let text = fs::read(&edits).at(&edits)?;
+    let text = read_file(&edits)?;
     let (header, data) = safetensors_header::read_all(&tensors)?;
     let ename = edits.display().to_string();
     if header.meta("format") != Some(DELTAS_FORMAT) {
@@ -219,7 +221,7 @@ pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
         };
         let delta = Delta { tensor, u: load("u", d_in)?, r: load("r", d_out)?, layout, scale, meta };
         delta.check_finite(&format!("{ename}:{lineno}"))?;
-        out.push(Record { id, batch, applied_at, delta });
+        out.push(Record { id, batch, applied_at, line: lineno, delta });
     }
     Ok(out)
 }
@@ -250,10 +252,20 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Writes a bundle into folder `dir`: the tensors first, then the JSON lines. Each file is
-/// replaced atomically, and the JSON lines are the commit point: a reader that sees a record
-/// also finds its tensors.
-pub fn write_bundle(dir: &Path, records: &[Record]) -> Result<()> {
+/// Which file of a bundle is replaced first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The tensors first, then the JSON lines (the commit point): for a record set that grows
+    /// or is new, so a reader that sees a record also finds its tensors.
+    Growing,
+    /// The JSON lines first: for a record set that shrinks (revert, rollback), so that after a
+    /// crash between the two renames the old tensor file still holds every record listed.
+    Shrinking,
+}
+
+/// Writes a bundle into folder `dir`. Each file is replaced atomically, in the given
+/// [`Order`], and gets exactly `mode` when it is `Some` (the umask's default otherwise).
+pub fn write_bundle_with(dir: &Path, records: &[Record], mode: Option<u32>, order: Order) -> Result<()> {
     let mut seen = HashSet::new();
     for r in records {
         if !seen.insert(r.id.as_str()) {
@@ -269,18 +281,38 @@ pub fn write_bundle(dir: &Path, records: &[Record]) -> Result<()> {
         tensors.push(TensorData { name: rn, dtype: Dtype::F32, shape: vec![r.delta.d_out()], data: rb });
     }
     let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
-    atomic_write(&dir.join(DELTAS_FILE), |w| safetensors_header::write(w, &tensors, &meta))?;
-    atomic_write(&dir.join(EDITS_FILE), |w| {
-        for r in records {
-            writeln!(w, "{}", record_line(r))?;
+    let write_tensors =
+        || atomic_write_mode(&dir.join(DELTAS_FILE), mode, |w| safetensors_header::write(w, &tensors, &meta));
+    let write_lines = || {
+        atomic_write_mode(&dir.join(EDITS_FILE), mode, |w| {
+            for r in records {
+                writeln!(w, "{}", record_line(r))?;
+            }
+            Ok(())
+        })
+    };
+    match order {
+        Order::Growing => {
+            write_tensors()?;
+            write_lines()
         }
-        Ok(())
-    })
+        Order::Shrinking => {
+            write_lines()?;
+            crash_point("log-shrunk");
+            write_tensors()
+        }
+    }
+}
+
+/// Writes a new or growing bundle into folder `dir` (see [`write_bundle_with`]).
+pub fn write_bundle(dir: &Path, records: &[Record]) -> Result<()> {
+    write_bundle_with(dir, records, None, Order::Growing)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn delta(t: &str) -> Delta {
         Delta {
@@ -299,8 +331,14 @@ mod tests {
         let mut meta = Map::new();
         meta.insert("method".into(), json!("r-rome"));
         let recs = vec![
-            Record { id: "a".into(), batch: None, applied_at: None, delta: Delta { meta: Some(meta), ..delta("w1") } },
-            Record { id: "b".into(), batch: Some(3), applied_at: Some(12.5), delta: delta("w2") },
+            Record {
+                id: "a".into(),
+                batch: None,
+                applied_at: None,
+                line: 1,
+                delta: Delta { meta: Some(meta), ..delta("w1") },
+            },
+            Record { id: "b".into(), batch: Some(3), applied_at: Some(12.5), line: 2, delta: delta("w2") },
         ];
         write_bundle(dir.path(), &recs).unwrap();
         assert_eq!(read_bundle(dir.path(), false).unwrap(), recs);
@@ -310,8 +348,11 @@ mod tests {
     #[test]
     fn bad_lines_name_file_line_and_field() {
         let dir = tempfile::tempdir().unwrap();
-        write_bundle(dir.path(), &[Record { id: "a".into(), batch: None, applied_at: None, delta: delta("w") }])
-            .unwrap();
+        write_bundle(
+            dir.path(),
+            &[Record { id: "a".into(), batch: None, applied_at: None, line: 0, delta: delta("w") }],
+        )
+        .unwrap();
         let edits = dir.path().join(EDITS_FILE);
         let good = fs::read_to_string(&edits).unwrap();
         for (bad, want) in [

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::check_shard_name;
 use crate::dtype::Dtype;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::atomic_write;
+use crate::fsutil::{atomic_write_mode, open_read};
 use crate::lock::STATE_DIR;
 use crate::safetensors_header::{self, Header};
 
@@ -66,7 +66,7 @@ pub fn undo_path(model_dir: &Path, batch: u64) -> PathBuf {
 
 /// Reads `len` bytes at `offset` of `path`.
 pub fn read_region(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let f = File::open(path).at(path)?;
+    let f = open_read(path)?;
     let mut buf = Vec::new();
     read_region_into(&f, path, offset, len, &mut buf)?;
     Ok(buf)
@@ -109,9 +109,11 @@ impl Write for Counted<'_> {
 /// per region, in order, so one region at a time needs to be in memory. The header goes out
 /// first with placeholder hashes of the same length; once every region has streamed, it is
 /// rewritten in place with the real hashes, before the file is flushed and renamed into place,
-/// so no reader or crash ever sees the placeholders under the final name.
+/// so no reader or crash ever sees the placeholders under the final name. The file gets
+/// exactly `mode` (that of the shards it holds bytes of).
 pub fn write_undo(
     path: &Path,
+    mode: u32,
     batch: u64,
     regions: &mut [Region],
     mut original: impl FnMut(usize, &mut dyn Write) -> Result<(String, String)>,
@@ -135,7 +137,7 @@ pub fn write_undo(
     }
     let first = header(regions);
     let mut inner: Option<Error> = None;
-    let res = atomic_write(path, |w| {
+    let res = atomic_write_mode(path, Some(mode), |w| {
         w.write_all(&first)?;
         for (i, r) in regions.iter_mut().enumerate() {
             let mut counted = Counted { inner: &mut *w, n: 0 };
@@ -213,7 +215,7 @@ impl Undo {
     /// The original bytes of region `i`, checked against their recorded hash.
     pub fn original(&self, i: usize) -> Result<Vec<u8>> {
         let t = self.header.get(&format!("region.{i}")).expect("validated");
-        let mut f = File::open(&self.path).at(&self.path)?;
+        let mut f = open_read(&self.path)?;
         f.seek(SeekFrom::Start(self.header.abs_offset(t))).at(&self.path)?;
         let mut buf = vec![0u8; t.nbytes() as usize];
         f.read_exact(&mut buf).at(&self.path)?;
@@ -229,7 +231,7 @@ impl Undo {
     /// comparison with what is about to be overwritten).
     pub fn raw_into(&self, i: usize, buf: &mut Vec<u8>) -> Result<()> {
         let t = self.header.get(&format!("region.{i}")).expect("validated");
-        let f = File::open(&self.path).at(&self.path)?;
+        let f = open_read(&self.path)?;
         read_region_into(&f, &self.path, self.header.abs_offset(t), t.nbytes(), buf)
     }
 }

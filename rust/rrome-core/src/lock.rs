@@ -3,13 +3,17 @@
 //! The lock is an advisory `flock` on `<model>/.rrome/lock`. The holder writes who it is (pid,
 //! command line, start time) into the file, so a second writer can say whom it is waiting for.
 //! The kernel drops the lock when the holder dies, so a crash never leaves a stale lock.
+//!
+//! The lock file and the `.rrome` folder are never used through a symbolic link: a folder
+//! shipped with `.rrome/lock -> ../../some/file` would otherwise have rrome truncate that file.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{File, TryLockError};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{create_new, dir_mode, ensure_dir, open_write_nofollow};
 
 /// Folder inside a model folder that holds rrome's private state.
 pub const STATE_DIR: &str = ".rrome";
@@ -28,16 +32,22 @@ fn describe_self() -> String {
     format!("pid {}, command {:?}, since unix time {since}", std::process::id(), cmd.join(" "))
 }
 
-fn open_lock_file(path: &Path) -> Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).at(path)
+/// Opens the lock file, creating it with `mode` if missing; never through a link.
+fn open_lock_file(path: &Path, mode: u32) -> Result<File> {
+    match create_new(path, mode) {
+        Err(Error::Io { source, .. }) if source.kind() == ErrorKind::AlreadyExists => open_write_nofollow(path),
+        other => other,
+    }
 }
 
 /// Takes the exclusive lock of `lock_path`, failing at once with [`Error::Locked`] if it is held.
-pub fn lock_exclusive(lock_path: &Path) -> Result<DirLock> {
+/// The lock file and its folder are created with `mode` (and the matching folder mode) when
+/// missing; a link at either place is refused.
+pub fn lock_exclusive(lock_path: &Path, mode: u32) -> Result<DirLock> {
     if let Some(parent) = lock_path.parent() {
-        fs::create_dir_all(parent).at(parent)?;
+        ensure_dir(parent, dir_mode(mode))?;
     }
-    let mut f = open_lock_file(lock_path)?;
+    let mut f = open_lock_file(lock_path, mode)?;
     match f.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -68,12 +78,12 @@ mod tests {
     fn second_locker_is_refused_and_told_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let p = model_lock_path(dir.path());
-        let held = lock_exclusive(&p).unwrap();
-        match lock_exclusive(&p) {
+        let held = lock_exclusive(&p, 0o600).unwrap();
+        match lock_exclusive(&p, 0o600) {
             Err(Error::Locked { holder, .. }) => assert!(holder.contains(&format!("pid {}", std::process::id()))),
             other => panic!("expected Locked, got {other:?}"),
         }
         drop(held);
-        assert!(lock_exclusive(&p).is_ok());
+        assert!(lock_exclusive(&p, 0o600).is_ok());
     }
 }

@@ -15,7 +15,16 @@
 //! 6. move the journal to `.rrome/undo/batch-N.safetensors`, the data `revert` uses.
 //!
 //! A crash before 5 is rolled back from the journal, a crash after 5 is rolled forward; every
-//! recovery step checks hashes first, so running it twice is harmless.
+//! recovery step checks hashes first, so running it twice is harmless. Revert and rollback
+//! shrink the edit log: they replace its JSON lines before its tensor file, so a crash between
+//! the two renames leaves a log whose every record still has its tensors.
+//!
+//! Nothing in a model folder is trusted (README, "Threat model"): a journal, undo file
+//! or revert marker found there is checked against the checkpoint before any byte is written
+//! ([`check_undo`]): each region must be exactly the bytes of a tensor of a shard of the
+//! checkpoint, and every shard written must be a regular file of the folder, not a link.
+//! Copies refuse links and special files instead of following them. Files rrome creates take
+//! the shards' permission bits.
 //!
 //! To a copy (`out_dir`): everything is built in a hidden sibling of the destination, fsynced
 //! and renamed into place at the end, so the destination is complete or absent. With
@@ -24,8 +33,8 @@
 //! filesystem allows; an in-place write on either side un-shares a shard before it changes a
 //! byte of it, so neither folder ever writes through the other's file.
 
-use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -34,9 +43,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::checkpoint::{Checkpoint, Shard};
-use crate::deltas::{read_bundle, write_bundle, Delta, Record, DELTAS_FILE, EDITS_FILE};
+use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, Record, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{crash_point, fsync_dir, link_or_copy, parent_of, remove_if_exists, unshare};
+use crate::fsutil::{
+    atomic_write_mode, copy_file, crash_point, dir_mode, ensure_dir, fsync_dir, link_or_copy, link_refused,
+    not_regular, open_read, open_write_nofollow, parent_of, read_file, remove_if_exists, unshare, PRIVATE_MODE,
+};
 use crate::journal::{
     journal_path, read_region, read_region_into, sha256_hex, undo_dir, undo_path, write_undo, Region, Undo,
 };
@@ -61,6 +73,18 @@ pub struct ApplyReport {
     pub tensor_bytes: u64,
     /// Bytes written to the checkpoint folder (patches, journal, log; copies excluded).
     pub bytes_written: u64,
+    /// What the recovery that runs first did (an interrupted write finished or rolled back);
+    /// empty when the folder was clean.
+    pub recovered: Vec<String>,
+}
+
+/// What a revert did.
+#[derive(Debug, Clone, Default)]
+pub struct Reverted {
+    /// The reverted batches, newest first.
+    pub batches: Vec<u64>,
+    /// What the recovery that runs first did (see [`ApplyReport::recovered`]).
+    pub recovered: Vec<String>,
 }
 
 /// One tensor's planned change.
@@ -113,7 +137,7 @@ impl OpenShards {
         let i = match self.files.iter().position(|(p, _)| p == path) {
             Some(i) => i,
             None => {
-                let f = OpenOptions::new().read(true).write(self.write).open(path).at(path)?;
+                let f = if self.write { open_write_nofollow(path)? } else { open_read(path)? };
                 self.files.push((path.to_path_buf(), f));
                 self.files.len() - 1
             }
@@ -173,46 +197,83 @@ fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
     Ok(plans)
 }
 
-/// Refuses to write through a shard that is a link out of the folder; returns the file it
-/// resolves to.
-fn check_writable_in_place(ckpt: &Checkpoint, shard: &Shard) -> Result<PathBuf> {
-    let root = fs::canonicalize(&ckpt.dir).at(&ckpt.dir)?;
-    let real = fs::canonicalize(&shard.path).at(&shard.path)?;
-    if real.parent() != Some(root.as_path()) {
+/// Refuses to write a shard in place unless it is a regular file of the folder: never
+/// through a symbolic link (the file it names may be anywhere), nor into a FIFO or device.
+fn check_writable_in_place(shard: &Shard) -> Result<()> {
+    let meta = fs::symlink_metadata(&shard.path).at(&shard.path)?;
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(&shard.path).map(|t| t.display().to_string()).unwrap_or_default();
         return Err(Error::checkpoint(
             &shard.path,
-            format!("resolves to {} outside the model folder; edit a copy with --out instead", real.display()),
+            format!(
+                "is a symbolic link to {target}; rrome never writes through links in a model folder, whose \
+                 targets may lie outside the model folder; make a real copy of the folder (`cp -rL`) and edit that"
+            ),
         ));
     }
-    Ok(real)
+    if !meta.is_file() {
+        return Err(not_regular(&shard.path, &meta.file_type()));
+    }
+    Ok(())
 }
 
 /// Makes every shard the plans write safe to write in place: all are checked first (nothing
 /// changes when one is refused), then a shard with other hard links gets an inode of its own,
 /// so the other names (another folder's copy) keep their bytes.
 fn own_shards(ckpt: &Checkpoint, plans: &[Plan]) -> Result<()> {
-    let mut reals: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<usize> = Vec::new();
     for p in plans {
-        let real = check_writable_in_place(ckpt, &ckpt.shards[p.shard])?;
-        if !reals.contains(&real) {
-            reals.push(real);
+        check_writable_in_place(&ckpt.shards[p.shard])?;
+        if !files.contains(&p.shard) {
+            files.push(p.shard);
         }
     }
-    for real in &reals {
-        unshare(real)?;
+    for &i in &files {
+        unshare(&ckpt.shards[i].path)?;
     }
     Ok(())
 }
 
-/// Before a restore writes into `path`: un-shares it when it is a file of the folder `dir`
-/// with other hard links (a link out of the folder is written through, as it always was).
-fn own_for_restore(dir: &Path, path: &Path) -> Result<()> {
-    let root = fs::canonicalize(dir).at(dir)?;
-    let real = fs::canonicalize(path).at(path)?;
-    if real.parent() == Some(root.as_path()) {
-        unshare(&real)?;
+/// Checks an undo record found in the folder (the journal, an undo file) against the
+/// checkpoint before anything is written from it: every region must be exactly the byte range
+/// of the tensor it names, in a shard of the checkpoint that is a regular file of the folder,
+/// and no tensor may appear twice. rrome writes only such records; anything else was not
+/// written by rrome (or was changed since) and could aim the restore at any file.
+pub fn check_undo(ckpt: &Checkpoint, undo: &Undo) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (i, r) in undo.regions.iter().enumerate() {
+        let bad = |msg: String| Error::Integrity {
+            msg: format!(
+                "{}: region {i} ({} in {}): {msg}; nothing was written. rrome never writes such a record: \
+                 if you did not expect it, delete {} and run the command again",
+                undo.path.display(),
+                r.tensor,
+                r.shard,
+                undo.path.display()
+            ),
+        };
+        let shard = ckpt.shard(&r.shard).ok_or_else(|| bad(format!("{} is not a shard of the checkpoint", r.shard)))?;
+        let t = shard.header.get(&r.tensor).ok_or_else(|| bad(format!("{} holds no tensor of that name", r.shard)))?;
+        let (begin, end) = (shard.header.abs_offset(t), shard.header.abs_offset(t) + t.nbytes());
+        if r.offset != begin || r.len != t.nbytes() {
+            return Err(bad(format!(
+                "bytes {}..{} are not the tensor's bytes {begin}..{end}",
+                r.offset,
+                r.offset.saturating_add(r.len)
+            )));
+        }
+        if !seen.insert((&r.shard, &r.tensor)) {
+            return Err(bad("the tensor appears twice".into()));
+        }
+        check_writable_in_place(shard).map_err(|e| bad(e.to_string()))?;
     }
     Ok(())
+}
+
+/// The mode of files rrome creates in `dir`: its shards' bits, or owner-only when the
+/// checkpoint cannot be read.
+fn folder_mode(dir: &Path) -> u32 {
+    Checkpoint::open(dir).map(|c| c.file_mode()).unwrap_or(PRIVATE_MODE)
 }
 
 fn now() -> f64 {
@@ -228,7 +289,13 @@ fn new_records(deltas: &[Delta], batch: u64) -> Vec<Record> {
     deltas
         .iter()
         .enumerate()
-        .map(|(i, d)| Record { id: format!("b{batch}.{i}"), batch: Some(batch), applied_at: Some(t), delta: d.clone() })
+        .map(|(i, d)| Record {
+            id: format!("b{batch}.{i}"),
+            batch: Some(batch),
+            applied_at: Some(t),
+            line: 0,
+            delta: d.clone(),
+        })
         .collect()
 }
 
@@ -254,7 +321,7 @@ fn write_journal(ckpt: &Checkpoint, plans: &[Plan], journal: &Path, batch: u64) 
     let mut regions = region_slots(ckpt, plans);
     let mut shards = OpenShards::new(false);
     let (mut old, mut new) = (Vec::new(), Vec::new());
-    write_undo(journal, batch, &mut regions, |i, w| {
+    write_undo(journal, ckpt.file_mode(), batch, &mut regions, |i, w| {
         let p = &plans[i];
         let path = &ckpt.shards[p.shard].path;
         read_region_into(shards.get(path)?, path, p.offset, p.len, &mut old)?;
@@ -351,10 +418,12 @@ fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
     // Refuse a folder that is not a checkpoint, or deltas that do not fit it, before the lock
     // creates any state inside it (headers are never rewritten, so this read is valid even
     // with a crashed batch pending); the checks are repeated under the lock.
-    plan(&Checkpoint::open(dir)?, deltas)?;
-    let _lock = lock_exclusive(&model_lock_path(dir))?;
-    recover_locked(dir)?;
+    let first = Checkpoint::open(dir)?;
+    plan(&first, deltas)?;
+    let _lock = lock_exclusive(&model_lock_path(dir), first.file_mode())?;
+    let recovered = recover_locked(dir)?;
     let ckpt = Checkpoint::open(dir)?;
+    let mode = ckpt.file_mode();
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(dir, true)?;
     let batch = next_batch(&log);
@@ -368,22 +437,22 @@ fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
         crash_point("patched");
         let mut records = log.clone();
         records.extend(new_records(deltas, batch));
-        write_bundle(dir, &records)?;
+        write_bundle_with(dir, &records, Some(mode), Order::Growing)?;
         Ok(())
     })();
     if let Err(e) = result {
         // Put the original bytes back now rather than leaving it to the next command.
-        return Err(match rollback(dir, &Undo::read(&journal)?, &log) {
+        return Err(match rollback(dir, &Undo::read(&journal)?, &log, mode) {
             Ok(()) => e,
             Err(re) => Error::Integrity { msg: format!("{e}; rolling back also failed: {re}; run `rrome recover`") },
         });
     }
     crash_point("committed");
-    finalize(dir, batch)?;
+    finalize(dir, batch, mode)?;
     let journal_bytes = fs::metadata(undo_path(dir, batch)).at(undo_path(dir, batch))?.len();
     let log_bytes = fs::metadata(dir.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
         + fs::metadata(dir.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0);
-    Ok(report(dir, batch, &regions, journal_bytes + log_bytes))
+    Ok(ApplyReport { recovered, ..report(dir, batch, &regions, journal_bytes + log_bytes) })
 }
 
 fn report(dir: &Path, batch: u64, regions: &[Region], extra_bytes: u64) -> ApplyReport {
@@ -401,13 +470,14 @@ fn report(dir: &Path, batch: u64, regions: &[Region], extra_bytes: u64) -> Apply
         shards,
         tensor_bytes,
         bytes_written: tensor_bytes + extra_bytes,
+        recovered: Vec::new(),
     }
 }
 
 /// Moves a committed journal to the undo folder.
-fn finalize(dir: &Path, batch: u64) -> Result<()> {
+fn finalize(dir: &Path, batch: u64, mode: u32) -> Result<()> {
     let udir = undo_dir(dir);
-    fs::create_dir_all(&udir).at(&udir)?;
+    ensure_dir(&udir, dir_mode(mode))?;
     let dest = undo_path(dir, batch);
     fs::rename(journal_path(dir), &dest).at(&dest)?;
     fsync_dir(&udir)?;
@@ -415,6 +485,7 @@ fn finalize(dir: &Path, batch: u64) -> Result<()> {
 }
 
 /// Restores every region of `undo` whose bytes are not already the originals, then verifies.
+/// The caller has checked `undo` against the checkpoint ([`check_undo`]).
 fn restore(dir: &Path, undo: &Undo) -> Result<()> {
     let mut touched: Vec<PathBuf> = Vec::new();
     for (i, r) in undo.regions.iter().enumerate() {
@@ -424,10 +495,10 @@ fn restore(dir: &Path, undo: &Undo) -> Result<()> {
         }
         let orig = undo.original(i)?;
         if !touched.contains(&path) {
-            own_for_restore(dir, &path)?;
+            unshare(&path)?;
             touched.push(path.clone());
         }
-        let f = OpenOptions::new().write(true).open(&path).at(&path)?;
+        let f = open_write_nofollow(&path)?;
         f.write_all_at(&orig, r.offset).at(&path)?;
         crash_point("restore-region");
     }
@@ -437,22 +508,24 @@ fn restore(dir: &Path, undo: &Undo) -> Result<()> {
     verify(dir, &undo.regions, false)
 }
 
-/// Rewrites the edit log as `records`, removing both files when none remain.
-fn write_log(dir: &Path, records: &[Record]) -> Result<()> {
+/// Rewrites the edit log as `records` (a subset of the current log), removing both files when
+/// none remain. The JSON lines go first, so every listed record keeps its tensors throughout.
+fn write_log(dir: &Path, records: &[Record], mode: u32) -> Result<()> {
     if records.is_empty() {
         remove_if_exists(&dir.join(EDITS_FILE))?;
+        crash_point("log-shrunk");
         remove_if_exists(&dir.join(DELTAS_FILE))?;
         fsync_dir(dir)
     } else {
-        write_bundle(dir, records)
+        write_bundle_with(dir, records, Some(mode), Order::Shrinking)
     }
 }
 
 /// Rolls an uncommitted journal back: original bytes, a log without the batch, no journal.
-fn rollback(dir: &Path, undo: &Undo, log: &[Record]) -> Result<()> {
+fn rollback(dir: &Path, undo: &Undo, log: &[Record], mode: u32) -> Result<()> {
     restore(dir, undo)?;
     let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(undo.batch)).cloned().collect();
-    write_log(dir, &kept)?;
+    write_log(dir, &kept, mode)?;
     remove_if_exists(&undo.path)?;
     fsync_dir(&dir.join(STATE_DIR))
 }
@@ -480,33 +553,61 @@ fn remove_tmp_files(dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// The batch a revert marker names (the marker is read without blocking, through no FIFO).
+fn read_marker(marker: &Path) -> Result<u64> {
+    let text = read_file(marker)?;
+    serde_json::from_slice::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("batch").and_then(Value::as_u64))
+        .ok_or_else(|| Error::Integrity { msg: format!("{}: unreadable revert marker", marker.display()) })
+}
+
 /// Finishes or rolls back whatever an interrupted run left in `dir`. Caller holds the lock.
-/// Returns a description of each action taken (empty when the folder was clean).
+/// Returns a description of each action taken (empty when the folder was clean). Every record
+/// found is checked before it is acted on; a record that rrome could not have written is
+/// refused with an error naming it, and nothing is written.
 fn recover_locked(dir: &Path) -> Result<Vec<String>> {
     let mut actions = Vec::new();
     for name in remove_tmp_files(dir)?.into_iter().chain(remove_tmp_files(&dir.join(STATE_DIR))?) {
         actions.push(format!("removed unfinished temporary file {name}"));
     }
     let marker = revert_marker(dir);
+    let journal = journal_path(dir);
+    if !marker.exists() && fs::symlink_metadata(&journal).is_err() {
+        return Ok(actions);
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let mode = ckpt.file_mode();
     if marker.exists() {
-        let text = fs::read_to_string(&marker).at(&marker)?;
-        let batch = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v.get("batch").and_then(Value::as_u64))
-            .ok_or_else(|| Error::Integrity { msg: format!("{}: unreadable revert marker", marker.display()) })?;
-        finish_revert(dir, batch)?;
+        let batch = read_marker(&marker)?;
+        finish_revert(dir, &ckpt, batch, mode)?;
         actions.push(format!("finished the interrupted revert of batch {batch}"));
     }
-    let journal = journal_path(dir);
-    if journal.exists() {
+    if fs::symlink_metadata(&journal).is_ok() {
         let undo = Undo::read(&journal)?;
+        check_undo(&ckpt, &undo)?;
         let log = read_bundle(dir, true)?;
-        if log.iter().any(|r| r.batch == Some(undo.batch)) {
+        let last = log.iter().filter_map(|r| r.batch).max().unwrap_or(0);
+        let committed = log.iter().any(|r| r.batch == Some(undo.batch));
+        // A journal is always the newest batch: the last one in the log once committed, the
+        // next one before; any other number was not written by an interrupted rrome.
+        let expected = if committed { last } else { last + 1 };
+        if undo.batch != expected || (committed && undo_path(dir, undo.batch).exists()) {
+            return Err(Error::Integrity {
+                msg: format!(
+                    "{}: journal of batch {} does not fit the edit log (last batch {last}); nothing was written. \
+                     If you did not expect it, delete it and run the command again",
+                    journal.display(),
+                    undo.batch
+                ),
+            });
+        }
+        if committed {
             verify(dir, &undo.regions, true)?;
-            finalize(dir, undo.batch)?;
+            finalize(dir, undo.batch, mode)?;
             actions.push(format!("completed batch {} (it was committed before the interruption)", undo.batch));
         } else {
-            rollback(dir, &undo, &log)?;
+            rollback(dir, &undo, &log, mode)?;
             actions.push(format!("rolled back uncommitted batch {}; the original bytes are restored", undo.batch));
         }
     }
@@ -516,26 +617,54 @@ fn recover_locked(dir: &Path) -> Result<Vec<String>> {
 /// Recovers a model folder after a crash: takes the lock and finishes or rolls back.
 pub fn recover(dir: &Path) -> Result<Vec<String>> {
     fs::metadata(dir).at(dir)?;
-    if !dir.join(STATE_DIR).is_dir() && remove_tmp_files(dir)?.is_empty() {
+    if fs::symlink_metadata(dir.join(STATE_DIR)).is_err() && remove_tmp_files(dir)?.is_empty() {
         return Ok(Vec::new()); // rrome never wrote here: nothing to recover, nothing to create
     }
-    let _lock = lock_exclusive(&model_lock_path(dir))?;
+    let _lock = lock_exclusive(&model_lock_path(dir), folder_mode(dir))?;
     recover_locked(dir)
 }
 
-fn finish_revert(dir: &Path, batch: u64) -> Result<()> {
+/// Completes the revert of `batch` that a marker records: restores its undo file's bytes
+/// (checked against the checkpoint first), drops the batch from the log, removes the undo file
+/// and the marker.
+fn finish_revert(dir: &Path, ckpt: &Checkpoint, batch: u64, mode: u32) -> Result<()> {
+    let marker = revert_marker(dir);
     let upath = undo_path(dir, batch);
     let log = read_bundle(dir, true)?;
-    if upath.exists() {
+    let last = log.iter().filter_map(|r| r.batch).max();
+    let logged = log.iter().any(|r| r.batch == Some(batch));
+    let refuse = |why: String| Error::Integrity {
+        msg: format!(
+            "{}: names batch {batch}, {why}; nothing was written. If you did not expect it, delete it and run the \
+             command again",
+            marker.display()
+        ),
+    };
+    // A revert removes the newest batch: once it has left the log it may only be newer than
+    // what remains; while it is logged it must be the last batch and have its undo data.
+    if logged && last != Some(batch) {
+        return Err(refuse(format!("but the last batch in the edit log is {}", last.unwrap_or(0))));
+    }
+    if !logged && last.is_some_and(|l| l >= batch) {
+        return Err(refuse(format!("which is older than the last batch in the edit log ({})", last.unwrap_or(0))));
+    }
+    if fs::symlink_metadata(&upath).is_ok() {
         let undo = Undo::read(&upath)?;
+        if undo.batch != batch {
+            return Err(refuse(format!("but {} holds batch {}", upath.display(), undo.batch)));
+        }
+        check_undo(ckpt, &undo)?;
         restore(dir, &undo)?;
+    } else if logged {
+        return Err(refuse(format!("which has no undo data ({} is missing)", upath.display())));
     }
     let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(batch)).cloned().collect();
-    if kept.len() != log.len() {
-        write_log(dir, &kept)?;
-    }
+    write_log(dir, &kept, mode)?;
     remove_if_exists(&upath)?;
-    remove_if_exists(&revert_marker(dir))?;
+    if undo_dir(dir).is_dir() {
+        fsync_dir(&undo_dir(dir))?;
+    }
+    remove_if_exists(&marker)?;
     fsync_dir(&dir.join(STATE_DIR))
 }
 
@@ -543,24 +672,22 @@ fn finish_revert(dir: &Path, batch: u64) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Revert`] when there is nothing to revert or its undo data is missing;
-/// [`Error::Integrity`] when an edited tensor changed since the batch was applied.
-pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
+/// [`Error::Integrity`] when an edited tensor changed since the batch was applied, or when an
+/// undo file does not fit the checkpoint.
+pub fn revert(dir: &Path, all: bool) -> Result<Reverted> {
     fs::metadata(dir).at(dir)?;
-    if !dir.join(STATE_DIR).is_dir() {
+    if fs::symlink_metadata(dir.join(STATE_DIR)).is_err() {
         // No lock, journal or undo file was ever made here: check it is a checkpoint at all
         // before creating the lock.
         Checkpoint::open(dir)?;
     }
-    let _lock = lock_exclusive(&model_lock_path(dir))?;
+    let _lock = lock_exclusive(&model_lock_path(dir), folder_mode(dir))?;
     // A revert that was interrupted is finished by the recovery; it counts as this one.
-    let interrupted = fs::read_to_string(revert_marker(dir))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("batch").and_then(Value::as_u64));
-    recover_locked(dir)?;
+    let interrupted = if revert_marker(dir).exists() { read_marker(&revert_marker(dir)).ok() } else { None };
+    let recovered = recover_locked(dir)?;
     let mut reverted: Vec<u64> = interrupted.into_iter().collect();
     if !reverted.is_empty() && !all {
-        return Ok(reverted);
+        return Ok(Reverted { batches: reverted, recovered });
     }
     loop {
         let log = read_bundle(dir, true)?;
@@ -581,15 +708,9 @@ pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
         }
         let undo = Undo::read(&upath)?;
         let ckpt = Checkpoint::open(dir)?;
+        check_undo(&ckpt, &undo)?;
         for r in &undo.regions {
-            let (shard_idx, info) = ckpt.find(&r.tensor)?;
-            let shard = &ckpt.shards[shard_idx];
-            if shard.file != r.shard || shard.header.abs_offset(info) != r.offset || info.nbytes() != r.len {
-                return Err(Error::Integrity {
-                    msg: format!("{} is no longer stored where batch {batch} wrote it; refusing to revert", r.tensor),
-                });
-            }
-            let now = sha256_hex(&read_region(&shard.path, r.offset, r.len)?);
+            let now = sha256_hex(&read_region(&dir.join(&r.shard), r.offset, r.len)?);
             if now != r.sha_after {
                 return Err(Error::Integrity {
                     msg: format!(
@@ -599,22 +720,23 @@ pub fn revert(dir: &Path, all: bool) -> Result<Vec<u64>> {
                 });
             }
         }
-        crate::fsutil::atomic_write(&revert_marker(dir), |w| {
+        atomic_write_mode(&revert_marker(dir), Some(ckpt.file_mode()), |w| {
             use std::io::Write;
             write!(w, "{}", json!({"batch": batch}))
         })?;
         crash_point("revert-marked");
-        finish_revert(dir, batch)?;
+        finish_revert(dir, &ckpt, batch, ckpt.file_mode())?;
         reverted.push(batch);
         if !all {
             break;
         }
     }
-    Ok(reverted)
+    Ok(Reverted { batches: reverted, recovered })
 }
 
 /// Files of a model folder that a copy carries over (everything but locks, journals and
-/// temporary files), as paths relative to the folder.
+/// temporary files), as paths relative to the folder. Links are never followed: a folder
+/// holding one (`docs -> ../secret`, `loop -> .`) is refused, as is a FIFO, socket or device.
 fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
@@ -630,11 +752,16 @@ fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
             if rel == Path::new(STATE_DIR) && matches!(name.as_str(), "lock" | "journal.safetensors" | "revert.json") {
                 continue;
             }
-            let meta = fs::metadata(entry.path()).at(entry.path())?;
-            if meta.is_dir() {
+            // The entry itself, not what a link points to.
+            let ft = entry.file_type().at(entry.path())?;
+            if ft.is_symlink() {
+                return Err(link_refused(&entry.path()));
+            } else if ft.is_dir() {
                 stack.push(child);
-            } else if meta.is_file() {
+            } else if ft.is_file() {
                 out.push(child);
+            } else {
+                return Err(not_regular(&entry.path(), &ft));
             }
         }
     }
@@ -643,7 +770,7 @@ fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Takes ownership of the hidden build folder beside `out`, clearing one left by a dead run.
-fn claim_partial(out: &Path) -> Result<(PathBuf, DirLock)> {
+fn claim_partial(out: &Path, mode: u32) -> Result<(PathBuf, DirLock)> {
     let name = out
         .file_name()
         .ok_or_else(|| Error::checkpoint(out, "destination has no folder name"))?
@@ -653,12 +780,12 @@ fn claim_partial(out: &Path) -> Result<(PathBuf, DirLock)> {
     for _ in 0..2 {
         match fs::create_dir(&partial) {
             Ok(()) => {
-                let lock = lock_exclusive(&model_lock_path(&partial))?;
+                let lock = lock_exclusive(&model_lock_path(&partial), mode)?;
                 return Ok((partial, lock));
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 // Held by a live writer: Locked. Otherwise a dead run's leftovers: remove.
-                let lock = lock_exclusive(&model_lock_path(&partial))?;
+                let lock = lock_exclusive(&model_lock_path(&partial), mode)?;
                 drop(lock);
                 fs::remove_dir_all(&partial).at(&partial)?;
             }
@@ -673,9 +800,12 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
     if out.exists() {
         return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
     }
+    // Refuse links and special files before anything is created (checked again under the lock).
+    files_to_copy(src)?;
+    let mode = folder_mode(src);
     // Hold the source's lock where we can, so no in-place writer changes it mid-copy; a
     // read-only source cannot be written in place anyway.
-    let _src_lock = match lock_exclusive(&model_lock_path(src)) {
+    let _src_lock = match lock_exclusive(&model_lock_path(src), mode) {
         Ok(l) => Some(l),
         Err(Error::Io { source, .. })
             if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) =>
@@ -694,6 +824,7 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
         });
     }
     let ckpt = Checkpoint::open(src)?;
+    let mode = ckpt.file_mode();
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(src, true)?;
     let batch = next_batch(&log);
@@ -710,10 +841,11 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
         untouched_shard || (parent_of(rel) == Path::new(STATE_DIR).join("undo") && name.ends_with(".safetensors"))
     };
 
-    let (partial, part_lock) = claim_partial(out)?;
+    let (partial, part_lock) = claim_partial(out, mode)?;
     let result = (|| {
         let files = files_to_copy(src)?;
         let mut synced_dirs: HashSet<PathBuf> = HashSet::new();
+        ensure_dir(&undo_dir(&partial), dir_mode(mode))?;
         for rel in &files {
             let from = src.join(rel);
             let to = partial.join(rel);
@@ -722,7 +854,7 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
             if shareable(rel) {
                 link_or_copy(&from, &to)?;
             } else {
-                fs::copy(&from, &to).at(&to)?;
+                copy_file(&from, &to)?;
             }
             synced_dirs.insert(parent);
         }
@@ -730,10 +862,9 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
         // One pass: read each region from the copied shard, compute the new bytes, hash both
         // (in parallel), write the new bytes into the copy and stream the old into its undo file.
         let upath = undo_path(&partial, batch);
-        fs::create_dir_all(undo_dir(&partial)).at(undo_dir(&partial))?;
         let mut shards = OpenShards::new(true);
         let (mut old, mut new) = (Vec::new(), Vec::new());
-        write_undo(&upath, batch, &mut regions, |i, w| {
+        write_undo(&upath, mode, batch, &mut regions, |i, w| {
             let p = &plans[i];
             let path = partial.join(&ckpt.shards[p.shard].file);
             let f = shards.get(&path)?;
@@ -746,7 +877,7 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
         shards.sync_all()?;
         let mut records = log.clone();
         records.extend(new_records(deltas, batch));
-        write_bundle(&partial, &records)?;
+        write_bundle_with(&partial, &records, Some(mode), Order::Growing)?;
         for rel in &files {
             let p = partial.join(rel);
             File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
@@ -780,6 +911,12 @@ fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched)
 
 /// A description of a model folder: shards, tensors, edit log and pending state, as JSON.
 pub fn inspect(dir: &Path) -> Result<Value> {
+    inspect_with(dir, true)
+}
+
+/// [`inspect`], listing every tensor only when `tensors` is set (a checkpoint may hold
+/// hundreds of thousands); the count of tensors per dtype is always there.
+pub fn inspect_with(dir: &Path, tensors: bool) -> Result<Value> {
     let ckpt = Checkpoint::open(dir)?;
     let log = read_bundle(dir, true)?;
     let shards: Vec<Value> = ckpt
@@ -787,10 +924,14 @@ pub fn inspect(dir: &Path) -> Result<Value> {
         .iter()
         .map(|s| json!({"file": s.file, "bytes": s.len, "tensors": s.header.tensors.len()}))
         .collect();
-    let mut tensors = Vec::new();
+    let mut dtypes: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut listed = Vec::new();
     for s in &ckpt.shards {
         for t in &s.header.tensors {
-            tensors.push(json!({"name": t.name, "dtype": t.dtype.as_str(), "shape": t.shape, "shard": s.file}));
+            *dtypes.entry(t.dtype.as_str()).or_default() += 1;
+            if tensors {
+                listed.push(json!({"name": t.name, "dtype": t.dtype.as_str(), "shape": t.shape, "shard": s.file}));
+            }
         }
     }
     let edits: Vec<Value> = log
@@ -815,8 +956,58 @@ pub fn inspect(dir: &Path) -> Result<Value> {
         "model_dir": dir.display().to_string(),
         "indexed": ckpt.indexed,
         "shards": shards,
-        "tensors": tensors,
+        "num_tensors": ckpt.num_tensors(),
+        "dtypes": dtypes,
+        "tensors": if tensors { Value::Array(listed) } else { Value::Null },
         "edits": edits,
         "pending": pending,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deltas::Layout;
+    use crate::dtype::Dtype;
+    use crate::fsutil::SYNCED_DIRS;
+    use crate::safetensors_header::{write, TensorData};
+
+    fn synced() -> Vec<PathBuf> {
+        SYNCED_DIRS.with(|s| std::mem::take(&mut *s.borrow_mut()))
+    }
+
+    #[test]
+    fn state_folder_entries_are_flushed_when_created_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let data: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mut f = File::create(dir.join("model.safetensors")).unwrap();
+        write(&mut f, &[TensorData { name: "w", dtype: Dtype::F32, shape: vec![2, 4], data: &data }], &[]).unwrap();
+        drop(f);
+        let d = Delta {
+            tensor: "w".into(),
+            u: vec![1.0; 4],
+            r: vec![1.0; 2],
+            layout: Layout::OutIn,
+            scale: 1.0,
+            meta: None,
+        };
+        let state = dir.join(STATE_DIR);
+        synced();
+        apply_deltas(dir, &[d], None).unwrap();
+        let after_apply = synced();
+        // Creating .rrome flushes the model folder; creating .rrome/undo flushes .rrome; the
+        // journal's rename into undo/ flushes undo/.
+        assert_eq!(after_apply.iter().position(|p| p == dir), Some(0), "{after_apply:?}");
+        for want in [&state, &undo_dir(dir)] {
+            assert!(after_apply.contains(want), "{want:?} not flushed: {after_apply:?}");
+        }
+        revert(dir, false).unwrap();
+        let after_revert = synced();
+        // Removing the undo file flushes undo/; removing the marker flushes .rrome.
+        for want in [&undo_dir(dir), &state, &dir.to_path_buf()] {
+            assert!(after_revert.contains(want), "{want:?} not flushed: {after_revert:?}");
+        }
+        assert!(!undo_path(dir, 1).exists() && !revert_marker(dir).exists());
+    }
 }

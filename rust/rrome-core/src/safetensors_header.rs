@@ -7,17 +7,18 @@
 //! section exactly (start at 0, no gaps, no overlap, end at the end of the file). Shards,
 //! statistics files, deltas bundles and undo journals all go through this one parser.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::open_read;
 
 /// Largest header rrome accepts (the reference implementation uses the same bound).
 pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
@@ -53,13 +54,18 @@ pub struct Header {
     pub tensors: Vec<TensorInfo>,
     /// `__metadata__`, in file order.
     pub metadata: Vec<(String, String)>,
-    by_name: HashMap<String, usize>,
+    /// Indices into `tensors`, sorted by name (a lookup table that stores no second copy of
+    /// the names: a header may list hundreds of thousands of tensors).
+    by_name: Vec<u32>,
 }
 
 impl Header {
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
-        self.by_name.get(name).map(|&i| &self.tensors[i])
+        self.by_name
+            .binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name))
+            .ok()
+            .map(|k| &self.tensors[self.by_name[k] as usize])
     }
 
     /// Looks a metadata value up by key.
@@ -77,7 +83,7 @@ impl Header {
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::Header`] if it is not a valid file.
     pub fn read(path: &Path) -> Result<Header> {
-        let mut f = File::open(path).at(path)?;
+        let mut f = open_read(path)?;
         let file_len = f.metadata().at(path)?.len();
         Header::read_from(&mut f, file_len, path)
     }
@@ -111,24 +117,19 @@ impl Header {
 /// Validates header JSON bytes for a data section of `data_len` bytes.
 ///
 /// Returns the reason in words on failure (the caller adds the file name). This is the fuzzed
-/// entry point: it must never panic, whatever the input.
+/// entry point: it must never panic, whatever the input. Each entry is checked and reduced to
+/// a [`TensorInfo`] as soon as it is read, so memory stays a small multiple of the header's
+/// size whatever the number of tensors.
 pub fn parse(json: &[u8], data_len: u64) -> std::result::Result<Header, String> {
     let text = std::str::from_utf8(json).map_err(|e| format!("header is not valid UTF-8 ({e})"))?;
-    let entries: Entries = serde_json::from_str(text).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let problem = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = EntriesSeed { problem: &problem }.deserialize(&mut de).and_then(|e| de.end().map(|()| e));
+    let Entries { mut tensors, metadata } = match parsed {
+        Ok(e) => e,
+        Err(e) => return Err(problem.take().unwrap_or_else(|| format!("header is not valid JSON: {e}"))),
+    };
     let data_start = 8 + json.len() as u64;
-    let mut tensors = Vec::with_capacity(entries.0.len());
-    let mut metadata = Vec::new();
-    for (name, value) in entries.0 {
-        if name == "__metadata__" {
-            let obj = value.as_object().ok_or("__metadata__ is not an object")?;
-            for (k, v) in obj {
-                let s = v.as_str().ok_or_else(|| format!("__metadata__ value of {k:?} is not a string"))?;
-                metadata.push((k.clone(), s.to_string()));
-            }
-            continue;
-        }
-        tensors.push(parse_entry(&name, &value)?);
-    }
     tensors.sort_by_key(|t| (t.begin, t.end));
     let mut expected = 0u64;
     for t in &tensors {
@@ -147,7 +148,12 @@ pub fn parse(json: &[u8], data_len: u64) -> std::result::Result<Header, String> 
     if expected != data_len {
         return Err(format!("tensors cover {expected} bytes but the data section holds {data_len}"));
     }
-    let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let count = u32::try_from(tensors.len()).map_err(|_| "header lists more than 2^32 tensors".to_string())?;
+    let mut by_name: Vec<u32> = (0..count).collect();
+    by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+    if let Some(w) = by_name.windows(2).find(|w| tensors[w[0] as usize].name == tensors[w[1] as usize].name) {
+        return Err(format!("duplicate name {:?}", tensors[w[0] as usize].name));
+    }
     Ok(Header { data_start, tensors, metadata, by_name })
 }
 
@@ -199,30 +205,53 @@ fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorInfo, Str
     Ok(TensorInfo { name: name.to_string(), dtype, shape, begin, end })
 }
 
-/// The top-level JSON object as a list, so that duplicate names are seen, not silently merged.
-struct Entries(Vec<(String, Value)>);
+/// The top-level JSON object, each entry validated as it is read.
+struct Entries {
+    tensors: Vec<TensorInfo>,
+    metadata: Vec<(String, String)>,
+}
 
-impl<'de> de::Deserialize<'de> for Entries {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object of tensor entries")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
-                let mut seen = std::collections::HashSet::new();
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                    if !seen.insert(k.clone()) {
-                        return Err(de::Error::custom(format!("duplicate name {k:?}")));
-                    }
-                    out.push((k, v));
+/// Reads [`Entries`]; a problem with an entry's content (rather than its JSON) is put in
+/// `problem`, so that it is reported in its own words, not as a JSON syntax error.
+struct EntriesSeed<'a> {
+    problem: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Entries;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Entries, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = Entries;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensor entries")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
+        let fail = |msg: String| -> A::Error {
+            *self.problem.borrow_mut() = Some(msg);
+            de::Error::custom("invalid entry")
+        };
+        let mut out = Entries { tensors: Vec::new(), metadata: Vec::new() };
+        let mut seen_metadata = false;
+        while let Some(name) = map.next_key::<String>()? {
+            let value: Value = map.next_value()?;
+            if name == "__metadata__" {
+                if std::mem::replace(&mut seen_metadata, true) {
+                    return Err(fail("duplicate name \"__metadata__\"".into()));
                 }
-                Ok(Entries(out))
+                let obj = value.as_object().ok_or_else(|| fail("__metadata__ is not an object".into()))?;
+                for (k, v) in obj {
+                    let s = v.as_str().ok_or_else(|| fail(format!("__metadata__ value of {k:?} is not a string")))?;
+                    out.metadata.push((k.clone(), s.to_string()));
+                }
+            } else {
+                out.tensors.push(parse_entry(&name, &value).map_err(fail)?);
             }
         }
-        d.deserialize_map(V)
+        Ok(out)
     }
 }
 
@@ -290,7 +319,7 @@ pub fn write_header<W: Write>(
 
 /// Reads a whole (small) safetensors file: its validated header and its data section.
 pub fn read_all(path: &Path) -> Result<(Header, Vec<u8>)> {
-    let mut f = File::open(path).at(path)?;
+    let mut f = open_read(path)?;
     let len = f.metadata().at(path)?.len();
     let header = Header::read_from(&mut f, len, path)?;
     let mut data = Vec::with_capacity((len - header.data_start) as usize);

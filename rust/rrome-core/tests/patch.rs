@@ -106,7 +106,7 @@ fn in_place_apply_matches_reference_and_reverts_exactly() {
     assert!(log.iter().all(|r| r.batch == Some(1)));
 
     apply_deltas(dir.path(), &[delta("b.weight", 4, 3, Layout::OutIn, 1.0)], None).unwrap();
-    assert_eq!(revert(dir.path(), true).unwrap(), vec![2, 1]);
+    assert_eq!(revert(dir.path(), true).unwrap().batches, vec![2, 1]);
     assert_eq!(snapshot(dir.path()), before);
     assert!(matches!(revert(dir.path(), false), Err(Error::Revert { .. })));
 }
@@ -177,7 +177,7 @@ fn hostile_index_is_refused() {
 }
 
 #[test]
-fn symlinked_shards_are_not_edited_in_place_and_hardlinked_ones_are_unshared() {
+fn symlinked_shards_are_not_edited_nor_copied_and_hardlinked_ones_are_unshared() {
     let outside = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_shard(&outside.path().join("real.safetensors"), &[("w", Dtype::F32, vec![2, 2], values(4, 0.0))]);
@@ -192,10 +192,11 @@ fn symlinked_shards_are_not_edited_in_place_and_hardlinked_ones_are_unshared() {
     };
     let err = apply_deltas(dir.path(), std::slice::from_ref(&d), None).unwrap_err();
     assert!(err.to_string().contains("outside the model folder"), "{err}");
-    // Copy mode reads through the link and writes a real file.
+    // Copy mode does not follow the link either, and creates nothing.
     let out = outside.path().join("copy");
-    apply_deltas(dir.path(), std::slice::from_ref(&d), Some(&out)).unwrap();
-    assert!(!fs::symlink_metadata(out.join("model.safetensors")).unwrap().file_type().is_symlink());
+    let err = apply_deltas(dir.path(), std::slice::from_ref(&d), Some(&out)).unwrap_err();
+    assert!(err.to_string().contains("is a symbolic link"), "{err}");
+    assert!(!out.exists());
     assert_eq!(read_tensor(outside.path(), "real.safetensors", "w"), values(4, 0.0));
 
     // A hard link is given an inode of its own before the edit: the other name keeps its bytes.
@@ -288,7 +289,7 @@ fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
     assert_eq!(snapshot(src.path()), pristine);
     assert_ne!(fs::read(&s1_out).unwrap(), out_before);
     assert!(leftover_tmp(&out).is_empty());
-    assert_eq!(revert(&out, true).unwrap(), vec![2, 1]);
+    assert_eq!(revert(&out, true).unwrap().batches, vec![2, 1]);
     assert_eq!(fs::read(&s1_out).unwrap(), out_before);
 
     // Editing the source's shared shard: the copy keeps its bytes.
@@ -311,7 +312,7 @@ fn in_place_edit_of_a_shared_shard_leaves_the_other_folder_alone() {
     assert_eq!(snapshot(src.path()), pristine);
     assert_eq!(snapshot(&out3), out3_before);
     // The copy still reverts exactly, through its own undo files.
-    assert_eq!(revert(&out3, true).unwrap(), vec![2, 1]);
+    assert_eq!(revert(&out3, true).unwrap().batches, vec![2, 1]);
     for (name, bytes) in &pristine {
         assert_eq!(&fs::read(out3.join(name)).unwrap(), bytes, "{name}");
     }

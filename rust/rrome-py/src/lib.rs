@@ -11,6 +11,7 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReado
 use pyo3::exceptions::{PyOSError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
+use rrome_core::checkpoint::Checkpoint;
 use rrome_core::deltas::{self, Delta, Layout, Record};
 use rrome_core::{chol, moments, patch, Error};
 
@@ -342,6 +343,7 @@ fn from_record<'py>(py: Python<'py>, rec: Record) -> PyResult<Bound<'py, PyTuple
         rec.id,
         rec.batch,
         rec.applied_at,
+        rec.line,
         d.tensor,
         PyArray1::from_vec(py, d.u),
         PyArray1::from_vec(py, d.r),
@@ -373,14 +375,16 @@ fn apply_deltas<'py>(
     out.set_item("shards", rep.shards)?;
     out.set_item("tensor_bytes", rep.tensor_bytes)?;
     out.set_item("bytes_written", rep.bytes_written)?;
+    out.set_item("recovered", rep.recovered)?;
     Ok(out)
 }
 
-/// Reverts the last batch (or all); returns the reverted batch numbers.
+/// Reverts the last batch (or all); returns (reverted batch numbers, recovery actions).
 #[pyfunction]
 #[pyo3(signature = (model_dir, all = false))]
-fn revert(py: Python<'_>, model_dir: PathBuf, all: bool) -> PyResult<Vec<u64>> {
-    py.detach(|| patch::revert(&model_dir, all)).map_err(to_py)
+fn revert(py: Python<'_>, model_dir: PathBuf, all: bool) -> PyResult<(Vec<u64>, Vec<String>)> {
+    let rep = py.detach(|| patch::revert(&model_dir, all)).map_err(to_py)?;
+    Ok((rep.batches, rep.recovered))
 }
 
 /// Finishes or rolls back an interrupted write; returns what was done.
@@ -389,13 +393,24 @@ fn recover(py: Python<'_>, model_dir: PathBuf) -> PyResult<Vec<String>> {
     py.detach(|| patch::recover(&model_dir)).map_err(to_py)
 }
 
-/// Describes a model folder as a JSON string.
+/// Describes a model folder as a JSON string (every tensor listed only with `tensors`).
 #[pyfunction]
-fn inspect(py: Python<'_>, model_dir: PathBuf) -> PyResult<String> {
-    py.detach(|| patch::inspect(&model_dir)).map(|v| v.to_string()).map_err(to_py)
+#[pyo3(signature = (model_dir, tensors = true))]
+fn inspect(py: Python<'_>, model_dir: PathBuf, tensors: bool) -> PyResult<String> {
+    py.detach(|| patch::inspect_with(&model_dir, tensors)).map(|v| v.to_string()).map_err(to_py)
 }
 
-/// Reads a deltas bundle: a list of (id, batch, applied_at, tensor, u, r, layout, scale, meta_json).
+/// A tensor's (dtype, shape).
+type TensorSpec = (&'static str, Vec<usize>);
+
+/// For each name, (dtype, shape) of that tensor in the checkpoint, or None where it has none.
+#[pyfunction]
+fn tensor_specs(py: Python<'_>, model_dir: PathBuf, names: Vec<String>) -> PyResult<Vec<Option<TensorSpec>>> {
+    let ckpt = py.detach(|| Checkpoint::open(&model_dir)).map_err(to_py)?;
+    Ok(names.iter().map(|n| ckpt.find(n).ok().map(|(_, t)| (t.dtype.as_str(), t.shape.clone()))).collect())
+}
+
+/// Reads a deltas bundle: a list of (id, batch, applied_at, line, tensor, u, r, layout, scale, meta_json).
 #[pyfunction]
 fn read_bundle<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyList>> {
     let recs = py.detach(|| deltas::read_bundle(&path, false)).map_err(to_py)?;
@@ -409,7 +424,7 @@ fn write_bundle<'py>(py: Python<'py>, dir: PathBuf, deltas: Vec<RawDelta<'py>>) 
     let records: Vec<Record> = deltas
         .into_iter()
         .enumerate()
-        .map(|(i, raw)| Ok(Record { id: i.to_string(), batch: None, applied_at: None, delta: to_delta(raw)? }))
+        .map(|(i, raw)| Ok(Record { id: i.to_string(), batch: None, applied_at: None, line: 0, delta: to_delta(raw)? }))
         .collect::<PyResult<_>>()?;
     py.detach(|| {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -426,6 +441,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(revert, m)?)?;
     m.add_function(wrap_pyfunction!(recover, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_specs, m)?)?;
     m.add_function(wrap_pyfunction!(read_bundle, m)?)?;
     m.add_function(wrap_pyfunction!(write_bundle, m)?)?;
     m.add("CRASH_ENV", patch::CRASH_ENV)?;
