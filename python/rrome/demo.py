@@ -11,7 +11,9 @@ cache folder. That folder is what ``rrome demo-model`` prints and ``make demo`` 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +39,39 @@ def _gguf_path() -> Path:
     return Path(mod.assemble())
 
 
+CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>")
+"""Gemma 3 control tokens that the official tokenizer marks special and the GGUF file does not:
+unmarked, ``skip_special_tokens`` leaves them in decoded text (the model emits
+``<start_of_image>`` where a text ends), so the conversion marks them."""
+
+
+_UNMARKED = r'"content":\s*"{}"[^{{}}]*"special":\s*false'
+
+
+def mark_control_tokens(folder: Path) -> bool:
+    """Marks :data:`CONTROL_TOKENS` special in ``folder/tokenizer.json`` (atomically, in place).
+
+    Only the decoding of these tokens changes; every text still tokenises to the same ids.
+    Returns whether the file changed (a folder converted by an earlier rrome is fixed this way).
+    """
+    path = folder / "tokenizer.json"
+    text = path.read_text(encoding="utf-8")
+    if not any(re.search(_UNMARKED.format(re.escape(t)), text) for t in CONTROL_TOKENS):
+        return False  # the usual case: no need to parse 16 MB of JSON
+    data = json.loads(text)
+    changed = False
+    for token in data.get("added_tokens", []):
+        if token.get("content") in CONTROL_TOKENS and not token.get("special"):
+            token["special"] = True
+            changed = True
+    if changed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        tmp.chmod(path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    return changed
+
+
 def demo_model_dir(*, refresh: bool = False) -> Path:
     """The folder of the converted demo checkpoint, creating it on first use.
 
@@ -45,6 +80,7 @@ def demo_model_dir(*, refresh: bool = False) -> Path:
     """
     dest = cache_root() / "models" / "gemma3-270m"
     if not refresh and (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        mark_control_tokens(dest)
         return dest
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf = _gguf_path()
@@ -67,6 +103,7 @@ def demo_model_dir(*, refresh: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    mark_control_tokens(tmp)
     # safetensors creates its files readable by their owner alone; give them the mode any other
     # new file gets here (the umask's), so a shared cache and its edited copies stay readable.
     umask = os.umask(0)
