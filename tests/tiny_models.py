@@ -325,3 +325,33 @@ def build_tiny_model(
     probe = "The Eiffel Tower is in"
     assert loaded_tok(probe, return_offsets_mapping=True).data == tokenizer(probe, return_offsets_mapping=True).data
     return dest
+
+
+def add_position_sink(folder: Path, *, positions: int = 3, strength: float = 0.3, layer: int = 1) -> Path:
+    """Make the first ``positions`` positions of a tiny GPT-2 checkpoint an attention-sink-like
+    place, as in real models without BOS: there the key of layer ``layer``'s MLP projection is
+    small and points away from the keys of the same tokens later in a text.
+
+    One residual coordinate carries the position signal: it is zeroed in every token embedding,
+    in every other position embedding and in what the blocks below ``layer``'s MLP write to the
+    residual stream, and set large in the first position embeddings; ``layer``'s MLP input
+    projection reads it with weight ``-strength`` for every hidden unit, which pushes the GELU
+    pre-activations down there. Returns ``folder`` (rewritten in place).
+    """
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    t = model.transformer
+    j, big = 0, 1000.0
+    with torch.no_grad():
+        t.wte.weight[:, j] = 0
+        t.wpe.weight[:, j] = 0
+        t.wpe.weight[:positions, j] = big
+        for i, block in enumerate(t.h[: layer + 1]):
+            block.attn.c_proj.weight[:, j] = 0
+            block.attn.c_proj.bias[j] = 0
+            if i < layer:
+                block.mlp.c_proj.weight[:, j] = 0
+                block.mlp.c_proj.bias[j] = 0
+        t.h[layer].mlp.c_fc.weight[j, :] = -strength
+    with no_hf_warnings("saving the sink model"):
+        model.save_pretrained(folder)
+    return folder

@@ -10,6 +10,7 @@ through the Rust shard writer: the checkpoint is never re-saved with ``save_pret
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -25,13 +26,14 @@ import torch
 from rrome import stats
 from rrome._rust import Cholesky
 from rrome.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
-from rrome.errors import EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
+from rrome.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
 from rrome.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
 from rrome.keys import TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.models import Adapter, load, num_layers
 from rrome.rome import METHODS, Method, Update, compute_update
+from rrome.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.shards import ApplyReport, Delta, apply_deltas
 from rrome.values import compute_value
 
@@ -41,6 +43,8 @@ of the session's earlier edits is refused as a likely disabling edit (DESIGN.md 
 
 LARGE_UPDATE_MIN_EDITS = 3
 """The large-update guard compares against a median only once this many edits were accepted."""
+
+_log = logging.getLogger("rrome")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class EditResult:
         value: the optimisation's diagnostics (:meth:`rrome.values.ValueResult.record`: the loss
             terms nll, kl and weight decay per forward pass, the argmax hit rate, the lr used),
             also in the edit log as ``meta["value"]``.
+        screen: the disabling-edit screen of the request (:mod:`rrome.screen`), also in the
+            edit log as ``meta["screen"]``.
     """
 
     request: EditRequest
@@ -83,6 +89,7 @@ class EditResult:
     stop: str = ""
     delta_ratio: float = math.nan
     value: dict[str, Any] = field(default_factory=dict)
+    screen: ScreenResult | None = None
 
 
 def _resident_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -121,13 +128,17 @@ class Editor:
         progress: bool,
         allow_large_updates: bool = False,
         large_update_ratio: float = LARGE_UPDATE_RATIO,
+        screen_ratio: float = SCREEN_RATIO,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
         if not (np.isfinite(large_update_ratio) and large_update_ratio > 1.0):
             raise ValueError(f"large_update_ratio must be a finite number above 1; got {large_update_ratio!r}")
+        if not (np.isfinite(screen_ratio) and screen_ratio > 1.0):
+            raise ValueError(f"screen_ratio must be a finite number above 1; got {screen_ratio!r}")
         self.allow_large_updates = allow_large_updates
         self.large_update_ratio = float(large_update_ratio)
+        self.screen_ratio = float(screen_ratio)
         self.model_dir = model_dir
         self.model = model
         self.tokenizer = tokenizer
@@ -157,6 +168,7 @@ class Editor:
         device_map: str | dict[str, Any] | None = None,
         allow_large_updates: bool = False,
         large_update_ratio: float = LARGE_UPDATE_RATIO,
+        screen_ratio: float = SCREEN_RATIO,
     ) -> Editor:
         """Loads a checkpoint folder for editing.
 
@@ -175,11 +187,15 @@ class Editor:
             device_map: ``"auto"`` (or an explicit map) to spread the model over devices with
                 accelerate, e.g. a model larger than one GPU; ``device`` is then ignored. The
                 update is still written offline into the shards.
-            allow_large_updates: accept updates the large-update guard would refuse (to study
-                model collapse); updates holding NaN or Inf are refused regardless.
+            allow_large_updates: accept updates the guards would refuse (to study model
+                collapse): the large-update guard and, under ``rome``, the disabling-edit
+                screen; updates holding NaN or Inf are refused regardless.
             large_update_ratio: the guard refuses an edit whose |Δ| exceeds this many times
                 the median |Δ| of this editor's earlier edits (once it has made
                 :data:`LARGE_UPDATE_MIN_EDITS`); see :meth:`edit`.
+            screen_ratio: the disabling-edit screen's threshold on ρ = uᵀk_e / uᵀk_e^o
+                (:mod:`rrome.screen`): ``rome`` refuses a request at or above it, ``r-rome`` and
+                ``p-rome`` warn.
 
         Raises:
             HParamsError: an unknown preset or field, or a bad value (before the model is loaded).
@@ -204,6 +220,7 @@ class Editor:
             progress=progress,
             allow_large_updates=allow_large_updates,
             large_update_ratio=large_update_ratio,
+            screen_ratio=screen_ratio,
         )
 
     @property
@@ -245,6 +262,33 @@ class Editor:
             )
             self._chol, _ = stats.cached_cholesky(self.stats_path, moment)
         return self._chol
+
+    def screen(self, request: EditRequest | Mapping[str, Any]) -> ScreenResult:
+        """The disabling-edit screen of a request (:mod:`rrome.screen`): forward passes and one
+        solve, no optimisation, the model unchanged."""
+        if not isinstance(request, EditRequest):
+            request = parse_record(dict(request), where="request")
+        keys = compute_keys(self.model, self.tokenizer, self.module_name, request, self.templates())
+        return self._screen(request, keys)
+
+    def _screen(self, request: EditRequest, keys: Any) -> ScreenResult:
+        special = set(getattr(self.tokenizer, "all_special_ids", []))
+        plain = prompt_row(self.tokenizer, "{}", request)
+        return screen_keys(self.cholesky(), keys, request, plain, special, threshold=self.screen_ratio)
+
+    def _check_screen(self, screen: ScreenResult) -> None:
+        """Refuses a flagged request under ``rome`` (unless large updates are allowed); warns
+        under ``r-rome`` / ``p-rome``. Called before the value optimisation."""
+        if not screen.flagged:
+            return
+        message = screen.warning(self.method)
+        if self.method == "rome" and not self.allow_large_updates:
+            raise DisablingEditError(
+                f"refused {message}. The model is unchanged; use r-rome, or pass allow_large_updates=True "
+                f"(--allow-large-updates) to apply it anyway, or raise screen_ratio (--screen-ratio)",
+                screen.ratio,
+            )
+        _log.warning("%s", message)
 
     def _probabilities(self, request: EditRequest) -> tuple[float, float | None]:
         targets = [request.target_new] + ([request.target_true] if request.target_true else [])
@@ -296,11 +340,15 @@ class Editor:
         accepted :data:`LARGE_UPDATE_MIN_EDITS` edits, one whose |Δ| exceeds
         ``large_update_ratio`` times their median |Δ| is refused
         (:class:`~rrome.errors.LargeUpdateError`) unless ``allow_large_updates``. A refused
-        edit leaves the model, :attr:`pending` and :attr:`results` as they were.
+        edit leaves the model, :attr:`pending` and :attr:`results` as they were. Before the
+        value optimisation the request is screened (:meth:`screen`): under ``rome`` a request
+        the screen flags is refused (:class:`~rrome.errors.DisablingEditError`) unless
+        ``allow_large_updates``; under ``r-rome`` / ``p-rome`` a warning is logged.
 
         Raises:
             EditFileError: a malformed request mapping.
             TokenizationError: the subject or target cannot be tokenised as needed.
+            DisablingEditError: ``rome`` and a request the screen flags (see above).
             LargeUpdateError: |Δ| far above the session's median (see above).
             NonFiniteUpdateError: the update holds NaN or Inf.
         """
@@ -312,6 +360,8 @@ class Editor:
         templates = self.templates()
         chol = self.cholesky()
         keys = compute_keys(self.model, self.tokenizer, self.module_name, request, templates)
+        screen = self._screen(request, keys)
+        self._check_screen(screen)
         value = compute_value(
             self.model,
             self.tokenizer,
@@ -344,6 +394,7 @@ class Editor:
             "hparams": self.hparams.to_json(),
             "templates": templates,
             "stats": str(self.stats_path) if self.stats_path else None,
+            "screen": screen.to_json(),
         }
         delta = Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
         self.pending.append(delta)
@@ -366,6 +417,7 @@ class Editor:
             stop=value.stop,
             delta_ratio=value.delta_ratio,
             value=diagnostics,
+            screen=screen,
         )
         self.results.append(result)
         return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -58,10 +59,24 @@ def _echo_recovered(actions: list[str]) -> None:
         click.echo(f"recovered: {action}")
 
 
+class _WarningLine(logging.Handler):
+    """Warnings of the library (the screen, recovery) as one line each on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"rrome: warning: {record.getMessage()}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rrome")
 def main() -> None:
     """rrome: edit facts in language models with ROME / r-ROME, written straight into safetensors files."""
+    log = logging.getLogger("rrome")
+    if not any(isinstance(h, _WarningLine) for h in log.handlers):
+        log.addHandler(_WarningLine())
+        log.propagate = False
 
 
 _LINK_UNTOUCHED = click.option(
@@ -251,6 +266,13 @@ def _cli_hparams(spec: str | None, assignments: tuple[str, ...]) -> dict[str, An
     default=None,
     help="Refuse an edit whose |Δ| exceeds this many times the median of the earlier edits [default: 20].",
 )
+@click.option(
+    "--screen-ratio",
+    type=click.FloatRange(min=1.0, min_open=True),
+    default=None,
+    help="The disabling-edit screen's limit on rho = uᵀk_e / uᵀk_e^o (see `rrome screen`): rome refuses a "
+    "request at or above it unless --allow-large-updates; r-rome and p-rome warn [default: 10].",
+)
 @_expected_errors
 def apply_cmd(
     edits: Path,
@@ -268,6 +290,7 @@ def apply_cmd(
     no_progress: bool,
     allow_large_updates: bool,
     large_update_ratio: float | None,
+    screen_ratio: float | None,
 ) -> None:
     """Edit the facts in EDITS (JSONL or JSON) into the checkpoint in MODEL_DIR.
 
@@ -275,7 +298,9 @@ def apply_cmd(
     model as left by the previous ones. The updates are written into the safetensors shards at
     the end (in place, journaled and revertible with `rrome revert`, or to --out). An edit
     whose |Δ| is far above the median of the earlier edits stops the run before anything is
-    written, unless --allow-large-updates; NaN/Inf updates always do.
+    written, unless --allow-large-updates; NaN/Inf updates always do. Each request is screened
+    before it is optimised (see `rrome screen`): with --method rome a request the screen flags
+    as a disabling edit stops the run, unless --allow-large-updates; r-rome and p-rome warn.
 
     Hyperparameters: the family's defaults, then --hparams, then each --set, then --layer; the
     resolved set is recorded with every edit in the edit log.
@@ -288,6 +313,7 @@ def apply_cmd(
     from rrome.apply import LARGE_UPDATE_RATIO, Editor
     from rrome.edits import load_requests
     from rrome.rome import Method
+    from rrome.screen import SCREEN_RATIO
 
     requests = load_requests(edits)
     editor = Editor.from_pretrained(
@@ -302,6 +328,7 @@ def apply_cmd(
         progress=not no_progress,
         allow_large_updates=allow_large_updates,
         large_update_ratio=large_update_ratio or LARGE_UPDATE_RATIO,
+        screen_ratio=screen_ratio or SCREEN_RATIO,
     )
     editor.check_requests(requests)  # every subject and target tokenises, before the first edit
     results = []
@@ -328,6 +355,90 @@ def apply_cmd(
     if rep is not None:
         _echo_recovered(rep["recovered"])
         click.echo(f"wrote {len(results)} edit(s) as batch {rep['batch']} of {rep['model_dir']} (layer {editor.layer})")
+
+
+@main.command("screen")
+@click.argument("edits", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_dir", type=_dir)
+@click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
+@_hparams_options
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option(
+    "--screen-ratio",
+    type=click.FloatRange(min=1.0, min_open=True),
+    default=None,
+    help="Flag requests whose rho is at or above this (or not positive) [default: 10].",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per request instead of the table.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_expected_errors
+def screen_cmd(
+    edits: Path,
+    model_dir: Path,
+    layer: int | None,
+    hparams_spec: str | None,
+    assignments: tuple[str, ...],
+    corpus: Path | None,
+    device: str | None,
+    dtype: str,
+    screen_ratio: float | None,
+    as_json: bool,
+    no_progress: bool,
+) -> None:
+    """Predict, before any optimisation, which requests in EDITS rome would turn into disabling edits.
+
+    For each request: the keys k_e (mean over the context templates) and k_e^o (plain prompt),
+    and rho = uᵀk_e / uᵀk_e^o with u = C0⁻¹k_e: how many times larger rome's update is than
+    r-rome's for the same residual. A request is flagged when rho is at or above --screen-ratio
+    or not positive: rome would make a disabling edit (huge |Δ|, collapsed generation), and
+    r-rome / p-rome would barely change the plain prompt. It happens on models whose tokenizer
+    adds no BOS when the subject opens the prompt (its last token at position 0). Exit status 0
+    either way; nothing is written.
+    """
+    fields = _cli_hparams(hparams_spec, assignments)
+
+    from tqdm import tqdm
+
+    from rrome.apply import Editor
+    from rrome.edits import load_requests
+    from rrome.screen import SCREEN_RATIO
+
+    requests = load_requests(edits)
+    editor = Editor.from_pretrained(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        layer=layer,
+        hparams=fields,
+        corpus=corpus,
+        progress=not no_progress,
+        screen_ratio=screen_ratio or SCREEN_RATIO,
+    )
+    editor.check_requests(requests)
+    results = [editor.screen(r) for r in tqdm(requests, desc="screen", unit="request", disable=no_progress)]
+    if as_json:
+        for r in results:
+            click.echo(json.dumps(r.to_json()))
+        return
+    click.echo(f"layer {editor.layer}, limit rho >= {editor.screen_ratio:g} or rho <= 0")
+    click.echo(
+        f"{'case':>8}  {'subject':<28} {'pos':>3} {'BOS':>3} {'‖k_e‖':>8} {'‖k_e^o‖':>8} {'cos':>6} {'rho':>9}  flag"
+    )
+    for r in results:
+        case = "-" if r.case_id is None else str(r.case_id)
+        click.echo(
+            f"{case:>8}  {_printable(r.subject)[:28]:<28} {r.position:>3} {'yes' if r.bos else 'no':>3} "
+            f"{r.norm_k_e:8.3f} {r.norm_k_e_o:8.3f} {r.cosine:6.3f} {r.ratio:9.3g}  "
+            + ("DISABLING under rome; r-rome/p-rome may not take" if r.flagged else "")
+        )
+    flagged = [r for r in results if r.flagged]
+    click.echo(f"{len(flagged)} of {len(results)} request(s) flagged")
+    if flagged:
+        from rrome.screen import LEADING_TEXT_ADVICE
+
+        click.echo(f"to avoid it: {LEADING_TEXT_ADVICE}")
 
 
 @main.command("generate")

@@ -95,6 +95,23 @@ class LargeUpdateError(RromeError):
         return str(self.args[0])
 
 
+class DisablingEditError(RromeError):
+    """The screen (:mod:`rrome.screen`) predicts that ``rome`` would make a disabling edit of
+    this request: ρ = uᵀk_e / uᵀk_e^o is at or above the threshold (or not positive). Raised
+    before the value optimisation, the model untouched, unless large updates are allowed.
+
+    Attributes:
+        ratio: ρ of the refused request.
+    """
+
+    def __init__(self, message: str, ratio: float = float("nan")) -> None:
+        super().__init__(message)
+        self.ratio = ratio
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class NonFiniteUpdateError(DeltaError):
     """An edit's update holds NaN or Inf; it is always refused, before the model is touched."""
 
@@ -115,6 +132,7 @@ __all__ = [
     "CheckpointError",
     "DeltaError",
     "DeltasFileError",
+    "DisablingEditError",
     "EditFileError",
     "IntegrityError",
     "InvalidFileError",
