@@ -45,6 +45,7 @@ from rrome.evaluate import (
     few_shot_sets,
     metrics,
 )
+from rrome.hparams import HParams
 from rrome.rome import METHODS, Method
 
 RUN_FILE = "run.json"
@@ -89,14 +90,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _fsync_append(path: Path, obj: Any) -> None:
+def fsync_append(path: Path, obj: Any) -> None:
+    """Appends ``obj`` as one JSON line and fsyncs it: after a crash the line is whole or torn
+    (:func:`read_jsonl` drops a torn last line), never lost once this returns."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON through a temporary file, fsynced and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -124,7 +128,7 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     path = out_dir / RUN_FILE
     if not path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, cfg.to_json())
+        write_json(path, cfg.to_json())
         return
     saved = json.loads(path.read_text())
     new = cfg.to_json()
@@ -137,7 +141,7 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
         raise RromeError(f"{path}: this results folder holds a run with other settings ({detail}); use another --out")
     methods = [m for m in METHODS if m in set(saved.get("methods", ())) | set(cfg.methods)]
     if methods != saved.get("methods"):
-        _write_json(path, {**saved, "methods": methods})
+        write_json(path, {**saved, "methods": methods})
 
 
 def load_cases(cfg: RunConfig) -> list[EditRequest]:
@@ -152,7 +156,7 @@ def load_cases(cfg: RunConfig) -> list[EditRequest]:
     return cases
 
 
-class _Session:
+class Session:
     """The model, the editor and the unedited weight of the edited module."""
 
     def __init__(self, cfg: RunConfig, progress: bool) -> None:
@@ -174,12 +178,42 @@ class _Session:
         self.weight = self.editor.edited_weight()
         self.original = self.weight.detach().clone()
         self.sets = few_shot_sets(cfg.glue_n, seed=cfg.seed) if cfg.glue_n > 0 else []
+        hp = self.editor.hparams
+        # The templates depend on the seed, the lengths and the unedited model alone
+        # (keys.generate_templates): each list is generated once, whatever set edits with it.
+        self._templates = {(hp.template_seed, hp.context_template_lengths): self.editor.templates()}
 
     def restore(self) -> None:
         with torch.no_grad():
             self.weight.copy_(self.original)
         self.editor.pending.clear()
         self.editor.results.clear()
+
+    def use(self, hparams: HParams) -> None:
+        """Edits with ``hparams`` from now on (``rrome tune``): a new editor over the same model,
+        its templates and statistics fixed from the unedited model as at the start, so that its
+        edits are those of a run started with ``hparams``. The current weight is restored first."""
+        self.restore()
+        old = self.editor
+        editor = Editor(
+            old.model_dir,
+            old.model,
+            old.tokenizer,
+            old.adapter,
+            hparams,
+            method=old.method,
+            corpus=old.corpus,
+            progress=old.progress,
+            allow_large_updates=True,
+        )
+        key = (hparams.template_seed, hparams.context_template_lengths)
+        if key in self._templates:
+            editor._templates = self._templates[key]
+        self._templates[key] = editor.templates()
+        editor.cholesky()
+        self.editor = editor
+        self.weight = editor.edited_weight()
+        self.original = self.weight.detach().clone()
 
     def probs(self, request: EditRequest) -> CaseProbs:
         return case_probabilities(self.editor.model, self.editor.tokenizer, request)
@@ -211,7 +245,8 @@ def _edit_record(index: int, request: EditRequest, result: Any) -> dict[str, Any
     }
 
 
-def _baseline(s: _Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: Path) -> dict[str, Any]:
+def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: Path) -> dict[str, Any]:
+    """The unedited model's figures (``baseline.json`` of ``out_dir``), computed once."""
     path = out_dir / BASELINE_FILE
     if path.exists():
         return cast(dict[str, Any], json.loads(path.read_text()))
@@ -228,30 +263,61 @@ def _baseline(s: _Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir
         "templates": s.editor.templates(),
         "stats": str(s.editor.stats_path) if s.editor.stats_path else None,
     }
-    _write_json(path, base)
+    write_json(path, base)
     return base
 
 
 Progress = Callable[[str, int, int], None]
 
 
-def _single(
-    s: _Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
-) -> None:
-    edits = folder / "edits.jsonl"
-    done = {rec["index"] for rec in read_jsonl(edits, repair=True)}
+def edit_one_at_a_time(
+    s: Session,
+    cases: Sequence[EditRequest],
+    edits: Path,
+    *,
+    diagnostics: bool,
+    seed: int,
+    tick: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Edits each case into the unedited model, measures it and restores the weight exactly.
+
+    One fsynced line per case in ``edits`` (its index, the edit's figures, the case's
+    probabilities under ``"case"``, the generation entropies with ``diagnostics``). Cases whose
+    line is already there are not edited again: a killed run continues with the first missing
+    case, and a case is never counted twice. ``tick(i)`` follows each new line.
+
+    Returns:
+        The records of all cases, in case order.
+    """
+    records = {rec["index"]: rec for rec in read_jsonl(edits, repair=True)}
     for i, request in enumerate(cases):
-        if i in done:
+        if i in records:
             continue
         s.restore()
         result = s.editor.edit(request)
         rec = _edit_record(i, request, result)
         rec["case"] = s.probs(request).to_json()
-        if cfg.diagnostics:
-            rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
+        if diagnostics:
+            rec.update(dataclasses.asdict(s.diagnostics(request, seed + i)))
         s.restore()
-        _fsync_append(edits, rec)
-        tick(method, i + 1, len(cases))
+        fsync_append(edits, rec)
+        records[i] = rec
+        if tick is not None:
+            tick(i)
+    return [records[i] for i in range(len(cases))]
+
+
+def _single(
+    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+) -> None:
+    edit_one_at_a_time(
+        s,
+        cases,
+        folder / "edits.jsonl",
+        diagnostics=cfg.diagnostics,
+        seed=cfg.seed,
+        tick=lambda i: tick(method, i + 1, len(cases)),
+    )
 
 
 def _save_factors(path: Path, u: np.ndarray, r: np.ndarray) -> None:
@@ -276,7 +342,7 @@ def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _checkpoint(
-    s: _Session, cfg: RunConfig, cases: Sequence[EditRequest], n_done: int, norms: list[float]
+    s: Session, cfg: RunConfig, cases: Sequence[EditRequest], n_done: int, norms: list[float]
 ) -> dict[str, Any]:
     probs = [s.probs(r) for r in cases[:n_done]]
     diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
@@ -291,7 +357,7 @@ def _checkpoint(
 
 
 def _sequential(
-    s: _Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
 ) -> None:
     edits_path, checks_path, deltas = folder / "edits.jsonl", folder / "checkpoints.jsonl", folder / "deltas"
     deltas.mkdir(parents=True, exist_ok=True)
@@ -310,18 +376,18 @@ def _sequential(
         if cfg.diagnostics:
             rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
         _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r)
-        _fsync_append(edits_path, rec)
+        fsync_append(edits_path, rec)
         norms.append(result.norm_delta)
         n_done = i + 1
         if (n_done % cfg.every == 0 or n_done == len(cases)) and n_done not in checks:
-            _fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
+            fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
             checks.add(n_done)
         tick(method, n_done, len(cases))
     if len(cases) not in checks:  # resumed after the last edit but before its checkpoint
-        _fsync_append(checks_path, _checkpoint(s, cfg, cases, len(cases), norms))
+        fsync_append(checks_path, _checkpoint(s, cfg, cases, len(cases), norms))
     final = folder / "final.json"
     if not final.exists():
-        _write_json(final, {"cases": [s.probs(r).to_json() for r in cases]})
+        write_json(final, {"cases": [s.probs(r).to_json() for r in cases]})
     s.restore()
 
 
@@ -340,8 +406,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
     cases = load_cases(cfg)
     _check_config(out, cfg)
     torch.manual_seed(cfg.seed)
-    s = _Session(cfg, progress)
-    _baseline(s, cfg, cases, out)
+    s = Session(cfg, progress)
+    baseline(s, cfg, cases, out)
 
     from tqdm import tqdm
 
