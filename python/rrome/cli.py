@@ -643,6 +643,122 @@ def eval_cmd(
         click.echo(f"wrote {f}")
 
 
+@main.command("tune")
+@click.argument("model_dir", type=_dir)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CounterFact records (JSON/JSONL), as rrome eval reads them.",
+)
+@click.option(
+    "--grid",
+    "grids",
+    metavar="KEY=V1,V2,...",
+    multiple=True,
+    help="The values of one hyperparameter to try (repeatable; trials are the product of all --grid, over "
+    "--hparams and --set). Values as --set reads them; commas inside [...] or quotes do not separate, "
+    "e.g. --grid clamp_norm_factor=0.5,1,2 --grid v_lr_unit=absolute,relative.",
+)
+@_hparams_options
+@click.option("--method", type=_METHODS, default="r-rome", show_default=True, help="Update variant.")
+@click.option("--n", type=click.IntRange(min=1), default=100, show_default=True, help="Number of cases.")
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Records to skip at the start of --data."
+)
+@click.option(
+    "--min-es",
+    type=click.FloatRange(0, 100),
+    default=95.0,
+    show_default=True,
+    help="Efficacy (%) a trial must reach to be ranked by its Score; the others rank after it.",
+)
+@click.option(
+    "--diagnostics/--no-diagnostics",
+    default=False,
+    show_default=True,
+    help="Also sample the generation entropies after each edit (slow; the objective does not read them).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the entropy samples.")
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="dtype the model runs in.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Sweep folder (continued if it holds the same sweep).",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_expected_errors
+def tune_cmd(
+    model_dir: Path,
+    data: Path,
+    grids: tuple[str, ...],
+    hparams_spec: str | None,
+    assignments: tuple[str, ...],
+    method: str,
+    n: int,
+    offset: int,
+    min_es: float,
+    diagnostics: bool,
+    seed: int,
+    corpus: Path | None,
+    device: str | None,
+    dtype: str,
+    out_dir: Path,
+    no_progress: bool,
+) -> None:
+    """Sweep hyperparameters over N cases of DATA, one edit at a time, and rank the sets.
+
+    Each trial (a point of the grid) edits every case into the unedited model, measures it as
+    `rrome eval` does and restores the weight exactly. Objective: the Score (harmonic mean of
+    ES, PS, NS) among the trials with ES >= --min-es; the others rank after them. Writes one
+    line per trial to --out/trials.jsonl, prints the table (best first; also table.md) and
+    writes the best set to --out/best.json, a file for --hparams. A killed sweep continues
+    where it stopped when the same command runs again; other settings into the same folder
+    are refused.
+    """
+    fields = _cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
+    from rrome.hparams import HParamsError, parse_grids
+
+    try:
+        grid = parse_grids(grids)
+    except HParamsError as e:
+        click.echo(f"rrome: error: {e}", err=True)
+        sys.exit(2)
+
+    from rrome.runs import sha256_file
+    from rrome.tune import TuneConfig, tune
+
+    cfg = TuneConfig(
+        model_dir=str(model_dir.resolve()),
+        data=str(data.resolve()),
+        data_sha256=sha256_file(data),
+        grid=grid,
+        hparams=fields,
+        method=method,
+        n=n,
+        offset=offset,
+        min_es=min_es,
+        diagnostics=diagnostics,
+        seed=seed,
+        dtype=dtype,
+        corpus=str(corpus.resolve()) if corpus else None,
+        device=device,
+    )
+    result = tune(cfg, out_dir, progress=not no_progress)
+    click.echo(result.table, nl=False)
+    if result.best is None:
+        click.echo("every trial failed; no best set")
+        return
+    top = result.ranked[0]
+    if not result.best_meets:
+        click.echo(f"no trial reaches ES >= {min_es:g}; best.json holds the best-ranked one (trial {top['trial']})")
+    click.echo(f"best: trial {top['trial']}; wrote {result.best} (use it with --hparams)")
+
+
 @main.command("report")
 @click.argument("results_dir", type=_dir)
 @click.option(

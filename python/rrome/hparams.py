@@ -222,6 +222,19 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise HParamsError(f"--set {text}: expected KEY=VALUE, e.g. --set clamp_norm_factor=1.0")
+    _spec(key)
+    try:
+        return key, parse_value(key, raw)
+    except HParamsError as e:
+        raise HParamsError(f"--set {text}: {e}") from None
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """One value of ``key`` as written on the command line: JSON, else a plain string, checked.
+
+    Raises:
+        HParamsError: an unknown key or a bad value (``key: expected ..., got ...``).
+    """
     spec = _spec(key)
     raw = raw.strip()
     try:
@@ -232,10 +245,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = raw  # e.g. note=123 is the string "123"
     if spec.kind == "float" and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity"):
         value = float(value)
-    try:
-        return key, _check(key, value)
-    except HParamsError as e:
-        raise HParamsError(f"--set {text}: {e}") from None
+    return _check(key, value)
 
 
 def parse_assignments(texts: Iterable[str]) -> dict[str, Any]:
@@ -245,6 +255,90 @@ def parse_assignments(texts: Iterable[str]) -> dict[str, Any]:
         key, value = parse_assignment(t)
         out[key] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# grids (rrome tune)
+
+UNTUNABLE = ("family", "note")
+"""Fields a ``--grid`` may not vary: they say what a set is for, not how it edits."""
+
+
+def _split_values(raw: str) -> list[str]:
+    """``raw`` cut at the commas outside brackets and double quotes: ``1,[[5,10]],"a,b"`` is
+    three values."""
+    parts: list[str] = []
+    depth, quoted, escaped, start = 0, False, False, 0
+    for i, c in enumerate(raw):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    parts.append(raw[start:])
+    return parts
+
+
+def parse_grid(text: str) -> tuple[str, tuple[Any, ...]]:
+    """One ``--grid KEY=V1,V2,...``: the values of one hyperparameter a sweep tries, each read
+    as ``--set`` reads a value (commas inside brackets or quotes do not separate values).
+
+    Raises:
+        HParamsError: no ``=``, an unknown or untunable key, an empty, bad or repeated value;
+            the message starts with ``--grid TEXT:`` and names the key.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    where = f"--grid {text}"
+    if not sep or not key:
+        raise HParamsError(f"{where}: expected KEY=V1,V2,..., e.g. --grid clamp_norm_factor=0.5,1,2")
+    try:
+        _spec(key)
+    except HParamsError as e:
+        raise HParamsError(f"{where}: {e}") from None
+    if key in UNTUNABLE:
+        raise HParamsError(f"{where}: {key} is not a tunable hyperparameter")
+    values: list[Any] = []
+    seen: set[str] = set()
+    for part in _split_values(raw):
+        if not part.strip():
+            raise HParamsError(f"{where}: {key}: an empty value (values are separated by commas)")
+        try:
+            value = parse_value(key, part)
+        except HParamsError as e:
+            raise HParamsError(f"{where}: {e}") from None
+        canonical = json.dumps(value)
+        if canonical in seen:
+            raise HParamsError(f"{where}: {key}: {part.strip()} is listed twice")
+        seen.add(canonical)
+        values.append(value)
+    return key, tuple(values)
+
+
+def parse_grids(texts: Iterable[str]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``--grid`` options in order, each key at most once.
+
+    Raises:
+        HParamsError: as :func:`parse_grid`, or a key given twice.
+    """
+    out: dict[str, tuple[Any, ...]] = {}
+    for t in texts:
+        key, values = parse_grid(t)
+        if key in out:
+            raise HParamsError(f"--grid {t}: {key} is given twice; list all its values in one --grid")
+        out[key] = values
+    return tuple(out.items())
 
 
 # --------------------------------------------------------------------------------------------
