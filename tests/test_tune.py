@@ -489,6 +489,12 @@ def test_resume_after_sigkill(sweep: Sweep, tmp_path: Path) -> None:
     _same_sweep(sweep.whole, part)
 
 
+def test_report_names_a_sweep_folder(sweep: Sweep) -> None:
+    res = CliRunner().invoke(main, ["report", str(sweep.whole)])
+    assert res.exit_code == 1 and "is an `rrome tune` folder: its table is" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_cli_prints_the_table_and_the_best(sweep: Sweep, tmp_path: Path) -> None:
     folder = tmp_path / "copy"
     shutil.copytree(sweep.whole, folder)

@@ -45,6 +45,11 @@ def summarize(
     """The run's figures per variant, from its files (methods not yet started are left out)."""
     out_dir = Path(results_dir)
     cfg = _load(out_dir / RUN_FILE)
+    if isinstance(cfg, dict) and cfg.get("command") == "tune":
+        raise RromeError(
+            f"{out_dir} is an `rrome tune` folder: its table is {out_dir / 'table.md'} (rerunning the same "
+            "`rrome tune` command prints it)"
+        )
     base = _load(out_dir / BASELINE_FILE)
     mode = "sequential" if cfg["sequential"] else "single"
     base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
