@@ -1,10 +1,10 @@
-"""The editing engine against independent computations (DESIGN.md §1 and §6).
+"""The editing engine against independent computations (docs/design.md §1 and §6).
 
 Everything runs on the tiny random checkpoints of ``tiny_models`` (2 layers, hidden 64, MLP 128,
 vocabulary 400), built once per session. The reference numbers are computed here without
 rrome's helpers: the subject's last token from the offset mapping of the plain text, keys and
 module outputs from a forward hook of this file on an unpadded single prompt, the update from
-DESIGN.md's formula with ``torch.linalg.solve`` in float64.
+docs/design.md §1's formula with ``torch.linalg.solve`` in float64.
 
 Tolerances (each stated where it is used):
 
@@ -46,7 +46,7 @@ from rrome.models import load
 from rrome.rome import METHODS, compute_update
 from rrome.values import compute_value
 
-# The module ROME edits and how its weight is stored, per DESIGN.md §1 (not taken from rrome).
+# The module ROME edits and how its weight is stored, per docs/design.md §1 (not taken from rrome).
 EDITED = {
     "gpt2": ("transformer.h.{}.mlp.c_proj", "in_out"),
     "gptj": ("transformer.h.{}.mlp.fc_out", "out_in"),
@@ -62,7 +62,7 @@ FRANCE = EditRequest(prompt="The capital of {}", subject="France", target_new="L
 DARRIEUX = EditRequest(
     prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"
 )
-# The subject at the very start of the prompt: the BOS trap of DESIGN.md §1.
+# The subject at the very start of the prompt: the BOS trap of docs/design.md §1.
 EIFFEL = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
 
 # Hand-written templates of different lengths (so that padding matters), beside generated ones.
@@ -181,7 +181,7 @@ def subject_last_token(tokenizer: Any, text: str, start: int, end: int) -> int:
 
 
 def naive_last_token(tokenizer: Any, text: str, start: int, end: int) -> int:
-    """The trap of DESIGN.md §1: add the lengths of the separately tokenised pieces."""
+    """The trap of docs/design.md §1: add the lengths of the separately tokenised pieces."""
     return len(tokenizer(text[:start])["input_ids"]) + len(tokenizer(text[start:end])["input_ids"]) - 1
 
 
@@ -348,7 +348,7 @@ def _random_spd(d: int, seed: int) -> torch.Tensor:
 def _reference_delta(
     method: str, c0: torch.Tensor, k_e: torch.Tensor, k_e_o: torch.Tensor, v_e: torch.Tensor, w: Callable[..., Any]
 ) -> torch.Tensor:
-    """DESIGN.md §1's table, in float64: Δ = (v_e − W k_res)(C0⁻¹ k_num)ᵀ / (k_denᵀ C0⁻¹ k_num)."""
+    """docs/design.md §1's table, in float64: Δ = (v_e − W k_res)(C0⁻¹ k_num)ᵀ / (k_denᵀ C0⁻¹ k_num)."""
     k_num, k_res, k_den = {"rome": (k_e, k_e_o, k_e_o), "r-rome": (k_e, k_e, k_e), "p-rome": (k_e_o, k_e_o, k_e_o)}[
         method
     ]

@@ -1,5 +1,5 @@
 """The tiny model folders of ``tiny_models``: they load silently, pad correctly, and tokenise
-with the BOS and offset behaviour (DESIGN.md §1, tokenisation traps) the editing code relies on."""
+with the BOS and offset behaviour (docs/design.md §1, tokenisation traps) the editing code relies on."""
 
 from __future__ import annotations
 

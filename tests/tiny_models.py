@@ -3,7 +3,7 @@
 ``build_tiny_model(family, dest)`` writes a complete Hugging Face checkpoint (``config.json``,
 ``model.safetensors``, tokenizer files) with a few-hundred-token tokenizer trained in-process on a
 slice of ``/work/shared/data/wikitext2``. Nothing is downloaded; building all families takes a few
-seconds. The tokenizers reproduce the traps of DESIGN.md §1:
+seconds. The tokenizers reproduce the traps of docs/design.md §1:
 
 * ``bos=True`` prepends ``<bos>`` through a ``TemplateProcessing`` post-processor (Llama, Gemma);
 * byte-level BPE offsets are *not* trimmed, as in the GPT-2 / Llama-3 / Qwen ``tokenizer.json``:

@@ -603,7 +603,7 @@ def eval_cmd(
     out_dir: Path,
     no_progress: bool,
 ) -> None:
-    """Edit N cases of DATA into MODEL_DIR with each variant and measure them (DESIGN.md §2).
+    """Edit N cases of DATA into MODEL_DIR with each variant and measure them (docs/design.md §2).
 
     The checkpoint on disk is never written. Results go to --out as JSON lines, a table and
     plots; a killed run continues where it stopped when started again with the same --out.

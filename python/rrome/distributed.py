@@ -1,6 +1,6 @@
 """Statistics across processes: torch.distributed (torchrun) workers, and a launcher of our own.
 
-Collecting C0 costs N·d² flops (DESIGN.md §5), and a moment is a count plus an f64 sum, so it
+Collecting C0 costs N·d² flops (docs/design.md §5), and a moment is a count plus an f64 sum, so it
 splits across workers exactly: each rank runs the model over its own share of the corpus
 (:func:`rrome.stats.collect_second_moment` with ``shard=(rank, world_size)``), and the partial
 sums and counts are added by one all-reduce (:func:`allreduce_moment`). Nothing here is a

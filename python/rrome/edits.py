@@ -3,7 +3,7 @@
 An edit says "for *subject* under relation *prompt*, the model should now answer *target_new*
 instead of *target_true*". The editing engine needs the relation as a template with one ``{}``
 where the subject goes, because it looks up the subject's last token from the character span
-where the subject was filled in (DESIGN.md §1). Public datasets do not agree on a format, so
+where the subject was filled in (docs/design.md §1). Public datasets do not agree on a format, so
 this module reads the four that matter and turns each record into one :class:`EditRequest`:
 
 1. rrome's own flat shape (what :func:`dump_requests` writes): ``prompt`` is the template.

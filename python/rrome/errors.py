@@ -76,7 +76,7 @@ class NotPositiveDefiniteError(RromeError, ValueError):
 class LargeUpdateError(RromeError):
     """An edit's update |Δ| is far above the median of the session's earlier edits.
 
-    Such an update is the mark of a "disabling edit" (DESIGN.md §1): it tends to collapse the
+    Such an update is the mark of a "disabling edit" (docs/design.md §1): it tends to collapse the
     model. The editor refuses it before touching the model unless told ``allow_large_updates``.
 
     Attributes:

@@ -1,7 +1,7 @@
 """Which module ROME edits in each model family, and how its weight is stored.
 
 An adapter maps a transformers ``config.model_type`` to the MLP output projection that ROME
-edits (DESIGN.md §1), its storage layout (GPT-2's ``Conv1D`` stores the transpose), and the
+edits (docs/design.md §1), its storage layout (GPT-2's ``Conv1D`` stores the transpose), and the
 dotted names used both for torch hooks and for the safetensors tensor. The layout is a fact
 of the architecture and is never inferred from a tensor's shape.
 """

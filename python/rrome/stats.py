@@ -1,7 +1,7 @@
 """Second moments C0 = E[k kᵀ] of one layer's keys over a text corpus, cached per model.
 
 ROME's update solves against C0, the uncentred second moment of the keys (the inputs of the edited
-MLP output projection) over ordinary text (DESIGN.md §1). This module turns a corpus file into
+MLP output projection) over ordinary text (docs/design.md §1). This module turns a corpus file into
 documents (:func:`corpus_texts`), runs the model over them only as far as the edited module
 (:func:`collect_second_moment`, which feeds the float64 Rust accumulator
 :class:`rrome.SecondMoment`), and caches the result on disk per unedited model, layer, corpus and
@@ -220,7 +220,7 @@ def model_key(model_dir: PathLike) -> str:
     The key covers the bytes of ``config.json`` and, from the safetensors headers, every tensor's
     name, dtype and shape, but neither the weight values nor the folder's name or location:
 
-    - C0 always belongs to the unedited model (sequential edits keep the first C0, DESIGN.md §1),
+    - C0 always belongs to the unedited model (sequential edits keep the first C0, docs/design.md §1),
       so an edit written into the folder (new weight bytes, an edit log) keeps the key;
     - copies of one model, and single-file and sharded saves of it, share their statistics.
 

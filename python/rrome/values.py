@@ -8,7 +8,7 @@ last, and the KL prompt "{subject} is a"), and optimised with Adam on
     + kl_factor · KL(current ‖ initial) of the next-token distribution at the KL prompt's subject
     + v_weight_decay · ‖δ‖ / ‖v_init‖²   (‖δ‖ / ‖v_init‖ with v_weight_decay_unit "relative"),
 
-clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (DESIGN.md §1). v_e = v_init + δ.
+clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (docs/design.md §1). v_e = v_init + δ.
 Adam's learning rate is ``v_lr``, or ``v_lr · ‖v_init‖ / √d_out`` with v_lr_unit "relative".
 It stops after the forward pass at which the loss is below ``v_stop_loss``, or at which the new
 target has been the argmax at every target position of every rewriting prompt for
@@ -16,7 +16,7 @@ target has been the argmax at every target position of every rewriting prompt fo
 ``v_num_grad_steps`` passes (:mod:`rrome.hparams` describes the units). With the ``reference``
 preset this is the reference code's loop, step for step.
 
-The fast path gives the same result with less work (DESIGN.md §6): the blocks below the
+The fast path gives the same result with less work (docs/design.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
 logits are computed only at the positions the loss reads.
 """
@@ -157,7 +157,7 @@ class _PrefixCache:
 
     δ enters at the subject's last token and attention is causal, so at every layer the
     positions before it never change: they are computed once, and each step only runs the
-    positions from the earliest lookup token on (DESIGN.md §6). The cache tensors are put back
+    positions from the earliest lookup token on (docs/design.md §6). The cache tensors are put back
     before every step (a forward pass appends to them, and sliding-window layers also advance
     a counter). Used only where the cache has the plain layout (a ``layers`` list with
     ``keys`` / ``values``); otherwise ``cache`` is ``None`` and whole prompts are run.

@@ -6,7 +6,7 @@
 //! A shard shared by hard link with another folder is given an inode of its own the same way
 //! ([`unshare`]) before anything writes into it.
 //!
-//! A model folder is untrusted input (README, "Threat model"): every file rrome opens
+//! A model folder is untrusted input (docs/design.md §7, "Threat model"): every file rrome opens
 //! for writing inside one is opened with `O_NOFOLLOW` and checked to be a regular file through
 //! the opened descriptor ([`open_write_nofollow`], [`create_new`]); every file it reads is
 //! opened without blocking and checked the same way ([`open_read`]), so a FIFO or a device

@@ -1,4 +1,4 @@
-//! Applying, reverting and recovering batches of deltas in a model folder (DESIGN.md §4).
+//! Applying, reverting and recovering batches of deltas in a model folder (docs/design.md §4).
 //!
 //! In place, under the folder's exclusive lock:
 //! 1. finish or roll back whatever an earlier crashed run left (see [`recover`]);
@@ -19,7 +19,7 @@
 //! shrink the edit log: they replace its JSON lines before its tensor file, so a crash between
 //! the two renames leaves a log whose every record still has its tensors.
 //!
-//! Nothing in a model folder is trusted (README, "Threat model"): a journal, undo file
+//! Nothing in a model folder is trusted (docs/design.md §7, "Threat model"): a journal, undo file
 //! or revert marker found there is checked against the checkpoint before any byte is written
 //! ([`check_undo`]): each region must be exactly the bytes of a tensor of a shard of the
 //! checkpoint, and every shard written must be a regular file of the folder, not a link.
