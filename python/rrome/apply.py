@@ -32,7 +32,8 @@ from rrome.hooks import get_module
 from rrome.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
 from rrome.keys import TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.models import Adapter, load, num_layers
-from rrome.rome import METHODS, Method, Update, compute_update
+from rrome.retain import RetainedKeys
+from rrome.rome import METHODS, Method, Solver, Update, compute_update
 from rrome.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.shards import ApplyReport, Delta, apply_deltas
 from rrome.values import compute_value
@@ -151,6 +152,7 @@ class Editor:
         self.results: list[EditResult] = []
         self._templates: list[str] | None = None
         self._chol: Cholesky | None = None
+        self._retained: RetainedKeys | None = None
         self.stats_path: Path | None = None
 
     @classmethod
@@ -263,6 +265,27 @@ class Editor:
             self._chol, _ = stats.cached_cholesky(self.stats_path, moment)
         return self._chol
 
+    def solver(self) -> Solver:
+        """What the next edit's u is solved against: C0's factor, or, with ``retain_edit_keys``,
+        C0 plus the keys of this editor's earlier edits (:mod:`rrome.retain`)."""
+        if not self.hparams.retain_edit_keys:
+            return self.cholesky()
+        if self._retained is None:
+            self._retained = RetainedKeys(self.cholesky(), self.hparams.retain_weight)
+        return self._retained
+
+    @property
+    def retained_keys(self) -> list[npt.NDArray[np.float64]]:
+        """The keys later edits are solved against (``retain_edit_keys``), oldest first: each
+        edit's k_den, and those :meth:`replay` was given."""
+        return list(self._retained.raw) if self._retained is not None else []
+
+    def forget_edit_keys(self) -> None:
+        """Solves later edits against C0 alone again, until new edits are retained (after the
+        weight was restored to the unedited one, say)."""
+        if self._retained is not None:
+            self._retained.clear()
+
     def screen(self, request: EditRequest | Mapping[str, Any]) -> ScreenResult:
         """The disabling-edit screen of a request (:mod:`rrome.screen`): forward passes and one
         solve, no optimisation, the model unchanged."""
@@ -358,7 +381,7 @@ class Editor:
         target_ids(self.tokenizer, request.text(), request.target_new)  # fail early on an empty target
         p_new0, p_true0 = self._probabilities(request)
         templates = self.templates()
-        chol = self.cholesky()
+        solver = self.solver()  # C0 (computed or read once), with the retained keys if any
         keys = compute_keys(self.model, self.tokenizer, self.module_name, request, templates)
         screen = self._screen(request, keys)
         self._check_screen(screen)
@@ -373,12 +396,15 @@ class Editor:
             self.hparams,
             layout=self.adapter.layout,
         )
+        retained = len(solver) if isinstance(solver, RetainedKeys) else None
         try:
-            update = compute_update(self.method, chol, keys, value.v_e)
+            update = compute_update(self.method, solver, keys, value.v_e)
         except FloatingPointError as e:
             raise NonFiniteUpdateError(f"refused the edit of {request.subject!r}: {e}; the model is unchanged") from e
         self._check_update(update, request)
         self._apply_in_memory(update)
+        if isinstance(solver, RetainedKeys) and update.key is not None:
+            solver.add(update.key)
         p_new1, p_true1 = self._probabilities(request)
         diagnostics = value.record()
         meta = {
@@ -396,6 +422,8 @@ class Editor:
             "stats": str(self.stats_path) if self.stats_path else None,
             "screen": screen.to_json(),
         }
+        if retained is not None:
+            meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
         delta = Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
         self.pending.append(delta)
         result = EditResult(
@@ -491,11 +519,17 @@ class Editor:
             out.append(self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
 
-    def replay(self, u: npt.NDArray[np.float32], r: npt.NDArray[np.float32]) -> None:
+    def replay(self, u: npt.NDArray[np.float32], r: npt.NDArray[np.float32], key: npt.ArrayLike | None = None) -> None:
         """Adds the stored update Δ = r uᵀ to the in-memory model, exactly as :meth:`edit` did.
 
         Replaying the factors of earlier edits in order rebuilds the same weights bit for bit
-        (used to resume a sequential evaluation). Nothing is queued for :meth:`save`.
+        (used to resume a sequential evaluation). Nothing is queued for :meth:`save`. With
+        ``retain_edit_keys``, ``key`` (the edit's k_den, :attr:`retained_keys`) is retained as
+        :meth:`edit` retained it.
         """
         u32, r32 = np.asarray(u, np.float32), np.asarray(r, np.float32)
         self._apply_in_memory(Update(u=u32, r=r32, denominator=math.nan, norm_delta=math.nan))
+        if key is not None and self.hparams.retain_edit_keys:
+            solver = self.solver()
+            assert isinstance(solver, RetainedKeys)
+            solver.add(key)

@@ -41,6 +41,17 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.values`)
   position of every rewriting prompt at k consecutive forward passes (most-probable early
   stopping, ENCORE: Gupta et al. 2025); ``v_num_grad_steps`` bounds both.
 
+Sequential retention
+--------------------
+* ``retain_edit_keys`` (off by default and in ``reference``): each edit solves for its input
+  factor against C0 plus the keys of the same editor's earlier edits,
+  u = (C0 + Σ_p w_p k_p k_pᵀ)⁻¹ k, so that it changes the module's output at those keys less
+  (:mod:`rrome.retain`).
+* ``retain_weight`` λ sets w_p = λ / (k_pᵀ C0⁻¹ k_p): in the coordinates where C0 is the
+  identity, each earlier key is a unit direction added with weight λ, and one earlier key alone
+  cuts what the new edit does at it by the factor 1 + λ·(1 − cos²) (cos: the two keys' cosine
+  under C0⁻¹), whatever the width or the scale of the keys.
+
 Presets: ``reference`` is the reference ROME code's constants and stopping rule exactly (it
 leaves the layer and the statistics budget to the family); ``default`` is the family's packaged
 set unchanged. The packaged family sets are still the reference recipe (each file's ``note``
@@ -96,6 +107,8 @@ class HParams:
     context_template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
     stats_max_tokens: int = 100_000
+    retain_edit_keys: bool = False
+    retain_weight: float = 10.0
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -135,7 +148,7 @@ def _is_number(v: Any) -> bool:
 class _Spec:
     expect: str  # what a valid value is, in words
     ok: Callable[[Any], bool]
-    kind: str  # "int", "float", "str", "lengths"
+    kind: str  # "int", "float", "str", "lengths", "bool"
 
 
 def _int(expect: str, ok: Callable[[int], bool]) -> _Spec:
@@ -173,6 +186,8 @@ _SPECS: dict[str, _Spec] = {
     ),
     "template_seed": _int("an integer", lambda v: True),
     "stats_max_tokens": _int("an integer >= 1", lambda v: v >= 1),
+    "retain_edit_keys": _Spec("true or false", lambda v: isinstance(v, bool), "bool"),
+    "retain_weight": _float("a number > 0", lambda v: v > 0),
     "note": _Spec("a string", lambda v: isinstance(v, str), "str"),
 }
 assert set(_SPECS) == {f.name for f in dataclasses.fields(HParams)}
@@ -359,6 +374,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "v_stop_loss": 0.05,
         "v_stop_most_probable": 0,
         "context_template_lengths": ((5, 10), (10, 10)),
+        "retain_edit_keys": False,
         "note": "preset reference: the reference ROME code's constants and stopping rule",
     },
     "default": {},

@@ -22,27 +22,38 @@ templates of the outputs (the module is affine). The update is stored as two flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from rrome._rust import Cholesky
 from rrome.keys import Keys
 
 Method = Literal["r-rome", "rome", "p-rome"]
 METHODS: tuple[Method, ...] = ("r-rome", "rome", "p-rome")
 
 
+class Solver(Protocol):
+    """What u is solved against: C0's :class:`rrome.Cholesky` factor, or
+    :class:`rrome.retain.RetainedKeys` (C0 plus the keys of earlier edits)."""
+
+    def solve(self, k: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
+
+
 @dataclass(frozen=True)
 class Update:
-    """Factors of Δ = r uᵀ and the numbers worth reporting about them."""
+    """Factors of Δ = r uᵀ and the numbers worth reporting about them.
+
+    ``key`` is k_den (float64), the key at which the update changes the module's output by
+    exactly r: the key :mod:`rrome.retain` keeps for later edits.
+    """
 
     u: npt.NDArray[np.float32]
     r: npt.NDArray[np.float32]
     denominator: float
     norm_delta: float  # ‖Δ‖_F / (d_out · d_in)
+    key: npt.NDArray[np.float64] | None = None
 
     @property
     def norm_u(self) -> float:
@@ -53,8 +64,9 @@ class Update:
         return float(np.linalg.norm(self.r.astype(np.float64)))
 
 
-def compute_update(method: Method, chol: Cholesky, keys: Keys, v_e: torch.Tensor) -> Update:
-    """The rank-one update of ``method`` from the keys, the target value and C0's factor.
+def compute_update(method: Method, chol: Solver, keys: Keys, v_e: torch.Tensor) -> Update:
+    """The rank-one update of ``method`` from the keys, the target value and C0's factor
+    (or, with sequential retention, :class:`rrome.retain.RetainedKeys`).
 
     Computed in float64 (keys and values are float32), returned as float32 factors.
 
@@ -80,4 +92,6 @@ def compute_update(method: Method, chol: Cholesky, keys: Keys, v_e: torch.Tensor
     residual = (v_e.double().cpu() - w_k_res.double().cpu()).numpy()  # may sit on two devices
     r = residual / denominator
     norm_delta = float(np.linalg.norm(r) * np.linalg.norm(u)) / (r.size * u.size)
-    return Update(u=u.astype(np.float32), r=r.astype(np.float32), denominator=denominator, norm_delta=norm_delta)
+    return Update(
+        u=u.astype(np.float32), r=r.astype(np.float32), denominator=denominator, norm_delta=norm_delta, key=k_den
+    )

@@ -8,7 +8,8 @@ A run lives in a results folder::
                                   (steps, why it stopped, ‖δ‖/‖v_init‖, loss terms per pass),
                                   probabilities, generation entropies (non-sequential: the case's
                                   metrics too)
-    sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly)
+    sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly; with
+                                  retain_edit_keys also its key k_den, "k")
     sequential-<method>/checkpoints.jsonl
                                   every K edits: running metrics, downstream accuracy, |Δ|, entropy
 
@@ -188,6 +189,7 @@ class Session:
             self.weight.copy_(self.original)
         self.editor.pending.clear()
         self.editor.results.clear()
+        self.editor.forget_edit_keys()
 
     def use(self, hparams: HParams) -> None:
         """Edits with ``hparams`` from now on (``rrome tune``): a new editor over the same model,
@@ -320,12 +322,15 @@ def _single(
     )
 
 
-def _save_factors(path: Path, u: np.ndarray, r: np.ndarray) -> None:
+def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None = None) -> None:
     from safetensors.numpy import save
 
     # Written through our own handle, not safetensors' save_file, which creates files readable
     # by their owner alone: a results folder is meant to be shared.
-    data = save({"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)})
+    tensors = {"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)}
+    if k is not None:
+        tensors["k"] = np.ascontiguousarray(k, np.float64)  # the retained key, as the editor holds it
+    data = save(tensors)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -334,11 +339,11 @@ def _save_factors(path: Path, u: np.ndarray, r: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     from safetensors.numpy import load_file
 
     t = load_file(str(path))
-    return t["u"], t["r"]
+    return t["u"], t["r"], t.get("k")
 
 
 def _checkpoint(
@@ -364,9 +369,13 @@ def _sequential(
     records = read_jsonl(edits_path, repair=True)
     checks = {c["edits"] for c in read_jsonl(checks_path, repair=True)}
     s.restore()
+    retain = s.editor.hparams.retain_edit_keys
     for rec in records:  # replay the finished edits: the same weights, bit for bit
-        u, r = _load_factors(deltas / f"{rec['index']:05d}.safetensors")
-        s.editor.replay(u, r)
+        path = deltas / f"{rec['index']:05d}.safetensors"
+        u, r, k = _load_factors(path)
+        if retain and k is None:
+            raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
+        s.editor.replay(u, r, k)
     norms = [float(rec["norm_delta"]) for rec in records]
     for i in range(len(records), len(cases)):
         request = cases[i]
@@ -375,7 +384,8 @@ def _sequential(
         rec = _edit_record(i, request, result)
         if cfg.diagnostics:
             rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
-        _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r)
+        key = s.editor.retained_keys[-1] if retain else None
+        _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r, key)
         fsync_append(edits_path, rec)
         norms.append(result.norm_delta)
         n_done = i + 1

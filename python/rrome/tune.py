@@ -212,6 +212,15 @@ def _trial_line(trial: int, point: Mapping[str, Any], hp: HParams, records: Sequ
     return line
 
 
+_ADDED_LATER = ("retain_edit_keys", "retain_weight")
+"""Fields of :class:`HParams` newer than sweeps that may still be continued: a recorded set
+without one of them edited as the field's default does."""
+
+
+def _default(key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(HParams) if f.name == key)
+
+
 def _check_resolved(out: Path, resolved: Sequence[HParams], done: Mapping[int, dict[str, Any]]) -> None:
     """Refuses to continue trials recorded with another resolved set than the command now gives
     (the family's packaged defaults changed, say): their cases would mix two sets."""
@@ -219,6 +228,9 @@ def _check_resolved(out: Path, resolved: Sequence[HParams], done: Mapping[int, d
         hp_file = _trial_dir(out, i) / "hparams.json"
         saved = done[i]["hparams"] if i in done else (_read_json(hp_file) if hp_file.exists() else None)
         now = hp.to_json()
+        if isinstance(saved, dict):
+            # A field added to rrome after the trial was recorded, at its default, edits as before.
+            saved = {**{k: now[k] for k in _ADDED_LATER if k not in saved and now[k] == _default(k)}, **saved}
         if saved is None or _canonical(saved) == _canonical(now):
             continue
         keys = sorted(k for k in set(saved) | set(now) if _canonical(saved.get(k)) != _canonical(now.get(k)))

@@ -1,0 +1,337 @@
+"""Sequential retention (``retain_edit_keys``, :mod:`rrome.retain`).
+
+* :class:`RetainedKeys` against a direct float64 solve of C0 + Σ w_p k_p k_pᵀ, the one-key
+  Sherman-Morrison factor 1 / (1 + λ(1 − cos²)) that defines ``retain_weight``, and the limit
+  λ → ∞ (u ⟂ every retained key);
+* on tiny models: a later edit of the same relation changes the module output at the earlier
+  edit's key less with the option on, not at all (to float32 rounding) as λ grows; the first
+  edit, and every edit with the option off (the default and ``reference``), are bit for bit
+  those of C0 alone; the edit log records the set and the count of keys solved against;
+* a sequential ``rrome eval`` with the option resumes to the same numbers (its saved factors
+  hold the keys), and a sweep recorded before the fields existed still continues.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model
+
+import rrome
+from rrome import Cholesky
+from rrome.apply import Editor
+from rrome.edits import EditRequest
+from rrome.errors import RromeError
+from rrome.hparams import FIELDS, PRESETS, HParamsError, load_hparams, parse_assignment, resolve_hparams
+from rrome.keys import compute_keys
+from rrome.retain import RetainedKeys
+
+# --------------------------------------------------------------------------------------------
+# 1. the solve
+
+
+def _spd(d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((d, 3 * d))
+    return a @ a.T / (3 * d) + 0.05 * np.eye(d)
+
+
+def _mahalanobis(c0: np.ndarray, k: np.ndarray) -> float:
+    return float(k @ np.linalg.solve(c0, k))
+
+
+def test_solve_is_c0_plus_weighted_keys() -> None:
+    d, lam = 24, 2.5
+    c0 = _spd(d, 1)
+    rng = np.random.default_rng(2)
+    keys = [rng.standard_normal(d) * s for s in (1.0, 30.0, 0.01)]  # the scale of a key does not matter
+    rk = RetainedKeys(Cholesky(c0), lam)
+    for k in keys:
+        rk.add(k)
+    assert len(rk) == 3 and all(np.array_equal(a, b) for a, b in zip(rk.raw, keys, strict=True))
+    c = c0 + sum(lam / _mahalanobis(c0, k) * np.outer(k, k) for k in keys)
+    rhs = rng.standard_normal((d, 2))
+    np.testing.assert_allclose(rk.solve(rhs[:, 0]), np.linalg.solve(c, rhs[:, 0]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rk.solve(rhs), np.linalg.solve(c, rhs), rtol=1e-10, atol=1e-12)
+
+
+def test_no_key_retained_is_c0_bit_for_bit() -> None:
+    chol = Cholesky(_spd(16, 3))
+    k = np.random.default_rng(4).standard_normal(16)
+    rk = RetainedKeys(chol, 10.0)
+    assert np.array_equal(rk.solve(k), chol.solve(k))
+    rk.add(k)
+    rk.clear()
+    assert len(rk) == 0 and rk.raw == [] and np.array_equal(rk.solve(k), chol.solve(k))
+
+
+@pytest.mark.parametrize("lam", [0.5, 10.0, 1000.0])
+def test_one_key_cuts_the_change_by_one_plus_lambda_sin2(lam: float) -> None:
+    """What retain_weight means: Δ_new k_p shrinks by 1 + λ(1 − cos²) against C0 alone."""
+    d = 20
+    c0 = _spd(d, 5)
+    rng = np.random.default_rng(6)
+    k_old, k_new = rng.standard_normal(d), rng.standard_normal(d)
+    chol = Cholesky(c0)
+    rk = RetainedKeys(chol, lam)
+    rk.add(k_old)
+    # Δ = r uᵀ / uᵀk_new, so Δ k_old = r · (uᵀk_old / uᵀk_new): compare that fraction.
+    u0, u1 = chol.solve(k_new), rk.solve(k_new)
+    s0, s1 = (u0 @ k_old) / (u0 @ k_new), (u1 @ k_old) / (u1 @ k_new)
+    cos2 = (k_old @ np.linalg.solve(c0, k_new)) ** 2 / (_mahalanobis(c0, k_old) * _mahalanobis(c0, k_new))
+    assert 0 < cos2 < 1
+    assert s1 / s0 == pytest.approx(1 / (1 + lam * (1 - cos2)), rel=1e-9)
+
+
+def test_infinite_weight_limit_is_orthogonal_to_every_key() -> None:
+    d = 32
+    c0 = _spd(d, 7)
+    rng = np.random.default_rng(8)
+    rk = RetainedKeys(Cholesky(c0), 1e12)
+    old = [rng.standard_normal(d) for _ in range(5)]
+    for k in old:
+        rk.add(k)
+    k_new = rng.standard_normal(d)
+    u = rk.solve(k_new)
+    for k in old:
+        assert abs(u @ k) < 1e-9 * abs(u @ k_new), (u @ k, u @ k_new)
+
+
+def test_bad_keys_and_weights_are_refused() -> None:
+    chol = Cholesky(_spd(8, 9))
+    with pytest.raises(ValueError, match="retain_weight"):
+        RetainedKeys(chol, 0.0)
+    with pytest.raises(ValueError, match="retain_weight"):
+        RetainedKeys(chol, float("inf"))
+    rk = RetainedKeys(chol, 1.0)
+    with pytest.raises(ValueError, match="8 finite numbers"):
+        rk.add(np.ones(7))
+    with pytest.raises(ValueError, match="8 finite numbers"):
+        rk.add(np.full(8, np.nan))
+    with pytest.raises(ValueError, match="positive"):
+        rk.add(np.zeros(8))
+    assert len(rk) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 2. hyperparameters
+
+
+def test_off_by_default_and_in_reference() -> None:
+    for path in sorted((Path(rrome.__file__).parent / "data" / "hparams").glob("*.json")):
+        hp = load_hparams(path.stem)
+        assert hp.retain_edit_keys is False, path
+        assert resolve_hparams(path.stem, "reference").retain_edit_keys is False
+    assert PRESETS["reference"]["retain_edit_keys"] is False
+    assert {"retain_edit_keys", "retain_weight"} <= set(FIELDS)
+    on = resolve_hparams("gpt2", "reference", overrides={"retain_edit_keys": True, "retain_weight": 3})
+    assert on.retain_edit_keys is True and on.retain_weight == 3.0
+
+
+def test_set_parses_the_fields() -> None:
+    assert parse_assignment("retain_edit_keys=true") == ("retain_edit_keys", True)
+    assert parse_assignment("retain_edit_keys=false") == ("retain_edit_keys", False)
+    assert parse_assignment("retain_weight=100") == ("retain_weight", 100.0)
+    for bad, needle in (
+        ("retain_edit_keys=1", "true or false"),
+        ("retain_edit_keys=yes", "true or false"),
+        ("retain_weight=0", "> 0"),
+        ("retain_weight=inf", "> 0"),
+    ):
+        with pytest.raises(HParamsError, match=needle):
+            parse_assignment(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. the editor on tiny models
+
+# Two facts of one relation, edited one after the other.
+FIRST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
+SECOND = EditRequest(prompt="The capital of {} is", subject="England", target_new="Rome", target_true="London")
+HP: dict[str, Any] = {
+    "v_num_grad_steps": 4,
+    "v_lr": 0.05,
+    "v_weight_decay": 0.0,
+    "clamp_norm_factor": 1000.0,
+    "stats_max_tokens": 2000,
+    "context_template_lengths": [[3, 5]],
+}
+LAYER = 0
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    root = tmp_path_factory.mktemp("retain")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, root / family)
+        return built[family]
+
+    return get
+
+
+def _two_edits(folder: Path, method: str = "r-rome", **fields: Any) -> tuple[Editor, Any, Any]:
+    editor = Editor.from_pretrained(folder, method=method, layer=LAYER, hparams={**HP, **fields}, progress=False)
+    return editor, editor.edit(FIRST), editor.edit(SECOND)
+
+
+def _k_den(editor: Editor, request: EditRequest, method: str) -> torch.Tensor:
+    """The key an edit writes at (k_e under r-rome, k_e^o under rome and p-rome), computed again
+    from the model (keys of the edited layer do not depend on its weight)."""
+    keys = compute_keys(editor.model, editor.tokenizer, editor.module_name, request, editor.templates())
+    return (keys.k_e if method == "r-rome" else keys.k_e_o).double()
+
+
+def _change_at(result: Any, k: torch.Tensor) -> torch.Tensor:
+    """Δ k for the update Δ = r uᵀ as stored (float32 factors, float64 product)."""
+    u = torch.tensor(np.array(result.delta.u, dtype=np.float64))
+    r = torch.tensor(np.array(result.delta.r, dtype=np.float64))
+    return r * float(u @ k)
+
+
+@pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome"), ("llama", "p-rome")])
+def test_a_later_edit_leaves_the_earlier_key_alone(family: str, method: str, tiny: Callable[[str], Path]) -> None:
+    folder = tiny(family)
+    off, first_off, second_off = _two_edits(folder, method)
+    k1 = _k_den(off, FIRST, method)
+    k2 = _k_den(off, SECOND, method)
+    moved: dict[str, float] = {}
+    for name, fields in (
+        ("off", {}),
+        ("10", {"retain_edit_keys": True}),
+        ("1e9", {"retain_edit_keys": True, "retain_weight": 1e9}),
+    ):
+        _, first, second = (off, first_off, second_off) if name == "off" else _two_edits(folder, method, **fields)
+        # The first edit has nothing to retain: bit for bit the edit without the option.
+        assert np.array_equal(first.delta.u, first_off.delta.u) and np.array_equal(first.delta.r, first_off.delta.r)
+        # The second still writes its own value at its own key ...
+        torch.testing.assert_close(
+            _change_at(second, k2),
+            torch.tensor(np.array(second.delta.r, np.float64)) * second.denominator,
+            rtol=1e-5,
+            atol=0,
+        )
+        # ... and moves the first edit's key by this fraction of that.
+        moved[name] = float(_change_at(second, k1).norm()) / float(_change_at(second, k2).norm())
+    assert moved["off"] > 1e-3, moved  # the two subjects' keys overlap: without the option, edit 2 reaches edit 1
+    assert moved["10"] < moved["off"] / 2, moved
+    assert moved["1e9"] < 1e-5, moved  # Δ_2 k_1 = 0 up to the float32 factors
+
+
+def test_without_the_option_the_second_edit_solves_against_c0_alone(tiny: Callable[[str], Path]) -> None:
+    """The default and ``reference``: u of a later edit is C0⁻¹k_e bit for bit, as before the option existed."""
+    for spec in (HP, {**HP, **{k: v for k, v in PRESETS["reference"].items() if k != "v_num_grad_steps"}}):
+        editor = Editor.from_pretrained(tiny("gpt2"), layer=LAYER, hparams=spec, progress=False)
+        assert isinstance(editor.solver(), Cholesky) and editor.hparams.retain_edit_keys is False
+        editor.edit(FIRST)
+        second = editor.edit(SECOND)
+        assert editor.retained_keys == []
+        keys = compute_keys(editor.model, editor.tokenizer, editor.module_name, SECOND, editor.templates())
+        u = editor.cholesky().solve(keys.k_e.double().numpy())
+        assert np.array_equal(second.delta.u, (u / np.linalg.norm(u)).astype(np.float32))
+        assert "retained_keys" not in (second.delta.meta or {})
+        assert (second.delta.meta or {})["hparams"]["retain_edit_keys"] is False
+
+
+def test_the_edit_log_records_the_option(tiny: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny("gpt2"), folder)
+    editor, first, second = _two_edits(folder, retain_edit_keys=True, retain_weight=7.5)
+    assert [r.delta.meta["retained_keys"] for r in (first, second)] == [0, 1]  # type: ignore[index]
+    assert len(editor.retained_keys) == 2
+    assert np.array_equal(editor.retained_keys[0], _k_den(editor, FIRST, "r-rome").numpy())
+    editor.save()
+    log = rrome.load_deltas(folder)
+    assert [x.delta.meta["retained_keys"] for x in log] == [0, 1]
+    for x in log:
+        hp = x.delta.meta["hparams"]
+        assert hp["retain_edit_keys"] is True and hp["retain_weight"] == 7.5
+    editor.forget_edit_keys()
+    assert editor.retained_keys == [] and len(editor.solver()) == 0  # type: ignore[arg-type]
+
+
+def test_replay_retains_the_given_keys(tiny: Callable[[str], Path]) -> None:
+    editor, first, second = _two_edits(tiny("gpt2"), retain_edit_keys=True)
+    again = Editor.from_pretrained(tiny("gpt2"), layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False)
+    again.templates()  # from the unedited model, as a resumed run fixes them
+    again.replay(first.delta.u, first.delta.r, editor.retained_keys[0])
+    replayed = again.edit(SECOND)
+    assert np.array_equal(replayed.delta.u, second.delta.u) and np.array_equal(replayed.delta.r, second.delta.r)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. runs and sweeps
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared/data")
+DATA = SHARED / "counterfact" / "counterfact-val.json"
+
+
+def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
+    tiny: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+
+    fields = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 4]]}
+    base = {"model_dir": str(tiny("gpt2")), "data": str(DATA), "data_sha256": sha256_file(DATA)}
+    cfg = RunConfig(
+        **base, n=3, layer=0, sequential=True, every=3, diagnostics=False, hparams={**fields, "retain_edit_keys": True}
+    )
+    whole = run(cfg, tmp_path / "whole", progress=False)
+    folder = whole / "sequential-r-rome"
+    factors = [load_file(str(folder / "deltas" / f"{i:05d}.safetensors")) for i in range(3)]
+    assert all(set(f) == {"u", "r", "k"} and f["k"].dtype == np.float64 for f in factors)
+
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    pf = part / "sequential-r-rome"
+    lines = (pf / "edits.jsonl").read_text().splitlines(keepends=True)
+    (pf / "edits.jsonl").write_text(lines[0])
+    for i in (1, 2):
+        (pf / "deltas" / f"{i:05d}.safetensors").unlink()
+    (pf / "checkpoints.jsonl").unlink()
+    (pf / "final.json").unlink()
+    run(cfg, part, progress=False)
+    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(folder / "edits.jsonl")]
+    assert untimed == [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(pf / "edits.jsonl")]
+    assert json.loads((pf / "final.json").read_text()) == json.loads((folder / "final.json").read_text())
+
+    # Without the option the factor files hold u and r only, as before.
+    plain = run(
+        RunConfig(**base, n=1, layer=0, sequential=True, diagnostics=False, hparams=fields),
+        tmp_path / "plain",
+        progress=False,
+    )
+    assert set(load_file(str(plain / "sequential-r-rome" / "deltas" / "00000.safetensors"))) == {"u", "r"}
+
+
+def test_sweep_recorded_before_the_fields_existed_continues(tmp_path: Path) -> None:
+    from rrome.tune import _check_resolved
+
+    hp = resolve_hparams("gpt2", None, n_layers=2)
+    trial = tmp_path / "trials" / "000"
+    trial.mkdir(parents=True)
+    old = {k: v for k, v in hp.to_json().items() if not k.startswith("retain_")}
+    (trial / "hparams.json").write_text(json.dumps(old))
+    _check_resolved(tmp_path, [hp], {})  # the same set: the new fields at their defaults
+    on = resolve_hparams("gpt2", None, n_layers=2, overrides={"retain_edit_keys": True})
+    with pytest.raises(RromeError, match="retain_edit_keys: saved null, now true"):
+        _check_resolved(tmp_path, [on], {})
