@@ -28,6 +28,7 @@ from rrome.evaluate import (
     few_shot_sets,
     generation_entropy,
     harmonic_mean,
+    leak_fractions,
     metrics,
     ngram_entropy,
     target_probabilities,
@@ -242,6 +243,20 @@ def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> 
     assert recs[2]["p_new"] == [alone.p_new_before, alone.p_new_after]
     base = json.loads((out / "baseline.json").read_text())
     assert base["cases"][2]["rewrite"][0][0] == pytest.approx(alone.p_new_before, rel=1e-6)
+    # The neighbour leak: one entry per neighbourhood prompt, the probabilities around the edit
+    # (before: the unedited model's; after: the case's own), s from the edit's factors.
+    for rec, request, case in zip(recs, run_cases(gpt2_dir), base["cases"], strict=True):
+        leak = rec["leak"]
+        n = len(request.neighborhood_prompts)
+        assert n >= 1 and all(len(leak[k]) == n for k in ("s", "at", "s_last", "dlogp_true", "before", "after"))
+        assert leak["after"] == rec["case"]["neighborhood"]
+        np.testing.assert_allclose(leak["before"], case["neighborhood"], rtol=1e-5)
+        expect = [math.log(a[1]) - math.log(b[1]) for b, a in zip(leak["before"], leak["after"], strict=True)]
+        assert leak["dlogp_true"] == pytest.approx(expect, rel=1e-12)
+    fr = leak_fractions(
+        editor.model, editor.tokenizer, editor.module_name, req.neighborhood_prompts, alone.delta.u, alone.denominator
+    )
+    assert recs[2]["leak"]["s"] == [f.s for f in fr] and recs[2]["leak"]["at"] == [f.at for f in fr]
 
     s = summarize(out)
     assert set(s["variants"]) == {"r-rome", "rome"}
@@ -303,9 +318,11 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
     assert names == [
         "downstream-sequential.png",
         "entropy_vs_norm-sequential.png",
+        "leak-sequential.png",
         "metrics-sequential.png",
         "norm_delta-sequential.png",
     ]
+    assert "Neighbour leak" in table
     import matplotlib.image
 
     for f in figures:

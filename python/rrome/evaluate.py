@@ -8,6 +8,10 @@ Everything here only reads the model. DESIGN.md §2 defines the metrics:
 - NS / NM over the neighbourhood prompts: share with P(true) > P(new), mean P(true) − P(new);
 - Score: the harmonic mean of ES, PS and NS. All reported in percent.
 
+:func:`leak_fractions` is the neighbour-leak diagnostic: for a rank-one update Δ = r uᵀ / uᵀk_den
+and a token whose key (the edited module's input) is k, the module's output there changes by
+s·r with s = uᵀk / uᵀk_den, the fraction of the change the edit writes at its own key.
+
 Ties count as failures on both sides (a strict inequality is a success). A case's share is the
 fraction of its prompts that succeed; the metric is the mean of these fractions over cases, as
 in ROME's evaluation. :func:`generation_entropy` and :func:`ngram_entropy` are the collapse
@@ -27,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rrome.edits import EditRequest
@@ -141,6 +146,62 @@ def case_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> Case
         out.append([(probs[at + 2 * i], probs[at + 2 * i + 1]) for i in range(len(g))])
         at += 2 * len(g)
     return CaseProbs(*out)
+
+
+def neighbourhood_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> list[tuple[float, float]]:
+    """``(p_new, p_true)`` for each neighbourhood prompt, as :func:`case_probabilities` computes
+    them (P(new target) and P(the neighbourhood's own true answer)).
+
+    Raises:
+        RromeError: the case has no true answer for its neighbourhood prompts.
+    """
+    true_n = request.neighborhood_target or request.target_true
+    if true_n is None:
+        raise RromeError(f"case {request.case_id or request.subject!r} has no target_true; the metrics need one")
+    prompts = [p for p in request.neighborhood_prompts for _ in (0, 1)]
+    targets = [request.target_new, true_n] * len(request.neighborhood_prompts)
+    probs = target_probabilities(model, tokenizer, prompts, targets)
+    return [(probs[2 * i], probs[2 * i + 1]) for i in range(len(request.neighborhood_prompts))]
+
+
+@dataclass(frozen=True)
+class LeakFraction:
+    """Where one prompt meets a rank-one update Δ = r uᵀ / uᵀk_den.
+
+    s_t = uᵀk_t / uᵀk_den at each token t of the prompt (k_t: the edited module's input there),
+    so that the update changes the module's output at t by s_t · r, r being what it writes at its
+    own key (Δ k_den = r). ``s`` is s_t at the token where |s_t| is largest (special tokens such
+    as BOS left out: their keys are the same in every prompt), ``at`` that token's index (BOS
+    counted), ``s_last`` s_t at the prompt's last token, whose output predicts the answer.
+    """
+
+    s: float
+    at: int
+    s_last: float
+
+
+def leak_fractions(
+    model: Any, tokenizer: Any, module_name: str, prompts: Sequence[str], u: Any, denominator: float
+) -> list[LeakFraction]:
+    """The leak fractions of ``prompts`` under the update with input factor ``u`` (as stored in
+    the delta) and denominator ``uᵀk_den`` (:class:`rrome.apply.EditResult.denominator`).
+
+    The keys of the edited layer do not depend on that layer's weight, so they are the same
+    before and after the edit.
+    """
+    from rrome.keys import keys_at_every_token
+
+    if not prompts:
+        return []
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    u64 = torch.tensor(np.array(u, dtype=np.float64).reshape(-1))  # a copy: the delta's factor may be read-only
+    out = []
+    for ids, k in keys_at_every_token(model, tokenizer, module_name, prompts):
+        s = (k.double() @ u64) / denominator
+        ordinary = [t for t, i in enumerate(ids) if i not in special] or [len(ids) - 1]
+        at = max(ordinary, key=lambda t: abs(float(s[t])))
+        out.append(LeakFraction(s=float(s[at]), at=at, s_last=float(s[-1])))
+    return out
 
 
 def _mean(xs: Sequence[float]) -> float:

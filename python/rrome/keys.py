@@ -157,6 +157,25 @@ def module_io_at(
     return k, v
 
 
+def keys_at_every_token(
+    model: torch.nn.Module, tokenizer: object, module_name: str, texts: Sequence[str], *, batch_size: int = 32
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Each text's token ids (special tokens as the model sees them) and the input of
+    ``module_name`` at every one of them, float32 ``(n_tokens, d)`` on the CPU."""
+    device = input_device(model)
+    out: list[tuple[list[int], torch.Tensor]] = []
+    for at in range(0, len(texts), batch_size):
+        rows = [Row(list(tokenizer(t)["input_ids"]), 0) for t in texts[at : at + batch_size]]  # type: ignore[operator]
+        batch = pad_rows(tokenizer, rows, device)
+        watch = trace(model, [module_name], inputs=True, stop_after=module_name)
+        with torch.no_grad(), watch as rec, contextlib.suppress(StopForward):
+            model(**batch.model_inputs())
+        x = rec.inputs[module_name]
+        for i, (row, offset) in enumerate(zip(rows, batch.offsets, strict=True)):
+            out.append((row.ids, x[i, offset : offset + len(row.ids)].float().cpu()))
+    return out
+
+
 @dataclass(frozen=True)
 class Keys:
     """k_e (template mean), k_e^o (plain prompt) and the module's outputs at them."""

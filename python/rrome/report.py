@@ -1,18 +1,25 @@
 """Tables and plots from a results folder (see :mod:`rrome.runs`), rebuilt from the saved files alone.
 
-:func:`summarize` gathers per-variant metrics, |Δ| statistics and the disabling edits;
-:func:`markdown_table` prints them like the paper's Tables 1 and 2; :func:`plot` draws the
-paper's figures with matplotlib (headless): |Δ| against edit index, normalised entropy against
-|Δ| (Figure 2) and, for sequential runs, downstream accuracy and metrics against the number of
-edits (Figures 3 and 4).
+:func:`summarize` gathers per-variant metrics, |Δ| statistics, the disabling edits and the
+neighbour leak; :func:`markdown_table` prints them like the paper's Tables 1 and 2; :func:`plot`
+draws the paper's figures with matplotlib (headless): |Δ| against edit index, normalised entropy
+against |Δ| (Figure 2), for sequential runs downstream accuracy and metrics against the number
+of edits (Figures 3 and 4), and the neighbourhood prompts' failures against their leak fraction s.
 
 A **disabling edit** is one whose |Δ| is more than ``flag_ratio`` times the median |Δ| of its
 variant's run *and* whose generation entropy right after the edit fell below ``flag_entropy``
 times the unedited model's. Without recorded entropies only the |Δ| test applies.
+
+The **neighbour leak** (``"leak"`` in each edit's line, :mod:`rrome.runs`): a neighbourhood
+prompt receives the fraction s = uᵀk_n / uᵀk_den of the edit's own change of the module output.
+A prompt the edit *broke* kept its true answer right before the edit (P(true) > P(new)) and lost
+it right after; :func:`leak_summary` counts them in bins of |s| (:data:`LEAK_BINS`) among the
+prompts that held before.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -26,6 +33,8 @@ from rrome.runs import BASELINE_FILE, RUN_FILE, read_jsonl
 
 FLAG_RATIO = 10.0
 FLAG_ENTROPY = 0.5
+LEAK_BINS = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
+"""Edges of the |s| bins of the neighbour-leak summary."""
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
 
@@ -108,6 +117,9 @@ def summarize(
         ents = [e["generation_entropy"] for e in edits if "generation_entropy" in e]
         if ents:
             v["generation_entropy_mean"] = statistics.fmean(ents)
+        leak = leak_summary(edits)
+        if leak is not None:
+            v["leak"] = leak
         if mode == "sequential":
             v["checkpoints"] = checks
             if checks:
@@ -127,6 +139,68 @@ def summarize(
         "flag_entropy": flag_entropy,
         "variants": variants,
     }
+
+
+def _leak_points(edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per neighbourhood prompt of the edits that recorded a leak."""
+    points = []
+    for e in edits:
+        leak = e.get("leak")
+        if not leak:
+            continue
+        for j, s in enumerate(leak["s"]):
+            (new0, true0), (new1, true1) = leak["before"][j], leak["after"][j]
+            held = true0 > new0
+            points.append(
+                {
+                    "index": e["index"],
+                    "s": s,
+                    "s_last": leak["s_last"][j],
+                    "dlogp_true": leak["dlogp_true"][j],
+                    "held": held,
+                    "broken": held and not true1 > new1,
+                }
+            )
+    return points
+
+
+def leak_summary(edits: list[dict[str, Any]], bins: tuple[float, ...] = LEAK_BINS) -> dict[str, Any] | None:
+    """The neighbourhood prompts of a variant's edits in bins of |s|: how many, how many kept
+    their answer before the edit (``held``), how many of those the edit broke, the share broken
+    (percent of ``held``) and the median shift of log P(true). None without recorded leaks."""
+    points = _leak_points(edits)
+    if not points:
+        return None
+    rows = []
+    for lo, hi in itertools.pairwise(bins):
+        inside = [p for p in points if lo <= abs(p["s"]) < hi]
+        held = [p for p in inside if p["held"]]
+        broken = sum(p["broken"] for p in held)
+        rows.append(
+            {
+                "lo": lo,
+                "hi": hi,
+                "prompts": len(inside),
+                "held": len(held),
+                "broken": broken,
+                "broken_pct": 100 * broken / len(held) if held else None,
+                "dlogp_true_median": statistics.median(p["dlogp_true"] for p in inside) if inside else None,
+            }
+        )
+    held_all = [p for p in points if p["held"]]
+    broken_all = sum(p["broken"] for p in held_all)
+    return {
+        "bins": rows,
+        "prompts": len(points),
+        "held": len(held_all),
+        "broken": broken_all,
+        "broken_pct": 100 * broken_all / len(held_all) if held_all else None,
+        "abs_s_median": statistics.median(abs(p["s"]) for p in points),
+    }
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f"≥ {lo:g}" if math.isinf(hi) else f"{lo:g}–{hi:g}"
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -184,6 +258,31 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 f"- {name}: edit {f['index']} (case {f['case_id']}, {f['subject']}): abs Δ {f['norm_delta']:.3g}"
                 f" = {f['ratio_to_median']:.0f}× median, entropy {_fmt(f['generation_entropy'], '.3f')}"
             )
+    leaks = {name: v["leak"] for name, v in summary["variants"].items() if v.get("leak")}
+    if leaks:
+        names = list(leaks)
+        lines += [
+            "",
+            "Neighbour leak: neighbourhood prompts by |s|, s = uᵀk_n / uᵀk_den (k_den = k_e under r-rome) at the "
+            "prompt's token of largest |s|: the fraction of the edit's change of the module output that the "
+            "prompt receives there. Cells: broken by the edit / kept their answer right before it (percent), "
+            "median shift of log P(true) in nats per token:",
+            "",
+            "| abs s | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+
+        def cell(b: dict[str, Any]) -> str:
+            if not b["prompts"]:
+                return "–"
+            rate = f" ({_fmt(b['broken_pct'], '.0f')}%)" if b["held"] else ""
+            return f"{b['broken']}/{b['held']}{rate}, {_fmt(b['dlogp_true_median'], '+.2f')}"
+
+        for i, first in enumerate(leaks[names[0]]["bins"]):
+            label = _bin_label(first["lo"], first["hi"])
+            lines.append(f"| {label} | " + " | ".join(cell(leaks[n]["bins"][i]) for n in names) + " |")
+        total = [f"{leaks[n]['broken']}/{leaks[n]['held']} ({_fmt(leaks[n]['broken_pct'], '.0f')}%)" for n in names]
+        lines.append("| all | " + " | ".join(total) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +363,41 @@ def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list
         axes[0][0].set_ylabel("percent (edits so far)")
         axes[0][-1].legend()
         paths.append(_save(fig, out_dir / "metrics-sequential.png"))
+
+    leaks = {m: v["leak"] for m, v in summary["variants"].items() if v.get("leak")}
+    if leaks:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        labels = [_bin_label(lo, hi) for lo, hi in itertools.pairwise(LEAK_BINS)]
+        for i, m in enumerate(leaks):
+            color = colors[i % len(colors)]
+            points = _leak_points(per_variant[m])
+            kept = [p for p in points if not p["broken"]]
+            broken = [p for p in points if p["broken"]]
+            left.scatter([p["s"] for p in kept], [p["dlogp_true"] for p in kept], s=8, alpha=0.4, color=color)
+            left.scatter(
+                [p["s"] for p in broken],
+                [p["dlogp_true"] for p in broken],
+                s=22,
+                marker="x",
+                color=color,
+                label=f"{m}: broken by the edit (x)",
+            )
+            rates = [math.nan if b["broken_pct"] is None else b["broken_pct"] for b in leaks[m]["bins"]]
+            right.plot(range(len(rates)), rates, "o-", ms=4, color=color, label=m)
+        right.set_xticks(range(len(labels)), labels)
+        left.axhline(0, color="grey", lw=0.6)
+        left.axvline(0, color="grey", lw=0.6)
+        left.set_xlabel("s = uᵀk_n / uᵀk_den (token of largest |s|)")
+        left.set_ylabel("Δ log P(true) of the neighbour (nats/token)")
+        left.set_title("Neighbourhood prompts: leak fraction and answer shift")
+        left.legend(fontsize=8)
+        right.set_xlabel("|s|")
+        right.set_ylabel("broken by the edit (% of those that held)")
+        right.set_ylim(0, 100)
+        right.set_title("NS failures caused by the edit, by |s|")
+        right.legend()
+        paths.append(_save(fig, out_dir / f"leak-{mode}.png"))
     return paths
 
 

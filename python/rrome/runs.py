@@ -7,7 +7,7 @@ A run lives in a results folder::
     <mode>-<method>/edits.jsonl   one line per edit: |Δ|, factors' norms, the value optimisation
                                   (steps, why it stopped, ‖δ‖/‖v_init‖, loss terms per pass),
                                   probabilities, generation entropies (non-sequential: the case's
-                                  metrics too)
+                                  metrics too), the neighbour leak (see below)
     sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly; with
                                   retain_edit_keys also its key k_den, "k")
     sequential-<method>/checkpoints.jsonl
@@ -18,6 +18,16 @@ copy afterwards (exactly, not by subtracting Δ). Sequential mode lets edits acc
 run resumes by replaying the saved factors of the finished edits, which rebuilds the same weights
 bit for bit, and continues. Lines are appended with a flush and fsync after each edit, so at most
 the edit in progress is lost.
+
+The neighbour leak of an edit (``"leak"`` in its line; :func:`rrome.evaluate.leak_fractions`),
+one entry per neighbourhood prompt of its case, in the case's order:
+
+    s, at, s_last   s = uᵀk / uᵀk_den at the prompt's token ``at`` where |s| is largest, s_last at
+                    its last token: the fraction of the edit's own change of the module output
+                    (Δ k_den = r) that the prompt's keys receive
+    before, after   [P(new), P(true)] right before and right after this edit
+    dlogp_true      log P(true) after − before (P as the metrics define it: exp of the mean
+                    per-token log-probability of the prompt's true answer)
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +55,9 @@ from rrome.evaluate import (
     collapse_diagnostics,
     downstream_accuracy,
     few_shot_sets,
+    leak_fractions,
     metrics,
+    neighbourhood_probabilities,
 )
 from rrome.hparams import HParams
 from rrome.rome import METHODS, Method
@@ -220,6 +233,35 @@ class Session:
     def probs(self, request: EditRequest) -> CaseProbs:
         return case_probabilities(self.editor.model, self.editor.tokenizer, request)
 
+    def neighbours(self, request: EditRequest) -> list[tuple[float, float]]:
+        return neighbourhood_probabilities(self.editor.model, self.editor.tokenizer, request)
+
+    def leak(
+        self,
+        request: EditRequest,
+        result: Any,
+        before: Sequence[tuple[float, float]],
+        after: Sequence[tuple[float, float]],
+    ) -> dict[str, Any]:
+        """The neighbour leak of an edit (the module docstring); ``before`` and ``after`` are
+        the neighbourhood prompts' (P(new), P(true)) around it."""
+        ed = self.editor
+        fr = leak_fractions(
+            ed.model, ed.tokenizer, ed.module_name, request.neighborhood_prompts, result.delta.u, result.denominator
+        )
+
+        def log(p: float) -> float:
+            return math.log(max(p, 1e-300))
+
+        return {
+            "s": [f.s for f in fr],
+            "at": [f.at for f in fr],
+            "s_last": [f.s_last for f in fr],
+            "dlogp_true": [log(a[1]) - log(b[1]) for b, a in zip(before, after, strict=True)],
+            "before": [list(b) for b in before],
+            "after": [list(a) for a in after],
+        }
+
     def diagnostics(self, request: EditRequest | None, seed: int) -> Diagnostics:
         return collapse_diagnostics(self.editor.model, self.editor.tokenizer, request, seed=seed)
 
@@ -296,9 +338,12 @@ def edit_one_at_a_time(
         if i in records:
             continue
         s.restore()
+        before = s.neighbours(request)
         result = s.editor.edit(request)
         rec = _edit_record(i, request, result)
-        rec["case"] = s.probs(request).to_json()
+        probs = s.probs(request)
+        rec["case"] = probs.to_json()
+        rec["leak"] = s.leak(request, result, before, probs.neighborhood)
         if diagnostics:
             rec.update(dataclasses.asdict(s.diagnostics(request, seed + i)))
         s.restore()
@@ -379,9 +424,11 @@ def _sequential(
     norms = [float(rec["norm_delta"]) for rec in records]
     for i in range(len(records), len(cases)):
         request = cases[i]
+        before = s.neighbours(request)
         result = s.editor.edit(request)
         s.editor.pending.clear()
         rec = _edit_record(i, request, result)
+        rec["leak"] = s.leak(request, result, before, s.neighbours(request))
         if cfg.diagnostics:
             rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
         key = s.editor.retained_keys[-1] if retain else None
