@@ -209,3 +209,25 @@ def test_a_folder_without_leaks_reports_as_before(tmp_path: Path) -> None:
     assert "leak" not in summary["variants"]["r-rome"]
     assert "Neighbour leak" not in markdown_table(summary)
     assert [p.name for p in plot(out, summary)] == ["norm_delta-single.png"]
+
+
+def test_rrome_report_does_not_import_torch(tmp_path: Path) -> None:
+    """It only reads saved files (rrome.results), so it runs where torch is not installed."""
+    import subprocess
+    import sys
+
+    out = _folder(tmp_path, _records())
+    code = (
+        "import sys\n"
+        "from rrome.cli import main\n"
+        f"sys.argv = ['rrome', 'report', {str(out)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Neighbour leak" in proc.stdout and (out / "leak-single.png").is_file()

@@ -38,8 +38,10 @@ from rrome.edits import EditRequest
 from rrome.errors import RromeError
 from rrome.keys import Row, pad_rows, target_ids
 from rrome.models import input_device
-
-METRICS = ("ES", "PS", "NS", "Score", "EM", "PM", "NM")
+from rrome.results import METRICS as METRICS
+from rrome.results import CaseProbs as CaseProbs
+from rrome.results import harmonic_mean as harmonic_mean
+from rrome.results import metrics as metrics
 
 
 def _log_probs(
@@ -94,29 +96,6 @@ def continuation_logprob(
     if not prompts:
         return []
     return [float(lp.sum()) for lp in _log_probs(model, tokenizer, prompts, targets, batch_size=batch_size)]
-
-
-@dataclass(frozen=True)
-class CaseProbs:
-    """P(new) and P(true) for each prompt of one case, grouped as the metrics use them.
-
-    Each list holds ``(p_new, p_true)`` pairs, one per prompt. ``neighborhood`` compares the
-    neighbourhood prompts' own true answer with the edit's new target.
-    """
-
-    rewrite: list[tuple[float, float]]
-    paraphrase: list[tuple[float, float]]
-    neighborhood: list[tuple[float, float]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rewrite": self.rewrite, "paraphrase": self.paraphrase, "neighborhood": self.neighborhood}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> CaseProbs:
-        def pairs(key: str) -> list[tuple[float, float]]:
-            return [(float(a), float(b)) for a, b in obj[key]]
-
-        return cls(pairs("rewrite"), pairs("paraphrase"), pairs("neighborhood"))
 
 
 def case_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> CaseProbs:
@@ -206,36 +185,6 @@ def leak_fractions(
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
-
-
-def harmonic_mean(values: Sequence[float]) -> float:
-    """Harmonic mean; 0 when any value is 0, NaN when any is NaN."""
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1 / v for v in values)
-
-
-def metrics(cases: Iterable[CaseProbs]) -> dict[str, float]:
-    """ES, PS, NS, Score, EM, PM, NM in percent over cases (NaN where no case has such prompts)."""
-    succ: dict[str, list[float]] = {"ES": [], "PS": [], "NS": []}
-    mag: dict[str, list[float]] = {"EM": [], "PM": [], "NM": []}
-    for c in cases:
-        for name, mname, pairs, sign in (
-            ("ES", "EM", c.rewrite, 1),
-            ("PS", "PM", c.paraphrase, 1),
-            ("NS", "NM", c.neighborhood, -1),
-        ):
-            if not pairs:
-                continue
-            succ[name].append(_mean([float(sign * (new - true) > 0) for new, true in pairs]))
-            mag[mname].append(_mean([sign * (new - true) for new, true in pairs]))
-    out = {k: 100 * _mean(v) for k, v in succ.items()}
-    out.update({k: 100 * _mean(v) for k, v in mag.items()})
-    present = [out[k] for k in ("ES", "PS", "NS") if succ[k]]
-    out["Score"] = harmonic_mean(present) if present else math.nan
-    return {k: out[k] for k in METRICS}
 
 
 # --- collapse diagnostics -------------------------------------------------------------------

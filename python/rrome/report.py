@@ -1,4 +1,5 @@
-"""Tables and plots from a results folder (see :mod:`rrome.runs`), rebuilt from the saved files alone.
+"""Tables and plots from a results folder (see :mod:`rrome.runs`), rebuilt from the saved files
+alone, without torch (:mod:`rrome.results`).
 
 :func:`summarize` gathers per-variant metrics, |Δ| statistics, the disabling edits and the
 neighbour leak; :func:`markdown_table` prints them like the paper's Tables 1 and 2; :func:`plot`
@@ -27,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from rrome.errors import RromeError
-from rrome.evaluate import METRICS, CaseProbs, metrics
+from rrome.results import BASELINE_FILE, METRICS, RUN_FILE, CaseProbs, metrics, read_jsonl
 from rrome.rome import METHODS
-from rrome.runs import BASELINE_FILE, RUN_FILE, read_jsonl
 
 FLAG_RATIO = 10.0
 FLAG_ENTROPY = 0.5

@@ -22,13 +22,15 @@ templates of the outputs (the module is affine). The update is stored as two flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from rrome.keys import Keys
+if TYPE_CHECKING:  # the names only: rrome report reads METHODS without importing torch
+    import torch
+
+    from rrome.keys import Keys
 
 Method = Literal["r-rome", "rome", "p-rome"]
 METHODS: tuple[Method, ...] = ("r-rome", "rome", "p-rome")

@@ -33,7 +33,6 @@ one entry per neighbourhood prompt of its case, in the case's order:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -60,10 +59,13 @@ from rrome.evaluate import (
     neighbourhood_probabilities,
 )
 from rrome.hparams import HParams
+from rrome.results import BASELINE_FILE as BASELINE_FILE
+from rrome.results import RUN_FILE as RUN_FILE
+from rrome.results import fsync_append as fsync_append
+from rrome.results import read_jsonl as read_jsonl
+from rrome.results import sha256_file as sha256_file
+from rrome.results import write_json as write_json
 from rrome.rome import METHODS, Method
-
-RUN_FILE = "run.json"
-BASELINE_FILE = "baseline.json"
 
 
 @dataclass(frozen=True)
@@ -94,48 +96,6 @@ class RunConfig:
     @property
     def mode(self) -> str:
         return "sequential" if self.sequential else "single"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_append(path: Path, obj: Any) -> None:
-    """Appends ``obj`` as one JSON line and fsyncs it: after a crash the line is whole or torn
-    (:func:`read_jsonl` drops a torn last line), never lost once this returns."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON through a temporary file, fsynced and renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The complete lines of a results file, without a torn last line (a killed run's, or the
-    line a running process is writing). ``repair`` also cuts it off the file: only the run that
-    is about to append may do that, never a reader such as ``rrome report``."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    good = data.rfind(b"\n") + 1
-    if repair and good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return [json.loads(line) for line in data[:good].decode("utf-8").splitlines() if line.strip()]
 
 
 def _check_config(out_dir: Path, cfg: RunConfig) -> None:
