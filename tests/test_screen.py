@@ -144,3 +144,76 @@ def test_screen_command(sink_models: dict[bool, Path], tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["apply", str(edits), str(model), "--out", str(out), *common])
     assert res.exit_code == 0, res.output
     assert "rrome: warning: case 7" in res.stderr and out.is_dir()
+
+
+def _cf_file(path: Path) -> Path:
+    """Three CounterFact-shaped cases (EasyEdit's flat records); the second opens with its subject."""
+    records = [
+        ("The tower {} is in", "Paris", "France", "Rome"),
+        ("{} is in", "Paris", "France", "Rome"),
+        ("The mother tongue of {} is", "Danielle Darrieux", "French", "English"),
+    ]
+    rows = [
+        {
+            "case_id": i,
+            "prompt": prompt.replace("{}", subject),
+            "subject": subject,
+            "ground_truth": true,
+            "target_new": new,
+            "rephrase_prompt": f"In short, {prompt.replace('{}', subject)}",
+            "locality_prompt": "The Eiffel Tower is in",
+            "locality_ground_truth": "Paris",
+        }
+        for i, (prompt, subject, true, new) in enumerate(records)
+    ]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_guarded_sequential_eval_refuses_and_resumes(sink_models: dict[bool, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from rrome.errors import RromeError
+    from rrome.report import summarize
+    from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+
+    data = _cf_file(tmp_path / "cf.json")
+    common: dict[str, Any] = {
+        "model_dir": str(sink_models[False]),
+        "data": str(data),
+        "data_sha256": sha256_file(data),
+        "methods": ("rome",),
+        "n": 3,
+        "every": 3,
+        "diagnostics": False,
+        "layer": LAYER,
+        "hparams": HP,
+    }
+    with pytest.raises(RromeError, match="--guard applies to --sequential"):
+        run(RunConfig(**common, guard=True), tmp_path / "single", progress=False)
+    guarded = run(RunConfig(**common, sequential=True, guard=True), tmp_path / "on", progress=False)
+    folder = guarded / "sequential-rome"
+    recs = read_jsonl(folder / "edits.jsonl")
+    assert [r.get("refused") for r in recs] == [None, "DisablingEditError", None]
+    assert recs[1]["screen_ratio"] > SCREEN_RATIO and recs[0]["screen"]["disabling"] is False
+    assert sorted(p.name for p in (folder / "deltas").iterdir()) == ["00000.safetensors", "00002.safetensors"]
+    summary = summarize(guarded)["variants"]["rome"]
+    assert [r["case_id"] for r in summary["refused"]] == [recs[1]["case_id"]] and summary["edits"] == 3
+
+    # Killed before its last edit: the rerun replays edit 0, skips the refusal, redoes edit 2.
+    part = tmp_path / "part"
+    shutil.copytree(guarded, part)
+    lines = (part / "sequential-rome" / "edits.jsonl").read_text().splitlines(keepends=True)
+    (part / "sequential-rome" / "edits.jsonl").write_text("".join(lines[:2]))
+    for name in ("checkpoints.jsonl", "final.json", "deltas/00002.safetensors"):
+        (part / "sequential-rome" / name).unlink()
+    run(RunConfig(**common, sequential=True, guard=True), part, progress=False)
+    again = read_jsonl(part / "sequential-rome" / "edits.jsonl")
+    assert again[2]["norm_delta"] == recs[2]["norm_delta"]
+
+    # Unguarded, rome applies the flagged edit: an update far above the first, and the edit after
+    # it, made on the damaged model, grows too; the guarded run's third edit stays small.
+    free = run(RunConfig(**common, sequential=True), tmp_path / "off", progress=False)
+    norms = [r["norm_delta"] for r in read_jsonl(free / "sequential-rome" / "edits.jsonl")]
+    assert norms[0] == recs[0]["norm_delta"] and norms[1] > 5 * norms[0], norms
+    assert norms[2] > 2 * recs[2]["norm_delta"], (norms, recs[2]["norm_delta"])

@@ -581,6 +581,13 @@ def stats_cmd(
     help="Results folder (resumed if it exists).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option(
+    "--guard",
+    is_flag=True,
+    help="Sequential runs: refuse the edits the guards flag (the disabling-edit screen under rome, the "
+    "large-update guard) and go on, recording them as refused; without it every edit is applied (to show "
+    "collapse).",
+)
 @_expected_errors
 def eval_cmd(
     model_dir: Path,
@@ -602,6 +609,7 @@ def eval_cmd(
     dtype: str,
     out_dir: Path,
     no_progress: bool,
+    guard: bool,
 ) -> None:
     """Edit N cases of DATA into MODEL_DIR with each variant and measure them (docs/design.md §2).
 
@@ -635,6 +643,7 @@ def eval_cmd(
         corpus=str(corpus.resolve()) if corpus else None,
         hparams=fields,
         device=device,
+        guard=guard,
     )
     run(cfg, out_dir, progress=not no_progress)
     table, figures = report(out_dir)

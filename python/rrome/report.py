@@ -66,7 +66,10 @@ def summarize(
     # Variants are found by their folders: parallel processes may each have added one.
     for method in (m for m in METHODS if (out_dir / f"{mode}-{m}").is_dir()):
         folder = out_dir / f"{mode}-{method}"
-        edits = read_jsonl(folder / "edits.jsonl")
+        records = read_jsonl(folder / "edits.jsonl")
+        # A guarded sequential run records the edits its guards refused, with no update.
+        refused = [e for e in records if "refused" in e]
+        edits = [e for e in records if "refused" not in e]
         if not edits:
             continue
         if mode == "single":
@@ -77,7 +80,7 @@ def summarize(
             complete = final.exists()
             cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
         checks = read_jsonl(folder / "checkpoints.jsonl") if mode == "sequential" else []
-        metrics_at = len(edits) if complete else None
+        metrics_at = len(records) if complete else None
         if mode == "sequential" and not complete and checks:
             # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
             metrics_at = checks[-1]["edits"]
@@ -100,7 +103,10 @@ def summarize(
                     }
                 )
         v: dict[str, Any] = {
-            "edits": len(edits),
+            "edits": len(records),
+            "refused": [
+                {k: e.get(k) for k in ("index", "case_id", "subject", "refused", "screen_ratio")} for e in refused
+            ],
             "complete": complete,
             "metrics": metrics(cases) if cases else (checks[-1]["metrics"] if checks else None),
             "metrics_at_edits": metrics_at,
@@ -258,6 +264,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 f"- {name}: edit {f['index']} (case {f['case_id']}, {f['subject']}): abs Δ {f['norm_delta']:.3g}"
                 f" = {f['ratio_to_median']:.0f}× median, entropy {_fmt(f['generation_entropy'], '.3f')}"
             )
+    refused = [(name, r) for name, v in summary["variants"].items() for r in v.get("refused", [])]
+    if refused:
+        lines += ["", "Edits the guards refused (`--guard`; the model was left unchanged):", ""]
+        for name, r in refused:
+            rho = f", rho {r['screen_ratio']:.3g}" if r.get("screen_ratio") is not None else ""
+            lines.append(f"- {name}: edit {r['index']} (case {r['case_id']}, {r['subject']}): {r['refused']}{rho}")
     leaks = {name: v["leak"] for name, v in summary["variants"].items() if v.get("leak")}
     if leaks:
         names = list(leaks)
@@ -297,7 +309,10 @@ def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list
     summary = summary or summarize(out_dir)
     mode = summary["mode"]
     paths: list[Path] = []
-    per_variant = {m: read_jsonl(out_dir / f"{mode}-{m}" / "edits.jsonl") for m in summary["variants"]}
+    per_variant = {
+        m: [e for e in read_jsonl(out_dir / f"{mode}-{m}" / "edits.jsonl") if "refused" not in e]
+        for m in summary["variants"]
+    }
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, edits in per_variant.items():

@@ -46,7 +46,7 @@ import torch
 
 from rrome.apply import Editor
 from rrome.edits import EditRequest, load_requests
-from rrome.errors import RromeError
+from rrome.errors import DisablingEditError, LargeUpdateError, RromeError
 from rrome.evaluate import (
     CaseProbs,
     Diagnostics,
@@ -89,6 +89,9 @@ class RunConfig:
     corpus: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
+    guard: bool = False
+    """Sequential runs: refuse the edits the guards flag (the disabling-edit screen under rome,
+    the large-update guard), record them as refused and go on; off: apply every edit."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,7 +112,9 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     # A folder collects variants (each has its own subfolder); the model folder and the data file
     # may move between machines (the data's sha256 must still match).
     free = ("device", "methods", "model_dir", "data")
-    diff = [k for k in new if k not in free and json.dumps(saved.get(k)) != json.dumps(new[k])]
+    # A field added after a folder was made counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    diff = [k for k in new if k not in free and json.dumps(saved.get(k, defaults.get(k))) != json.dumps(new[k])]
     if diff:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {new[k]!r}" for k in diff)
         raise RromeError(f"{path}: this results folder holds a run with other settings ({detail}); use another --out")
@@ -144,7 +149,7 @@ class Session:
             corpus=cfg.corpus,
             hparams=overrides,
             progress=progress,
-            allow_large_updates=True,
+            allow_large_updates=not cfg.guard,
         )
         # Templates and statistics come from the unedited model; fix them before any edit.
         self.editor.templates()
@@ -246,6 +251,7 @@ def _edit_record(index: int, request: EditRequest, result: Any) -> dict[str, Any
         "seconds": result.seconds,
         "p_new": [result.p_new_before, result.p_new_after],
         "p_true": [result.p_true_before, result.p_true_after],
+        "screen": result.screen.to_json() if getattr(result, "screen", None) is not None else None,
     }
 
 
@@ -376,26 +382,36 @@ def _sequential(
     s.restore()
     retain = s.editor.hparams.retain_edit_keys
     for rec in records:  # replay the finished edits: the same weights, bit for bit
+        if "refused" in rec:
+            continue
         path = deltas / f"{rec['index']:05d}.safetensors"
         u, r, k = _load_factors(path)
         if retain and k is None:
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
         s.editor.replay(u, r, k)
-    norms = [float(rec["norm_delta"]) for rec in records]
+    norms = [float(rec["norm_delta"]) for rec in records if "refused" not in rec]
     for i in range(len(records), len(cases)):
         request = cases[i]
-        before = s.neighbours(request)
-        result = s.editor.edit(request)
-        s.editor.pending.clear()
-        rec = _edit_record(i, request, result)
-        rec["leak"] = s.leak(request, result, before, s.neighbours(request))
-        if cfg.diagnostics:
-            rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
-        key = s.editor.retained_keys[-1] if retain else None
-        _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r, key)
-        fsync_append(edits_path, rec)
-        norms.append(result.norm_delta)
         n_done = i + 1
+        before = s.neighbours(request)
+        try:
+            result = s.editor.edit(request)
+        except (DisablingEditError, LargeUpdateError) as e:  # only with cfg.guard: the model is unchanged
+            refused: dict[str, Any] = {"index": i, "case_id": request.case_id, "subject": request.subject}
+            refused |= {"target_new": request.target_new, "refused": type(e).__name__, "message": str(e)}
+            if isinstance(e, DisablingEditError):
+                refused["screen_ratio"] = e.ratio
+            fsync_append(edits_path, refused)
+        else:
+            s.editor.pending.clear()
+            rec = _edit_record(i, request, result)
+            rec["leak"] = s.leak(request, result, before, s.neighbours(request))
+            if cfg.diagnostics:
+                rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
+            key = s.editor.retained_keys[-1] if retain else None
+            _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r, key)
+            fsync_append(edits_path, rec)
+            norms.append(result.norm_delta)
         if (n_done % cfg.every == 0 or n_done == len(cases)) and n_done not in checks:
             fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
             checks.add(n_done)
@@ -419,6 +435,10 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
             raise RromeError(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
     if cfg.every < 1:
         raise RromeError(f"--every must be at least 1, got {cfg.every}")
+    if cfg.guard and not cfg.sequential:
+        raise RromeError(
+            "--guard applies to --sequential runs (one at a time, every edit starts from the unedited model)"
+        )
     out = Path(out_dir)
     cases = load_cases(cfg)
     _check_config(out, cfg)
