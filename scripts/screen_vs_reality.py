@@ -85,14 +85,15 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    both = [c for c in ids if c in runs.get("r-rome", {})]
+    fig, axes = plt.subplots(1, 2 if both else 1, figsize=(10 if both else 5.5, 4), squeeze=False)
+    axes = axes[0]
     xs = [max(_ratio(screen[c]), 1e-3) for c in ids]
     colours = ["C3" if flag[c] else "C0" for c in ids]
     axes[0].scatter(xs, [float(rome[c]["norm_delta"]) / median for c in ids], s=12, c=colours)
     axes[0].set(xscale="log", yscale="log", xlabel="screen rho = uᵀk_e / uᵀk_e^o", ylabel="rome |Δ| / median |Δ|")
     axes[0].axhline(args.factor, color="grey", lw=0.8, ls="--")
     axes[0].axvline(args.threshold, color="grey", lw=0.8, ls=":")
-    both = [c for c in ids if c in runs.get("r-rome", {})]
     if both:
         axes[1].scatter(
             [max(_ratio(screen[c]), 1e-3) for c in both],
