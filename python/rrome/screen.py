@@ -43,7 +43,7 @@ SCREEN_RATIO = 10.0
 LEADING_TEXT_ADVICE = (
     "start the prompt with a newline before the subject, both when editing and when querying (on SmolLM2 "
     "this brought rho back to about 1; a BOS the model was not trained to see there may not help: "
-    "SmolLM2's <|im_start|> left rho at 205 on the one case tried)"
+    "SmolLM2's <|im_start|> left rho at 100-205 on the three cases tried)"
 )
 
 
