@@ -93,6 +93,23 @@ def fresh_checkpoint(pristine_checkpoint: Callable[[str, str, bool], Path], tmp_
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``get(family)``: a pristine tiny checkpoint of ``family`` (tests/tiny_models.py, the
+    family's own BOS habit), built once per session. Read it; copy it before writing."""
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, root / family)
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _no_crash_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("RROME_CRASH_AT", raising=False)

@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import build_tiny_model
 
 import rrome
 from rrome.apply import Editor
@@ -86,25 +85,12 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    root = tmp_path_factory.mktemp("hparams-models")
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model(family, root / family)
-        return built[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_dir: Callable[[str], Path]) -> Callable[[str], Any]:
+def tiny_loaded(tiny_model: Callable[[str], Path]) -> Callable[[str], Any]:
     loaded: dict[str, Any] = {}
 
     def get(family: str) -> Any:
         if family not in loaded:
-            loaded[family] = load(tiny_dir(family), device="cpu")
+            loaded[family] = load(tiny_model(family), device="cpu")
         return loaded[family]
 
     return get
@@ -479,10 +465,10 @@ def test_relative_step_size_and_weight_decay(tiny_loaded: Callable[[str], Any]) 
 QUICK = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 5]]}
 
 
-def test_edit_record_holds_the_resolved_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
+def test_edit_record_holds_the_resolved_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
     spec = tmp_path / "hp.json"
     spec.write_text(json.dumps({**QUICK, "clamp_norm_factor": 2.0, "note": "a test set"}))
-    editor = Editor.from_pretrained(tiny_dir("gpt2"), layer=0, hparams=str(spec), progress=False)
+    editor = Editor.from_pretrained(tiny_model("gpt2"), layer=0, hparams=str(spec), progress=False)
     result = editor.edit(DARRIEUX)
     meta = result.delta.meta or {}
     assert meta["hparams"] == editor.hparams.to_json()
@@ -496,11 +482,11 @@ def test_edit_record_holds_the_resolved_set(tiny_dir: Callable[[str], Path], tmp
     json.dumps(meta)  # all of it is JSON
 
 
-def test_cli_apply_records_hparams_and_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
+def test_cli_apply_records_hparams_and_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
     import shutil
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_dir("gpt2"), model)
+    shutil.copytree(tiny_model("gpt2"), model)
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps(DARRIEUX.to_json()) + "\n")
     args = ["apply", str(edits), str(model), "--layer", "0", "--no-progress", "--hparams", "reference"]
