@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,7 @@ def main() -> None:
     if not rome:
         raise SystemExit(f"{args.eval_dir}: no single-rome/edits.jsonl")
     ids = [c for c in rome if c in screen]
-    norms = sorted(float(rome[c]["norm_delta"]) for c in ids)
-    half = len(norms) // 2
-    median = norms[half] if len(norms) % 2 else 0.5 * (norms[half - 1] + norms[half])
+    median = statistics.median(float(rome[c]["norm_delta"]) for c in ids)
     real = {c: float(rome[c]["norm_delta"]) > args.factor * median for c in ids}
     flag = {c: bool(screen[c]["disabling"]) for c in ids}
     tp = sum(real[c] and flag[c] for c in ids)
