@@ -30,7 +30,7 @@ from rrome.errors import DisablingEditError, EditFileError, LargeUpdateError, No
 from rrome.evaluate import target_probabilities
 from rrome.hooks import get_module
 from rrome.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
-from rrome.keys import TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
+from rrome.keys import Keys, TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.models import Adapter, load, num_layers
 from rrome.retain import RetainedKeys
 from rrome.rome import METHODS, Method, Solver, Update, compute_update
@@ -294,7 +294,7 @@ class Editor:
         keys = compute_keys(self.model, self.tokenizer, self.module_name, request, self.templates())
         return self._screen(request, keys)
 
-    def _screen(self, request: EditRequest, keys: Any) -> ScreenResult:
+    def _screen(self, request: EditRequest, keys: Keys) -> ScreenResult:
         special = set(getattr(self.tokenizer, "all_special_ids", []))
         plain = prompt_row(self.tokenizer, "{}", request)
         return screen_keys(self.cholesky(), keys, request, plain, special, threshold=self.screen_ratio)
