@@ -292,12 +292,12 @@ class TorchF32Moment:
 
 def bench_gemma(repeats: int, quick: bool, only: str) -> None:
     """``stats-gemma270m`` and ``edit-gemma270m`` on the demo model (cached C0 for the edit)."""
-    from rrome import apply as apply_mod
-    from rrome import stats as stats_mod
-    from rrome import values as values_mod
     from rrome.demo import demo_model_dir
-    from rrome.edits import load_requests
-    from rrome.hooks import get_module
+    from rrome.engine import editor as editor_mod
+    from rrome.engine import stats as stats_mod
+    from rrome.engine import values as values_mod
+    from rrome.engine.hooks import get_module
+    from rrome.files.edits import load_requests
 
     try:
         model_dir = demo_model_dir()
@@ -305,7 +305,7 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
         print(f"stats-gemma270m, edit-gemma270m: skipped (demo model unavailable: {e})")
         return
     overrides = {"v_num_grad_steps": 2} if quick else {}
-    editor = apply_mod.Editor.from_pretrained(model_dir, progress=False, hparams=overrides)
+    editor = editor_mod.Editor.from_pretrained(model_dir, progress=False, hparams=overrides)
     module = editor.module_name
 
     if only in "stats-gemma270m":
@@ -360,13 +360,13 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
                 value_s.append(time.perf_counter() - t0)
                 return out
 
-            apply_mod.compute_value = timed_value
+            editor_mod.compute_value = timed_value
             try:
                 t0 = time.perf_counter()
                 res = editor.edit(request)
                 secs = time.perf_counter() - t0
             finally:
-                apply_mod.compute_value = values_mod.compute_value
+                editor_mod.compute_value = values_mod.compute_value
                 with torch.no_grad():
                     weight.copy_(original)  # each edit starts from the unedited model
                 editor.pending.clear()

@@ -1,8 +1,8 @@
 """Benchmark: C0 statistics throughput with 1 and 2 worker processes on this machine.
 
-The same job, ``rrome.stats.second_moment`` over the same tokens of the packaged corpus, runs
+The same job, ``rrome.engine.stats.second_moment`` over the same tokens of the packaged corpus, runs
 once as a single process using every core (the baseline) and once as two torch.distributed
-workers (gloo) started by :func:`rrome.distributed.launch` (what ``rrome stats --nproc 2``
+workers (gloo) started by :func:`rrome.engine.distributed.launch` (what ``rrome stats --nproc 2``
 does), each on half the cores and its half of the batches, their sums all-reduced (ours). The
 time is the collection itself, measured by rank 0 between two barriers after the model is
 loaded (process start-up and imports are reported apart as ``wall``). The model is a small
@@ -35,7 +35,7 @@ def build_model(dest: Path, *, d_model: int, d_ff: int, n_layer: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from rrome import stats
+    from rrome.engine import stats
 
     text = stats.default_corpus().read_text(encoding="utf-8")[:200_000]
     tok = Tokenizer(models.BPE())
@@ -68,8 +68,8 @@ def worker(model_dir: Path, tokens: int, layer: int, result: Path) -> None:
     """One worker (or the single process): load, then time ``second_moment`` between barriers."""
     import torch
 
-    from rrome import distributed, stats
-    from rrome.models import load
+    from rrome.engine import distributed, stats
+    from rrome.engine.models import load
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with distributed.session("cpu") as info:
@@ -88,7 +88,7 @@ def worker(model_dir: Path, tokens: int, layer: int, result: Path) -> None:
 
 
 def run_workers(model_dir: Path, nproc: int, *, tokens: int, layer: int, threads: int, work: Path) -> dict[str, Any]:
-    from rrome import distributed
+    from rrome.engine import distributed
 
     result = work / f"result-{nproc}.json"
     env = dict(os.environ)

@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from rrome.apply import Editor
 from rrome.demo import demo_model_dir
-from rrome.edits import EditRequest, load_requests
-from rrome.errors import RromeError
-from rrome.evaluate import case_probabilities
-from rrome.hparams import parse_assignments, spec_overrides
+from rrome.engine.editor import Editor
+from rrome.eval.probabilities import case_probabilities
+from rrome.files.edits import EditRequest, load_requests
+from rrome.files.errors import RromeError
+from rrome.files.hparams import parse_assignments, spec_overrides
 
 
 def one_line(text: str) -> str:

@@ -50,9 +50,9 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["RROME_CACHE_DIR"] = str((args.out / "cache").resolve())
-    from rrome.apply import Editor
-    from rrome.keys import compute_keys
-    from rrome.runs import RunConfig, load_cases, run, sha256_file
+    from rrome.engine.editor import Editor
+    from rrome.engine.keys import compute_keys
+    from rrome.eval.runs import RunConfig, load_cases, run, sha256_file
 
     corpus = args.out / "corpus.txt"
     if not corpus.exists():
@@ -111,7 +111,7 @@ def main() -> None:
         solves[budget] = torch.from_numpy(chol.solve(rhs))
         del editor
         results = run(config(budget), args.out / f"eval-{key}", progress=True)
-        from rrome.report import summarize
+        from rrome.eval.report import summarize
 
         v = summarize(results)["variants"][args.method]
         row["metrics"] = v["metrics"]

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
 import rrome
-import rrome.apply as apply_mod
-from rrome.apply import Editor
+import rrome.engine.editor as editor_mod
 from rrome.cli import main
-from rrome.edits import load_requests
-from rrome.shards import load_deltas_for
+from rrome.engine.editor import Editor
+from rrome.files.edits import load_requests
+from rrome.files.shards import load_deltas_for
 
 # --- requests the tokenizer empties ---------------------------------------------------------
 
@@ -46,8 +46,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         raise AssertionError("reached the expensive part of an edit")
 
     for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
-        monkeypatch.setattr(apply_mod, name, forbidden)
-    monkeypatch.setattr(apply_mod.stats, "second_moment", forbidden)
+        monkeypatch.setattr(editor_mod, name, forbidden)
+    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
     monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
 
 

@@ -93,7 +93,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path: Path, oracle: O
 DRIVER = textwrap.dedent(
     """
     import sys
-    from rrome.apply import Editor
+    from rrome.engine.editor import Editor
     from rrome.cli import main
 
     real = Editor.from_pretrained.__func__

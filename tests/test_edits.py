@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from rrome.edits import EditRequest, dump_requests, load_requests, parse_record
-from rrome.errors import EditFileError, InvalidFileError, RromeError
+from rrome.files.edits import EditRequest, dump_requests, load_requests, parse_record
+from rrome.files.errors import EditFileError, InvalidFileError, RromeError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():  # a checkout beside /work/shared

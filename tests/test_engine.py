@@ -37,14 +37,14 @@ from transformers import AutoModelForCausalLM
 
 import rrome
 from rrome import Cholesky
-from rrome.apply import Editor, EditResult
-from rrome.edits import EditRequest
-from rrome.errors import EditFileError, RromeError
-from rrome.hparams import load_hparams
-from rrome.keys import Keys, TokenizationError, compute_keys, generate_templates, target_ids
-from rrome.models import load
-from rrome.rome import METHODS, compute_update
-from rrome.values import compute_value
+from rrome.engine.editor import Editor, EditResult
+from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, target_ids
+from rrome.engine.models import load
+from rrome.engine.update import METHODS, compute_update
+from rrome.engine.values import compute_value
+from rrome.files.edits import EditRequest
+from rrome.files.errors import EditFileError, RromeError
+from rrome.files.hparams import load_hparams
 
 # The module ROME edits and how its weight is stored, per docs/design.md §1 (not taken from rrome).
 EDITED = {
@@ -487,9 +487,9 @@ def test_fast_value_equals_plain_with_column_logits(
 ) -> None:
     """transformers versions without 2-D ``logits_to_keep`` masks get one column list for the
     batch (every row's logits there, then the needed pairs selected): the same numbers."""
-    import rrome.values
+    import rrome.engine.values
 
-    monkeypatch.setattr(rrome.values, "_MASKED_LOGITS", False)
+    monkeypatch.setattr(rrome.engine.values, "_MASKED_LOGITS", False)
     model, tok, adapter = tiny_loaded(family, "left")
     templates = generate_templates(model, tok, lengths=((3, 5),)) + HAND_TEMPLATES
     _check_fast_equals_plain(model, tok, adapter, 1, DARRIEUX, templates)
@@ -815,11 +815,11 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("reached the expensive part of an edit")
 
-    import rrome.apply as apply_mod
+    import rrome.engine.editor as editor_mod
 
     for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
-        monkeypatch.setattr(apply_mod, name, forbidden)
-    monkeypatch.setattr(apply_mod.stats, "second_moment", forbidden)
+        monkeypatch.setattr(editor_mod, name, forbidden)
+    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
 
 
 def test_editor_rejects_blank_targets_before_any_work(

@@ -16,10 +16,9 @@ import pytest
 import torch
 from tiny_models import build_tiny_model
 
-from rrome.apply import Editor
-from rrome.edits import EditRequest
-from rrome.errors import RromeError
-from rrome.evaluate import (
+from rrome.engine.editor import Editor
+from rrome.engine.models import load
+from rrome.eval.probabilities import (
     TASKS,
     CaseProbs,
     continuation_logprob,
@@ -33,9 +32,10 @@ from rrome.evaluate import (
     ngram_entropy,
     target_probabilities,
 )
-from rrome.models import load
-from rrome.report import report, summarize
-from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+from rrome.eval.report import report, summarize
+from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+from rrome.files.edits import EditRequest
+from rrome.files.errors import RromeError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.is_dir():  # a checkout beside /work/shared
@@ -264,7 +264,7 @@ def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> 
 
 
 def run_cases(model: Path) -> list[EditRequest]:
-    from rrome.runs import load_cases
+    from rrome.eval.runs import load_cases
 
     return load_cases(_config(model))
 

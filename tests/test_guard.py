@@ -1,4 +1,4 @@
-"""The disabling-edit guard of :class:`rrome.apply.Editor` (and ``rrome apply``).
+"""The disabling-edit guard of :class:`rrome.engine.editor.Editor` (and ``rrome apply``).
 
 An update whose |Δ| is far above the median of the session's earlier edits is refused before
 it touches the model, unless ``allow_large_updates``; NaN/Inf updates are always refused. The
@@ -21,13 +21,13 @@ from _helpers import file_hashes, without_lock
 from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
-import rrome.apply as apply_mod
-from rrome.apply import LARGE_UPDATE_MIN_EDITS, LARGE_UPDATE_RATIO, Editor
+import rrome.engine.editor as editor_mod
 from rrome.cli import main
-from rrome.edits import EditRequest
-from rrome.errors import LargeUpdateError, NonFiniteUpdateError, RromeError
-from rrome.hooks import get_module
-from rrome.rome import Update
+from rrome.engine.editor import LARGE_UPDATE_MIN_EDITS, LARGE_UPDATE_RATIO, Editor
+from rrome.engine.hooks import get_module
+from rrome.engine.update import Update
+from rrome.files.edits import EditRequest
+from rrome.files.errors import LargeUpdateError, NonFiniteUpdateError, RromeError
 
 HP: dict[str, Any] = {"v_num_grad_steps": 2, "stats_max_tokens": 1000, "context_template_lengths": ((2, 3),)}
 LAYER = 1
@@ -77,8 +77,8 @@ class Scaler:
 
 @pytest.fixture
 def scaler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Scaler]:
-    s = Scaler(apply_mod.compute_update)
-    monkeypatch.setattr(apply_mod, "compute_update", s)
+    s = Scaler(editor_mod.compute_update)
+    monkeypatch.setattr(editor_mod, "compute_update", s)
     yield s
 
 

@@ -29,10 +29,12 @@ import torch
 from click.testing import CliRunner
 
 import rrome
-from rrome.apply import Editor
 from rrome.cli import main
-from rrome.edits import EditRequest
-from rrome.hparams import (
+from rrome.engine.editor import Editor
+from rrome.engine.models import load
+from rrome.engine.values import compute_value
+from rrome.files.edits import EditRequest
+from rrome.files.hparams import (
     FIELDS,
     PRESETS,
     HParams,
@@ -42,8 +44,6 @@ from rrome.hparams import (
     parse_assignment,
     resolve_hparams,
 )
-from rrome.models import load
-from rrome.values import compute_value
 
 FAMILY_FILES = sorted((Path(rrome.__file__).parent / "data" / "hparams").glob("*.json"))
 

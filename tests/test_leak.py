@@ -1,4 +1,4 @@
-"""The neighbour-leak diagnostic (:func:`rrome.evaluate.leak_fractions`, ``"leak"`` in an eval
+"""The neighbour-leak diagnostic (:func:`rrome.eval.probabilities.leak_fractions`, ``"leak"`` in an eval
 folder's lines, its table and figure in ``rrome report``).
 
 * s is what the edit does: on tiny models, the change of the edited module's output at every
@@ -22,11 +22,11 @@ import pytest
 import torch
 from tiny_models import build_tiny_model
 
-from rrome.apply import Editor
-from rrome.edits import EditRequest
-from rrome.evaluate import leak_fractions
-from rrome.keys import keys_at_every_token, prompt_row
-from rrome.report import LEAK_BINS, leak_summary, markdown_table, plot, summarize
+from rrome.engine.editor import Editor
+from rrome.engine.keys import keys_at_every_token, prompt_row
+from rrome.eval.probabilities import leak_fractions
+from rrome.eval.report import LEAK_BINS, leak_summary, markdown_table, plot, summarize
+from rrome.files.edits import EditRequest
 
 REQUEST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
 NEIGHBOURS = ("The capital of England is", "Danielle Darrieux was a French actress. The capital of Italy is", "Paris")
@@ -212,7 +212,7 @@ def test_a_folder_without_leaks_reports_as_before(tmp_path: Path) -> None:
 
 
 def test_rrome_report_does_not_import_torch(tmp_path: Path) -> None:
-    """It only reads saved files (rrome.results), so it runs where torch is not installed."""
+    """It only reads saved files (rrome.eval.results), so it runs where torch is not installed."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""Sequential retention (``retain_edit_keys``, :mod:`rrome.retain`).
+"""Sequential retention (``retain_edit_keys``, :mod:`rrome.engine.retain`).
 
 * :class:`RetainedKeys` against a direct float64 solve of C0 + Σ w_p k_p k_pᵀ, the one-key
   Sherman-Morrison factor 1 / (1 + λ(1 − cos²)) that defines ``retain_weight``, and the limit
@@ -25,12 +25,12 @@ import torch
 
 import rrome
 from rrome import Cholesky
-from rrome.apply import Editor
-from rrome.edits import EditRequest
-from rrome.errors import RromeError
-from rrome.hparams import FIELDS, PRESETS, HParamsError, load_hparams, parse_assignment, resolve_hparams
-from rrome.keys import compute_keys
-from rrome.retain import RetainedKeys
+from rrome.engine.editor import Editor
+from rrome.engine.keys import compute_keys
+from rrome.engine.retain import RetainedKeys
+from rrome.files.edits import EditRequest
+from rrome.files.errors import RromeError
+from rrome.files.hparams import FIELDS, PRESETS, HParamsError, load_hparams, parse_assignment, resolve_hparams
 
 # --------------------------------------------------------------------------------------------
 # 1. the solve
@@ -276,7 +276,7 @@ def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
 ) -> None:
     from safetensors.numpy import load_file
 
-    from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+    from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
 
     fields = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 4]]}
     base = {"model_dir": str(tiny_model("gpt2")), "data": str(DATA), "data_sha256": sha256_file(DATA)}
@@ -312,7 +312,7 @@ def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
 
 
 def test_sweep_recorded_before_the_fields_existed_continues(tmp_path: Path) -> None:
-    from rrome.tune import _check_resolved
+    from rrome.eval.tune import _check_resolved
 
     hp = resolve_hparams("gpt2", None, n_layers=2)
     trial = tmp_path / "trials" / "000"

@@ -24,11 +24,11 @@ import torch
 from click.testing import CliRunner
 
 import rrome
-from rrome import stats
-from rrome.apply import Editor
 from rrome.cli import main
-from rrome.hparams import load_hparams
-from rrome.models import load
+from rrome.engine import stats
+from rrome.engine.editor import Editor
+from rrome.engine.models import load
+from rrome.files.hparams import load_hparams
 
 MAX_TOKENS = 6000  # three batches of 8 windows of 256 tokens: both workers get work
 REQUEST = {

@@ -1,4 +1,4 @@
-"""The disabling-edit screen (:mod:`rrome.screen`), on a tiny model without BOS.
+"""The disabling-edit screen (:mod:`rrome.engine.screen`), on a tiny model without BOS.
 
 ``add_position_sink`` gives a tiny GPT-2 what real models without BOS have at their first
 positions: there the key of the edited MLP is small and points away from the same token's key
@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from tiny_models import add_position_sink, build_tiny_model
 
 from rrome._rust import Cholesky
-from rrome.apply import Editor
 from rrome.cli import main
-from rrome.edits import EditRequest
-from rrome.errors import DisablingEditError
-from rrome.screen import SCREEN_RATIO, key_ratio
+from rrome.engine.editor import Editor
+from rrome.engine.screen import SCREEN_RATIO, key_ratio
+from rrome.files.edits import EditRequest
+from rrome.files.errors import DisablingEditError
 
 HP: dict[str, Any] = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": ((3, 5),)}
 LAYER = 1
@@ -75,7 +75,7 @@ def test_screen_flags_the_subject_at_the_first_positions_without_bos(sink_models
     # One token before the subject moves it out of the sink.
     assert newline.position == first.position + 1 and not newline.flagged
     # ρ is what its definition says, from the editor's own keys and factor.
-    from rrome.keys import compute_keys
+    from rrome.engine.keys import compute_keys
 
     keys = compute_keys(ed.model, ed.tokenizer, ed.module_name, SUBJECT_FIRST, ed.templates())
     k_e, k_e_o = keys.k_e.double().numpy(), keys.k_e_o.double().numpy()
@@ -173,9 +173,9 @@ def _cf_file(path: Path) -> Path:
 def test_guarded_sequential_eval_refuses_and_resumes(sink_models: dict[bool, Path], tmp_path: Path) -> None:
     import shutil
 
-    from rrome.errors import RromeError
-    from rrome.report import summarize
-    from rrome.runs import RunConfig, read_jsonl, run, sha256_file
+    from rrome.eval.report import summarize
+    from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+    from rrome.files.errors import RromeError
 
     data = _cf_file(tmp_path / "cf.json")
     common: dict[str, Any] = {

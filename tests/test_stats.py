@@ -1,4 +1,4 @@
-"""Layer statistics (rrome.stats): C0 from a corpus against a direct torch computation, and its cache.
+"""Layer statistics (rrome.engine.stats): C0 from a corpus against a direct torch computation, and its cache.
 
 Tiny GPT-2 (Conv1D) and Llama (nn.Linear) checkpoints with byte-level BPE tokenizers trained here
 on the packaged corpus, one tokenizer adding no special tokens and one prepending BOS (as Gemma's
@@ -25,8 +25,8 @@ import torch
 from _helpers import tensor_region
 
 import rrome
-from rrome import stats
-from rrome.models import load
+from rrome.engine import stats
+from rrome.engine.models import load
 
 WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 VOCAB = 300

@@ -20,15 +20,15 @@ from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
 import rrome
-from rrome.apply import Editor
 from rrome.cli import main
-from rrome.edits import load_requests
-from rrome.errors import NonFiniteUpdateError, RromeError
-from rrome.evaluate import case_probabilities, metrics
-from rrome.hparams import HParams, HParamsError, parse_assignments, parse_grid, parse_grids, resolve_hparams
-from rrome.report import summarize
-from rrome.runs import RunConfig, read_jsonl, run, sha256_file
-from rrome.tune import TuneConfig, rank, tune
+from rrome.engine.editor import Editor
+from rrome.eval.probabilities import case_probabilities, metrics
+from rrome.eval.report import summarize
+from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+from rrome.eval.tune import TuneConfig, rank, tune
+from rrome.files.edits import load_requests
+from rrome.files.errors import NonFiniteUpdateError, RromeError
+from rrome.files.hparams import HParams, HParamsError, parse_assignments, parse_grid, parse_grids, resolve_hparams
 
 # Four CounterFact records in ROME's shape; the sweeps use the first three.
 CASES = [
@@ -346,7 +346,7 @@ def test_rerun_with_another_min_es_only_reranks(sweep: Sweep, tmp_path: Path, mo
     def no_session(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a finished sweep must not load the model again")
 
-    monkeypatch.setattr("rrome.runs.Session.__init__", no_session)
+    monkeypatch.setattr("rrome.eval.runs.Session.__init__", no_session)
     result = tune(sweep.config(min_es=100.0), folder, progress=False)
     assert "ES ≥ 100" in result.table and result.min_es == 100
     assert json.loads((folder / "run.json").read_text())["min_es"] == 100

@@ -23,8 +23,8 @@ from _helpers import DELTAS_FILE, EDITS_FILE, RROME_EXE, STATE_DIR, run_cli
 from crash_harness import write_safetensors
 
 import rrome
-from rrome.edits import load_requests
-from rrome.shards import load_deltas_for
+from rrome.files.edits import load_requests
+from rrome.files.shards import load_deltas_for
 
 W = ("F32", (4, 8), np.arange(32, dtype=np.float32).tobytes())
 B = ("F32", (8,), np.ones(8, dtype=np.float32).tobytes())

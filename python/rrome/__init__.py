@@ -8,7 +8,7 @@ itself. Importing ``rrome`` does not import torch.
 """
 
 from rrome._rust import Cholesky, SecondMoment
-from rrome.errors import (
+from rrome.files.errors import (
     CheckpointError,
     DeltaError,
     DeltasFileError,
@@ -29,8 +29,8 @@ from rrome.errors import (
     UnsupportedDtypeError,
     UnsupportedModelError,
 )
-from rrome.hparams import HParamsError, HParamsFileError
-from rrome.shards import (
+from rrome.files.hparams import HParamsError, HParamsFileError
+from rrome.files.shards import (
     ApplyReport,
     Delta,
     LoggedDelta,

@@ -19,8 +19,8 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from rrome.errors import RromeError
-from rrome.hparams import FIELDS
+from rrome.files.errors import RromeError
+from rrome.files.hparams import FIELDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,7 +112,7 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
     either file. In place (the default), the write is journaled and locked and can be undone
     with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
     """
-    from rrome.shards import apply_deltas, load_deltas_for
+    from rrome.files.shards import apply_deltas, load_deltas_for
 
     _check_link_untouched(link_untouched, out_dir)
     batch = [rec.delta for rec in load_deltas_for(deltas, model_dir)]
@@ -132,7 +132,7 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
 @_expected_errors
 def revert_cmd(model_dir: Path, all_: bool) -> None:
     """Restore the exact original bytes of the last applied batch (or of all batches)."""
-    from rrome.shards import revert_with_report
+    from rrome.files.shards import revert_with_report
 
     batches, recovered = revert_with_report(model_dir, all=all_)
     _echo_recovered(recovered)
@@ -144,7 +144,7 @@ def revert_cmd(model_dir: Path, all_: bool) -> None:
 @_expected_errors
 def recover_cmd(model_dir: Path) -> None:
     """Finish or roll back an in-place write that was interrupted (crash, kill, power loss)."""
-    from rrome.shards import recover
+    from rrome.files.shards import recover
 
     actions = recover(model_dir)
     for a in actions:
@@ -168,7 +168,7 @@ def _fmt_bytes(n: int) -> str:
 @_expected_errors
 def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
     """Show a checkpoint's shards, tensors and dtypes, and its rrome edit log."""
-    from rrome.shards import inspect
+    from rrome.files.shards import inspect
 
     info = inspect(model_dir, tensors=show_tensors or as_json)
     if as_json:
@@ -229,7 +229,7 @@ def _cli_hparams(spec: str | None, assignments: tuple[str, ...]) -> dict[str, An
     ``rrome: error: ...`` naming the key and what it expects, exit status 2. A malformed file is
     an expected failure (status 1, through ``_expected_errors``).
     """
-    from rrome.hparams import HParamsError, HParamsFileError, parse_assignments, spec_overrides
+    from rrome.files.hparams import HParamsError, HParamsFileError, parse_assignments, spec_overrides
 
     try:
         fields = spec_overrides(spec)
@@ -310,10 +310,10 @@ def apply_cmd(
 
     from tqdm import tqdm
 
-    from rrome.apply import LARGE_UPDATE_RATIO, Editor
-    from rrome.edits import load_requests
-    from rrome.rome import Method
-    from rrome.screen import SCREEN_RATIO
+    from rrome.engine.editor import LARGE_UPDATE_RATIO, Editor
+    from rrome.engine.screen import SCREEN_RATIO
+    from rrome.engine.update import Method
+    from rrome.files.edits import load_requests
 
     requests = load_requests(edits)
     editor = Editor.from_pretrained(
@@ -401,9 +401,9 @@ def screen_cmd(
 
     from tqdm import tqdm
 
-    from rrome.apply import Editor
-    from rrome.edits import load_requests
-    from rrome.screen import SCREEN_RATIO
+    from rrome.engine.editor import Editor
+    from rrome.engine.screen import SCREEN_RATIO
+    from rrome.files.edits import load_requests
 
     requests = load_requests(edits)
     editor = Editor.from_pretrained(
@@ -436,7 +436,7 @@ def screen_cmd(
     flagged = [r for r in results if r.flagged]
     click.echo(f"{len(flagged)} of {len(results)} request(s) flagged")
     if flagged:
-        from rrome.screen import LEADING_TEXT_ADVICE
+        from rrome.engine.screen import LEADING_TEXT_ADVICE
 
         click.echo(f"to avoid it: {LEADING_TEXT_ADVICE}")
 
@@ -449,7 +449,7 @@ def screen_cmd(
 @_expected_errors
 def generate_cmd(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str | None) -> None:
     """Print greedy continuations of PROMPTS by the checkpoint in MODEL_DIR."""
-    from rrome.apply import Editor
+    from rrome.engine.editor import Editor
 
     editor = Editor.from_pretrained(model_dir, device=device, progress=False)
     for prompt, text in zip(prompts, editor.generate(list(prompts), max_new_tokens=max_new_tokens), strict=True):
@@ -498,9 +498,9 @@ def stats_cmd(
     corpus; the partial sums are all-reduced and rank 0 alone writes the cache file and prints
     its path. If a worker dies, the run fails and no statistics file is written.
     """
-    from rrome import distributed, stats
-    from rrome.hparams import load_hparams
-    from rrome.models import load, num_layers
+    from rrome.engine import distributed, stats
+    from rrome.engine.models import load, num_layers
+    from rrome.files.hparams import load_hparams
 
     if device_map is not None and (nproc > 1 or distributed.env_world() is not None):
         raise click.UsageError("--device-map spreads one model over devices; it cannot be combined with workers")
@@ -622,8 +622,8 @@ def eval_cmd(
     if stats_tokens:
         fields["stats_max_tokens"] = stats_tokens
 
-    from rrome.report import report
-    from rrome.runs import RunConfig, run, sha256_file
+    from rrome.eval.report import report
+    from rrome.eval.runs import RunConfig, run, sha256_file
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     cfg = RunConfig(
@@ -730,7 +730,7 @@ def tune_cmd(
     are refused.
     """
     fields = _cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
-    from rrome.hparams import HParamsError, parse_grids
+    from rrome.files.hparams import HParamsError, parse_grids
 
     try:
         grid = parse_grids(grids)
@@ -738,8 +738,8 @@ def tune_cmd(
         click.echo(f"rrome: error: {e}", err=True)
         sys.exit(2)
 
-    from rrome.runs import sha256_file
-    from rrome.tune import TuneConfig, tune
+    from rrome.eval.runs import sha256_file
+    from rrome.eval.tune import TuneConfig, tune
 
     cfg = TuneConfig(
         model_dir=str(model_dir.resolve()),
@@ -777,7 +777,7 @@ def tune_cmd(
 @_expected_errors
 def report_cmd(results_dir: Path, flag_ratio: float, flag_entropy: float) -> None:
     """Rebuild the table (table.md, summary.json) and plots of an `rrome eval` results folder."""
-    from rrome.report import report
+    from rrome.eval.report import report
 
     table, figures = report(results_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
     click.echo(table)

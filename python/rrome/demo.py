@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rrome.errors import RromeError
-from rrome.stats import cache_root
+from rrome.engine.stats import cache_root
+from rrome.files.errors import RromeError
 
 
 def _install(package: str, size: str, *extra: str) -> None:

@@ -3,7 +3,7 @@
 Every trial is one point of the grid (the product of the ``--grid`` values, in the order given,
 over the set ``--hparams`` and ``--set`` make). A trial edits each of the run's cases into the
 unedited model and measures it, restoring the edited weight exactly afterwards: the machinery
-of ``rrome eval`` (:func:`rrome.runs.edit_one_at_a_time`), so a trial's figures are those of
+of ``rrome eval`` (:func:`rrome.eval.runs.edit_one_at_a_time`), so a trial's figures are those of
 ``rrome eval`` with the trial's set on the same cases. The objective is the Score (harmonic mean
 of ES, PS and NS) subject to ES ≥ ``min_es``: trials that meet the constraint come first, by
 Score, then the others, by Score; trials whose edits failed come last.
@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rrome.edits import EditRequest
-from rrome.errors import NonFiniteUpdateError, RromeError
-from rrome.evaluate import CaseProbs, metrics
-from rrome.hparams import HParams
-from rrome.rome import METHODS
-from rrome.runs import BASELINE_FILE, RUN_FILE, RunConfig, fsync_append, load_cases, read_jsonl, write_json
+from rrome.engine.update import METHODS
+from rrome.eval.probabilities import CaseProbs, metrics
+from rrome.eval.runs import BASELINE_FILE, RUN_FILE, RunConfig, fsync_append, load_cases, read_jsonl, write_json
+from rrome.files.edits import EditRequest
+from rrome.files.errors import NonFiniteUpdateError, RromeError
+from rrome.files.hparams import HParams
 
 MIN_ES = 95.0
 """Default of ``min_es``: the efficacy (percent) a set must reach to be ranked by its Score."""
@@ -58,7 +58,7 @@ LOCK_FILE = "tune.lock"
 COMMAND = "tune"
 
 Grid = tuple[tuple[str, tuple[Any, ...]], ...]
-"""``(key, values)`` pairs, as :func:`rrome.hparams.parse_grids` returns them."""
+"""``(key, values)`` pairs, as :func:`rrome.files.hparams.parse_grids` returns them."""
 
 
 @dataclass(frozen=True)
@@ -279,9 +279,9 @@ def _run(
     import torch
     from tqdm import tqdm
 
-    from rrome.hparams import resolve_hparams
-    from rrome.models import num_layers
-    from rrome.runs import Session, baseline, edit_one_at_a_time
+    from rrome.engine.models import num_layers
+    from rrome.eval.runs import Session, baseline, edit_one_at_a_time
+    from rrome.files.hparams import resolve_hparams
 
     torch.manual_seed(cfg.seed)
     # Loaded with the first trial's set: the statistics of a layer no trial edits (the family's,

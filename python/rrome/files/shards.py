@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rrome import _rust
-from rrome.errors import DeltaError, RromeError, TensorNotFoundError, UnsupportedDtypeError
+from rrome.files.errors import DeltaError, RromeError, TensorNotFoundError, UnsupportedDtypeError
 
 Layout = Literal["out_in", "in_out"]
 PathLike = str | os.PathLike[str]

@@ -20,7 +20,7 @@ The value optimisation and its units
 ------------------------------------
 δ is added to the edited module's output v_init at the subject's last token and optimised
 with Adam for at most ``v_num_grad_steps - 1`` steps (``v_num_grad_steps`` forward passes, as
-the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.values`).
+the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.values`).
 
 * ``v_lr`` with ``v_lr_unit = "absolute"`` (the reference code) is Adam's learning rate as is.
   Adam's first step moves every coordinate of δ by about the learning rate, so its norm is about
@@ -46,7 +46,7 @@ Sequential retention
 * ``retain_edit_keys`` (off by default and in ``reference``): each edit solves for its input
   factor against C0 plus the keys of the same editor's earlier edits,
   u = (C0 + Σ_p w_p k_p k_pᵀ)⁻¹ k, so that it changes the module's output at those keys less
-  (:mod:`rrome.retain`).
+  (:mod:`rrome.engine.retain`).
 * ``retain_weight`` λ sets w_p = λ / (k_pᵀ C0⁻¹ k_p): in the coordinates where C0 is the
   identity, each earlier key is a unit direction added with weight λ, and one earlier key alone
   cuts what the new edit does at it by the factor 1 + λ·(1 − cos²) (cos: the two keys' cosine
@@ -71,7 +71,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rrome.errors import InvalidFileError, RromeError
+from rrome.files.errors import InvalidFileError, RromeError
 
 
 class HParamsError(RromeError, ValueError):

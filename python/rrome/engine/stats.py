@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from rrome._rust import Cholesky, SecondMoment
-from rrome.errors import (
+from rrome.files.errors import (
     CheckpointError,
     InvalidFileError,
     RromeError,
@@ -39,7 +39,7 @@ from rrome.errors import (
 if TYPE_CHECKING:
     import torch
 
-    from rrome.models import Adapter
+    from rrome.engine.models import Adapter
 
 PathLike = str | os.PathLike[str]
 CorpusFormat = Literal["auto", "wikitext", "paragraphs"]
@@ -426,8 +426,8 @@ def collect_second_moment(
     import torch
     from tqdm import tqdm
 
-    from rrome.hooks import StopForward, get_module, trace
-    from rrome.models import input_device
+    from rrome.engine.hooks import StopForward, get_module, trace
+    from rrome.engine.models import input_device
 
     for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
@@ -477,7 +477,7 @@ def collect_second_moment(
                 moment.update(arr)
                 bar.update(arr.shape[0])
                 if world > 1:
-                    from rrome.distributed import crash_hook
+                    from rrome.engine.distributed import crash_hook
 
                     crash_hook(rank)
     finally:
@@ -501,7 +501,7 @@ def _input_width(module: Any) -> int:
 
 
 def _key_width(model: Any, adapter: Adapter, layer: int) -> int:
-    from rrome.hooks import get_module
+    from rrome.engine.hooks import get_module
 
     weight: Any = get_module(model, adapter.module_name(layer)).weight
     return int(weight.shape[0] if adapter.layout == "in_out" else weight.shape[1])
@@ -548,7 +548,7 @@ def second_moment(
     ``rrome_version``; the file format itself records ``count`` and ``d``.
 
     Inside an initialised torch.distributed process group of several processes (``rrome
-    stats`` under torchrun, see :mod:`rrome.distributed`) this is a collective call: every
+    stats`` under torchrun, see :mod:`rrome.engine.distributed`) this is a collective call: every
     rank must make it with the same arguments. Rank 0 checks the cache and tells the others;
     otherwise each rank accumulates its share of the batches (``shard=(rank, world_size)``),
     the partial sums and counts are all-reduced, and rank 0 alone writes the file. Every rank
@@ -561,7 +561,7 @@ def second_moment(
         model_dir: the checkpoint folder the model was loaded from (for :func:`model_key`).
         model: the loaded, unedited model.
         tokenizer: its fast tokenizer.
-        adapter: the model's adapter (:func:`rrome.models.adapter_for`).
+        adapter: the model's adapter (:func:`rrome.engine.models.adapter_for`).
         layer: the edited layer.
         corpus: a text file (see :func:`corpus_texts`); default :func:`default_corpus`.
         max_tokens: how many token keys to accumulate.
@@ -581,7 +581,7 @@ def second_moment(
         RromeError: see :func:`collect_second_moment`.
     """
     from rrome import __version__
-    from rrome import distributed as dist
+    from rrome.engine import distributed as dist
 
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from rrome.errors import EditFileError
+from rrome.files.errors import EditFileError
 
 PathLike = str | os.PathLike[str]
 
@@ -741,7 +741,7 @@ def dump_requests(path: PathLike, requests: Iterable[EditRequest]) -> None:
     chunks: list[bytes] = []
     for number, request in enumerate(batch, 1):
         if not isinstance(request, EditRequest):
-            raise TypeError(f"expected rrome.edits.EditRequest objects, got {type(request).__name__}")
+            raise TypeError(f"expected rrome.files.edits.EditRequest objects, got {type(request).__name__}")
         if request.case_id is not None:
             if request.case_id in first_seen:
                 raise EditFileError(

@@ -19,7 +19,7 @@ run resumes by replaying the saved factors of the finished edits, which rebuilds
 bit for bit, and continues. Lines are appended with a flush and fsync after each edit, so at most
 the edit in progress is lost.
 
-The neighbour leak of an edit (``"leak"`` in its line; :func:`rrome.evaluate.leak_fractions`),
+The neighbour leak of an edit (``"leak"`` in its line; :func:`rrome.eval.probabilities.leak_fractions`),
 one entry per neighbourhood prompt of its case, in the case's order:
 
     s, at, s_last   s = uᵀk / uᵀk_den at the prompt's token ``at`` where |s| is largest, s_last at
@@ -44,10 +44,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from rrome.apply import Editor
-from rrome.edits import EditRequest, load_requests
-from rrome.errors import DisablingEditError, LargeUpdateError, RromeError
-from rrome.evaluate import (
+from rrome.engine.editor import Editor
+from rrome.engine.update import METHODS, Method
+from rrome.eval.probabilities import (
     CaseProbs,
     Diagnostics,
     case_probabilities,
@@ -58,14 +57,15 @@ from rrome.evaluate import (
     metrics,
     neighbourhood_probabilities,
 )
-from rrome.hparams import HParams
-from rrome.results import BASELINE_FILE as BASELINE_FILE
-from rrome.results import RUN_FILE as RUN_FILE
-from rrome.results import fsync_append as fsync_append
-from rrome.results import read_jsonl as read_jsonl
-from rrome.results import sha256_file as sha256_file
-from rrome.results import write_json as write_json
-from rrome.rome import METHODS, Method
+from rrome.eval.results import BASELINE_FILE as BASELINE_FILE
+from rrome.eval.results import RUN_FILE as RUN_FILE
+from rrome.eval.results import fsync_append as fsync_append
+from rrome.eval.results import read_jsonl as read_jsonl
+from rrome.eval.results import sha256_file as sha256_file
+from rrome.eval.results import write_json as write_json
+from rrome.files.edits import EditRequest, load_requests
+from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
+from rrome.files.hparams import HParams
 
 
 @dataclass(frozen=True)

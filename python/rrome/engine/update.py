@@ -30,7 +30,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:  # the names only: rrome report reads METHODS without importing torch
     import torch
 
-    from rrome.keys import Keys
+    from rrome.engine.keys import Keys
 
 Method = Literal["r-rome", "rome", "p-rome"]
 METHODS: tuple[Method, ...] = ("r-rome", "rome", "p-rome")
@@ -38,7 +38,7 @@ METHODS: tuple[Method, ...] = ("r-rome", "rome", "p-rome")
 
 class Solver(Protocol):
     """What u is solved against: C0's :class:`rrome.Cholesky` factor, or
-    :class:`rrome.retain.RetainedKeys` (C0 plus the keys of earlier edits)."""
+    :class:`rrome.engine.retain.RetainedKeys` (C0 plus the keys of earlier edits)."""
 
     def solve(self, k: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
 
@@ -48,7 +48,7 @@ class Update:
     """Factors of Δ = r uᵀ and the numbers worth reporting about them.
 
     ``key`` is k_den (float64), the key at which the update changes the module's output by
-    exactly r: the key :mod:`rrome.retain` keeps for later edits.
+    exactly r: the key :mod:`rrome.engine.retain` keeps for later edits.
     """
 
     u: npt.NDArray[np.float32]
@@ -68,7 +68,7 @@ class Update:
 
 def compute_update(method: Method, chol: Solver, keys: Keys, v_e: torch.Tensor) -> Update:
     """The rank-one update of ``method`` from the keys, the target value and C0's factor
-    (or, with sequential retention, :class:`rrome.retain.RetainedKeys`).
+    (or, with sequential retention, :class:`rrome.engine.retain.RetainedKeys`).
 
     Computed in float64 (keys and values are float32), returned as float32 factors.
 

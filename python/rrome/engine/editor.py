@@ -1,10 +1,10 @@
 """The editing API: load a checkpoint, edit facts one after another, write them into its shards.
 
 :class:`Editor` ties the pieces together. For each request it computes the keys
-(:mod:`rrome.keys`), the target value (:mod:`rrome.values`) and the rank-one update of the
-chosen variant (:mod:`rrome.rome`) against the layer statistics C0 (:mod:`rrome.stats`),
+(:mod:`rrome.engine.keys`), the target value (:mod:`rrome.engine.values`) and the rank-one update of the
+chosen variant (:mod:`rrome.engine.update`) against the layer statistics C0 (:mod:`rrome.engine.stats`),
 applies it to the in-memory model (so the next edit sees it: sequential editing), and keeps the
-update as a :class:`~rrome.shards.Delta`. :meth:`Editor.save` then writes all pending deltas
+update as a :class:`~rrome.files.shards.Delta`. :meth:`Editor.save` then writes all pending deltas
 through the Rust shard writer: the checkpoint is never re-saved with ``save_pretrained``.
 """
 
@@ -23,20 +23,20 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from rrome import stats
 from rrome._rust import Cholesky
-from rrome.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
-from rrome.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
-from rrome.evaluate import target_probabilities
-from rrome.hooks import get_module
-from rrome.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
-from rrome.keys import Keys, TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
-from rrome.models import Adapter, load, num_layers
-from rrome.retain import RetainedKeys
-from rrome.rome import METHODS, Method, Solver, Update, compute_update
-from rrome.screen import SCREEN_RATIO, ScreenResult, screen_keys
-from rrome.shards import ApplyReport, Delta, apply_deltas
-from rrome.values import compute_value
+from rrome.engine import stats
+from rrome.engine.hooks import get_module
+from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
+from rrome.engine.models import Adapter, load, num_layers
+from rrome.engine.retain import RetainedKeys
+from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
+from rrome.engine.update import METHODS, Method, Solver, Update, compute_update
+from rrome.engine.values import compute_value
+from rrome.eval.probabilities import target_probabilities
+from rrome.files.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
+from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
+from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
+from rrome.files.shards import ApplyReport, Delta, apply_deltas
 
 LARGE_UPDATE_RATIO = 20.0
 """Default of ``large_update_ratio``: an edit whose |Δ| exceeds this many times the median |Δ|
@@ -65,10 +65,10 @@ class EditResult:
         seconds: wall time of the edit.
         stop: why the value optimisation stopped (``most-probable``, ``loss``, ``max-steps``).
         delta_ratio: ‖δ‖ / ‖v_init‖, the change of the module output relative to its size.
-        value: the optimisation's diagnostics (:meth:`rrome.values.ValueResult.record`: the loss
+        value: the optimisation's diagnostics (:meth:`rrome.engine.values.ValueResult.record`: the loss
             terms nll, kl and weight decay per forward pass, the argmax hit rate, the lr used),
             also in the edit log as ``meta["value"]``.
-        screen: the disabling-edit screen of the request (:mod:`rrome.screen`), also in the
+        screen: the disabling-edit screen of the request (:mod:`rrome.engine.screen`), also in the
             edit log as ``meta["screen"]``.
     """
 
@@ -181,10 +181,10 @@ class Editor:
             dtype: the dtype the model runs in (``float32``, ``bfloat16``, ``float16``).
             layer: the layer to edit (overrides ``hparams``); default from the hyperparameters.
             corpus: text file for the statistics C0; default: the packaged wikitext sample.
-            hparams: the hyperparameters (:mod:`rrome.hparams`): a preset name
+            hparams: the hyperparameters (:mod:`rrome.files.hparams`): a preset name
                 (``"reference"``, ``"default"``), the path of a JSON file of fields, a mapping
                 of fields, each applied over the family's defaults, or an
-                :class:`~rrome.hparams.HParams` used as given. ``None``: the family's defaults.
+                :class:`~rrome.files.hparams.HParams` used as given. ``None``: the family's defaults.
             progress: show progress bars.
             device_map: ``"auto"`` (or an explicit map) to spread the model over devices with
                 accelerate, e.g. a model larger than one GPU; ``device`` is then ignored. The
@@ -196,7 +196,7 @@ class Editor:
                 the median |Δ| of this editor's earlier edits (once it has made
                 :data:`LARGE_UPDATE_MIN_EDITS`); see :meth:`edit`.
             screen_ratio: the disabling-edit screen's threshold on ρ = uᵀk_e / uᵀk_e^o
-                (:mod:`rrome.screen`): ``rome`` refuses a request at or above it, ``r-rome`` and
+                (:mod:`rrome.engine.screen`): ``rome`` refuses a request at or above it, ``r-rome`` and
                 ``p-rome`` warn.
 
         Raises:
@@ -267,7 +267,7 @@ class Editor:
 
     def solver(self) -> Solver:
         """What the next edit's u is solved against: C0's factor, or, with ``retain_edit_keys``,
-        C0 plus the keys of this editor's earlier edits (:mod:`rrome.retain`)."""
+        C0 plus the keys of this editor's earlier edits (:mod:`rrome.engine.retain`)."""
         if not self.hparams.retain_edit_keys:
             return self.cholesky()
         if self._retained is None:
@@ -287,7 +287,7 @@ class Editor:
             self._retained.clear()
 
     def screen(self, request: EditRequest | Mapping[str, Any]) -> ScreenResult:
-        """The disabling-edit screen of a request (:mod:`rrome.screen`): forward passes and one
+        """The disabling-edit screen of a request (:mod:`rrome.engine.screen`): forward passes and one
         solve, no optimisation, the model unchanged."""
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
@@ -359,13 +359,13 @@ class Editor:
         """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`.
 
         The update is checked before it touches the model: one holding NaN or Inf is always
-        refused (:class:`~rrome.errors.NonFiniteUpdateError`), and once this editor has
+        refused (:class:`~rrome.files.errors.NonFiniteUpdateError`), and once this editor has
         accepted :data:`LARGE_UPDATE_MIN_EDITS` edits, one whose |Δ| exceeds
         ``large_update_ratio`` times their median |Δ| is refused
-        (:class:`~rrome.errors.LargeUpdateError`) unless ``allow_large_updates``. A refused
+        (:class:`~rrome.files.errors.LargeUpdateError`) unless ``allow_large_updates``. A refused
         edit leaves the model, :attr:`pending` and :attr:`results` as they were. Before the
         value optimisation the request is screened (:meth:`screen`): under ``rome`` a request
-        the screen flags is refused (:class:`~rrome.errors.DisablingEditError`) unless
+        the screen flags is refused (:class:`~rrome.files.errors.DisablingEditError`) unless
         ``allow_large_updates``; under ``r-rome`` / ``p-rome`` a warning is logged.
 
         Raises:
@@ -454,7 +454,7 @@ class Editor:
         """Tokenises every request's subject and targets as the edits will, before any edit.
 
         Returns:
-            The requests as :class:`~rrome.edits.EditRequest` objects.
+            The requests as :class:`~rrome.files.edits.EditRequest` objects.
 
         Raises:
             EditFileError: every request whose subject no token covers, or whose ``target_new``

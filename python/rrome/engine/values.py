@@ -13,7 +13,7 @@ Adam's learning rate is ``v_lr``, or ``v_lr · ‖v_init‖ / √d_out`` with v_
 It stops after the forward pass at which the loss is below ``v_stop_loss``, or at which the new
 target has been the argmax at every target position of every rewriting prompt for
 ``v_stop_most_probable`` consecutive passes (when that is ≥ 1), and after at most
-``v_num_grad_steps`` passes (:mod:`rrome.hparams` describes the units). With the ``reference``
+``v_num_grad_steps`` passes (:mod:`rrome.files.hparams` describes the units). With the ``reference``
 preset this is the reference code's loop, step for step.
 
 The fast path gives the same result with less work (docs/design.md §6): the blocks below the
@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rrome.edits import EditRequest
-from rrome.hooks import edit_output, get_module
-from rrome.hparams import HParams
-from rrome.keys import Batch, Row, pad_rows, prompt_row, target_ids
-from rrome.models import input_device
-from rrome.shards import Layout
+from rrome.engine.hooks import edit_output, get_module
+from rrome.engine.keys import Batch, Row, pad_rows, prompt_row, target_ids
+from rrome.engine.models import input_device
+from rrome.files.edits import EditRequest
+from rrome.files.hparams import HParams
+from rrome.files.shards import Layout
 
 EARLY_STOP_LOSS = 5e-2
 """The reference code's loss threshold (the default of ``HParams.v_stop_loss``)."""

@@ -1,5 +1,5 @@
-"""Tables and plots from a results folder (see :mod:`rrome.runs`), rebuilt from the saved files
-alone, without torch (:mod:`rrome.results`).
+"""Tables and plots from a results folder (see :mod:`rrome.eval.runs`), rebuilt from the saved files
+alone, without torch (:mod:`rrome.eval.results`).
 
 :func:`summarize` gathers per-variant metrics, |Δ| statistics, the disabling edits and the
 neighbour leak; :func:`markdown_table` prints them like the paper's Tables 1 and 2; :func:`plot`
@@ -11,7 +11,7 @@ A **disabling edit** is one whose |Δ| is more than ``flag_ratio`` times the med
 variant's run *and* whose generation entropy right after the edit fell below ``flag_entropy``
 times the unedited model's. Without recorded entropies only the |Δ| test applies.
 
-The **neighbour leak** (``"leak"`` in each edit's line, :mod:`rrome.runs`): a neighbourhood
+The **neighbour leak** (``"leak"`` in each edit's line, :mod:`rrome.eval.runs`): a neighbourhood
 prompt receives the fraction s = uᵀk_n / uᵀk_den of the edit's own change of the module output.
 A prompt the edit *broke* kept its true answer right before the edit (P(true) > P(new)) and lost
 it right after; :func:`leak_summary` counts them in bins of |s| (:data:`LEAK_BINS`) among the
@@ -27,9 +27,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rrome.errors import RromeError
-from rrome.results import BASELINE_FILE, METRICS, RUN_FILE, CaseProbs, metrics, read_jsonl
-from rrome.rome import METHODS
+from rrome.engine.update import METHODS
+from rrome.eval.results import BASELINE_FILE, METRICS, RUN_FILE, CaseProbs, metrics, read_jsonl
+from rrome.files.errors import RromeError
 
 FLAG_RATIO = 10.0
 FLAG_ENTROPY = 0.5

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rrome.edits import EditRequest
-from rrome.errors import RromeError
-from rrome.hooks import StopForward, trace
-from rrome.models import input_device
+from rrome.engine.hooks import StopForward, trace
+from rrome.engine.models import input_device
+from rrome.files.edits import EditRequest
+from rrome.files.errors import RromeError
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 

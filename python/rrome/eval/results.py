@@ -1,9 +1,9 @@
 """Results folders without torch: their files, and the metrics of saved probabilities.
 
-``rrome eval`` (:mod:`rrome.runs`) and ``rrome tune`` write their folders through these
-helpers, and ``rrome report`` (:mod:`rrome.report`) reads them back with nothing else, so
+``rrome eval`` (:mod:`rrome.eval.runs`) and ``rrome tune`` write their folders through these
+helpers, and ``rrome report`` (:mod:`rrome.eval.report`) reads them back with nothing else, so
 rebuilding a table or a figure never imports torch. The metrics (docs/design.md §2;
-:mod:`rrome.evaluate` computes the probabilities they read):
+:mod:`rrome.eval.probabilities` computes the probabilities they read):
 
 - ES / EM over the rewrite prompt: share with P(new) > P(true), mean P(new) − P(true);
 - PS / PM: the same over the paraphrase prompts;

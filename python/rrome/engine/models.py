@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rrome.errors import UnsupportedModelError
-from rrome.shards import Layout
+from rrome.files.errors import UnsupportedModelError
+from rrome.files.shards import Layout
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The disabling-edit screen: which requests ROME would wreck, known from the keys alone.
 
 ROME's update divides by ``uᵀk_e^o`` where r-ROME divides by ``uᵀk_e`` (``u = C0⁻¹k_e``,
-:mod:`rrome.rome`). Their ratio
+:mod:`rrome.engine.update`). Their ratio
 
     ρ = uᵀk_e / uᵀk_e^o
 
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from rrome._rust import Cholesky
-from rrome.edits import EditRequest
-from rrome.keys import Keys, Row
+from rrome.engine.keys import Keys, Row
+from rrome.files.edits import EditRequest
 
 SCREEN_RATIO = 10.0
 """Default threshold on ρ: ROME's update would be about this many times r-ROME's."""

@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rrome.edits import EditRequest
-from rrome.errors import RromeError
-from rrome.keys import Row, pad_rows, target_ids
-from rrome.models import input_device
-from rrome.results import METRICS as METRICS
-from rrome.results import CaseProbs as CaseProbs
-from rrome.results import harmonic_mean as harmonic_mean
-from rrome.results import metrics as metrics
+from rrome.engine.keys import Row, pad_rows, target_ids
+from rrome.engine.models import input_device
+from rrome.eval.results import METRICS as METRICS
+from rrome.eval.results import CaseProbs as CaseProbs
+from rrome.eval.results import harmonic_mean as harmonic_mean
+from rrome.eval.results import metrics as metrics
+from rrome.files.edits import EditRequest
+from rrome.files.errors import RromeError
 
 
 def _log_probs(
@@ -163,12 +163,12 @@ def leak_fractions(
     model: Any, tokenizer: Any, module_name: str, prompts: Sequence[str], u: Any, denominator: float
 ) -> list[LeakFraction]:
     """The leak fractions of ``prompts`` under the update with input factor ``u`` (as stored in
-    the delta) and denominator ``uᵀk_den`` (:class:`rrome.apply.EditResult.denominator`).
+    the delta) and denominator ``uᵀk_den`` (:class:`rrome.engine.editor.EditResult.denominator`).
 
     The keys of the edited layer do not depend on that layer's weight, so they are the same
     before and after the edit.
     """
-    from rrome.keys import keys_at_every_token
+    from rrome.engine.keys import keys_at_every_token
 
     if not prompts:
         return []
