@@ -18,22 +18,14 @@ from tiny_models import build_tiny_model
 
 from rrome.engine.editor import Editor
 from rrome.engine.models import load
-from rrome.eval.probabilities import (
-    TASKS,
-    CaseProbs,
-    continuation_logprob,
-    downstream_accuracy,
-    entropy,
-    few_shot_sets,
-    generation_entropy,
-    harmonic_mean,
-    leak_fractions,
-    metrics,
-    ngram_entropy,
-    target_probabilities,
-)
+from rrome.engine.probabilities import continuation_logprob, target_probabilities
+from rrome.eval.downstream import TASKS, downstream_accuracy, few_shot_sets
+from rrome.eval.generation import entropy, generation_entropy, ngram_entropy
+from rrome.eval.metrics import CaseProbs, harmonic_mean, metrics
+from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import report, summarize
-from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+from rrome.eval.results import read_jsonl, sha256_file
+from rrome.eval.runs import RunConfig, run
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 

@@ -174,7 +174,8 @@ def test_guarded_sequential_eval_refuses_and_resumes(sink_models: dict[bool, Pat
     import shutil
 
     from rrome.eval.report import summarize
-    from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+    from rrome.eval.results import read_jsonl, sha256_file
+    from rrome.eval.runs import RunConfig, run
     from rrome.files.errors import RromeError
 
     data = _cf_file(tmp_path / "cf.json")

@@ -22,9 +22,11 @@ from tiny_models import build_tiny_model
 import rrome
 from rrome.cli import main
 from rrome.engine.editor import Editor
-from rrome.eval.probabilities import case_probabilities, metrics
+from rrome.eval.metrics import metrics
+from rrome.eval.probabilities import case_probabilities
 from rrome.eval.report import summarize
-from rrome.eval.runs import RunConfig, read_jsonl, run, sha256_file
+from rrome.eval.results import read_jsonl, sha256_file
+from rrome.eval.runs import RunConfig, run
 from rrome.eval.tune import TuneConfig, rank, tune
 from rrome.files.edits import load_requests
 from rrome.files.errors import NonFiniteUpdateError, RromeError

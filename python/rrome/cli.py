@@ -623,7 +623,8 @@ def eval_cmd(
         fields["stats_max_tokens"] = stats_tokens
 
     from rrome.eval.report import report
-    from rrome.eval.runs import RunConfig, run, sha256_file
+    from rrome.eval.results import sha256_file
+    from rrome.eval.runs import RunConfig, run
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     cfg = RunConfig(
@@ -738,7 +739,7 @@ def tune_cmd(
         click.echo(f"rrome: error: {e}", err=True)
         sys.exit(2)
 
-    from rrome.eval.runs import sha256_file
+    from rrome.eval.results import sha256_file
     from rrome.eval.tune import TuneConfig, tune
 
     cfg = TuneConfig(

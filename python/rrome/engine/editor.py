@@ -28,11 +28,11 @@ from rrome.engine import stats
 from rrome.engine.hooks import get_module
 from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
 from rrome.engine.models import Adapter, load, num_layers
+from rrome.engine.probabilities import target_probabilities
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.engine.update import METHODS, Method, Solver, Update, compute_update
 from rrome.engine.values import compute_value
-from rrome.eval.probabilities import target_probabilities
 from rrome.files.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides

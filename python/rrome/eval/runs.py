@@ -46,23 +46,11 @@ import torch
 
 from rrome.engine.editor import Editor
 from rrome.engine.update import METHODS, Method
-from rrome.eval.probabilities import (
-    CaseProbs,
-    Diagnostics,
-    case_probabilities,
-    collapse_diagnostics,
-    downstream_accuracy,
-    few_shot_sets,
-    leak_fractions,
-    metrics,
-    neighbourhood_probabilities,
-)
-from rrome.eval.results import BASELINE_FILE as BASELINE_FILE
-from rrome.eval.results import RUN_FILE as RUN_FILE
-from rrome.eval.results import fsync_append as fsync_append
-from rrome.eval.results import read_jsonl as read_jsonl
-from rrome.eval.results import sha256_file as sha256_file
-from rrome.eval.results import write_json as write_json
+from rrome.eval.downstream import downstream_accuracy, few_shot_sets
+from rrome.eval.generation import Diagnostics, collapse_diagnostics
+from rrome.eval.metrics import CaseProbs, metrics
+from rrome.eval.probabilities import case_probabilities, leak_fractions, neighbourhood_probabilities
+from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, write_json
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
 from rrome.files.hparams import HParams
