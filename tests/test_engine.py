@@ -40,8 +40,9 @@ from rrome import Cholesky
 from rrome.engine.editor import Editor, EditResult
 from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, target_ids
 from rrome.engine.models import load
-from rrome.engine.update import METHODS, compute_update
+from rrome.engine.update import compute_update
 from rrome.engine.values import compute_value
+from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import EditFileError, RromeError
 from rrome.files.hparams import load_hparams

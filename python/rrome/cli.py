@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from rrome.files.constants import DTYPES, METHODS, Method
 from rrome.files.errors import RromeError
 from rrome.files.hparams import FIELDS
 
@@ -196,8 +197,8 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
         click.echo(f"pending: {p}")
 
 
-_METHODS = click.Choice(["r-rome", "rome", "p-rome"])
-_DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+_METHODS = click.Choice(METHODS)
+_DTYPES = click.Choice(DTYPES)
 
 
 def _hparams_options(fn: F) -> F:
@@ -312,7 +313,6 @@ def apply_cmd(
 
     from rrome.engine.editor import LARGE_UPDATE_RATIO, Editor
     from rrome.engine.screen import SCREEN_RATIO
-    from rrome.engine.update import Method
     from rrome.files.edits import load_requests
 
     requests = load_requests(edits)

@@ -31,8 +31,9 @@ from rrome.engine.models import Adapter, load, num_layers
 from rrome.engine.probabilities import target_probabilities
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
-from rrome.engine.update import METHODS, Method, Solver, Update, compute_update
+from rrome.engine.update import Solver, Update, compute_update
 from rrome.engine.values import compute_value
+from rrome.files.constants import METHODS, Method
 from rrome.files.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rrome.files.constants import DTYPES
 from rrome.files.errors import UnsupportedModelError
 from rrome.files.shards import Layout
 
@@ -86,9 +87,6 @@ def resolve_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def input_device(model: Any) -> Any:

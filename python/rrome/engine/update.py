@@ -22,18 +22,17 @@ templates of the outputs (the module is affine). The update is stored as two flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:  # the names only: rrome report reads METHODS without importing torch
+from rrome.files.constants import METHODS, Method
+
+if TYPE_CHECKING:
     import torch
 
     from rrome.engine.keys import Keys
-
-Method = Literal["r-rome", "rome", "p-rome"]
-METHODS: tuple[Method, ...] = ("r-rome", "rome", "p-rome")
 
 
 class Solver(Protocol):

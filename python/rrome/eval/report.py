@@ -27,9 +27,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rrome.engine.update import METHODS
 from rrome.eval.metrics import METRICS, CaseProbs, metrics
 from rrome.eval.results import BASELINE_FILE, RUN_FILE, read_jsonl
+from rrome.files.constants import METHODS
 from rrome.files.errors import RromeError
 
 FLAG_RATIO = 10.0

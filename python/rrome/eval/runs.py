@@ -45,12 +45,12 @@ import numpy as np
 import torch
 
 from rrome.engine.editor import Editor
-from rrome.engine.update import METHODS, Method
 from rrome.eval.downstream import downstream_accuracy, few_shot_sets
 from rrome.eval.generation import Diagnostics, collapse_diagnostics
 from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.probabilities import case_probabilities, leak_fractions, neighbourhood_probabilities
 from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, write_json
+from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
 from rrome.files.hparams import HParams

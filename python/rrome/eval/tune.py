@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rrome.engine.update import METHODS
 from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, write_json
 from rrome.eval.runs import RunConfig, load_cases
+from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams
