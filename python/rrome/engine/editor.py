@@ -34,7 +34,7 @@ from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.engine.update import Solver, Update, compute_update
 from rrome.engine.values import compute_value
 from rrome.files.constants import METHODS, Method
-from rrome.files.edits import MAX_REPORTED_ERRORS, EditRequest, parse_record
+from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
 from rrome.files.shards import ApplyReport, Delta, apply_deltas
@@ -479,10 +479,7 @@ class Editor:
                 except TokenizationError as e:
                     problems.append(f'{where}: field "{name}": {e}')
         if problems:
-            more = len(problems) - MAX_REPORTED_ERRORS
-            raise EditFileError(
-                "\n".join(problems[:MAX_REPORTED_ERRORS] + ([f"... and {more} more"] if more > 0 else []))
-            )
+            raise EditFileError(problem_summary(problems))
         return out
 
     def edit_many(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditResult]:

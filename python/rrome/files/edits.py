@@ -3,16 +3,9 @@
 An edit says "for *subject* under relation *prompt*, the model should now answer *target_new*
 instead of *target_true*". The editing engine needs the relation as a template with one ``{}``
 where the subject goes, because it looks up the subject's last token from the character span
-where the subject was filled in (docs/design.md §1). Public datasets do not agree on a format, so
-this module reads the four that matter and turns each record into one :class:`EditRequest`:
-
-1. rrome's own flat shape (what :func:`dump_requests` writes): ``prompt`` is the template.
-2. ROME's CounterFact records: ``{"case_id", "requested_rewrite": {"prompt", "subject",
-   "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts", "neighborhood_prompts"}``.
-3. EasyEdit's flattened CounterFact: ``prompt`` with the subject already filled in,
-   ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``.
-4. zsRE (MEND / EasyEdit): ``src`` (a question holding the subject), ``alt`` (the new answer),
-   ``answers`` (the true ones), ``rephrase``, ``loc``, ``loc_ans``.
+where the subject was filled in (docs/design.md §1). :class:`EditRequest` is that request;
+the record shapes of the public datasets it is read from (rrome's own, ROME's CounterFact,
+EasyEdit's flat CounterFact, zsRE) are in :mod:`rrome.files.shapes`.
 
 Files are JSONL (one object per line) or one JSON array. Everything is validated before any
 work starts, and every problem of a file is reported at once, each as ``FILE:LINE: field "x":
@@ -32,79 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from rrome.files.errors import EditFileError
+from rrome.files.shapes import (
+    PLACEHOLDER,
+    json_type,
+    placeholder_problem,
+    quote,
+    record_fields,
+    record_shape,
+    same_target,
+    string_problem,
+)
 
 PathLike = str | os.PathLike[str]
 
-PLACEHOLDER = "{}"
-"""Marks where the subject goes in a relation template."""
-
 MAX_REPORTED_ERRORS = 20
 """How many problems one :class:`EditFileError` lists before "... and N more"."""
-
-# Keys that only EasyEdit's flat CounterFact records carry, and keys that only rrome's own carry.
-_FLAT_KEYS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
-_RROME_ONLY_KEYS = ("target_true", "paraphrase_prompts", "neighborhood_prompts", "neighborhood_target")
-_RROME_KEYS = ("case_id", "prompt", "subject", "target_new", *_RROME_ONLY_KEYS)
-
-_SHAPES_HELP = (
-    'expected one of: rrome ("prompt" with "{}", "subject", "target_new"), '
-    'ROME CounterFact ("requested_rewrite", ...), '
-    'flat CounterFact ("prompt", "subject", "target_new", "ground_truth", ...) '
-    'or zsRE ("src", "subject", "alt", "answers", ...)'
-)
-
-
-# --------------------------------------------------------------------------------------------
-# small checks shared by the parser and EditRequest itself
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, with the value itself when it is short."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, int | float):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _short(text: str, limit: int = 80) -> str:
-    """``text`` quoted for a message, cut to ``limit`` characters."""
-    return json.dumps(text if len(text) <= limit else text[: limit - 3] + "...", ensure_ascii=False)
-
-
-def _string_problem(value: Any) -> str | None:
-    """Why ``value`` is not a usable (non-blank) string, or None when it is."""
-    if not isinstance(value, str):
-        return f"expected a string, got {_json_type(value)}"
-    if not value.strip():
-        return "empty string" if not value else "blank string (only whitespace)"
-    return None
-
-
-def _placeholder_problem(template: str) -> str | None:
-    """Why ``template`` is not a relation template with exactly one ``{}``, or None."""
-    count = template.count(PLACEHOLDER)
-    if count == 1:
-        return None
-    if count == 0:
-        return (
-            f'has no "{PLACEHOLDER}" placeholder for the subject: {_short(template)} '
-            f'(write the relation as a template, e.g. "The mother tongue of {PLACEHOLDER} is")'
-        )
-    return f'has {count} "{PLACEHOLDER}" placeholders; exactly one is allowed (where the subject goes)'
-
-
-def _same_target(target_new: str, target_true: str | None) -> bool:
-    """True when the edit would ask for the answer the model is supposed to give already."""
-    return target_true is not None and target_new.strip() == target_true.strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,37 +95,37 @@ class EditRequest:
             if isinstance(value, list | tuple):
                 object.__setattr__(self, name, tuple(value))
             else:
-                problems.append(f'field "{name}": expected a sequence of strings, got {_json_type(value)}')
+                problems.append(f'field "{name}": expected a sequence of strings, got {json_type(value)}')
         for name in ("prompt", "subject", "target_new"):
-            problem = _string_problem(getattr(self, name))
+            problem = string_problem(getattr(self, name))
             if problem:
                 problems.append(f'field "{name}": {problem}')
         for name in ("target_true", "case_id", "neighborhood_target"):
             value = getattr(self, name)
-            problem = None if value is None else _string_problem(value)
+            problem = None if value is None else string_problem(value)
             if problem:
                 problems.append(f'field "{name}": {problem}')
         for name in ("paraphrase_prompts", "neighborhood_prompts"):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 for i, item in enumerate(value):
-                    problem = _string_problem(item)
+                    problem = string_problem(item)
                     if problem:
                         problems.append(f'field "{name}[{i}]": {problem}')
         if isinstance(self.prompt, str):
-            problem = _placeholder_problem(self.prompt)
+            problem = placeholder_problem(self.prompt)
             if problem:
                 problems.append(f'field "prompt": {problem}')
         if (
             isinstance(self.target_new, str)
             and isinstance(self.target_true, str)
-            and _same_target(self.target_new, self.target_true)
+            and same_target(self.target_new, self.target_true)
         ):
             problems.append(
-                f'field "target_new": equals "target_true" ({_short(self.target_true)}): the edit would change nothing'
+                f'field "target_new": equals "target_true" ({quote(self.target_true)}): the edit would change nothing'
             )
         if problems:
-            raise EditFileError(_summary([f"EditRequest: {p}" for p in problems]))
+            raise EditFileError(problem_summary([f"EditRequest: {p}" for p in problems]))
 
     def text(self) -> str:
         """The prompt with the subject filled in (the single ``{}`` replaced; not ``str.format``)."""
@@ -275,247 +210,15 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _JsonObject:
     return obj
 
 
-class _Fields:
-    """Reads typed fields out of one JSON object, collecting a message per problem."""
-
-    def __init__(self, obj: dict[str, Any], problems: list[str], prefix: str = "") -> None:
-        self.obj = obj
-        self.problems = problems
-        self.prefix = prefix
-        for key in getattr(obj, "duplicates", ()):
-            self.fail(key, "appears more than once in the object (JSON keeps only the last)")
-
-    def name(self, key: str) -> str:
-        return f"{self.prefix}{key}"
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append(f'field "{self.name(key)}": {message}')
-
-    def string(self, key: str, *, required: bool = True) -> str | None:
-        """A non-blank string; None (after reporting when ``required``) when missing or null."""
-        if key not in self.obj or self.obj[key] is None:
-            if required:
-                self.fail(key, "missing" if key not in self.obj else "is null; expected a string")
-            return None
-        value = self.obj[key]
-        problem = _string_problem(value)
-        if problem:
-            self.fail(key, problem)
-            return None
-        assert isinstance(value, str)
-        return value
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        """An optional array of non-blank strings (missing or null: empty)."""
-        value = self.obj.get(key)
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            self.fail(key, f"expected an array of strings, got {_json_type(value)}")
-            return ()
-        out: list[str] = []
-        for i, item in enumerate(value):
-            problem = _string_problem(item)
-            if problem:
-                self.fail(f"{key}[{i}]", problem)
-            else:
-                out.append(item)
-        return tuple(out)
-
-    def case_id(self, key: str = "case_id") -> str | None:
-        """An optional id: a non-blank string or an integer (returned as its decimal string)."""
-        value = self.obj.get(key)
-        if value is None:
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, str):
-            if value.strip():
-                return value
-            self.fail(key, "empty string" if not value else "blank string (only whitespace)")
-            return None
-        self.fail(key, f"expected a string or an integer, got {_json_type(value)}")
-        return None
-
-    def target(self, key: str, *, required: bool) -> tuple[str | None, str]:
-        """ROME's ``{"str": ...}`` target (or a plain string) and the name of the field it came from."""
-        value = self.obj.get(key)
-        if isinstance(value, dict):
-            inner = _Fields(value, self.problems, f"{self.name(key)}.")
-            return inner.string("str"), inner.name("str")
-        if value is None and not required:
-            return None, self.name(key)
-        if value is not None and not isinstance(value, str):
-            self.fail(key, f'expected an object {{"str": ...}} or a string, got {_json_type(value)}')
-            return None, self.name(key)
-        return self.string(key, required=required), self.name(key)
-
-    def template(self, key: str, template: str | None) -> None:
-        """Reports a template without exactly one ``{}``."""
-        if template is not None:
-            problem = _placeholder_problem(template)
-            if problem:
-                self.fail(key, problem)
-
-
-def _fill_in_template(f: _Fields, text_key: str, text: str | None, subject: str | None) -> str | None:
-    """A template made from ``text`` (subject filled in) by replacing the subject's first occurrence."""
-    if text is None or subject is None:
-        return None
-    if PLACEHOLDER in text:
-        f.fail(text_key, f'contains a literal "{PLACEHOLDER}"; in this shape the subject is already filled in')
-        return None
-    if subject not in text:
-        f.fail("subject", f"{_short(subject)} does not occur in field {_short(f.name(text_key))}: {_short(text)}")
-        return None
-    return text.replace(subject, PLACEHOLDER, 1)
-
-
-def _shape(obj: dict[str, Any]) -> tuple[str | None, str]:
-    """Which record shape ``obj`` is in, or None with the reason."""
-    keys = set(obj)
-    if "requested_rewrite" in keys:
-        return "rome", ""
-    if "src" in keys or "alt" in keys:
-        return "zsre", ""
-    if "prompt" in keys:
-        flat = [k for k in _FLAT_KEYS if k in keys]
-        own = [k for k in _RROME_ONLY_KEYS if k in keys]
-        if flat and own:
-            return None, (
-                f"mixes keys of rrome's shape ({', '.join(map(_short, own))}) and of flat CounterFact "
-                f"({', '.join(map(_short, flat))}); use one shape per record"
-            )
-        if flat:
-            return "flat", ""
-        if own:
-            return "rrome", ""
-        # Only the common keys: a template holds "{}", a filled-in prompt holds the subject.
-        prompt = obj["prompt"]
-        if isinstance(prompt, str) and PLACEHOLDER not in prompt:
-            subject = obj.get("subject")
-            if isinstance(subject, str) and subject and subject in prompt:
-                return "flat", ""
-        return "rrome", ""
-    listed = ", ".join(_short(k) for k in sorted(keys)) if keys else "none"
-    return None, f"unknown record shape (keys: {listed}); {_SHAPES_HELP}"
-
-
-def _parse_rrome(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    f = _Fields(obj, problems)
-    for key in obj:
-        if key not in _RROME_KEYS:
-            f.fail(key, f"unknown field; rrome's records have {', '.join(map(_short, _RROME_KEYS))}")
-    prompt = f.string("prompt")
-    f.template("prompt", prompt)
-    subject = f.string("subject")
-    target_new = f.string("target_new")
-    target_true = f.string("target_true", required=False)
-    if target_new is not None and _same_target(target_new, target_true):
-        f.fail("target_new", f'equals "target_true" ({_short(target_new)}): the edit would change nothing')
-    return {
-        "prompt": prompt,
-        "subject": subject,
-        "target_new": target_new,
-        "target_true": target_true,
-        "case_id": f.case_id(),
-        "paraphrase_prompts": f.strings("paraphrase_prompts"),
-        "neighborhood_prompts": f.strings("neighborhood_prompts"),
-        "neighborhood_target": f.string("neighborhood_target", required=False),
-    }
-
-
-def _parse_rome(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    f = _Fields(obj, problems)
-    case_id = f.case_id()
-    rewrite = obj["requested_rewrite"]
-    prompt = subject = target_new = target_true = None
-    if isinstance(rewrite, dict):
-        rw = _Fields(rewrite, problems, "requested_rewrite.")
-        prompt = rw.string("prompt")
-        rw.template("prompt", prompt)
-        subject = rw.string("subject")
-        target_new, new_name = rw.target("target_new", required=True)
-        target_true, true_name = rw.target("target_true", required=False)
-        if target_new is not None and _same_target(target_new, target_true):
-            problems.append(
-                f'field "{new_name}": equals "{true_name}" ({_short(target_new)}): the edit would change nothing'
-            )
-    else:
-        f.fail("requested_rewrite", f"expected an object, got {_json_type(rewrite)}")
-    return {
-        "prompt": prompt,
-        "subject": subject,
-        "target_new": target_new,
-        "target_true": target_true,
-        "case_id": case_id,
-        "paraphrase_prompts": f.strings("paraphrase_prompts"),
-        "neighborhood_prompts": f.strings("neighborhood_prompts"),
-        "neighborhood_target": None,
-    }
-
-
-def _parse_flat(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    f = _Fields(obj, problems)
-    text = f.string("prompt")
-    subject = f.string("subject")
-    target_new = f.string("target_new")
-    target_true = f.string("ground_truth", required=False)
-    if target_new is not None and _same_target(target_new, target_true):
-        f.fail("target_new", f'equals "ground_truth" ({_short(target_new)}): the edit would change nothing')
-    rephrase = f.string("rephrase_prompt", required=False)
-    locality = f.string("locality_prompt", required=False)
-    return {
-        "prompt": _fill_in_template(f, "prompt", text, subject),
-        "subject": subject,
-        "target_new": target_new,
-        "target_true": target_true,
-        "case_id": f.case_id(),
-        "paraphrase_prompts": () if rephrase is None else (rephrase,),
-        "neighborhood_prompts": () if locality is None else (locality,),
-        "neighborhood_target": f.string("locality_ground_truth", required=False),
-    }
-
-
-def _parse_zsre(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    f = _Fields(obj, problems)
-    text = f.string("src")
-    subject = f.string("subject")
-    target_new = f.string("alt")
-    answers = f.strings("answers")
-    target_true = answers[0] if answers else None
-    if target_new is not None:
-        for i, answer in enumerate(answers):
-            if _same_target(target_new, answer):
-                what = "the true answer" if i == 0 else "one of the true answers"
-                f.fail("alt", f'equals {what} "answers[{i}]" ({_short(answer)}): the edit would change nothing')
-                break
-    rephrase = f.string("rephrase", required=False)
-    loc = f.string("loc", required=False)
-    return {
-        "prompt": _fill_in_template(f, "src", text, subject),
-        "subject": subject,
-        "target_new": target_new,
-        "target_true": target_true,
-        "case_id": f.case_id(),
-        "paraphrase_prompts": () if rephrase is None else (rephrase,),
-        "neighborhood_prompts": () if loc is None else (loc,),
-        "neighborhood_target": f.string("loc_ans", required=False),
-    }
-
-
-_PARSERS = {"rrome": _parse_rrome, "rome": _parse_rome, "flat": _parse_flat, "zsre": _parse_zsre}
-
-
 def _parse(obj: Any) -> tuple[EditRequest | None, str | None, list[str]]:
     """The request in ``obj`` (None when invalid), its case id when readable, and every problem."""
     if not isinstance(obj, dict):
-        return None, None, [f"record is a JSON {_json_type(obj).split()[0]}, expected an object"]
-    shape, reason = _shape(obj)
+        return None, None, [f"record is a JSON {json_type(obj).split()[0]}, expected an object"]
+    shape, reason = record_shape(obj)
     if shape is None:
         return None, None, [reason]
     problems: list[str] = []
-    fields = _PARSERS[shape](obj, problems)
+    fields = record_fields(shape, obj, problems)
     case_id = fields["case_id"]
     if problems:
         return None, case_id, problems
@@ -526,7 +229,8 @@ def _parse(obj: Any) -> tuple[EditRequest | None, str | None, list[str]]:
     return request, case_id, []
 
 
-def _summary(lines: list[str]) -> str:
+def problem_summary(lines: list[str]) -> str:
+    """The lines of one error message: the first :data:`MAX_REPORTED_ERRORS`, then "... and N more"."""
     shown = lines[:MAX_REPORTED_ERRORS]
     if len(lines) > MAX_REPORTED_ERRORS:
         shown.append(f"... and {len(lines) - MAX_REPORTED_ERRORS} more")
@@ -558,7 +262,7 @@ def parse_record(obj: Any, *, where: str) -> EditRequest:
     """
     request, _, problems = _parse(obj)
     if request is None:
-        raise EditFileError(_summary([f"{where}: {p}" for p in problems]))
+        raise EditFileError(problem_summary([f"{where}: {p}" for p in problems]))
     object.__setattr__(request, "source", where)
     return request
 
@@ -599,7 +303,7 @@ def _read_slots(path: str, data: bytes) -> list[_Slot]:
     first = next((line.lstrip()[:1] for line in texts if line.strip()), "")
     if first == "[":
         if bad:
-            raise EditFileError(_summary([f"{path}:{number}: {message}" for number, message in bad.items()]))
+            raise EditFileError(problem_summary([f"{path}:{number}: {message}" for number, message in bad.items()]))
         try:
             records = _loads("\n".join(texts))
         except json.JSONDecodeError as e:
@@ -702,7 +406,7 @@ def load_requests(
             if case_id is not None:
                 if case_id in first_seen:
                     problems.append(
-                        f'field "case_id": duplicate case_id {_short(case_id)}, also at {first_seen[case_id]}'
+                        f'field "case_id": duplicate case_id {quote(case_id)}, also at {first_seen[case_id]}'
                     )
                     request = None
                 else:
@@ -716,7 +420,7 @@ def load_requests(
     if skip_invalid:
         return requests, skipped
     if errors:
-        raise EditFileError(_summary(errors))
+        raise EditFileError(problem_summary(errors))
     return requests
 
 
@@ -745,7 +449,7 @@ def dump_requests(path: PathLike, requests: Iterable[EditRequest]) -> None:
         if request.case_id is not None:
             if request.case_id in first_seen:
                 raise EditFileError(
-                    f'{name}:{number}: field "case_id": duplicate case_id {_short(request.case_id)}, '
+                    f'{name}:{number}: field "case_id": duplicate case_id {quote(request.case_id)}, '
                     f"also at line {first_seen[request.case_id]}"
                 )
             first_seen[request.case_id] = number
@@ -792,4 +496,5 @@ __all__ = [
     "dump_requests",
     "load_requests",
     "parse_record",
+    "problem_summary",
 ]
