@@ -52,8 +52,8 @@ def main() -> None:
     os.environ["RROME_CACHE_DIR"] = str((args.out / "cache").resolve())
     from rrome.engine.editor import Editor
     from rrome.engine.keys import compute_keys
-    from rrome.eval.results import sha256_file
     from rrome.eval.runs import RunConfig, load_cases, run
+    from rrome.files.fsutil import sha256_file
 
     corpus = args.out / "corpus.txt"
     if not corpus.exists():

@@ -24,10 +24,11 @@ from rrome.eval.generation import entropy, generation_entropy, ngram_entropy
 from rrome.eval.metrics import CaseProbs, harmonic_mean, metrics
 from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import report, summarize
-from rrome.eval.results import read_jsonl, sha256_file
+from rrome.eval.results import read_jsonl
 from rrome.eval.runs import RunConfig, run
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
+from rrome.files.fsutil import sha256_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.is_dir():  # a checkout beside /work/shared

@@ -276,8 +276,9 @@ def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
 ) -> None:
     from safetensors.numpy import load_file
 
-    from rrome.eval.results import read_jsonl, sha256_file
+    from rrome.eval.results import read_jsonl
     from rrome.eval.runs import RunConfig, run
+    from rrome.files.fsutil import sha256_file
 
     fields = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 4]]}
     base = {"model_dir": str(tiny_model("gpt2")), "data": str(DATA), "data_sha256": sha256_file(DATA)}

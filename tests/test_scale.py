@@ -28,6 +28,7 @@ from rrome.cli import main
 from rrome.engine import stats
 from rrome.engine.editor import Editor
 from rrome.engine.models import load
+from rrome.files.fsutil import sha256_file
 from rrome.files.hparams import load_hparams
 
 MAX_TOKENS = 6000  # three batches of 8 windows of 256 tokens: both workers get work
@@ -149,7 +150,7 @@ def test_two_workers_equal_one_process(tiny_model: Callable[[str], Path], tmp_pa
     # Self-describing: model, layer, corpus hash and token count travel with the file.
     assert meta["model_key"] == stats.model_key(model_dir)
     assert meta["layer"] == "0" and meta["module"] == "transformer.h.0.mlp.c_proj"
-    assert meta["corpus_sha256"] == stats.file_sha256(stats.default_corpus())
+    assert meta["corpus_sha256"] == sha256_file(stats.default_corpus())
     assert meta["max_tokens"] == str(MAX_TOKENS) and meta["model_dtype"] == "float32"
 
 
@@ -260,7 +261,7 @@ def test_cholesky_factor_is_cached_and_equals_a_fresh_one(
     assert np.array_equal(chol.factor(), fresh.factor())
     loaded = rrome.Cholesky.load(path)
     assert np.array_equal(loaded.factor(), fresh.factor()) and loaded.ridge == 0.0
-    assert loaded.metadata["stats_sha256"] == stats.file_sha256(editor.stats_path)
+    assert loaded.metadata["stats_sha256"] == sha256_file(editor.stats_path)
     k = np.linspace(-1.0, 1.0, fresh.d)
     assert np.array_equal(loaded.solve(k), fresh.solve(k))
 
@@ -280,7 +281,7 @@ def test_cholesky_factor_is_cached_and_equals_a_fresh_one(
     moment = rrome.SecondMoment.load(editor.stats_path)
     fresh.save(path, {"stats_sha256": "0" * 64})
     rebuilt, _ = stats.cached_cholesky(editor.stats_path, moment)
-    assert rrome.Cholesky.load(path).metadata["stats_sha256"] == stats.file_sha256(editor.stats_path)
+    assert rrome.Cholesky.load(path).metadata["stats_sha256"] == sha256_file(editor.stats_path)
     path.write_bytes(b"garbage")
     rebuilt, _ = stats.cached_cholesky(editor.stats_path, moment)
     assert np.array_equal(rebuilt.factor(), fresh.factor())

@@ -174,9 +174,10 @@ def test_guarded_sequential_eval_refuses_and_resumes(sink_models: dict[bool, Pat
     import shutil
 
     from rrome.eval.report import summarize
-    from rrome.eval.results import read_jsonl, sha256_file
+    from rrome.eval.results import read_jsonl
     from rrome.eval.runs import RunConfig, run
     from rrome.files.errors import RromeError
+    from rrome.files.fsutil import sha256_file
 
     data = _cf_file(tmp_path / "cf.json")
     common: dict[str, Any] = {

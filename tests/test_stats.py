@@ -27,6 +27,7 @@ from _helpers import tensor_region
 import rrome
 from rrome.engine import stats
 from rrome.engine.models import load
+from rrome.files.fsutil import sha256_file
 
 WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 VOCAB = 300
@@ -366,9 +367,7 @@ def test_second_moment_caches_with_provenance(
 
     m, path = stats.second_moment(folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=300, progress=False)
     key = stats.model_key(folder)
-    assert (
-        path == _private_cache / "stats" / key / f"layer1-mlp.c_proj-{stats.file_sha256(corpus)[:16]}-300.safetensors"
-    )
+    assert path == _private_cache / "stats" / key / f"layer1-mlp.c_proj-{sha256_file(corpus)[:16]}-300.safetensors"
     assert path == stats.stats_path(folder, adapter, LAYER, corpus=corpus, max_tokens=300)
     assert path.is_file() and m.count == 300
     meta = rrome.SecondMoment.load(path).metadata
@@ -378,7 +377,7 @@ def test_second_moment_caches_with_provenance(
     assert meta["layer"] == "1"
     assert meta["module"] == "transformer.h.1.mlp.c_proj"
     assert meta["corpus"] == "small.txt"
-    assert meta["corpus_sha256"] == stats.file_sha256(corpus)
+    assert meta["corpus_sha256"] == sha256_file(corpus)
     assert meta["max_tokens"] == "300"
     assert meta["seq_len"] == str(min(stats.DEFAULT_SEQ_LEN, 128))
     assert meta["tokens_available"] == ">=300"
@@ -537,7 +536,7 @@ def test_default_corpus_is_the_packaged_wikitext() -> None:
     assert path.is_file()
     assert path.parent.parent.parent == Path(rrome.__file__).parent  # inside the package
     assert hashlib.sha256(path.read_bytes()).hexdigest() == WIKITEXT_SHA256
-    assert stats.file_sha256(path) == WIKITEXT_SHA256
+    assert sha256_file(path) == WIKITEXT_SHA256
     notice = (path.parent / "NOTICE.md").read_text(encoding="utf-8")
     assert "CC BY-SA 3.0" in notice and WIKITEXT_SHA256 in notice and "Merity" in notice
     arts = stats.corpus_texts(path)

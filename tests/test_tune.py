@@ -25,11 +25,12 @@ from rrome.engine.editor import Editor
 from rrome.eval.metrics import metrics
 from rrome.eval.probabilities import case_probabilities
 from rrome.eval.report import summarize
-from rrome.eval.results import read_jsonl, sha256_file
+from rrome.eval.results import read_jsonl
 from rrome.eval.runs import RunConfig, run
 from rrome.eval.tune import TuneConfig, rank, tune
 from rrome.files.edits import load_requests
 from rrome.files.errors import NonFiniteUpdateError, RromeError
+from rrome.files.fsutil import sha256_file
 from rrome.files.hparams import HParams, HParamsError, parse_assignments, parse_grid, parse_grids, resolve_hparams
 
 # Four CounterFact records in ROME's shape; the sweeps use the first three.

@@ -623,8 +623,8 @@ def eval_cmd(
         fields["stats_max_tokens"] = stats_tokens
 
     from rrome.eval.report import report
-    from rrome.eval.results import sha256_file
     from rrome.eval.runs import RunConfig, run
+    from rrome.files.fsutil import sha256_file
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     cfg = RunConfig(
@@ -739,8 +739,8 @@ def tune_cmd(
         click.echo(f"rrome: error: {e}", err=True)
         sys.exit(2)
 
-    from rrome.eval.results import sha256_file
     from rrome.eval.tune import TuneConfig, tune
+    from rrome.files.fsutil import sha256_file
 
     cfg = TuneConfig(
         model_dir=str(model_dir.resolve()),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rrome.engine.stats import cache_root
 from rrome.files.errors import RromeError
+from rrome.files.fsutil import atomic_write
 
 
 def _install(package: str, size: str, *extra: str) -> None:
@@ -107,10 +108,7 @@ def mark_control_tokens(folder: Path) -> bool:
             token["special"] = True
             changed = True
     if changed:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        tmp.chmod(path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, ensure_ascii=False).encode("utf-8"), mode=path.stat().st_mode & 0o777)
     return changed
 
 

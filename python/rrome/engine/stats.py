@@ -35,6 +35,7 @@ from rrome.files.errors import (
     SafetensorsHeaderError,
     UnsupportedModelError,
 )
+from rrome.files.fsutil import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -129,19 +130,6 @@ def corpus_texts(path: PathLike, *, fmt: CorpusFormat = "auto") -> list[str]:
     if not docs:
         raise InvalidFileError(f"{p}: the corpus holds no text")
     return docs
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- cache --------------------------------------------------------------------------------
@@ -290,7 +278,7 @@ def stats_path(
         SafetensorsHeaderError: see :func:`model_key`.
     """
     corpus_path = Path(corpus) if corpus is not None else default_corpus()
-    return _stats_file(model_key(model_dir), adapter, layer, file_sha256(corpus_path), max_tokens, dtype)
+    return _stats_file(model_key(model_dir), adapter, layer, sha256_file(corpus_path), max_tokens, dtype)
 
 
 # --- collection ---------------------------------------------------------------------------
@@ -588,7 +576,7 @@ def second_moment(
     info = dist.current()
     main = info is None or info.is_main
     corpus_path = Path(corpus) if corpus is not None else default_corpus()
-    corpus_sha = file_sha256(corpus_path)
+    corpus_sha = sha256_file(corpus_path)
     key = model_key(model_dir)
     module = adapter.module_name(layer)
     limit = _max_positions(model.config)
@@ -675,7 +663,7 @@ def cached_cholesky(stats_file: PathLike, moment: SecondMoment, *, ridge: float 
     """
     stats_file = Path(stats_file)
     path = cholesky_path(stats_file, ridge)
-    sha = file_sha256(stats_file)
+    sha = sha256_file(stats_file)
     if path.is_file():
         try:
             chol = Cholesky.load(path)

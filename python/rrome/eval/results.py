@@ -7,22 +7,15 @@ with nothing else, so rebuilding a table or a figure never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from rrome.files.fsutil import atomic_write
+
 RUN_FILE = "run.json"
 BASELINE_FILE = "baseline.json"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_append(path: Path, obj: Any) -> None:
@@ -35,14 +28,8 @@ def fsync_append(path: Path, obj: Any) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON through a temporary file, fsynced and renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes ``obj`` as JSON, atomically (:func:`rrome.files.fsutil.atomic_write`)."""
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:

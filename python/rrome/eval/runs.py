@@ -53,6 +53,7 @@ from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl
 from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
+from rrome.files.fsutil import atomic_write
 from rrome.files.hparams import HParams
 
 
@@ -329,13 +330,7 @@ def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None
     tensors = {"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)}
     if k is not None:
         tensors["k"] = np.ascontiguousarray(k, np.float64)  # the retained key, as the editor holds it
-    data = save(tensors)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, save(tensors))
 
 
 def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

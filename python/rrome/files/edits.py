@@ -16,15 +16,14 @@ go instead of one error per run. Nothing here imports torch or numpy.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from rrome.files.errors import EditFileError
+from rrome.files.fsutil import atomic_write
 from rrome.files.shapes import (
     PLACEHOLDER,
     json_type,
@@ -427,8 +426,8 @@ def load_requests(
 def dump_requests(path: PathLike, requests: Iterable[EditRequest]) -> None:
     """Writes requests as JSONL in rrome's own shape, atomically.
 
-    The lines go to a temporary file beside ``path``, which is flushed to disk and then renamed
-    over ``path``: readers see the old file or the complete new one, never a part.
+    Through :func:`rrome.files.fsutil.atomic_write`: readers see the old file or the complete new
+    one, never a part.
     :func:`load_requests` reads the result back into equal requests.
 
     Raises:
@@ -459,34 +458,7 @@ def dump_requests(path: PathLike, requests: Iterable[EditRequest]) -> None:
         except UnicodeEncodeError:  # lone surrogates: escape them so that the file stays UTF-8
             chunks.append((json.dumps(record) + "\n").encode("ascii"))
 
-    directory, base = os.path.split(os.path.abspath(name))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(b"".join(chunks))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Makes a rename in ``directory`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(name, b"".join(chunks))
 
 
 __all__ = [
