@@ -297,6 +297,7 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
     from rrome.engine import stats as stats_mod
     from rrome.engine import values as values_mod
     from rrome.engine.hooks import get_module
+    from rrome.files.corpus import corpus_texts, default_corpus
     from rrome.files.edits import load_requests
 
     try:
@@ -311,7 +312,7 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
     if only in "stats-gemma270m":
         # 3 × 2 collections of 2,000 tokens: about a minute and a half at ~150 tokens/s.
         tokens = 500 if quick else 2_000
-        texts = stats_mod.corpus_texts(stats_mod.default_corpus())
+        texts = corpus_texts(default_corpus())
 
         def collect(n_tokens: int = tokens) -> Any:
             return stats_mod.collect_second_moment(

@@ -35,9 +35,9 @@ def build_model(dest: Path, *, d_model: int, d_ff: int, n_layer: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from rrome.engine import stats
+    from rrome.files.corpus import default_corpus
 
-    text = stats.default_corpus().read_text(encoding="utf-8")[:200_000]
+    text = default_corpus().read_text(encoding="utf-8")[:200_000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

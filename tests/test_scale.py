@@ -28,6 +28,7 @@ from rrome.cli import main
 from rrome.engine import stats
 from rrome.engine.editor import Editor
 from rrome.engine.models import load
+from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.fsutil import sha256_file
 from rrome.files.hparams import load_hparams
 
@@ -86,7 +87,7 @@ def single_process_moment(model_dir: Path) -> rrome.SecondMoment:
         model,
         tokenizer,
         adapter.module_name(layer),
-        texts=stats.corpus_texts(stats.default_corpus()),
+        texts=corpus_texts(default_corpus()),
         max_tokens=MAX_TOKENS,
         batch_size=8,
         seq_len=256,
@@ -101,7 +102,7 @@ def test_shards_partition_the_batches(tiny_model: Callable[[str], Path]) -> None
     """In process: the shards of 2 and 3 ranks are disjoint and merge into the whole moment."""
     model, tokenizer, adapter = load(tiny_model("llama"), device="cpu")
     module = adapter.module_name(1)
-    texts = stats.corpus_texts(stats.default_corpus())[:6]
+    texts = corpus_texts(default_corpus())[:6]
     kw: dict[str, Any] = {"texts": texts, "max_tokens": 900, "batch_size": 2, "seq_len": 64, "progress": False}
     whole = stats.collect_second_moment(model, tokenizer, module, **kw)
     for world in (2, 3):
@@ -150,7 +151,7 @@ def test_two_workers_equal_one_process(tiny_model: Callable[[str], Path], tmp_pa
     # Self-describing: model, layer, corpus hash and token count travel with the file.
     assert meta["model_key"] == stats.model_key(model_dir)
     assert meta["layer"] == "0" and meta["module"] == "transformer.h.0.mlp.c_proj"
-    assert meta["corpus_sha256"] == sha256_file(stats.default_corpus())
+    assert meta["corpus_sha256"] == sha256_file(default_corpus())
     assert meta["max_tokens"] == str(MAX_TOKENS) and meta["model_dtype"] == "float32"
 
 

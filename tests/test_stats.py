@@ -27,7 +27,9 @@ from _helpers import tensor_region
 import rrome
 from rrome.engine import stats
 from rrome.engine.models import load
+from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.fsutil import sha256_file
+from rrome.files.paths import CACHE_ENV, cache_root
 
 WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 VOCAB = 300
@@ -44,7 +46,7 @@ VARIANTS = [("gpt2", "plain"), ("gpt2", "bos"), ("llama", "bos"), ("gemma3", "bo
 def _train_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = stats.default_corpus().read_text(encoding="utf-8")[:50_000]
+    text = default_corpus().read_text(encoding="utf-8")[:50_000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -138,7 +140,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     cache = tmp_path / "cache"
-    monkeypatch.setenv(stats.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     yield cache
 
 
@@ -149,7 +151,7 @@ def load_f64(folder: Path) -> tuple[Any, Any, Any]:
 
 def sample_texts() -> list[str]:
     """Long, medium, shorter-than-a-window and long documents (several windows, ragged batches)."""
-    arts = stats.corpus_texts(stats.default_corpus())
+    arts = corpus_texts(default_corpus())
     return [arts[0][:2500], arts[1][:900], "A short one .", arts[2][:1700]]
 
 
@@ -532,19 +534,19 @@ def test_model_key_errors(tmp_path: Path) -> None:
 
 
 def test_default_corpus_is_the_packaged_wikitext() -> None:
-    path = stats.default_corpus()
+    path = default_corpus()
     assert path.is_file()
     assert path.parent.parent.parent == Path(rrome.__file__).parent  # inside the package
     assert hashlib.sha256(path.read_bytes()).hexdigest() == WIKITEXT_SHA256
     assert sha256_file(path) == WIKITEXT_SHA256
     notice = (path.parent / "NOTICE.md").read_text(encoding="utf-8")
     assert "CC BY-SA 3.0" in notice and WIKITEXT_SHA256 in notice and "Merity" in notice
-    arts = stats.corpus_texts(path)
+    arts = corpus_texts(path)
     assert len(arts) == 62
     assert arts[0].startswith("Robert Boulter is an English film")
     assert all(a == a.strip() and a for a in arts)
     assert not any(a.startswith("= ") for a in arts)  # article headings are not text
-    assert stats.corpus_texts(path) == arts  # deterministic
+    assert corpus_texts(path) == arts  # deterministic
 
 
 def test_corpus_texts_formats(tmp_path: Path) -> None:
@@ -553,34 +555,34 @@ def test_corpus_texts_formats(tmp_path: Path) -> None:
         b" \r\n = Alpha = \r\n \r\n Alpha text . \r\n = = Section = = \r\n More alpha . \r\n"
         b" = Beta = \r\n \r\n Beta text . \r\n = Empty = \r\n \r\n"
     )
-    assert stats.corpus_texts(wiki) == ["Alpha text .\n= = Section = =\nMore alpha .", "Beta text ."]
+    assert corpus_texts(wiki) == ["Alpha text .\n= = Section = =\nMore alpha .", "Beta text ."]
     paras = tmp_path / "paras.txt"
     paras.write_text("First line\nsecond line\n\n\n  Second para  \n \nThird\n", encoding="utf-8")
-    assert stats.corpus_texts(paras) == ["First line\nsecond line", "Second para", "Third"]
+    assert corpus_texts(paras) == ["First line\nsecond line", "Second para", "Third"]
     # The same file forced either way.
-    assert stats.corpus_texts(wiki, fmt="paragraphs")[0] == "= Alpha ="
-    assert stats.corpus_texts(paras, fmt="wikitext") == ["First line\nsecond line\nSecond para\nThird"]
+    assert corpus_texts(wiki, fmt="paragraphs")[0] == "= Alpha ="
+    assert corpus_texts(paras, fmt="wikitext") == ["First line\nsecond line\nSecond para\nThird"]
     with pytest.raises(ValueError, match="fmt"):
-        stats.corpus_texts(paras, fmt="csv")  # type: ignore[arg-type]
+        corpus_texts(paras, fmt="csv")  # type: ignore[arg-type]
 
     (tmp_path / "blank.txt").write_text(" \n\n  \n", encoding="utf-8")
     with pytest.raises(rrome.InvalidFileError, match="holds no text"):
-        stats.corpus_texts(tmp_path / "blank.txt")
+        corpus_texts(tmp_path / "blank.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(rrome.InvalidFileError, match="not UTF-8"):
-        stats.corpus_texts(tmp_path / "latin1.txt")
+        corpus_texts(tmp_path / "latin1.txt")
     with pytest.raises(FileNotFoundError):
-        stats.corpus_texts(tmp_path / "missing.txt")
+        corpus_texts(tmp_path / "missing.txt")
 
 
 def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path / "explicit"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert stats.cache_root() == tmp_path / "explicit"
-    monkeypatch.delenv(stats.CACHE_ENV)
-    assert stats.cache_root() == tmp_path / "xdg" / "rrome"
+    assert cache_root() == tmp_path / "explicit"
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_root() == tmp_path / "xdg" / "rrome"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
-    assert stats.cache_root() == tmp_path / "home" / ".cache" / "rrome"
+    assert cache_root() == tmp_path / "home" / ".cache" / "rrome"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert stats.cache_root() == tmp_path / "home" / ".cache" / "rrome"
+    assert cache_root() == tmp_path / "home" / ".cache" / "rrome"

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rrome.engine.stats import cache_root
 from rrome.files.errors import RromeError
 from rrome.files.fsutil import atomic_write
+from rrome.files.paths import cache_root
 
 
 def _install(package: str, size: str, *extra: str) -> None:

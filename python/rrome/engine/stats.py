@@ -1,13 +1,13 @@
 """Second moments C0 = E[k kᵀ] of one layer's keys over a text corpus, cached per model.
 
 ROME's update solves against C0, the uncentred second moment of the keys (the inputs of the edited
-MLP output projection) over ordinary text (docs/design.md §1). This module turns a corpus file into
-documents (:func:`corpus_texts`), runs the model over them only as far as the edited module
+MLP output projection) over ordinary text (docs/design.md §1). This module runs the model over the
+documents of a corpus (:mod:`rrome.files.corpus`) only as far as the edited module
 (:func:`collect_second_moment`, which feeds the float64 Rust accumulator
 :class:`rrome.SecondMoment`), and caches the result on disk per unedited model, layer, corpus and
-token budget (:func:`second_moment`). The default corpus, the WikiText-2 test split, ships inside
-the package (:func:`default_corpus`). Only the functions that run the model import torch, so the
-file and cache helpers also work where torch is not installed.
+token budget (:func:`second_moment`), under :func:`rrome.files.paths.cache_root`. Only the
+functions that run the model import torch, so the cache key and paths also work where torch is
+not installed.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import errno
 import hashlib
 import json
 import os
-import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rrome._rust import Cholesky, SecondMoment
+from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import (
     CheckpointError,
     InvalidFileError,
@@ -36,6 +35,7 @@ from rrome.files.errors import (
     UnsupportedModelError,
 )
 from rrome.files.fsutil import sha256_file
+from rrome.files.paths import cache_root
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from rrome.engine.models import Adapter
 
 PathLike = str | os.PathLike[str]
-CorpusFormat = Literal["auto", "wikitext", "paragraphs"]
-
-CACHE_ENV = "RROME_CACHE_DIR"
-"""Environment variable naming the cache folder (overrides ``$XDG_CACHE_HOME/rrome``)."""
 DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_SEQ_LEN = 256
 STATS_FORMAT = "rrome-stats/1"
@@ -55,98 +51,9 @@ STATS_FORMAT = "rrome-stats/1"
 _MODEL_KEY_VERSION = b"rrome-model-key/1\n"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _TOKENIZE_CHUNK = 16  # documents tokenised per call of the (Rust) tokenizer
-# A top-level WikiText heading (" = Title = "), not a section (" = = Section = = ").
-_WIKITEXT_HEADING = re.compile(r"= [^=](?:.*[^=])? =")
-
-
-# --- corpus -------------------------------------------------------------------------------
-
-
-def default_corpus() -> Path:
-    """Path of the corpus that ships with rrome: the WikiText-2 (raw) test split, 62 articles.
-
-    Its provenance and licence (CC BY-SA 3.0) are in ``NOTICE.md`` beside it.
-
-    Raises:
-        FileNotFoundError: the package data is missing (a broken install).
-    """
-    ref = resources.files("rrome") / "data" / "wikitext2" / "wiki.test.raw"
-    path = Path(str(ref))
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "rrome's packaged corpus is missing (broken install?)", str(path))
-    return path
-
-
-def _is_wikitext_heading(line: str) -> bool:
-    return _WIKITEXT_HEADING.fullmatch(line.strip()) is not None
-
-
-def corpus_texts(path: PathLike, *, fmt: CorpusFormat = "auto") -> list[str]:
-    """The documents of a UTF-8 corpus file, in file order.
-
-    A WikiText raw file (recognised by its top-level headings ``" = Title = "``) is split into
-    articles: the text between two headings, heading lines left out. Any other file is split into
-    paragraphs at blank lines. Each line is stripped; empty documents are dropped; line endings
-    (``\\n``, ``\\r\\n``, ``\\r``) do not matter.
-
-    Args:
-        path: the corpus file.
-        fmt: ``"auto"`` (the default: WikiText if the file has a top-level heading),
-            ``"wikitext"`` or ``"paragraphs"``.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        InvalidFileError: the file is not UTF-8 text or holds no text at all.
-        ValueError: an unknown ``fmt``.
-    """
-    if fmt not in ("auto", "wikitext", "paragraphs"):
-        raise ValueError(f'fmt must be "auto", "wikitext" or "paragraphs", got {fmt!r}')
-    p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidFileError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if fmt == "auto":
-        fmt = "wikitext" if any(_is_wikitext_heading(line) for line in lines) else "paragraphs"
-
-    docs: list[str] = []
-    current: list[str] = []
-
-    def flush() -> None:
-        doc = "\n".join(current).strip()
-        if doc:
-            docs.append(doc)
-        current.clear()
-
-    for line in lines:
-        stripped = line.strip()
-        boundary = _is_wikitext_heading(line) if fmt == "wikitext" else not stripped
-        if boundary:
-            flush()
-        elif stripped:
-            current.append(stripped)
-    flush()
-    if not docs:
-        raise InvalidFileError(f"{p}: the corpus holds no text")
-    return docs
 
 
 # --- cache --------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """rrome's cache folder: ``$RROME_CACHE_DIR``, else ``$XDG_CACHE_HOME/rrome``, else ``~/.cache/rrome``.
-
-    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG base directory specification says.
-    """
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "rrome"
-    return Path.home() / ".cache" / "rrome"
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -389,7 +296,7 @@ def collect_second_moment(
         model: a transformers causal LM (any dtype and device; it is not modified).
         tokenizer: its fast tokenizer (it is not modified; without a pad token, EOS pads).
         module_name: dotted name of the module whose input is the key.
-        texts: the documents, e.g. from :func:`corpus_texts`.
+        texts: the documents, e.g. from :func:`rrome.files.corpus.corpus_texts`.
         max_tokens: how many keys to accumulate.
         batch_size: windows per forward pass (speed only: the result depends on it by float rounding at most).
         seq_len: tokens per window, at most the model's number of positions.
@@ -551,7 +458,8 @@ def second_moment(
         tokenizer: its fast tokenizer.
         adapter: the model's adapter (:func:`rrome.engine.models.adapter_for`).
         layer: the edited layer.
-        corpus: a text file (see :func:`corpus_texts`); default :func:`default_corpus`.
+        corpus: a text file (see :func:`rrome.files.corpus.corpus_texts`); default
+            :func:`rrome.files.corpus.default_corpus`.
         max_tokens: how many token keys to accumulate.
         batch_size: windows per forward pass (speed only).
         refresh: recompute even if a valid cache file exists.
