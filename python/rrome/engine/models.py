@@ -80,6 +80,17 @@ def num_layers(config: Any) -> int:
     raise UnsupportedModelError(f"cannot tell the number of layers of model_type {config.model_type!r}")
 
 
+def context_length(config: Any) -> int | None:
+    """How many positions the model has (``max_position_embeddings``, ``n_positions`` or ``n_ctx``
+    of its text config), or None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def resolve_device(device: str | None) -> str:
     """``device`` as given, or ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
     if device:

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from rrome.engine.keys import Row, pad_rows, target_ids
-from rrome.engine.models import input_device
+from rrome.engine.models import context_length, input_device
 
 
 def _log_probs(
     model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int
 ) -> list[torch.Tensor]:
     """Per-token log-probabilities of each target as a continuation of its prompt."""
-    limit = _context_length(model)
+    limit = context_length(model.config)
     rows, spans = [], []
     for prompt, target in zip(prompts, targets, strict=True):
         pre = list(tokenizer(prompt)["input_ids"])
@@ -43,15 +43,6 @@ def _log_probs(
             lp = logits[i, pos].float().log_softmax(-1)
             out.append(lp[torch.arange(len(tgt), device=device), torch.tensor(tgt, device=device)].cpu())
     return out
-
-
-def _context_length(model: Any) -> int | None:
-    config = model.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def target_probabilities(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rrome._rust import Cholesky, SecondMoment
+from rrome.engine.models import context_length
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import (
     CheckpointError,
@@ -38,8 +39,6 @@ from rrome.files.fsutil import sha256_file
 from rrome.files.paths import cache_root
 
 if TYPE_CHECKING:
-    import torch
-
     from rrome.engine.models import Adapter
 
 PathLike = str | os.PathLike[str]
@@ -191,14 +190,6 @@ def stats_path(
 # --- collection ---------------------------------------------------------------------------
 
 
-def _max_positions(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def _leading_specials(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts before a text by default ([BOS] for Gemma and Llama)."""
     plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
@@ -255,19 +246,6 @@ def _batches(windows: Iterable[list[int]], *, batch_size: int, budget: int) -> I
         yield batch
 
 
-def _pad(batch: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    width = max(len(w) for w in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, window in enumerate(batch):
-        start = width - len(window) if left else 0
-        ids[i, start : start + len(window)] = torch.tensor(window, dtype=torch.long)
-        mask[i, start : start + len(window)] = 1
-    return ids, mask
-
-
 def collect_second_moment(
     model: Any,
     tokenizer: Any,
@@ -322,6 +300,7 @@ def collect_second_moment(
     from tqdm import tqdm
 
     from rrome.engine.hooks import StopForward, get_module, trace
+    from rrome.engine.keys import Row, pad_rows
     from rrome.engine.models import input_device
 
     for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
@@ -330,16 +309,13 @@ def collect_second_moment(
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
-    limit = _max_positions(model.config)
+    limit = context_length(model.config)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions")
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError("collecting statistics needs a fast (Rust) tokenizer")
     module = get_module(model, module_name)  # KeyError naming the module, before any work
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = int(pad_id) if pad_id is not None else 0  # masked out: any valid id does
-    left = getattr(tokenizer, "padding_side", "right") == "left"
     device = input_device(model)
 
     moment: SecondMoment | None = None
@@ -351,17 +327,11 @@ def collect_second_moment(
             for index, batch in enumerate(batches):
                 if index % world != rank:
                     continue
-                ids, mask = _pad(batch, pad_id, left)
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                padded = pad_rows(tokenizer, [Row(window, 0) for window in batch], device)
                 with contextlib.suppress(StopForward):  # raised once the module has run
-                    model(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=position_ids.to(device),
-                        use_cache=False,
-                    )
+                    model(**padded.model_inputs(), use_cache=False)
                 x = rec.inputs.pop(module_name)
-                keys = x[mask.to(x.device).bool()].to(torch.float32)
+                keys = x[padded.attention_mask.to(x.device).bool()].to(torch.float32)
                 if not bool(torch.isfinite(keys).all()):
                     raise RromeError(
                         f"non-finite keys at {module_name} (float16 overflow? run the model in float32 or bfloat16)"
@@ -487,7 +457,7 @@ def second_moment(
     corpus_sha = sha256_file(corpus_path)
     key = model_key(model_dir)
     module = adapter.module_name(layer)
-    limit = _max_positions(model.config)
+    limit = context_length(model.config)
     seq_len = min(DEFAULT_SEQ_LEN, limit) if limit is not None else DEFAULT_SEQ_LEN
     dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     path = _stats_file(key, adapter, layer, corpus_sha, max_tokens, dtype)
