@@ -1,9 +1,12 @@
-"""Forward hooks as context managers that always remove themselves.
+"""Forward hooks, and stand-ins for skipped blocks, as context managers that always undo themselves.
 
 ROME reads the input of one MLP output projection (the key k) and adds a vector to its
 output (the value δ). Both are done with torch forward hooks on modules named exactly as in
 the checkpoint (the safetensors key minus ``.weight``), and every hook is removed in a
-``finally``, so an exception inside the ``with`` block never leaves a model altered.
+``finally``, so an exception inside the ``with`` block never leaves a model altered. The value
+optimisation's fast path (docs/design.md §6) also records the edited block's input once
+(:func:`record_input`) and then replays it with the blocks below swapped for pass-throughs
+(:func:`replay_below`); every hook rrome registers is here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -99,4 +102,59 @@ def edit_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.
     try:
         yield
     finally:
+        handle.remove()
+
+
+def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a block is called with: its first positional argument, or the
+    ``hidden_states`` keyword (transformers passes them either way, depending on the version)."""
+    return cast(torch.Tensor, args[0] if args else kwargs["hidden_states"])
+
+
+@contextmanager
+def record_input(model: nn.Module, name: str) -> Iterator[Trace]:
+    """Records the hidden states module ``name`` (a transformer block) is called with, detached,
+    in ``inputs[name]`` of the yielded :class:`Trace`. A pre-hook, unlike :func:`trace`: it also
+    sees hidden states passed as the ``hidden_states`` keyword."""
+    rec = Trace()
+
+    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rec.inputs[name] = _hidden_states(args, kwargs).detach()
+
+    handle = get_module(model, name).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield rec
+    finally:
+        handle.remove()
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a block below the edited layer: passes its hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def replay_below(model: nn.Module, blocks_name: str, layer: int, cached: torch.Tensor) -> Iterator[None]:
+    """Replaces blocks [0, layer) of the ``ModuleList`` ``blocks_name`` by pass-throughs and calls
+    block ``layer`` with ``cached`` instead of the hidden states that reach it: a recorded input of
+    the block (:func:`record_input`) is replayed without running the blocks below."""
+    blocks = get_module(model, blocks_name)
+    assert isinstance(blocks, nn.ModuleList)
+    saved = [blocks[i] for i in range(layer)]
+
+    def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if args:
+            return (cached, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": cached}
+
+    handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(layer):
+            blocks[i] = _PassThrough()
+        yield
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
         handle.remove()

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from rrome.engine.hooks import edit_output, get_module
+from rrome.engine.hooks import Trace, edit_output, get_module, record_input, replay_below
 from rrome.engine.keys import Batch, Row, pad_rows, prompt_row, target_ids
 from rrome.engine.models import input_device
 from rrome.files.edits import EditRequest
@@ -197,36 +197,6 @@ class _PrefixCache:
         return self.cache
 
 
-class _Skip(nn.Module):
-    """Stands in for a block below the edited layer: passes its hidden states through."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
-
-
-@contextmanager
-def _replay_below(model: nn.Module, blocks_name: str, layer: int, cached: torch.Tensor) -> Iterator[None]:
-    """Replaces blocks [0, layer) by pass-throughs and feeds block ``layer`` the cached input."""
-    blocks = get_module(model, blocks_name)
-    assert isinstance(blocks, nn.ModuleList)
-    saved = [blocks[i] for i in range(layer)]
-
-    def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if args:
-            return (cached, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": cached}
-
-    handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        for i in range(layer):
-            blocks[i] = _Skip()
-        yield
-    finally:
-        for i, b in enumerate(saved):
-            blocks[i] = b
-        handle.remove()
-
-
 def compute_value(
     model: nn.Module,
     tokenizer: Any,
@@ -274,11 +244,7 @@ def compute_value(
         out[where, at] = out[where, at] + delta.to(device=out.device, dtype=out.dtype)
         return out
 
-    def capture_block_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        state["block_in"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    blocks = get_module(model, blocks_name)
-    assert isinstance(blocks, nn.ModuleList)
+    block_name = f"{blocks_name}.{layer}"
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     trace: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "wd": [], "top1": []}
     losses = trace["loss"]
@@ -293,14 +259,14 @@ def compute_value(
             prefix = _PrefixCache.build(model, p.batch)  # outside the δ hook: no δ in the prefix
         with edit_output(model, module_name, add_delta):
             if first or not fast:
-                handle = None
-                if first:
-                    handle = blocks[layer].register_forward_pre_hook(capture_block_input, with_kwargs=True)
-                try:
+                # The first pass records the edited block's input, which the fast path replays.
+                watch: AbstractContextManager[Trace] = (
+                    record_input(model, block_name) if first else nullcontext(Trace())
+                )
+                with watch as rec:
                     logits = model(**p.batch.model_inputs()).logits[p.keep]
-                finally:
-                    if handle is not None:
-                        handle.remove()
+                if first:
+                    state["block_in"] = rec.inputs[block_name]
             else:
                 assert prefix is not None
                 s0 = prefix.start if prefix.cache is not None else 0
@@ -318,7 +284,7 @@ def compute_value(
                 if prefix.cache is not None:
                     inputs[_cache_kwarg(model)] = prefix.restore()
                     inputs["use_cache"] = True
-                with _replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
+                with replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
                     logits = model(**inputs).logits
                 # row-major (row, position) order, as the plain path's logits[p.keep]
                 logits = logits.reshape(-1, logits.shape[-1]) if cols is None else logits[keep[:, cols]]
