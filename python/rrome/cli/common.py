@@ -1,0 +1,138 @@
+"""What every ``rrome`` command shares: the command group, the one-line error handling, the
+options of the commands that edit (methods, dtypes, hyperparameters), and safe printing.
+
+Expected failures (bad files, locks, missing paths) print one line ``rrome: error: ...`` and
+exit with status 1; usage mistakes exit with status 2 (click's convention). Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from rrome.files.constants import DTYPES, METHODS
+from rrome.files.errors import RromeError
+from rrome.files.hparams import FIELDS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def expected_errors(fn: F) -> F:
+    """Turns rrome and OS errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RromeError, OSError) as e:
+            if isinstance(e, OSError) and e.filename is not None and e.strerror:
+                msg = f"{e.filename}: {e.strerror}"
+            else:
+                msg = str(e)
+            click.echo(f"rrome: error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+DIR = click.Path(file_okay=False, dir_okay=True, path_type=Path)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: names read from a model folder are untrusted
+    and must not forge output lines or terminal escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def echo_recovered(actions: list[str]) -> None:
+    for action in actions:
+        click.echo(f"recovered: {action}")
+
+
+class _WarningLine(logging.Handler):
+    """Warnings of the library (the screen, recovery) as one line each on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"rrome: warning: {record.getMessage()}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rrome")
+def main() -> None:
+    """rrome: edit facts in language models with ROME / r-ROME, written straight into safetensors files."""
+    log = logging.getLogger("rrome")
+    if not any(isinstance(h, _WarningLine) for h in log.handlers):
+        log.addHandler(_WarningLine())
+        log.propagate = False
+
+
+LINK_UNTOUCHED = click.option(
+    "--link-untouched",
+    is_flag=True,
+    help="With --out: hard-link the shards no edit touches instead of copying them (fast, no extra "
+    "disk). rrome's own later writes un-share a shard first, but another tool that rewrites a shared "
+    "shard in place changes both folders.",
+)
+
+
+def check_link_untouched(link_untouched: bool, out_dir: Path | None) -> None:
+    if link_untouched and out_dir is None:
+        raise click.UsageError("--link-untouched only applies to a copy: add --out DIR")
+
+
+METHOD_CHOICE = click.Choice(METHODS)
+DTYPE_CHOICE = click.Choice(DTYPES)
+
+
+def hparams_options(fn: F) -> F:
+    """``--hparams FILE|PRESET`` and ``--set KEY=VALUE`` (for every command that edits)."""
+    fn = click.option(
+        "--set",
+        "assignments",
+        metavar="KEY=VALUE",
+        multiple=True,
+        help="Set one hyperparameter, after --hparams (repeatable), e.g. --set clamp_norm_factor=1 "
+        "--set v_stop_most_probable=2. Values are JSON; a bare word is a string. Keys: "
+        + ", ".join(f for f in FIELDS if f != "family")
+        + ".",
+    )(fn)
+    return click.option(
+        "--hparams",
+        "hparams_spec",
+        metavar="FILE|PRESET",
+        default=None,
+        help="Hyperparameters over the family's defaults: a preset (reference: the reference ROME code's "
+        "constants and stopping rule; default: the family's) or a JSON file of fields.",
+    )(fn)
+
+
+def cli_hparams(spec: str | None, assignments: tuple[str, ...]) -> dict[str, Any]:
+    """The fields --hparams and --set give, checked before any model is loaded.
+
+    A bad --set, or a --hparams that is neither a preset nor a file, is a usage error: one line
+    ``rrome: error: ...`` naming the key and what it expects, exit status 2. A malformed file is
+    an expected failure (status 1, through ``expected_errors``).
+    """
+    from rrome.files.hparams import HParamsError, HParamsFileError, parse_assignments, spec_overrides
+
+    try:
+        fields = spec_overrides(spec)
+        fields.update(parse_assignments(assignments))
+    except HParamsFileError:
+        raise
+    except HParamsError as e:
+        click.echo(f"rrome: error: {e}", err=True)
+        sys.exit(2)
+    return fields

@@ -1,0 +1,118 @@
+"""The file commands: ``apply-deltas``, ``revert``, ``recover``, ``inspect``.
+
+They work on a checkpoint's files through the Rust shard writer and never load the model: they
+import neither torch nor transformers, so they start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from rrome.cli.common import DIR, LINK_UNTOUCHED, check_link_untouched, echo_recovered, expected_errors, main, printable
+
+
+@main.command("apply-deltas")
+@click.argument("deltas", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=DIR)
+@click.option(
+    "--out",
+    "out_dir",
+    type=DIR,
+    default=None,
+    help="Write an edited copy to this new folder instead of editing in place.",
+)
+@LINK_UNTOUCHED
+@expected_errors
+def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_untouched: bool) -> None:
+    """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
+
+    DELTAS is a folder holding rrome_edits.jsonl and rrome_deltas.safetensors, or the path of
+    either file. In place (the default), the write is journaled and locked and can be undone
+    with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
+    """
+    from rrome.files.shards import apply_deltas, load_deltas_for
+
+    check_link_untouched(link_untouched, out_dir)
+    batch = [rec.delta for rec in load_deltas_for(deltas, model_dir)]
+    t0 = time.perf_counter()
+    rep = apply_deltas(model_dir, batch, out_dir=out_dir, link_untouched=link_untouched)
+    dt = time.perf_counter() - t0
+    echo_recovered(rep["recovered"])
+    click.echo(
+        f"applied {len(batch)} delta(s) to {len(rep['tensors'])} tensor(s) in {len(rep['shards'])} shard(s) "
+        f"as batch {rep['batch']} of {rep['model_dir']} ({rep['tensor_bytes'] / 1e6:.1f} MB of tensors, {dt:.2f} s)"
+    )
+
+
+@main.command("revert")
+@click.argument("model_dir", type=DIR)
+@click.option("--all", "all_", is_flag=True, help="Revert every batch, not only the last one.")
+@expected_errors
+def revert_cmd(model_dir: Path, all_: bool) -> None:
+    """Restore the exact original bytes of the last applied batch (or of all batches)."""
+    from rrome.files.shards import revert_with_report
+
+    batches, recovered = revert_with_report(model_dir, all=all_)
+    echo_recovered(recovered)
+    click.echo(f"reverted batch{'es' if len(batches) > 1 else ''} {', '.join(map(str, batches))} of {model_dir}")
+
+
+@main.command("recover")
+@click.argument("model_dir", type=DIR)
+@expected_errors
+def recover_cmd(model_dir: Path) -> None:
+    """Finish or roll back an in-place write that was interrupted (crash, kill, power loss)."""
+    from rrome.files.shards import recover
+
+    actions = recover(model_dir)
+    for a in actions:
+        click.echo(a)
+    if not actions:
+        click.echo(f"{model_dir}: nothing to recover")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+@main.command("inspect")
+@click.argument("model_dir", type=DIR)
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor, not only a summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+@expected_errors
+def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
+    """Show a checkpoint's shards, tensors and dtypes, and its rrome edit log."""
+    from rrome.files.shards import inspect
+
+    info = inspect(model_dir, tensors=show_tensors or as_json)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{printable(info['model_dir'])}: {info['num_tensors']} tensors in {len(info['shards'])} shard(s)")
+    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(info["dtypes"].items())))
+    for s in info["shards"]:
+        click.echo(f"  {printable(s['file'])}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors")
+    if show_tensors:
+        for t in info["tensors"]:
+            click.echo(f"  {printable(t['name'])}  {t['dtype']}  {t['shape']}  {printable(t['shard'])}")
+    edits = info["edits"]
+    if not edits:
+        click.echo("edit log: empty")
+    else:
+        click.echo(f"edit log: {len(edits)} delta(s)")
+        for e in edits:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["applied_at"])) if e["applied_at"] else "-"
+            undo = "revertible" if e["undo"] else "no undo data"
+            fields = [f"batch {e['batch']}", printable(e["id"]), printable(e["tensor"]), e["layout"]]
+            fields += [f"scale={e['scale']:g}", when, undo]
+            click.echo("  " + "  ".join(fields))
+    for p in info["pending"]:
+        click.echo(f"pending: {p}")
