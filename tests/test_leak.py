@@ -212,7 +212,8 @@ def test_a_folder_without_leaks_reports_as_before(tmp_path: Path) -> None:
 
 
 def test_rrome_report_does_not_import_torch(tmp_path: Path) -> None:
-    """It only reads saved files (rrome.eval.results), so it runs where torch is not installed."""
+    """It only reads saved files (rrome.eval.results), so it runs where torch is not installed,
+    and it never loads the engine (tests/test_layers.py checks the imports of the layers)."""
     import subprocess
     import sys
 
@@ -227,6 +228,8 @@ def test_rrome_report_does_not_import_torch(tmp_path: Path) -> None:
         "    assert e.code in (0, None), e.code\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+        "engine = [m for m in sys.modules if m.startswith('rrome.engine')]\n"
+        "assert not engine, f'engine imported: {engine}'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

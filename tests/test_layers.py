@@ -1,0 +1,92 @@
+"""The package's layers (docs/design.md §8): ``rrome.files`` never reaches torch or the engine,
+the engine never reaches the evaluation, and nothing below the command line imports it.
+
+Two checks: every import statement of every module (also those inside functions, which run
+later) against the layer rules, and a fresh interpreter that imports the torch-free modules and
+finds neither torch nor ``rrome.engine`` loaded afterwards. ``rrome report`` itself is run that
+way in ``test_leak.py::test_rrome_report_does_not_import_torch``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "python" / "rrome"
+
+# What each layer must never import, anywhere in its modules (also lazily, inside a function).
+FORBIDDEN = {
+    "files": ("torch", "transformers", "rrome.engine", "rrome.eval", "rrome.cli", "rrome.demo"),
+    "engine": ("rrome.eval", "rrome.cli", "rrome.demo"),
+    "eval": ("rrome.cli", "rrome.demo"),
+}
+# Modules that must import without torch and without the engine.
+TORCH_FREE = (
+    "rrome",
+    "rrome.errors",
+    *(f"rrome.files.{p.stem}" for p in sorted((PACKAGE / "files").glob("*.py")) if p.stem != "__init__"),
+    "rrome.files",
+    "rrome.eval",
+    "rrome.eval.metrics",
+    "rrome.eval.results",
+    "rrome.eval.report",
+    "rrome.cli",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import statement in ``path``, relative ones resolved."""
+    package = _module_name(path) if path.stem == "__init__" else _module_name(path).rpartition(".")[0]
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the module's package
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            # ``from rrome import engine`` imports rrome.engine: name the submodules too.
+            out += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return out
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_only_what_it_may(layer: str) -> None:
+    bad = []
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
+        for line, module in _imports(path):
+            for forbidden in FORBIDDEN[layer]:
+                if module == forbidden or module.startswith(forbidden + "."):
+                    bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_module_is_in_a_layer() -> None:
+    """New modules go into a room, not beside them (the top level is the API, the CLI and the demo)."""
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "data"))
+    top = [name for name in top if name != "__pycache__"]
+    assert top == ["__init__.py", "cli", "demo.py", "engine", "errors.py", "eval", "files"]
+
+
+def test_file_layer_and_report_do_not_import_torch_or_the_engine() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for name in {TORCH_FREE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "loaded = sorted(m for m in sys.modules if m in ('torch', 'transformers') or m.startswith('rrome.engine'))\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
