@@ -4,8 +4,16 @@ The package has two halves. The Rust extension (``rrome._rust``) does the numeri
 work: float64 second moments of layer keys (:class:`SecondMoment`), Cholesky solves
 (:class:`Cholesky`) and crash-safe rank-one writes straight into safetensors shards
 (:func:`apply_deltas`). The Python modules drive torch and transformers for the editing
-itself. Importing ``rrome`` does not import torch.
+itself, in rooms by layer: :mod:`rrome.files` (what rrome reads and writes, no torch),
+:mod:`rrome.engine` (the editing), :mod:`rrome.eval` (measuring edits) and :mod:`rrome.cli`.
+
+Importing ``rrome`` does not import torch; ``rrome.Editor``
+(:class:`rrome.engine.editor.Editor`) imports the engine when first used.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rrome._rust import Cholesky, SecondMoment
 from rrome.files.errors import (
@@ -42,7 +50,20 @@ from rrome.files.shards import (
     save_deltas,
 )
 
+if TYPE_CHECKING:
+    from rrome.engine.editor import Editor
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``rrome.Editor`` on first use: the engine (torch, transformers) loads only then."""
+    if name == "Editor":
+        from rrome.engine.editor import Editor
+
+        return Editor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ApplyReport",
@@ -53,6 +74,7 @@ __all__ = [
     "DeltasFileError",
     "DisablingEditError",
     "EditFileError",
+    "Editor",
     "HParamsError",
     "HParamsFileError",
     "IntegrityError",
