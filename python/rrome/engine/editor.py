@@ -41,7 +41,7 @@ from rrome.files.shards import ApplyReport, Delta, apply_deltas
 
 LARGE_UPDATE_RATIO = 20.0
 """Default of ``large_update_ratio``: an edit whose |Δ| exceeds this many times the median |Δ|
-of the session's earlier edits is refused as a likely disabling edit (DESIGN.md §1)."""
+of the session's earlier edits is refused as a likely disabling edit (docs/design.md §1)."""
 
 LARGE_UPDATE_MIN_EDITS = 3
 """The large-update guard compares against a median only once this many edits were accepted."""

@@ -1,7 +1,7 @@
 """Prompts, token positions and keys: the inputs of the edited module at the subject.
 
 ROME's key k(x) is the input of the edited MLP projection at the subject's last token in text
-x. Finding that token is where implementations go wrong silently (DESIGN.md, tokenisation
+x. Finding that token is where implementations go wrong silently (docs/design.md §1, tokenisation
 traps), so this module does it one way only: from the fast tokenizer's offset mapping of the
 full text, using the character span where the subject was filled in. Token rows are built
 here (never by re-tokenising decoded ids), padded on the tokenizer's side, and given explicit
@@ -192,7 +192,7 @@ def compute_keys(
     """Keys of an edit. ``templates[0]`` must be ``"{}"`` (the plain prompt).
 
     The module is affine, so the mean of its outputs over templates is its output at the mean
-    key: ``w_k_e`` is "W k_e" with the bias included (DESIGN.md §1).
+    key: ``w_k_e`` is "W k_e" with the bias included (docs/design.md §1).
     """
     if templates[0] != "{}":
         raise ValueError('the first context template must be "{}"')

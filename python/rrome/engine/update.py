@@ -1,4 +1,4 @@
-"""The rank-one update of ROME and its variants (DESIGN.md §1, the table of three variants).
+"""The rank-one update of ROME and its variants (docs/design.md §1, the variants).
 
 With u = C0⁻¹ k_num (a Cholesky solve, never an inverse) the update is
 
