@@ -573,17 +573,19 @@ fn recover_locked(dir: &Path) -> Result<Vec<String>> {
     }
     let marker = revert_marker(dir);
     let journal = journal_path(dir);
-    if !marker.exists() && fs::symlink_metadata(&journal).is_err() {
+    // Finishing a revert neither creates nor removes a journal: both are looked at once.
+    let (has_marker, has_journal) = (marker.exists(), fs::symlink_metadata(&journal).is_ok());
+    if !has_marker && !has_journal {
         return Ok(actions);
     }
     let ckpt = Checkpoint::open(dir)?;
     let mode = ckpt.file_mode();
-    if marker.exists() {
+    if has_marker {
         let batch = read_marker(&marker)?;
         finish_revert(dir, &ckpt, batch, mode)?;
         actions.push(format!("finished the interrupted revert of batch {batch}"));
     }
-    if fs::symlink_metadata(&journal).is_ok() {
+    if has_journal {
         let undo = Undo::read(&journal)?;
         check_undo(&ckpt, &undo)?;
         let log = read_bundle(dir, true)?;
