@@ -7,7 +7,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::plan::{plan, region_slots, OpenShards};
+use super::plan::{plan, region_slots, OpenShards, Plan};
 use super::revert::revert_marker;
 use super::{folder_mode, new_records, next_batch, report, ApplyReport, Untouched};
 use crate::checkpoint::Checkpoint;
@@ -16,7 +16,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{
     copy_file, crash_point, dir_mode, ensure_dir, fsync_dir, link_or_copy, link_refused, not_regular, parent_of,
 };
-use crate::journal::{journal_path, read_region_into, undo_dir, undo_path, write_undo};
+use crate::journal::{journal_path, read_region_into, undo_dir, undo_path, write_undo, Region};
 use crate::lock::{lock_exclusive, model_lock_path, DirLock, STATE_DIR};
 
 /// Files of a model folder that a copy carries over (everything but locks, journals and
@@ -80,17 +80,11 @@ fn claim_partial(out: &Path, mode: u32) -> Result<(PathBuf, DirLock)> {
     Err(Error::Locked { path: partial, holder: "another rrome process building the same destination".into() })
 }
 
-pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched) -> Result<ApplyReport> {
-    fs::metadata(src).at(src)?;
-    if out.exists() {
-        return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
-    }
-    // Refuse links and special files before anything is created (checked again under the lock).
-    files_to_copy(src)?;
-    let mode = folder_mode(src);
-    // Hold the source's lock where we can, so no in-place writer changes it mid-copy; a
-    // read-only source cannot be written in place anyway.
-    let _src_lock = match lock_exclusive(&model_lock_path(src), mode) {
+/// Takes the source's lock where it can, so no in-place writer changes it mid-copy (a
+/// read-only source cannot be written in place anyway), and refuses a source with an
+/// unfinished in-place operation.
+fn lock_source(src: &Path, mode: u32) -> Result<Option<DirLock>> {
+    let lock = match lock_exclusive(&model_lock_path(src), mode) {
         Ok(l) => Some(l),
         Err(Error::Io { source, .. })
             if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) =>
@@ -108,80 +102,131 @@ pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched:
             ),
         });
     }
+    Ok(lock)
+}
+
+/// Which files the copy may share with the source by hard link: shards no delta touches, and
+/// committed undo files (rrome only ever replaces or removes those, never rewrites them).
+struct Linkable {
+    hard_link: bool,
+    untouched_shards: HashSet<PathBuf>,
+}
+
+impl Linkable {
+    fn new(ckpt: &Checkpoint, regions: &[Region], untouched: Untouched) -> Linkable {
+        let edited: HashSet<PathBuf> = regions.iter().map(|r| PathBuf::from(&r.shard)).collect();
+        let untouched_shards =
+            ckpt.shards.iter().map(|s| PathBuf::from(&s.file)).filter(|f| !edited.contains(f)).collect();
+        Linkable { hard_link: untouched == Untouched::HardLink, untouched_shards }
+    }
+
+    /// Whether the file at `rel` (relative to the folder) may be a hard link.
+    fn allows(&self, rel: &Path) -> bool {
+        if !self.hard_link {
+            return false;
+        }
+        let undo_file =
+            parent_of(rel) == Path::new(STATE_DIR).join("undo") && rel.to_string_lossy().ends_with(".safetensors");
+        self.untouched_shards.contains(rel) || undo_file
+    }
+}
+
+/// Copies (or links, where `linkable` allows) `files` of `src` into `partial`; returns the
+/// folders whose entries changed.
+fn copy_files(src: &Path, partial: &Path, files: &[PathBuf], linkable: &Linkable) -> Result<HashSet<PathBuf>> {
+    let mut dirs = HashSet::new();
+    for rel in files {
+        let from = src.join(rel);
+        let to = partial.join(rel);
+        let parent = parent_of(&to);
+        fs::create_dir_all(&parent).at(&parent)?;
+        if linkable.allows(rel) {
+            link_or_copy(&from, &to)?;
+        } else {
+            copy_file(&from, &to)?;
+        }
+        dirs.insert(parent);
+    }
+    Ok(dirs)
+}
+
+/// One pass over the copied shards: read each region, compute the new bytes, hash both (in
+/// parallel), write the new bytes into the copy and stream the old into its undo file; then
+/// flush the shards.
+fn patch_copy(
+    partial: &Path,
+    ckpt: &Checkpoint,
+    plans: &[Plan],
+    regions: &mut [Region],
+    batch: u64,
+    mode: u32,
+) -> Result<()> {
+    let upath = undo_path(partial, batch);
+    let mut shards = OpenShards::new(true);
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    write_undo(&upath, mode, batch, regions, |i, w| {
+        let p = &plans[i];
+        let path = partial.join(&ckpt.shards[p.shard].file);
+        let f = shards.get(&path)?;
+        read_region_into(f, &path, p.offset, p.len, &mut old)?;
+        let hashes = p.compute_and_hash(&old, &mut new)?;
+        f.write_all_at(&new, p.offset).at(&path)?;
+        w.write_all(&old).at(&upath)?;
+        Ok(hashes)
+    })?;
+    shards.sync_all()
+}
+
+/// Flushes the copied `files` and every folder of the build, then renames it to `out`.
+fn publish(partial: &Path, out: &Path, files: &[PathBuf], mut dirs: HashSet<PathBuf>) -> Result<()> {
+    for rel in files {
+        let p = partial.join(rel);
+        File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
+    }
+    dirs.insert(undo_dir(partial));
+    dirs.insert(partial.join(STATE_DIR));
+    for d in &dirs {
+        fsync_dir(d)?;
+    }
+    fsync_dir(partial)?;
+    crash_point("copy-ready");
+    if out.exists() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(ErrorKind::AlreadyExists, "destination appeared during the write"),
+        ));
+    }
+    fs::rename(partial, out).at(out)?;
+    fsync_dir(&parent_of(out))
+}
+
+pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched) -> Result<ApplyReport> {
+    fs::metadata(src).at(src)?;
+    if out.exists() {
+        return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
+    }
+    // Refuse links and special files before anything is created (checked again under the lock).
+    files_to_copy(src)?;
+    let _src_lock = lock_source(src, folder_mode(src))?;
     let ckpt = Checkpoint::open(src)?;
     let mode = ckpt.file_mode();
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(src, true)?;
     let batch = next_batch(&log);
     let mut regions = region_slots(&ckpt, &plans);
-    // Files the copy may share with the source by hard link: shards no delta touches, and
-    // committed undo files (rrome only ever replaces or removes those, never rewrites them).
-    let edited: HashSet<PathBuf> = regions.iter().map(|r| PathBuf::from(&r.shard)).collect();
-    let shareable = |rel: &Path| -> bool {
-        if untouched != Untouched::HardLink {
-            return false;
-        }
-        let name = rel.to_string_lossy();
-        let untouched_shard = ckpt.shards.iter().any(|s| Path::new(&s.file) == rel) && !edited.contains(rel);
-        untouched_shard || (parent_of(rel) == Path::new(STATE_DIR).join("undo") && name.ends_with(".safetensors"))
-    };
+    let linkable = Linkable::new(&ckpt, &regions, untouched);
 
     let (partial, part_lock) = claim_partial(out, mode)?;
     let result = (|| {
         let files = files_to_copy(src)?;
-        let mut synced_dirs: HashSet<PathBuf> = HashSet::new();
         ensure_dir(&undo_dir(&partial), dir_mode(mode))?;
-        for rel in &files {
-            let from = src.join(rel);
-            let to = partial.join(rel);
-            let parent = parent_of(&to);
-            fs::create_dir_all(&parent).at(&parent)?;
-            if shareable(rel) {
-                link_or_copy(&from, &to)?;
-            } else {
-                copy_file(&from, &to)?;
-            }
-            synced_dirs.insert(parent);
-        }
+        let dirs = copy_files(src, &partial, &files, &linkable)?;
         crash_point("copied");
-        // One pass: read each region from the copied shard, compute the new bytes, hash both
-        // (in parallel), write the new bytes into the copy and stream the old into its undo file.
-        let upath = undo_path(&partial, batch);
-        let mut shards = OpenShards::new(true);
-        let (mut old, mut new) = (Vec::new(), Vec::new());
-        write_undo(&upath, mode, batch, &mut regions, |i, w| {
-            let p = &plans[i];
-            let path = partial.join(&ckpt.shards[p.shard].file);
-            let f = shards.get(&path)?;
-            read_region_into(f, &path, p.offset, p.len, &mut old)?;
-            let hashes = p.compute_and_hash(&old, &mut new)?;
-            f.write_all_at(&new, p.offset).at(&path)?;
-            w.write_all(&old).at(&upath)?;
-            Ok(hashes)
-        })?;
-        shards.sync_all()?;
+        patch_copy(&partial, &ckpt, &plans, &mut regions, batch, mode)?;
         let mut records = log.clone();
         records.extend(new_records(deltas, batch));
         write_bundle_with(&partial, &records, Some(mode), Order::Growing)?;
-        for rel in &files {
-            let p = partial.join(rel);
-            File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
-        }
-        synced_dirs.insert(undo_dir(&partial));
-        synced_dirs.insert(partial.join(STATE_DIR));
-        for d in &synced_dirs {
-            fsync_dir(d)?;
-        }
-        fsync_dir(&partial)?;
-        crash_point("copy-ready");
-        if out.exists() {
-            return Err(Error::io(
-                out,
-                std::io::Error::new(ErrorKind::AlreadyExists, "destination appeared during the write"),
-            ));
-        }
-        fs::rename(&partial, out).at(out)?;
-        fsync_dir(&parent_of(out))
+        publish(&partial, out, &files, dirs)
     })();
     drop(part_lock);
     if let Err(e) = result {
