@@ -140,10 +140,7 @@ impl Checkpoint {
 
     /// Finds a tensor: the index of its shard in [`Checkpoint::shards`], and its header entry.
     pub fn find(&self, name: &str) -> Result<(usize, &TensorInfo)> {
-        let i = *self
-            .by_tensor
-            .get(name)
-            .ok_or_else(|| Error::TensorNotFound { path: self.dir.clone(), name: name.to_string() })?;
+        let i = *self.by_tensor.get(name).ok_or_else(|| Error::tensor_not_found(&self.dir, name))?;
         Ok((i, self.shards[i].header.get(name).expect("indexed tensor is in its shard")))
     }
 

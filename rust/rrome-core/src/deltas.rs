@@ -98,20 +98,28 @@ impl Delta {
 
     /// Checks that all numbers are finite and both factors non-empty; `what` prefixes messages.
     pub fn check_finite(&self, what: &str) -> Result<()> {
-        let bad = |msg: String| Err(Error::Delta { msg: format!("{what}: {msg}") });
+        match self.not_finite() {
+            Some(msg) => Err(Error::Delta { msg: format!("{what}: {msg}") }),
+            None => Ok(()),
+        }
+    }
+
+    /// What [`Delta::check_finite`] refuses, in words: an empty factor, a scale that is not
+    /// finite in f32, or the first number of `u` or `r` that is not finite.
+    pub fn not_finite(&self) -> Option<String> {
         if self.u.is_empty() || self.r.is_empty() {
-            return bad("u and r must not be empty".into());
+            return Some("u and r must not be empty".into());
         }
         if !(self.scale as f32).is_finite() {
-            return bad(format!("scale is {} (must be finite in float32)", self.scale));
+            return Some(format!("scale is {} (must be finite in float32)", self.scale));
         }
         if let Some(i) = self.u.iter().position(|v| !v.is_finite()) {
-            return bad(format!("u[{i}] is {}", self.u[i]));
+            return Some(format!("u[{i}] is {}", self.u[i]));
         }
         if let Some(i) = self.r.iter().position(|v| !v.is_finite()) {
-            return bad(format!("r[{i}] is {}", self.r[i]));
+            return Some(format!("r[{i}] is {}", self.r[i]));
         }
-        Ok(())
+        None
     }
 }
 

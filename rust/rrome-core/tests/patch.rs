@@ -139,9 +139,9 @@ fn bad_deltas_are_refused_before_any_write() {
     sharded_model(dir.path());
     let before = snapshot(dir.path());
     let cases: Vec<(Delta, &str)> = vec![
-        (delta("a.weight", 3, 4, Layout::InOut, 1.0), "need a tensor of shape [3, 4]"),
-        (delta("missing.weight", 4, 3, Layout::OutIn, 1.0), "not in the checkpoint"),
-        (delta("a.bias", 4, 1, Layout::OutIn, 1.0), "shape"),
+        (delta("a.weight", 3, 4, Layout::InOut, 1.0), "field \"d_out\": 4 (the tensor has 3); field \"d_in\": 3"),
+        (delta("missing.weight", 4, 3, Layout::OutIn, 1.0), "'missing.weight' is not in"),
+        (delta("a.bias", 4, 1, Layout::OutIn, 1.0), "'a.bias' has shape [4], not a matrix"),
         (Delta { scale: f64::NAN, ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "scale"),
         (Delta { u: vec![f32::INFINITY; 4], ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "u[0]"),
         (delta("b.weight", 4, 3, Layout::OutIn, 1e39), "finite in float32"),
@@ -155,6 +155,16 @@ fn bad_deltas_are_refused_before_any_write() {
         scale: 3e38,
         meta: None,
     };
+    // All at once: every problem is named, each at its position in the batch.
+    let all: Vec<Delta> = cases.iter().map(|(d, _)| d.clone()).collect();
+    let err = apply_deltas(dir.path(), &all, None).unwrap_err();
+    assert!(matches!(err, Error::Delta { .. }), "{err:?}");
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), cases.len(), "{text}");
+    for (i, (line, (d, want))) in text.lines().zip(&cases).enumerate() {
+        assert!(line.starts_with(&format!("delta {i} ({}): ", d.tensor)) && line.contains(want), "{line}");
+    }
+    assert_eq!(snapshot(dir.path()), before);
     let mut batches: Vec<(Vec<Delta>, &str)> = cases.into_iter().map(|(d, w)| (vec![d], w)).collect();
     batches.push((vec![big.clone(), big], "not finite"));
     for (ds, want) in batches {

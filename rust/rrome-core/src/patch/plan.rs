@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use crate::check::{check_deltas, refusal};
 use crate::checkpoint::{Checkpoint, Shard};
 use crate::deltas::Delta;
 use crate::dtype::Dtype;
@@ -80,32 +81,23 @@ impl OpenShards {
     }
 }
 
+/// One [`Plan`] per edited tensor, its deltas' terms in batch order.
+///
+/// # Errors
+/// The [`refusal`] listing every delta that does not fit the checkpoint ([`check_deltas`]);
+/// nothing is planned unless all fit.
 pub(super) fn plan(ckpt: &Checkpoint, deltas: &[Delta]) -> Result<Vec<Plan>> {
     if deltas.is_empty() {
         return Err(Error::Delta { msg: "no deltas to apply".into() });
     }
+    if let Some(e) = refusal(ckpt, &check_deltas(ckpt, deltas)) {
+        return Err(e);
+    }
     let mut plans: Vec<Plan> = Vec::new();
-    for (i, d) in deltas.iter().enumerate() {
-        let what = format!("delta {i} ({})", d.tensor);
-        d.check_finite(&what)?;
+    for d in deltas {
         let (shard_idx, info) = ckpt.find(&d.tensor)?;
         let shard = &ckpt.shards[shard_idx];
-        if !info.dtype.is_editable() {
-            return Err(Error::UnsupportedDtype { name: d.tensor.clone(), dtype: info.dtype.to_string() });
-        }
         let want = d.layout.stored_shape(d.d_out(), d.d_in());
-        if info.shape != want {
-            return Err(Error::Delta {
-                msg: format!(
-                    "{what}: len(u) = {} and len(r) = {} with layout {} need a tensor of shape {:?}, but it has shape {:?}",
-                    d.d_in(),
-                    d.d_out(),
-                    d.layout.as_str(),
-                    want,
-                    info.shape
-                ),
-            });
-        }
         let term = Term::from_delta(d);
         match plans.iter_mut().find(|p| p.tensor == d.tensor) {
             Some(p) => p.terms.push(term),
