@@ -9,7 +9,7 @@
 //!   `{"id", "tensor", "layout", "scale", "d_in", "d_out"}` plus optional `"batch"`,
 //!   `"applied_at"` (set in a model's edit log) and `"meta"` (any JSON object: the edit
 //!   request, method, diagnostics).
-//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` [d_in] and `<id>.r` [d_out].
+//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` (shape `[d_in]`) and `<id>.r` (`[d_out]`).
 //!
 //! A model folder's edit log is a bundle of the same format kept inside the model folder: every
 //! applied batch appends its records there, which is what `revert` and `inspect` read.
