@@ -5,9 +5,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use rrome_core::deltas::{read_bundle, Delta, Layout};
+use rrome_core::deltas::{write_bundle, Record, EDITS_FILE};
 use rrome_core::dtype::{decode_f32, encode_f32, Dtype};
 use rrome_core::journal::{journal_path, sha256_hex, undo_path, Undo};
-use rrome_core::patch::{apply_deltas, apply_deltas_with, inspect, recover, revert, Untouched};
+use rrome_core::patch::{apply_bundle, apply_deltas, apply_deltas_with, inspect, recover, revert, Untouched};
 use rrome_core::safetensors_header::{self, Header, TensorData};
 use rrome_core::Error;
 
@@ -172,6 +173,43 @@ fn bad_deltas_are_refused_before_any_write() {
         assert!(err.contains(want), "{err} should mention {want}");
         assert_eq!(snapshot(dir.path()), before);
     }
+}
+
+#[test]
+fn a_bundle_is_checked_at_its_lines_then_applied_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    let bundle = tempfile::tempdir().unwrap();
+    let rec = |i: usize, delta: Delta| Record { id: i.to_string(), batch: None, applied_at: None, line: 0, delta };
+    let good = delta("b.weight", 4, 3, Layout::OutIn, 1.0);
+    write_bundle(
+        bundle.path(),
+        &[
+            rec(0, good.clone()),
+            rec(1, delta("a.weight", 3, 4, Layout::InOut, 1.0)),
+            rec(2, delta("c", 4, 3, Layout::OutIn, 1.0)),
+        ],
+    )
+    .unwrap();
+    let edits = bundle.path().join(EDITS_FILE);
+    for out in [None, Some(bundle.path().join("copy"))] {
+        let err = apply_bundle(dir.path(), bundle.path(), out.as_deref(), Untouched::Copy).unwrap_err();
+        assert!(matches!(err, Error::Delta { .. }), "{err:?}");
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with(&format!("{}:2: field \"d_out\": 4", edits.display())), "{text}");
+        assert!(lines[1].starts_with(&format!("{}:3: field \"tensor\": 'c' is not in", edits.display())), "{text}");
+        assert_eq!(snapshot(dir.path()), before);
+        assert!(!bundle.path().join("copy").exists());
+    }
+    write_bundle(bundle.path(), &[rec(0, good.clone()), rec(1, good)]).unwrap();
+    let rep = apply_bundle(dir.path(), bundle.path(), None, Untouched::Copy).unwrap();
+    assert_eq!((rep.batch, rep.tensors.clone()), (1, vec!["b.weight".to_string()]));
+    assert_eq!(read_bundle(dir.path(), false).unwrap().len(), 2);
+    revert(dir.path(), false).unwrap();
+    assert_eq!(snapshot(dir.path()), before);
 }
 
 #[test]

@@ -47,6 +47,7 @@ mod revert;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::check::check_bundle;
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{Delta, Record};
 use crate::error::Result;
@@ -107,8 +108,8 @@ pub enum Untouched {
 /// that shares no file with `model_dir` (see [`apply_deltas_with`]).
 ///
 /// # Errors
-/// Any [`Error`](crate::Error); on error the model folder is unchanged (in place: rolled back before
-/// returning, or by the next command after a crash) and `out_dir` does not exist.
+/// Any [`Error`](crate::Error); on error the model folder is unchanged (in place: rolled back
+/// before returning, or by the next command after a crash) and `out_dir` does not exist.
 pub fn apply_deltas(model_dir: &Path, deltas: &[Delta], out_dir: Option<&Path>) -> Result<ApplyReport> {
     apply_deltas_with(model_dir, deltas, out_dir, Untouched::Copy)
 }
@@ -127,6 +128,23 @@ pub fn apply_deltas_with(
         None => in_place::apply_in_place(model_dir, deltas),
         Some(out) => copy::apply_to_copy(model_dir, deltas, out, untouched),
     }
+}
+
+/// Reads the deltas bundle at `bundle` (a folder or either of its files), checks every record
+/// against the checkpoint in `model_dir`, naming each misfit at its `FILE:LINE`
+/// ([`check_bundle`]), and applies them as one batch as [`apply_deltas_with`] does: the
+/// `rrome apply-deltas` command in one call.
+///
+/// # Errors
+/// As [`check_bundle`], then as [`apply_deltas`].
+pub fn apply_bundle(
+    model_dir: &Path,
+    bundle: &Path,
+    out_dir: Option<&Path>,
+    untouched: Untouched,
+) -> Result<ApplyReport> {
+    let deltas: Vec<Delta> = check_bundle(model_dir, bundle)?.into_iter().map(|r| r.delta).collect();
+    apply_deltas_with(model_dir, &deltas, out_dir, untouched)
 }
 
 /// The mode of files rrome creates in `dir`: its shards' bits, or owner-only when the
