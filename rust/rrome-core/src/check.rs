@@ -175,7 +175,7 @@ fn misfit(ckpt: &Checkpoint, d: &Delta) -> Option<(ProblemKind, String)> {
 /// `\xNN`, `\uNNNN` or `\UNNNNNNNN` for characters that are not printable (controls,
 /// separators, private use, the common format characters). A name read from a file can then
 /// neither break a message into lines nor send a terminal an escape sequence.
-pub fn py_repr(s: &str) -> String {
+fn py_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
