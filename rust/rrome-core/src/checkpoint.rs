@@ -10,6 +10,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::dtype::Dtype;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{open_read, read_file};
 use crate::safetensors_header::{Header, TensorInfo};
@@ -32,6 +33,34 @@ pub struct Shard {
     pub mode: u32,
     /// Validated header.
     pub header: Header,
+}
+
+/// One tensor of a checkpoint: what it holds and where its bytes are.
+///
+/// The name, dtype and shape of every tensor are what identifies an unedited model for its
+/// statistics cache (they change with the architecture or the storage dtype, not with the
+/// weight values or the folder); shard and byte range say where to read or write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorRef<'a> {
+    /// Tensor name, as in the header.
+    pub name: &'a str,
+    /// Storage dtype ([`Dtype::as_str`] spells it as the header does).
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: &'a [usize],
+    /// File name of its shard inside the model folder.
+    pub shard: &'a str,
+    /// Absolute offset of its first byte in the shard file.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+impl TensorRef<'_> {
+    /// The byte range `offset..offset + len` in the shard file.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.len
+    }
 }
 
 /// A model folder with every shard header validated.
@@ -140,11 +169,34 @@ impl Checkpoint {
 
     /// Finds a tensor: the index of its shard in [`Checkpoint::shards`], and its header entry.
     pub fn find(&self, name: &str) -> Result<(usize, &TensorInfo)> {
-        let i = *self
-            .by_tensor
-            .get(name)
-            .ok_or_else(|| Error::TensorNotFound { path: self.dir.clone(), name: name.to_string() })?;
+        let i = *self.by_tensor.get(name).ok_or_else(|| Error::tensor_not_found(&self.dir, name))?;
         Ok((i, self.shards[i].header.get(name).expect("indexed tensor is in its shard")))
+    }
+
+    /// One tensor by name, `None` where the checkpoint has none of that name.
+    pub fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
+        let (i, t) = self.find(name).ok()?;
+        Some(self.tensor_ref(&self.shards[i], t))
+    }
+
+    /// Every tensor of every shard, sorted by name (byte order of the UTF-8 names, which is
+    /// code point order: Python's `sorted` of the same names).
+    pub fn tensors(&self) -> Vec<TensorRef<'_>> {
+        let mut all: Vec<TensorRef<'_>> =
+            self.shards.iter().flat_map(|s| s.header.tensors.iter().map(move |t| self.tensor_ref(s, t))).collect();
+        all.sort_unstable_by(|a, b| a.name.cmp(b.name));
+        all
+    }
+
+    fn tensor_ref<'a>(&self, shard: &'a Shard, t: &'a TensorInfo) -> TensorRef<'a> {
+        TensorRef {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            shard: &shard.file,
+            offset: shard.header.abs_offset(t),
+            len: t.nbytes(),
+        }
     }
 
     /// The mode of files rrome creates for this checkpoint (edit log, journal, undo files,
@@ -161,5 +213,74 @@ impl Checkpoint {
     /// Total number of tensors.
     pub fn num_tensors(&self) -> usize {
         self.by_tensor.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::safetensors_header::{write, TensorData};
+
+    fn shard(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, u8)]) {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, dt, shape, fill)| vec![*fill; dt.size() * shape.iter().product::<usize>()])
+            .collect();
+        let data: Vec<TensorData> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, dtype, shape, _), b)| TensorData { name, dtype: *dtype, shape: shape.clone(), data: b })
+            .collect();
+        write(&mut File::create(path).unwrap(), &data, &[]).unwrap();
+    }
+
+    #[test]
+    fn tensors_are_listed_by_name_with_shard_and_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        shard(
+            &dir.join("s1.safetensors"),
+            &[("z.weight", Dtype::BF16, vec![4, 3], 1), ("b.bias", Dtype::F32, vec![4], 2)],
+        );
+        shard(&dir.join("s2.safetensors"), &[("a.weight", Dtype::F16, vec![3, 4], 3), ("é", Dtype::I64, vec![], 4)]);
+        let index = r#"{"weight_map":{"z.weight":"s1.safetensors","b.bias":"s1.safetensors","a.weight":"s2.safetensors","é":"s2.safetensors"}}"#;
+        std::fs::write(dir.join(INDEX_FILE), index).unwrap();
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let listed = ckpt.tensors();
+        let summary: Vec<(&str, &str, &[usize], &str, u64)> =
+            listed.iter().map(|t| (t.name, t.dtype.as_str(), t.shape, t.shard, t.len)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("a.weight", "F16", &[3, 4][..], "s2.safetensors", 24),
+                ("b.bias", "F32", &[4][..], "s1.safetensors", 16),
+                ("z.weight", "BF16", &[4, 3][..], "s1.safetensors", 24),
+                ("é", "I64", &[][..], "s2.safetensors", 8),
+            ]
+        );
+        // The byte range holds exactly the tensor's bytes.
+        for (t, fill) in listed.iter().zip([3u8, 2, 1, 4]) {
+            let f = File::open(dir.join(t.shard)).unwrap();
+            let mut buf = vec![0u8; t.len as usize];
+            f.read_exact_at(&mut buf, t.offset).unwrap();
+            assert!(buf.iter().all(|&b| b == fill), "{}", t.name);
+            assert_eq!(t.range(), t.offset..t.offset + t.len);
+            assert_eq!(ckpt.tensor(t.name), Some(*t));
+        }
+        assert_eq!(ckpt.tensor("missing"), None);
+        assert_eq!(listed.len(), ckpt.num_tensors());
+    }
+
+    #[test]
+    fn single_file_checkpoint_lists_its_tensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        shard(&tmp.path().join(SINGLE_FILE), &[("w", Dtype::F32, vec![2, 2], 7), ("b", Dtype::F32, vec![2], 8)]);
+        let ckpt = Checkpoint::open(tmp.path()).unwrap();
+        let names: Vec<(&str, &str)> = ckpt.tensors().iter().map(|t| (t.name, t.shard)).collect();
+        assert_eq!(names, [("b", SINGLE_FILE), ("w", SINGLE_FILE)]);
+        assert!(!ckpt.indexed);
     }
 }

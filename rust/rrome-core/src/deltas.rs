@@ -9,7 +9,7 @@
 //!   `{"id", "tensor", "layout", "scale", "d_in", "d_out"}` plus optional `"batch"`,
 //!   `"applied_at"` (set in a model's edit log) and `"meta"` (any JSON object: the edit
 //!   request, method, diagnostics).
-//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` [d_in] and `<id>.r` [d_out].
+//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` (shape `[d_in]`) and `<id>.r` (`[d_out]`).
 //!
 //! A model folder's edit log is a bundle of the same format kept inside the model folder: every
 //! applied batch appends its records there, which is what `revert` and `inspect` read.
@@ -98,20 +98,28 @@ impl Delta {
 
     /// Checks that all numbers are finite and both factors non-empty; `what` prefixes messages.
     pub fn check_finite(&self, what: &str) -> Result<()> {
-        let bad = |msg: String| Err(Error::Delta { msg: format!("{what}: {msg}") });
+        match self.not_finite() {
+            Some(msg) => Err(Error::Delta { msg: format!("{what}: {msg}") }),
+            None => Ok(()),
+        }
+    }
+
+    /// What [`Delta::check_finite`] refuses, in words: an empty factor, a scale that is not
+    /// finite in f32, or the first number of `u` or `r` that is not finite.
+    pub fn not_finite(&self) -> Option<String> {
         if self.u.is_empty() || self.r.is_empty() {
-            return bad("u and r must not be empty".into());
+            return Some("u and r must not be empty".into());
         }
         if !(self.scale as f32).is_finite() {
-            return bad(format!("scale is {} (must be finite in float32)", self.scale));
+            return Some(format!("scale is {} (must be finite in float32)", self.scale));
         }
         if let Some(i) = self.u.iter().position(|v| !v.is_finite()) {
-            return bad(format!("u[{i}] is {}", self.u[i]));
+            return Some(format!("u[{i}] is {}", self.u[i]));
         }
         if let Some(i) = self.r.iter().position(|v| !v.is_finite()) {
-            return bad(format!("r[{i}] is {}", self.r[i]));
+            return Some(format!("r[{i}] is {}", self.r[i]));
         }
-        Ok(())
+        None
     }
 }
 
@@ -147,17 +155,8 @@ pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
         return Ok(Vec::new());
     }
     let text = read_file(&edits)?;
-    let (header, data) = safetensors_header::read_all(&tensors)?;
+    let factors = Factors::read(&tensors)?;
     let ename = edits.display().to_string();
-    if header.meta("format") != Some(DELTAS_FORMAT) {
-        return Err(Error::DeltasFile {
-            msg: format!(
-                "{}: not an rrome deltas file (format {:?}, expected {DELTAS_FORMAT:?})",
-                tensors.display(),
-                header.meta("format")
-            ),
-        });
-    }
     let text =
         std::str::from_utf8(&text).map_err(|e| Error::DeltasFile { msg: format!("{ename}: not valid UTF-8 ({e})") })?;
     let mut out = Vec::new();
@@ -167,63 +166,93 @@ pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
         if line.trim().is_empty() {
             continue;
         }
-        let fail = |msg: String| Error::DeltasFile { msg: format!("{ename}:{lineno}: {msg}") };
-        let v: Value = serde_json::from_str(line).map_err(|e| fail(format!("not valid JSON ({e})")))?;
-        let obj = v.as_object().ok_or_else(|| fail("expected a JSON object".into()))?;
-        let field_str = |k: &str| -> Result<String> {
-            obj.get(k)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .ok_or_else(|| fail(format!("field {k:?}: expected a non-empty string")))
-        };
-        let field_uint = |k: &str| -> Result<u64> {
-            obj.get(k)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| fail(format!("field {k:?}: expected a non-negative integer")))
-        };
-        let id = field_str("id")?;
-        if !ids.insert(id.clone()) {
-            return Err(fail(format!("field \"id\": {id:?} appears twice")));
-        }
-        let tensor = field_str("tensor")?;
-        let layout_s = field_str("layout")?;
-        let layout = Layout::parse(&layout_s)
-            .ok_or_else(|| fail(format!("field \"layout\": expected \"out_in\" or \"in_out\", got {layout_s:?}")))?;
-        let scale = match obj.get("scale") {
-            None => 1.0,
-            Some(s) => s.as_f64().ok_or_else(|| fail("field \"scale\": expected a number".into()))?,
-        };
-        let d_in = field_uint("d_in")? as usize;
-        let d_out = field_uint("d_out")? as usize;
-        let batch = match obj.get("batch") {
-            None => None,
-            Some(_) => Some(field_uint("batch")?),
-        };
-        let applied_at = obj.get("applied_at").and_then(Value::as_f64);
-        let meta = match obj.get("meta") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(m)) => Some(m.clone()),
-            Some(_) => return Err(fail("field \"meta\": expected a JSON object".into())),
-        };
-        let load = |suffix: &str, len: usize| -> Result<Vec<f32>> {
-            let name = format!("{id}.{suffix}");
-            let t = header
-                .get(&name)
-                .ok_or_else(|| fail(format!("tensor {name:?} is missing from {}", tensors.display())))?;
-            if t.dtype != Dtype::F32 || t.shape != [len] {
-                return Err(fail(format!("tensor {name:?} is {} {:?}; expected F32 [{len}]", t.dtype, t.shape)));
-            }
-            Ok(data[t.begin as usize..t.end as usize]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
-        let delta = Delta { tensor, u: load("u", d_in)?, r: load("r", d_out)?, layout, scale, meta };
-        delta.check_finite(&format!("{ename}:{lineno}"))?;
-        out.push(Record { id, batch, applied_at, line: lineno, delta });
+        out.push(parse_line(line, &format!("{ename}:{lineno}"), lineno, &factors, &mut ids)?);
     }
     Ok(out)
+}
+
+/// The tensor half of a bundle, read whole and checked to be an rrome deltas file.
+struct Factors {
+    path: PathBuf,
+    header: safetensors_header::Header,
+    data: Vec<u8>,
+}
+
+impl Factors {
+    fn read(path: &Path) -> Result<Factors> {
+        let (header, data) = safetensors_header::read_all(path)?;
+        if header.meta("format") != Some(DELTAS_FORMAT) {
+            return Err(Error::DeltasFile {
+                msg: format!(
+                    "{}: not an rrome deltas file (format {:?}, expected {DELTAS_FORMAT:?})",
+                    path.display(),
+                    header.meta("format")
+                ),
+            });
+        }
+        Ok(Factors { path: path.to_path_buf(), header, data })
+    }
+
+    /// The F32 vector `<id>.<suffix>`, which must have `len` values.
+    fn vector(&self, id: &str, suffix: &str, len: usize) -> std::result::Result<Vec<f32>, String> {
+        let name = format!("{id}.{suffix}");
+        let t =
+            self.header.get(&name).ok_or_else(|| format!("tensor {name:?} is missing from {}", self.path.display()))?;
+        if t.dtype != Dtype::F32 || t.shape != [len] {
+            return Err(format!("tensor {name:?} is {} {:?}; expected F32 [{len}]", t.dtype, t.shape));
+        }
+        Ok(self.data[t.begin as usize..t.end as usize]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// Parses line `lineno` of `rrome_edits.jsonl` (`at` is `FILE:LINE`, prefixed to every message)
+/// into a record, with its factors from `factors`; `ids` holds the ids of the lines before.
+fn parse_line(line: &str, at: &str, lineno: usize, factors: &Factors, ids: &mut HashSet<String>) -> Result<Record> {
+    let fail = |msg: String| Error::DeltasFile { msg: format!("{at}: {msg}") };
+    let v: Value = serde_json::from_str(line).map_err(|e| fail(format!("not valid JSON ({e})")))?;
+    let obj = v.as_object().ok_or_else(|| fail("expected a JSON object".into()))?;
+    let field_str = |k: &str| -> Result<String> {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| fail(format!("field {k:?}: expected a non-empty string")))
+    };
+    let field_uint = |k: &str| -> Result<u64> {
+        obj.get(k).and_then(Value::as_u64).ok_or_else(|| fail(format!("field {k:?}: expected a non-negative integer")))
+    };
+    let id = field_str("id")?;
+    if !ids.insert(id.clone()) {
+        return Err(fail(format!("field \"id\": {id:?} appears twice")));
+    }
+    let tensor = field_str("tensor")?;
+    let layout_s = field_str("layout")?;
+    let layout = Layout::parse(&layout_s)
+        .ok_or_else(|| fail(format!("field \"layout\": expected \"out_in\" or \"in_out\", got {layout_s:?}")))?;
+    let scale = match obj.get("scale") {
+        None => 1.0,
+        Some(s) => s.as_f64().ok_or_else(|| fail("field \"scale\": expected a number".into()))?,
+    };
+    let d_in = field_uint("d_in")? as usize;
+    let d_out = field_uint("d_out")? as usize;
+    let batch = match obj.get("batch") {
+        None => None,
+        Some(_) => Some(field_uint("batch")?),
+    };
+    let applied_at = obj.get("applied_at").and_then(Value::as_f64);
+    let meta = match obj.get("meta") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => return Err(fail("field \"meta\": expected a JSON object".into())),
+    };
+    let u = factors.vector(&id, "u", d_in).map_err(fail)?;
+    let r = factors.vector(&id, "r", d_out).map_err(fail)?;
+    let delta = Delta { tensor, u, r, layout, scale, meta };
+    delta.check_finite(at)?;
+    Ok(Record { id, batch, applied_at, line: lineno, delta })
 }
 
 /// The JSON line of a record.

@@ -39,20 +39,26 @@ pub enum Error {
         msg: String,
     },
     /// A tensor named by a delta is not in the checkpoint.
-    #[error("tensor {name:?} is not in the checkpoint at {path}")]
+    #[error("{msg}")]
     TensorNotFound {
         /// The model folder.
         path: PathBuf,
         /// The tensor name that was asked for.
         name: String,
+        /// What is wrong: [`Error::tensor_not_found`]'s sentence, or every problem of a batch
+        /// refused because of it (see [`crate::check::refusal`]).
+        msg: String,
     },
     /// A tensor whose storage dtype cannot be edited (only F32, F16 and BF16 can).
-    #[error("tensor {name:?} has dtype {dtype}; rrome edits only F32, F16 and BF16 tensors")]
+    #[error("{msg}")]
     UnsupportedDtype {
         /// The tensor.
         name: String,
         /// Its dtype as the file spells it.
         dtype: String,
+        /// What is wrong: [`Error::unsupported_dtype`]'s sentence, or every problem of a batch
+        /// refused because of it.
+        msg: String,
     },
     /// A delta that does not fit its tensor, or holds non-finite numbers.
     #[error("{msg}")]
@@ -122,6 +128,19 @@ impl Error {
     /// Builds a header error for `path`.
     pub fn header(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Header { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+
+    /// The error for a tensor `name` that the checkpoint in folder `path` does not hold.
+    pub fn tensor_not_found(path: impl AsRef<Path>, name: &str) -> Self {
+        let path = path.as_ref().to_path_buf();
+        let msg = format!("tensor {name:?} is not in the checkpoint at {}", path.display());
+        Error::TensorNotFound { path, name: name.to_string(), msg }
+    }
+
+    /// The error for a tensor `name` of a dtype rrome cannot edit.
+    pub fn unsupported_dtype(name: &str, dtype: &str) -> Self {
+        let msg = format!("tensor {name:?} has dtype {dtype}; rrome edits only F32, F16 and BF16 tensors");
+        Error::UnsupportedDtype { name: name.to_string(), dtype: dtype.to_string(), msg }
     }
 
     /// Builds a checkpoint-layout error for `path`.

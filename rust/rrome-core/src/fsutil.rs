@@ -142,15 +142,21 @@ pub fn open_write_nofollow(path: &Path) -> Result<File> {
 
 /// Creates a new file that must not exist yet (not even as a link) with exactly `mode`.
 pub fn create_new(path: &Path, mode: u32) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| nofollow_error(path, e))?;
-    f.set_permissions(fs::Permissions::from_mode(mode)).at(path)?;
+    create_new_with(path, Some(mode))
+}
+
+/// [`create_new`], with the umask's default mode when `mode` is `None`.
+fn create_new_with(path: &Path, mode: Option<u32>) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create_new(true).custom_flags(libc::O_NOFOLLOW);
+    if let Some(m) = mode {
+        options.mode(m);
+    }
+    let f = options.open(path).map_err(|e| nofollow_error(path, e))?;
+    if let Some(m) = mode {
+        // The umask may have cleared bits of `m` at creation.
+        f.set_permissions(fs::Permissions::from_mode(m)).at(path)?;
+    }
     Ok(f)
 }
 
@@ -222,15 +228,7 @@ pub fn atomic_write_mode(
     let result = (|| {
         // A leftover of a dead process with the same pid (or a planted link) goes first.
         remove_if_exists(&tmp)?;
-        let f = match mode {
-            Some(m) => create_new(&tmp, m)?,
-            None => OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)
-                .map_err(|e| nofollow_error(&tmp, e))?,
-        };
+        let f = create_new_with(&tmp, mode)?;
         {
             let mut w = BufWriter::new(&f);
             fill(&mut w).at(&tmp)?;

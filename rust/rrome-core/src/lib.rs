@@ -4,10 +4,12 @@
 //! - [`chol`]: Cholesky factorisation of C0, reused for every solve C0⁻¹ k.
 //! - [`safetensors_header`], [`checkpoint`]: validated reading of safetensors files and model folders.
 //! - [`deltas`], [`rank_one`]: rank-one deltas, their file format, and the write kernel.
+//! - [`check`]: every problem of a batch of deltas against a checkpoint, each located.
 //! - [`journal`], [`lock`], [`patch`]: crash-safe application, revert and recovery.
 //!
 //! The `rrome-py` crate exposes this to Python; the core is tested on its own with `cargo test`.
 
+pub mod check;
 pub mod checkpoint;
 pub mod chol;
 pub mod deltas;

@@ -1,7 +1,7 @@
 //! The rank-one write kernel: new = encode(decode(old) + Σ_k a_k b_kᵀ), rounded once.
 //!
 //! Works in stored coordinates: the tensor is `rows × cols` row-major and each term adds
-//! a[p]·b[q] to element (p, q). For an `out_in` tensor a = scale·r and b = u; for `in_out` the
+//! `a[p]·b[q]` to element (p, q). For an `out_in` tensor a = scale·r and b = u; for `in_out` the
 //! roles swap (a = u, b = scale·r), which gives the same f32 products because multiplication is
 //! commutative. Each element is one f32 product and one f32 add per term, in term order, with
 //! no fused multiply-add, so `torch` reproduces it bit for bit with

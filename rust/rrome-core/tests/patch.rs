@@ -5,9 +5,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use rrome_core::deltas::{read_bundle, Delta, Layout};
+use rrome_core::deltas::{write_bundle, Record, EDITS_FILE};
 use rrome_core::dtype::{decode_f32, encode_f32, Dtype};
 use rrome_core::journal::{journal_path, sha256_hex, undo_path, Undo};
-use rrome_core::patch::{apply_deltas, apply_deltas_with, inspect, recover, revert, Untouched};
+use rrome_core::patch::{apply_bundle, apply_deltas, apply_deltas_with, inspect, recover, revert, Untouched};
 use rrome_core::safetensors_header::{self, Header, TensorData};
 use rrome_core::Error;
 
@@ -139,9 +140,9 @@ fn bad_deltas_are_refused_before_any_write() {
     sharded_model(dir.path());
     let before = snapshot(dir.path());
     let cases: Vec<(Delta, &str)> = vec![
-        (delta("a.weight", 3, 4, Layout::InOut, 1.0), "need a tensor of shape [3, 4]"),
-        (delta("missing.weight", 4, 3, Layout::OutIn, 1.0), "not in the checkpoint"),
-        (delta("a.bias", 4, 1, Layout::OutIn, 1.0), "shape"),
+        (delta("a.weight", 3, 4, Layout::InOut, 1.0), "field \"d_out\": 4 (the tensor has 3); field \"d_in\": 3"),
+        (delta("missing.weight", 4, 3, Layout::OutIn, 1.0), "'missing.weight' is not in"),
+        (delta("a.bias", 4, 1, Layout::OutIn, 1.0), "'a.bias' has shape [4], not a matrix"),
         (Delta { scale: f64::NAN, ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "scale"),
         (Delta { u: vec![f32::INFINITY; 4], ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) }, "u[0]"),
         (delta("b.weight", 4, 3, Layout::OutIn, 1e39), "finite in float32"),
@@ -155,6 +156,16 @@ fn bad_deltas_are_refused_before_any_write() {
         scale: 3e38,
         meta: None,
     };
+    // All at once: every problem is named, each at its position in the batch.
+    let all: Vec<Delta> = cases.iter().map(|(d, _)| d.clone()).collect();
+    let err = apply_deltas(dir.path(), &all, None).unwrap_err();
+    assert!(matches!(err, Error::Delta { .. }), "{err:?}");
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), cases.len(), "{text}");
+    for (i, (line, (d, want))) in text.lines().zip(&cases).enumerate() {
+        assert!(line.starts_with(&format!("delta {i} ({}): ", d.tensor)) && line.contains(want), "{line}");
+    }
+    assert_eq!(snapshot(dir.path()), before);
     let mut batches: Vec<(Vec<Delta>, &str)> = cases.into_iter().map(|(d, w)| (vec![d], w)).collect();
     batches.push((vec![big.clone(), big], "not finite"));
     for (ds, want) in batches {
@@ -162,6 +173,43 @@ fn bad_deltas_are_refused_before_any_write() {
         assert!(err.contains(want), "{err} should mention {want}");
         assert_eq!(snapshot(dir.path()), before);
     }
+}
+
+#[test]
+fn a_bundle_is_checked_at_its_lines_then_applied_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    sharded_model(dir.path());
+    let before = snapshot(dir.path());
+    let bundle = tempfile::tempdir().unwrap();
+    let rec = |i: usize, delta: Delta| Record { id: i.to_string(), batch: None, applied_at: None, line: 0, delta };
+    let good = delta("b.weight", 4, 3, Layout::OutIn, 1.0);
+    write_bundle(
+        bundle.path(),
+        &[
+            rec(0, good.clone()),
+            rec(1, delta("a.weight", 3, 4, Layout::InOut, 1.0)),
+            rec(2, delta("c", 4, 3, Layout::OutIn, 1.0)),
+        ],
+    )
+    .unwrap();
+    let edits = bundle.path().join(EDITS_FILE);
+    for out in [None, Some(bundle.path().join("copy"))] {
+        let err = apply_bundle(dir.path(), bundle.path(), out.as_deref(), Untouched::Copy).unwrap_err();
+        assert!(matches!(err, Error::Delta { .. }), "{err:?}");
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with(&format!("{}:2: field \"d_out\": 4", edits.display())), "{text}");
+        assert!(lines[1].starts_with(&format!("{}:3: field \"tensor\": 'c' is not in", edits.display())), "{text}");
+        assert_eq!(snapshot(dir.path()), before);
+        assert!(!bundle.path().join("copy").exists());
+    }
+    write_bundle(bundle.path(), &[rec(0, good.clone()), rec(1, good)]).unwrap();
+    let rep = apply_bundle(dir.path(), bundle.path(), None, Untouched::Copy).unwrap();
+    assert_eq!((rep.batch, rep.tensors.clone()), (1, vec!["b.weight".to_string()]));
+    assert_eq!(read_bundle(dir.path(), false).unwrap().len(), 2);
+    revert(dir.path(), false).unwrap();
+    assert_eq!(snapshot(dir.path()), before);
 }
 
 #[test]

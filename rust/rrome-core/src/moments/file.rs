@@ -1,0 +1,96 @@
+//! The statistics file: the full symmetric sum (F64 [d, d]) in a safetensors file, with the
+//! count, width and provenance in its metadata.
+
+use std::path::Path;
+
+use super::{layout, SecondMoment};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::fsutil::atomic_write;
+use crate::safetensors_header::{self, TensorData};
+
+/// Format tag written into statistics files.
+pub const MOMENTS_FORMAT: &str = "rrome-moments/1";
+
+/// Metadata keys the file format owns; user metadata cannot override them.
+const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
+
+impl SecondMoment {
+    /// Writes the sum, count, width and metadata to a safetensors file, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let sum = self.sum();
+        let bytes: Vec<u8> = sum.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut meta = vec![
+            ("format".to_string(), MOMENTS_FORMAT.to_string()),
+            ("count".to_string(), self.count.to_string()),
+            ("d".to_string(), self.d.to_string()),
+            ("writer".to_string(), concat!("rrome ", env!("CARGO_PKG_VERSION")).to_string()),
+        ];
+        meta.extend(self.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned());
+        atomic_write(path, |w| {
+            safetensors_header::write(
+                w,
+                &[TensorData { name: "sum", dtype: Dtype::F64, shape: vec![self.d, self.d], data: &bytes }],
+                &meta,
+            )
+        })
+    }
+
+    /// Reads a file written by [`SecondMoment::save`], validating it.
+    pub fn load(path: &Path) -> Result<SecondMoment> {
+        let (header, data) = safetensors_header::read_all(path)?;
+        let bad = |msg: String| Error::Moments { path: path.to_path_buf(), msg };
+        if header.meta("format") != Some(MOMENTS_FORMAT) {
+            return Err(bad(format!(
+                "not an rrome statistics file (format {:?}, expected {MOMENTS_FORMAT:?})",
+                header.meta("format")
+            )));
+        }
+        let d: usize = header
+            .meta("d")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("metadata \"d\" missing or not an integer".into()))?;
+        let count: u64 = header
+            .meta("count")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("metadata \"count\" missing or not an integer".into()))?;
+        let t = header.get("sum").ok_or_else(|| bad("tensor \"sum\" missing".into()))?;
+        if t.dtype != Dtype::F64 || t.shape != [d, d] {
+            return Err(bad(format!("tensor \"sum\" is {} {:?}, expected F64 [{d}, {d}]", t.dtype, t.shape)));
+        }
+        let mut m = SecondMoment::new(d).map_err(|e| bad(e.to_string()))?;
+        let raw = &data[t.begin as usize..t.end as usize];
+        for (idx, c) in raw.chunks_exact(8).enumerate() {
+            let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+            if !v.is_finite() {
+                return Err(bad(format!("sum holds a non-finite value at index {idx}")));
+            }
+            let (i, j) = (idx / d, idx % d);
+            if i >= j {
+                m.lower[layout::index(d, i, j)] = v;
+            }
+        }
+        m.count = count;
+        m.metadata = header.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned().collect();
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c0.safetensors");
+        let mut m = SecondMoment::new(3).unwrap();
+        m.update(&[1.0, 2.0, 3.0, -1.0, 0.5, 4.0]).unwrap();
+        m.set_metadata(vec![("model".into(), "tiny".into())]);
+        m.save(&p).unwrap();
+        let back = SecondMoment::load(&p).unwrap();
+        assert_eq!(back.count(), 2);
+        assert_eq!(back.sum(), m.sum());
+        assert_eq!(back.metadata(), &[("model".to_string(), "tiny".to_string())]);
+    }
+}
