@@ -129,7 +129,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = editor.save(args.out)
     assert report is not None
-    print(f"\nwrote the edits into {report['model_dir']} ({', '.join(report['tensors'])}); {model_dir} is unchanged")
+    print(f"\nwrote the edits into {report.model_dir} ({', '.join(report.tensors)}); {model_dir} is unchanged")
     print("reloading the edited checkpoint from disk:")
     cmd = [sys.executable, "-m", "rrome.cli", "generate", str(args.out), "--max-new-tokens", "10"]
     subprocess.run([*cmd, *(group[0] for group in shown)], check=True)

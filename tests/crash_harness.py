@@ -351,7 +351,7 @@ def state_of(folder: Path, oracle: Oracle, allowed: set[int]) -> int:
         raise CorruptFolderError(f"{folder}: state S{k} but undo files {undo}")
     if leftovers(folder):
         raise CorruptFolderError(f"{folder}: leftovers {leftovers(folder)}")
-    if rrome.inspect(folder)["pending"]:
+    if rrome.inspect(folder).pending:
         raise CorruptFolderError(f"{folder}: still pending after recovery")
     return k
 

@@ -25,9 +25,11 @@ from _helpers import (
     file_hashes,
     math_shape,
     random_delta,
+    read_header,
     region_sha,
     shard_files,
     shard_hashes,
+    tensor_region,
     torch_dtype,
     without_lock,
 )
@@ -123,19 +125,42 @@ def assert_log_matches(model_dir: Path, deltas: Sequence[rrome.Delta], batches: 
 
 def assert_inspect_reports(model_dir: Path, deltas: Sequence[rrome.Delta], batches: Sequence[int]) -> None:
     info = rrome.inspect(model_dir)
-    assert info["pending"] == []
-    edits = info["edits"]
-    assert [e["batch"] for e in edits] == list(batches)
-    assert [e["tensor"] for e in edits] == [d.tensor for d in deltas]
-    assert [e["layout"] for e in edits] == [d.layout for d in deltas]
-    assert [e["scale"] for e in edits] == [d.scale for d in deltas]
-    assert [(e["d_out"], e["d_in"]) for e in edits] == [(d.d_out, d.d_in) for d in deltas]
-    assert all(e["undo"] is True for e in edits)
-    ids = [e["id"] for e in edits]
+    assert info.pending == []
+    edits = info.edits
+    assert [e.batch for e in edits] == list(batches)
+    assert [e.tensor for e in edits] == [d.tensor for d in deltas]
+    assert [e.layout for e in edits] == [d.layout for d in deltas]
+    assert [e.scale for e in edits] == [d.scale for d in deltas]
+    assert [(e.d_out, e.d_in) for e in edits] == [(d.d_out, d.d_in) for d in deltas]
+    assert all(e.undo is True for e in edits)
+    ids = [e.id for e in edits]
     assert len(set(ids)) == len(ids)
-    names = {t["name"] for t in info["tensors"]}
+    names = {t.name for t in info.tensors or []}
     assert {d.tensor for d in deltas} <= names
-    assert sorted(s["file"] for s in info["shards"]) == shard_files(model_dir)
+    assert sorted(s.file for s in info.shards) == shard_files(model_dir)
+    # The JSON form `rrome inspect --json` prints says the same.
+    as_dict = info.to_dict()
+    assert [(e["batch"], e["id"], e["undo"]) for e in as_dict["edits"]] == [(e.batch, e.id, e.undo) for e in edits]
+    assert [t["name"] for t in as_dict["tensors"]] == [t.name for t in info.tensors or []]
+    assert as_dict["num_tensors"] == info.num_tensors == len(names)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpoint_lists_every_tensor_with_its_bytes(
+    pristine_checkpoint: Callable[[str, str, bool], Path], sharded: bool
+) -> None:
+    model = pristine_checkpoint("llama", "bf16", sharded)
+    ckpt = rrome.Checkpoint(model)
+    listed = ckpt.tensors()
+    assert [t.name for t in listed] == sorted(t.name for t in listed)
+    assert ckpt.indexed is sharded and sorted(s.file for s in ckpt.shards) == shard_files(model)
+    assert ckpt.num_tensors == len(listed) == sum(s.tensors for s in ckpt.shards)
+    for t in listed:
+        start, end = tensor_region(model / t.shard, t.name)
+        entry = read_header(model / t.shard)[1][t.name]
+        assert (t.dtype, t.shape, t.offset, t.len) == (entry["dtype"], entry["shape"], start, end - start)
+        assert ckpt.tensor(t.name) == t
+    assert ckpt.tensor("no.such.tensor") is None
 
 
 CASES = [
@@ -169,10 +194,13 @@ def test_apply_matches_reference_and_touches_nothing_else(
     rep = rrome.apply_deltas(model, deltas, out_dir=out)
     result = model if out is None else out
 
-    assert rep["batch"] == 1
-    assert rep["tensors"] == tensors
-    assert Path(rep["model_dir"]) == result
-    assert set(rep["shards"]) <= set(shard_files(model))
+    assert rep.batch == 1 and rep.deltas == len(deltas)
+    assert rep.tensors == tensors
+    assert rep["batch"] == 1 and rep["tensors"] == tensors  # read as the dict it used to be
+    with pytest.raises(KeyError):
+        rep["nonsense"]
+    assert Path(rep.model_dir) == result
+    assert set(rep.shards) <= set(shard_files(model))
 
     assert_matches_reference(result, original_params, deltas, dtype)
     assert_only_tensors_changed(pristine, result, tensors)
@@ -188,7 +216,7 @@ def test_apply_matches_reference_and_touches_nothing_else(
         assert without_lock(after) == before
         assert set(after) - set(before) <= {".rrome/lock"}
         assert not (model / EDITS_FILE).exists()
-        assert rrome.inspect(model)["edits"] == []
+        assert rrome.inspect(model).edits == []
         assert not list(tmp_path.glob(".*rrome-partial*"))
         # The copy reverts to the source's bytes too.
         assert rrome.revert(out) == [1]
@@ -202,7 +230,7 @@ def test_apply_matches_reference_and_touches_nothing_else(
     assert not (model / EDITS_FILE).exists()
     assert not (model / DELTAS_FILE).exists()
     info = rrome.inspect(model)
-    assert info["edits"] == [] and info["pending"] == []
+    assert info.edits == [] and info.pending == []
     with pytest.raises(rrome.RevertError):
         rrome.revert(model)
 
@@ -221,8 +249,8 @@ def test_two_batches_revert_all(
     tensors = list(by_tensor(first))
     original_params = load_params(model, tensors, dtype)
 
-    assert rrome.apply_deltas(model, first)["batch"] == 1
-    assert rrome.apply_deltas(model, second)["batch"] == 2
+    assert rrome.apply_deltas(model, first).batch == 1
+    assert rrome.apply_deltas(model, second).batch == 2
     # Two batches compose as if applied one after the other: batch 2 starts from batch 1's
     # rounded result, so compute the reference the same way.
     after_first = {n: reference(original_params[n], ds) for n, ds in by_tensor(first).items()}
@@ -239,7 +267,7 @@ def test_two_batches_revert_all(
     assert_only_tensors_changed(pristine_checkpoint(family, dtype, True), model, [])
     assert not (model / EDITS_FILE).exists()
     assert not list((model / ".rrome" / "undo").glob("*"))
-    assert rrome.inspect(model)["edits"] == []
+    assert rrome.inspect(model).edits == []
 
 
 @pytest.mark.parametrize(("family", "dtype"), [("gpt2", "f32"), ("llama", "bf16")])
@@ -263,7 +291,7 @@ def test_two_batches_revert_once_undoes_only_the_second(
         json.loads(x)["id"] for x in after_first_log.splitlines()
     ]
     # The next batch number is reused after the revert, and batch 1 still reverts exactly.
-    assert rrome.apply_deltas(model, second)["batch"] == 2
+    assert rrome.apply_deltas(model, second).batch == 2
     assert rrome.revert(model, all=True) == [2, 1]
 
 
@@ -310,7 +338,7 @@ def test_copy_of_an_edited_checkpoint_carries_its_log(
     before = without_lock(file_hashes(model))
     out = tmp_path / "copy"
     rep = rrome.apply_deltas(model, second, out_dir=out)
-    assert rep["batch"] == 2
+    assert rep.batch == 2
 
     assert without_lock(file_hashes(model)) == before
     assert_log_matches(model, first, [1, 1, 1])

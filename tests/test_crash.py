@@ -121,10 +121,10 @@ def tensor_states(c: Case) -> list[str]:
 def assert_log(model: Path, batches: list[int]) -> None:
     if not batches:
         assert not (model / EDITS_FILE).exists()
-        assert rrome.inspect(model)["edits"] == []
+        assert rrome.inspect(model).edits == []
         return
     assert [r.batch for r in rrome.load_deltas(model)] == batches
-    assert [e["batch"] for e in rrome.inspect(model)["edits"]] == batches
+    assert [e.batch for e in rrome.inspect(model).edits] == batches
 
 
 # --- in place -------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_crash_then_recover(case: Case, step: str) -> None:
 
     # The state the crash left: every step here comes before the journal is finalised.
     info = rrome.inspect(case.model)
-    assert info["pending"], "an interrupted write must be reported as pending"
+    assert info.pending, "an interrupted write must be reported as pending"
     assert (case.model / STATE_DIR / "journal.safetensors").is_file()
     at_crash = {
         "journal-written": ["old", "old"],
@@ -157,7 +157,7 @@ def test_crash_then_recover(case: Case, step: str) -> None:
     assert_only_tensors_changed(case.pristine, case.model, case.tensors)
     # The edit log holds the batch exactly when the new bytes are there.
     assert_log(case.model, [1, 1, 1] if committed else [])
-    assert rrome.inspect(case.model)["pending"] == []
+    assert rrome.inspect(case.model).pending == []
     assert leftovers(case.model) == []
     undo = case.model / STATE_DIR / "undo" / "batch-000001.safetensors"
     assert undo.is_file() == committed
@@ -190,7 +190,7 @@ def test_crash_then_next_apply_recovers_first(case: Case, step: str) -> None:
         assert shard_hashes(case.model) == case.shards_new
         assert_log(case.model, [1, 1, 1])
     assert_only_tensors_changed(case.pristine, case.model, case.tensors)
-    assert rrome.inspect(case.model)["pending"] == []
+    assert rrome.inspect(case.model).pending == []
     assert leftovers(case.model) == []
 
     assert rrome.revert(case.model, all=True)[-1] == 1
@@ -228,7 +228,7 @@ def test_crash_during_revert(case: Case, step: str) -> None:
     assert shard_hashes(case.model) == case.shards_new
     crash("revert", case.model, step=step)
 
-    assert rrome.inspect(case.model)["pending"], "an interrupted revert must be reported as pending"
+    assert rrome.inspect(case.model).pending, "an interrupted revert must be reported as pending"
     assert (case.model / STATE_DIR / "revert.json").is_file()
     # restore-region aborts right after the first region is written back.
     at_crash = {"revert-marked": ["new", "new"], "restore-region": ["old", "new"], "log-shrunk": ["old", "old"]}
@@ -239,7 +239,7 @@ def test_crash_during_revert(case: Case, step: str) -> None:
     assert shard_hashes(case.model) == case.shards_old
     assert_only_tensors_changed(case.pristine, case.model, [])
     assert_log(case.model, [])
-    assert rrome.inspect(case.model)["pending"] == []
+    assert rrome.inspect(case.model).pending == []
     assert leftovers(case.model) == []
     assert not (case.model / STATE_DIR / "undo" / "batch-000001.safetensors").exists()
     assert "nothing to recover" in recover_cli(case.model)
@@ -251,7 +251,7 @@ def test_crash_during_revert_of_second_batch(case: Case, step: str) -> None:
     rrome.apply_deltas(case.model, case.deltas)
     assert shard_hashes(case.model) == case.shards_new2
     crash("revert", case.model, step=step)
-    assert rrome.inspect(case.model)["pending"]
+    assert rrome.inspect(case.model).pending
     recover_cli(case.model)
     # Only batch 2 is undone: the bytes and the log are those after batch 1.
     assert shard_hashes(case.model) == case.shards_new
@@ -278,7 +278,7 @@ def test_crash_during_copy(case: Case, tmp_path: Path, step: str, source: str) -
     assert not out.exists()
     assert partial.is_dir(), "the crashed run's hidden build folder is left behind"
     assert without_lock(file_hashes(case.model)) == before, "the source changed"
-    assert rrome.inspect(case.model)["pending"] == []
+    assert rrome.inspect(case.model).pending == []
 
     proc = run_cli("apply-deltas", "--out", out, case.bundle, case.model)
     assert proc.returncode == 0, proc.stderr
@@ -337,7 +337,7 @@ def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str
     assert leftovers(edited) == [] and leftovers(other) == []
     assert without_lock(file_hashes(edited)) == before_edited
     assert without_lock(file_hashes(other)) == before_other
-    assert rrome.inspect(edited)["pending"] == []
+    assert rrome.inspect(edited).pending == []
 
     # The next apply un-shares what is still shared and edits only its own folder.
     proc = run_cli("apply-deltas", bundle, edited)
@@ -358,7 +358,7 @@ def test_crash_while_unsharing_during_revert(tmp_path: Path, step: str) -> None:
     before_out = without_lock(file_hashes(out))
 
     crash("revert", src, step=step)
-    assert rrome.inspect(src)["pending"], "an interrupted revert must be reported as pending"
+    assert rrome.inspect(src).pending, "an interrupted revert must be reported as pending"
     assert without_lock(file_hashes(out)) == before_out
     recover_cli(src)
     assert shard_hashes(src) == pristine

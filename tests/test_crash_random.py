@@ -137,7 +137,7 @@ def test_rrome_apply_killed_while_writing(tmp_path: Path) -> None:
 
     out = run_cli("recover", model)
     assert out.returncode == 0, out.stderr
-    assert rrome.inspect(model)["pending"] == []
+    assert rrome.inspect(model).pending == []
     log = rrome.load_deltas(model) if (model / "rrome_edits.jsonl").exists() else []
     if not log:  # rolled back: the original bytes
         assert shard_hashes(model) == shard_hashes(pristine)

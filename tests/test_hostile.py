@@ -190,7 +190,7 @@ def sharded(tmp_path: Path) -> Path:
 
 def test_the_valid_fixtures_are_valid(single: Path, sharded: Path) -> None:
     for model in (single, sharded):
-        assert {t["name"] for t in rrome.inspect(model)["tensors"]} == {"w", "b"}
+        assert {t.name for t in rrome.inspect(model).tensors} == {"w", "b"}
         rrome.apply_deltas(model, [DELTA])
 
 
@@ -315,7 +315,7 @@ def test_shard_links_out_of_the_folder_are_not_written(how: str, sharded: Path, 
     assert_untouched(before, snapshot(tmp_path), sharded)
     # Reading through the link (e.g. a Hugging Face cache snapshot) is fine; a copy never
     # follows a link (tests/test_untrusted_folder.py): `cp -rL` first makes a real folder.
-    assert {t["name"] for t in rrome.inspect(sharded)["tensors"]} == {"w", "b"}
+    assert {t.name for t in rrome.inspect(sharded).tensors} == {"w", "b"}
     with pytest.raises(rrome.CheckpointError, match="symbolic link"):
         rrome.apply_deltas(sharded, [DELTA], out_dir=tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
@@ -384,7 +384,7 @@ def test_file_size_limit_in_place(limit: int, oracle: Oracle, tmp_path: Path) ->
         return
     assert_one_line_error(proc, "File too large")
     # Rolled back at once: no recovery needed.
-    assert rrome.inspect(model)["pending"] == [] and leftovers(model) == []
+    assert rrome.inspect(model).pending == [] and leftovers(model) == []
     assert state_of(model, oracle, {0}) == 0
 
 

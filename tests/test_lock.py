@@ -46,4 +46,4 @@ def test_second_writer_fails_fast_naming_the_holder(fresh_checkpoint: Callable[[
         holder.stdout.close()
     # The kernel released the dead holder's lock: writing works again.
     delta = rrome.Delta("transformer.h.0.mlp.c_proj.weight", np.ones(128), np.ones(32), layout="in_out")
-    assert rrome.apply_deltas(model, [delta])["batch"] == 1
+    assert rrome.apply_deltas(model, [delta]).batch == 1

@@ -71,7 +71,7 @@ def test_cli_link_untouched(src: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     refused = runner.invoke(main, ["apply-deltas", str(bundle), str(src), "--link-untouched"])
     assert refused.exit_code == 2 and "--out" in refused.output
-    assert rrome.inspect(src)["edits"] == []
+    assert rrome.inspect(src).edits == []
     out = tmp_path / "copy"
     done = runner.invoke(main, ["apply-deltas", str(bundle), str(src), "--out", str(out), "--link-untouched"])
     assert done.exit_code == 0, done.output

@@ -240,8 +240,8 @@ def test_recovery_that_runs_first_is_reported(model: Path, bundle: Path) -> None
     proc = run_cli("apply-deltas", bundle, model, crash_at="committed")
     assert proc.returncode < 0
     rep = rrome.apply_deltas(model, [DELTA])
-    assert rep["batch"] == 3 and any("completed batch 2" in a for a in rep["recovered"])
-    assert rrome.apply_deltas(model, [DELTA])["recovered"] == []
+    assert rep.batch == 3 and any("completed batch 2" in a for a in rep.recovered)
+    assert rrome.apply_deltas(model, [DELTA]).recovered == []
     proc = run_cli("apply-deltas", bundle, model, crash_at="committed")
     proc = run_cli("revert", model)
     assert proc.returncode == 0, proc.stderr
@@ -294,7 +294,7 @@ def test_kill_between_the_renames_of_a_shrinking_revert(model: Path, bundle: Pat
     proc = run_cli("revert", model, crash_at="log-shrunk")
     assert proc.returncode < 0, (proc.returncode, proc.stderr)
     # The folder stays readable and the interrupted revert finishes.
-    assert [e["batch"] for e in rrome.inspect(model)["edits"]] == [1]
+    assert [e.batch for e in rrome.inspect(model).edits] == [1]
     proc = run_cli("recover", model)
     assert proc.returncode == 0, proc.stderr
     assert [r.batch for r in rrome.load_deltas(model)] == [1]
@@ -309,7 +309,7 @@ def test_kill_between_the_renames_of_a_rollback(model: Path, bundle: Path) -> No
     assert proc.returncode < 0
     proc = run_cli("recover", model, crash_at="log-shrunk")
     assert proc.returncode < 0, (proc.returncode, proc.stderr)
-    assert [e["batch"] for e in rrome.inspect(model)["edits"]] == [1, 1]
+    assert [e.batch for e in rrome.inspect(model).edits] == [1, 1]
     proc = run_cli("recover", model)
     assert proc.returncode == 0, proc.stderr
     assert (model / "model.safetensors").read_bytes() == first

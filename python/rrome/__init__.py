@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rrome._rust import Cholesky, SecondMoment
+from rrome._rust import Checkpoint, Cholesky, Inspection, SecondMoment
 from rrome.files.errors import (
     CheckpointError,
     DeltaError,
@@ -67,6 +67,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ApplyReport",
+    "Checkpoint",
     "CheckpointError",
     "Cholesky",
     "Delta",
@@ -77,6 +78,7 @@ __all__ = [
     "Editor",
     "HParamsError",
     "HParamsFileError",
+    "Inspection",
     "IntegrityError",
     "InvalidFileError",
     "LargeUpdateError",

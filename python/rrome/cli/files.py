@@ -34,17 +34,16 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
     either file. In place (the default), the write is journaled and locked and can be undone
     with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
     """
-    from rrome.files.shards import apply_deltas, load_deltas_for
+    from rrome.files.shards import apply_bundle
 
     check_link_untouched(link_untouched, out_dir)
-    batch = [rec.delta for rec in load_deltas_for(deltas, model_dir)]
     t0 = time.perf_counter()
-    rep = apply_deltas(model_dir, batch, out_dir=out_dir, link_untouched=link_untouched)
+    rep = apply_bundle(model_dir, deltas, out_dir=out_dir, link_untouched=link_untouched)
     dt = time.perf_counter() - t0
-    echo_recovered(rep["recovered"])
+    echo_recovered(rep.recovered)
     click.echo(
-        f"applied {len(batch)} delta(s) to {len(rep['tensors'])} tensor(s) in {len(rep['shards'])} shard(s) "
-        f"as batch {rep['batch']} of {rep['model_dir']} ({rep['tensor_bytes'] / 1e6:.1f} MB of tensors, {dt:.2f} s)"
+        f"applied {rep.deltas} delta(s) to {len(rep.tensors)} tensor(s) in {len(rep.shards)} shard(s) "
+        f"as batch {rep.batch} of {rep.model_dir} ({rep.tensor_bytes / 1e6:.1f} MB of tensors, {dt:.2f} s)"
     )
 
 
@@ -94,25 +93,25 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
 
     info = inspect(model_dir, tensors=show_tensors or as_json)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(info.to_dict(), indent=2))
         return
-    click.echo(f"{printable(info['model_dir'])}: {info['num_tensors']} tensors in {len(info['shards'])} shard(s)")
-    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(info["dtypes"].items())))
-    for s in info["shards"]:
-        click.echo(f"  {printable(s['file'])}  {_fmt_bytes(s['bytes'])}  {s['tensors']} tensors")
+    click.echo(f"{printable(info.model_dir)}: {info.num_tensors} tensors in {len(info.shards)} shard(s)")
+    click.echo("dtypes: " + ", ".join(f"{k} × {v}" for k, v in sorted(info.dtypes.items())))
+    for s in info.shards:
+        click.echo(f"  {printable(s.file)}  {_fmt_bytes(s.bytes)}  {s.tensors} tensors")
     if show_tensors:
-        for t in info["tensors"]:
-            click.echo(f"  {printable(t['name'])}  {t['dtype']}  {t['shape']}  {printable(t['shard'])}")
-    edits = info["edits"]
+        for t in info.tensors or []:
+            click.echo(f"  {printable(t.name)}  {t.dtype}  {t.shape}  {printable(t.shard)}")
+    edits = info.edits
     if not edits:
         click.echo("edit log: empty")
     else:
         click.echo(f"edit log: {len(edits)} delta(s)")
         for e in edits:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["applied_at"])) if e["applied_at"] else "-"
-            undo = "revertible" if e["undo"] else "no undo data"
-            fields = [f"batch {e['batch']}", printable(e["id"]), printable(e["tensor"]), e["layout"]]
-            fields += [f"scale={e['scale']:g}", when, undo]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.applied_at)) if e.applied_at else "-"
+            undo = "revertible" if e.undo else "no undo data"
+            fields = [f"batch {e.batch}", printable(e.id), printable(e.tensor), e.layout]
+            fields += [f"scale={e.scale:g}", when, undo]
             click.echo("  " + "  ".join(fields))
-    for p in info["pending"]:
+    for p in info.pending:
         click.echo(f"pending: {p}")

@@ -138,8 +138,8 @@ def apply_cmd(
             f"{r.p_new_before:9.3f} → {r.p_new_after:<9.3f}  {r.steps:>5}  {r.stop:<13}  {r.delta_ratio:.3f}"
         )
     if rep is not None:
-        echo_recovered(rep["recovered"])
-        click.echo(f"wrote {len(results)} edit(s) as batch {rep['batch']} of {rep['model_dir']} (layer {editor.layer})")
+        echo_recovered(rep.recovered)
+        click.echo(f"wrote {len(results)} edit(s) as batch {rep.batch} of {rep.model_dir} (layer {editor.layer})")
 
 
 @main.command("screen")

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rrome._rust import Cholesky, SecondMoment
+from rrome._rust import Checkpoint, Cholesky, SecondMoment
 from rrome.engine.models import context_length
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import (
-    CheckpointError,
     InvalidFileError,
     RromeError,
-    SafetensorsHeaderError,
     UnsupportedModelError,
 )
 from rrome.files.fsutil import sha256_file
@@ -48,71 +45,18 @@ STATS_FORMAT = "rrome-stats/1"
 """Value of the ``stats_format`` metadata field of the files :func:`second_moment` writes."""
 
 _MODEL_KEY_VERSION = b"rrome-model-key/1\n"
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _TOKENIZE_CHUNK = 16  # documents tokenised per call of the (Rust) tokenizer
 
 
 # --- cache --------------------------------------------------------------------------------
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_bytes())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: weight_map must be a non-empty object")
-        shards = set(weight_map.values())
-        for name in shards:
-            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
-                raise CheckpointError(f"{index}: shard {name!r} is not a plain file name inside the model folder")
-        return [model_dir / name for name in sorted(shards)]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json found")
-
-
-def _tensor_specs(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Name -> (dtype, shape) of every tensor in a safetensors file's header (the data is not read)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsHeaderError(f"{path}: {size} bytes, too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
-            raise SafetensorsHeaderError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise SafetensorsHeaderError(f"{path}: header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsHeaderError(f"{path}: header is not a JSON object")
-    specs: dict[str, tuple[str, list[int]]] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if (
-            not isinstance(dtype, str)
-            or not isinstance(shape, list)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-        ):
-            raise SafetensorsHeaderError(f"{path}: tensor {name!r} has no valid dtype and shape")
-        specs[name] = (dtype, shape)
-    return specs
-
-
 def model_key(model_dir: PathLike) -> str:
     """A short hash that identifies an *unedited* model, for caching its layer statistics.
 
-    The key covers the bytes of ``config.json`` and, from the safetensors headers, every tensor's
-    name, dtype and shape, but neither the weight values nor the folder's name or location:
+    The key covers the bytes of ``config.json`` and, from the safetensors headers (as the Rust
+    :class:`rrome.Checkpoint` reads and validates them), every tensor's name, dtype and shape,
+    but neither the weight values nor the folder's name or location:
 
     - C0 always belongs to the unedited model (sequential edits keep the first C0, docs/design.md §1),
       so an edit written into the folder (new weight bytes, an edit log) keeps the key;
@@ -129,23 +73,18 @@ def model_key(model_dir: PathLike) -> str:
 
     Raises:
         FileNotFoundError: the folder or its ``config.json`` does not exist.
-        CheckpointError: no weights, or an unsafe or malformed ``model.safetensors.index.json``.
-        SafetensorsHeaderError: a weight file's header cannot be read.
+        CheckpointError: no weights, an unsafe or malformed ``model.safetensors.index.json``, or
+            one that disagrees with the shards' headers.
+        SafetensorsHeaderError: a weight file's header cannot be read or is not valid.
     """
     d = Path(model_dir)
     if not d.is_dir():
         raise FileNotFoundError(errno.ENOENT, "model folder not found", str(d))
     config = (d / "config.json").read_bytes()
-    tensors: dict[str, tuple[str, list[int]]] = {}
-    for shard in _weight_files(d):
-        for name, spec in _tensor_specs(shard).items():
-            if name in tensors:
-                raise CheckpointError(f"{d}: tensor {name!r} is stored in more than one weight file")
-            tensors[name] = spec
     h = hashlib.sha256(_MODEL_KEY_VERSION)
     h.update(len(config).to_bytes(8, "little"))
     h.update(config)
-    listing = [[name, dtype, shape] for name, (dtype, shape) in sorted(tensors.items())]
+    listing = [[t.name, t.dtype, t.shape] for t in Checkpoint(d).tensors()]
     h.update(json.dumps(listing, separators=(",", ":")).encode())
     return h.hexdigest()[:16]
 

@@ -15,13 +15,16 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from rrome import _rust
-from rrome.files.errors import DeltaError, RromeError, TensorNotFoundError, UnsupportedDtypeError
+from rrome._rust import ApplyReport as ApplyReport
+from rrome._rust import Inspection as Inspection
+from rrome._rust import LoggedDelta as LoggedDelta
+from rrome.files.errors import DeltaError
 
 Layout = Literal["out_in", "in_out"]
 PathLike = str | os.PathLike[str]
@@ -105,34 +108,13 @@ class Delta:
         """The dense ``d_out × d_in`` update ``(scale · r) uᵀ`` in float32 (for checks; costly)."""
         return np.outer(np.float32(self.scale) * self.r, self.u)
 
-    def _raw(self) -> tuple[str, Any, Any, str, float, str | None]:
-        meta = None if self.meta is None else json.dumps(dict(self.meta))
-        return (self.tensor, self.u, self.r, self.layout, self.scale, meta)
 
-
-@dataclass(frozen=True, eq=False)
-class LoggedDelta:
-    """A delta read back from a bundle or edit log, with its record fields."""
-
-    id: str
-    batch: int | None
-    applied_at: float | None
-    delta: Delta
-    line: int = 0
-    """Line of ``rrome_edits.jsonl`` the record was read from (1-based)."""
-
-
-class ApplyReport(TypedDict):
-    """What :func:`apply_deltas` did."""
-
-    batch: int
-    model_dir: str
-    tensors: list[str]
-    shards: list[str]
-    tensor_bytes: int
-    bytes_written: int
-    recovered: list[str]
-    """What the recovery that runs first did to an interrupted earlier write (empty if nothing)."""
+def _checked(deltas: Iterable[Delta]) -> list[Delta]:
+    batch = list(deltas)
+    for d in batch:
+        if not isinstance(d, Delta):
+            raise DeltaError(f"expected rrome.Delta objects, got {type(d).__name__}")
+    return batch
 
 
 def apply_deltas(
@@ -174,15 +156,31 @@ def apply_deltas(
             fit its checkpoint (not written by rrome); nothing is written.
         OSError: I/O failures (FileNotFoundError, PermissionError, ...), nothing half-written.
     """
-    batch = list(deltas)
-    for d in batch:
-        if not isinstance(d, Delta):
-            raise DeltaError(f"expected rrome.Delta objects, got {type(d).__name__}")
-    raw = [d._raw() for d in batch]
+    batch = _checked(deltas)
     out = None if out_dir is None else os.fspath(out_dir)
     if link_untouched and out is None:
         raise DeltaError("link_untouched only applies to a copy (out_dir)")
-    return _rust.apply_deltas(os.fspath(model_dir), raw, out, link_untouched)  # type: ignore[return-value]
+    return _rust.apply_deltas(os.fspath(model_dir), batch, out, link_untouched)
+
+
+def apply_bundle(
+    model_dir: PathLike,
+    bundle: PathLike,
+    *,
+    out_dir: PathLike | None = None,
+    link_untouched: bool = False,
+) -> ApplyReport:
+    """Reads the deltas bundle at ``bundle``, checks every delta against the checkpoint in
+    ``model_dir`` as :func:`load_deltas_for` does, and applies them as one batch as
+    :func:`apply_deltas` does: what ``rrome apply-deltas`` runs, in one call into Rust.
+
+    Raises:
+        As :func:`load_deltas_for`, then as :func:`apply_deltas`.
+    """
+    out = None if out_dir is None else os.fspath(out_dir)
+    if link_untouched and out is None:
+        raise DeltaError("link_untouched only applies to a copy (out_dir)")
+    return _rust.apply_bundle(os.fspath(model_dir), os.fspath(bundle), out, link_untouched)
 
 
 def revert(model_dir: PathLike, *, all: bool = False) -> list[int]:  # noqa: A002 - mirrors the CLI flag
@@ -221,19 +219,20 @@ def recover(model_dir: PathLike) -> list[str]:
     return _rust.recover(os.fspath(model_dir))
 
 
-def inspect(model_dir: PathLike, *, tensors: bool = True) -> dict[str, Any]:
-    """Describes a model folder: shards, tensors (name, dtype, shape, shard), edit log, pending state.
+def inspect(model_dir: PathLike, *, tensors: bool = True) -> Inspection:
+    """Describes a model folder: shards, tensors (name, dtype, shape, shard, byte range), edit
+    log, pending state.
 
     ``num_tensors`` and ``dtypes`` (tensors per dtype) are always there; the list ``tensors``
     only with ``tensors=True`` (otherwise ``None``), since a checkpoint may hold many.
+    ``to_dict()`` gives the JSON form that ``rrome inspect --json`` prints.
     """
-    result: dict[str, Any] = json.loads(_rust.inspect(os.fspath(model_dir), tensors))
-    return result
+    return _rust.inspect(os.fspath(model_dir), tensors)
 
 
 def save_deltas(path: PathLike, deltas: Sequence[Delta]) -> None:
     """Writes deltas as a bundle in folder ``path`` (created if needed), ids ``"0"``, ``"1"``, ..."""
-    _rust.write_bundle(os.fspath(path), [d._raw() for d in deltas])
+    _rust.write_bundle(os.fspath(path), _checked(deltas))
 
 
 def load_deltas(path: PathLike) -> list[LoggedDelta]:
@@ -242,61 +241,20 @@ def load_deltas(path: PathLike) -> list[LoggedDelta]:
     Raises:
         DeltasFileError: a malformed record, naming file, line and field.
     """
-    out = []
-    for rid, batch, applied_at, line, tensor, u, r, layout, scale, meta in _rust.read_bundle(os.fspath(path)):
-        if layout not in ("out_in", "in_out"):
-            raise DeltaError(f"{path}: unknown layout {layout!r}")
-        delta = Delta(tensor, u, r, cast(Layout, layout), scale, None if meta is None else json.loads(meta))
-        out.append(LoggedDelta(rid, batch, applied_at, delta, line))
-    return out
+    return _rust.read_bundle(os.fspath(path))
 
 
 def load_deltas_for(path: PathLike, model_dir: PathLike) -> list[LoggedDelta]:
     """Reads a bundle like :func:`load_deltas` and checks every delta against the checkpoint in
-    ``model_dir`` (headers only) before anything is written: the tensor exists, its dtype can
-    be edited, and ``d_out`` × ``d_in`` in the delta's layout is the tensor's shape.
+    ``model_dir`` (headers only) before anything is written: the numbers are finite, the tensor
+    exists, its dtype can be edited, and ``d_out`` × ``d_in`` in the delta's layout is the
+    tensor's shape.
 
     Every problem is reported at once, each as ``FILE:LINE: field "x": ...`` naming the line of
-    ``rrome_edits.jsonl`` that holds the delta.
+    ``rrome_edits.jsonl`` that holds the delta (the first 20, then how many more).
 
     Raises:
         TensorNotFoundError, UnsupportedDtypeError, DeltaError: the class of the first problem.
         DeltasFileError, SafetensorsHeaderError, CheckpointError: a malformed bundle or checkpoint.
     """
-    records = load_deltas(path)
-    edits = os.fspath(path)
-    if os.path.isdir(edits):
-        edits = os.path.join(edits, EDITS_FILE)
-    elif os.path.basename(edits) != EDITS_FILE:
-        edits = os.path.join(os.path.dirname(edits), EDITS_FILE)
-    specs = _rust.tensor_specs(os.fspath(model_dir), [rec.delta.tensor for rec in records])
-    problems: list[tuple[type[RromeError], str]] = []
-    for rec, spec in zip(records, specs, strict=True):
-        d = rec.delta
-        where = f"{edits}:{rec.line}"
-        if spec is None:
-            problems.append((TensorNotFoundError, f'{where}: field "tensor": {d.tensor!r} is not in {model_dir}'))
-            continue
-        dtype, shape = spec
-        if dtype not in ("F32", "F16", "BF16"):
-            problems.append(
-                (UnsupportedDtypeError, f'{where}: field "tensor": {d.tensor!r} is {dtype}; only F32, F16, BF16')
-            )
-            continue
-        if len(shape) != 2:
-            problems.append((DeltaError, f'{where}: field "tensor": {d.tensor!r} has shape {shape}, not a matrix'))
-            continue
-        t_out, t_in = shape if d.layout == "out_in" else shape[::-1]
-        bad = [
-            f'field "{f}": {v} (the tensor has {w})'
-            for f, v, w in (("d_out", d.d_out, t_out), ("d_in", d.d_in, t_in))
-            if v != w
-        ]
-        if bad:
-            problems.append(
-                (DeltaError, f"{where}: {'; '.join(bad)}: {d.tensor!r} has shape {shape}, layout {d.layout}")
-            )
-    if problems:
-        shown = [m for _, m in problems[:20]] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise problems[0][0]("\n".join(shown))
-    return records
+    return _rust.check_bundle(os.fspath(model_dir), os.fspath(path))

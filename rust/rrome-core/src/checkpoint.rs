@@ -182,10 +182,14 @@ impl Checkpoint {
     /// Every tensor of every shard, sorted by name (byte order of the UTF-8 names, which is
     /// code point order: Python's `sorted` of the same names).
     pub fn tensors(&self) -> Vec<TensorRef<'_>> {
-        let mut all: Vec<TensorRef<'_>> =
-            self.shards.iter().flat_map(|s| s.header.tensors.iter().map(move |t| self.tensor_ref(s, t))).collect();
+        let mut all = self.tensors_in_file_order();
         all.sort_unstable_by(|a, b| a.name.cmp(b.name));
         all
+    }
+
+    /// Every tensor, shard by shard (in file-name order) and in header order within a shard.
+    pub fn tensors_in_file_order(&self) -> Vec<TensorRef<'_>> {
+        self.shards.iter().flat_map(|s| s.header.tensors.iter().map(move |t| self.tensor_ref(s, t))).collect()
     }
 
     fn tensor_ref<'a>(&self, shard: &'a Shard, t: &'a TensorInfo) -> TensorRef<'a> {

@@ -82,7 +82,7 @@ fn in_place_apply_matches_reference_and_reverts_exactly() {
         delta("b.weight", 4, 3, Layout::OutIn, 2.0),
     ];
     let rep = apply_deltas(dir.path(), &deltas, None).unwrap();
-    assert_eq!(rep.batch, 1);
+    assert_eq!((rep.batch, rep.deltas), (1, 3));
     assert_eq!(rep.tensors, vec!["a.weight", "b.weight"]);
     assert!(!journal_path(dir.path()).exists());
 
@@ -206,7 +206,7 @@ fn a_bundle_is_checked_at_its_lines_then_applied_in_one_call() {
     }
     write_bundle(bundle.path(), &[rec(0, good.clone()), rec(1, good)]).unwrap();
     let rep = apply_bundle(dir.path(), bundle.path(), None, Untouched::Copy).unwrap();
-    assert_eq!((rep.batch, rep.tensors.clone()), (1, vec!["b.weight".to_string()]));
+    assert_eq!((rep.batch, rep.deltas, rep.tensors.clone()), (1, 2, vec!["b.weight".to_string()]));
     assert_eq!(read_bundle(dir.path(), false).unwrap().len(), 2);
     revert(dir.path(), false).unwrap();
     assert_eq!(snapshot(dir.path()), before);
@@ -378,7 +378,8 @@ fn interrupted_write_is_rolled_back_by_recover() {
     fs::rename(&undo, journal_path(dir.path())).unwrap();
     fs::remove_file(dir.path().join("rrome_edits.jsonl")).unwrap();
     let pending = inspect(dir.path()).unwrap();
-    assert_eq!(pending["pending"].as_array().unwrap().len(), 1);
+    assert_eq!(pending.pending.len(), 1);
+    assert_eq!(pending.to_json()["pending"].as_array().unwrap().len(), 1);
     let actions = recover(dir.path()).unwrap();
     assert!(actions.iter().any(|a| a.contains("rolled back")), "{actions:?}");
     assert_eq!(snapshot(dir.path()), before);

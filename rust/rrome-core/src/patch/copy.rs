@@ -236,5 +236,5 @@ pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched:
     let log_bytes = fs::metadata(out.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
         + fs::metadata(out.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0)
         + fs::metadata(undo_path(out, batch)).map(|m| m.len()).unwrap_or(0);
-    Ok(report(out, batch, &regions, log_bytes))
+    Ok(report(out, batch, deltas.len(), &regions, log_bytes))
 }

@@ -57,7 +57,7 @@ pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport
     let journal_bytes = fs::metadata(undo_path(dir, batch)).at(undo_path(dir, batch))?.len();
     let log_bytes = fs::metadata(dir.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
         + fs::metadata(dir.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0);
-    Ok(ApplyReport { recovered, ..report(dir, batch, &regions, journal_bytes + log_bytes) })
+    Ok(ApplyReport { recovered, ..report(dir, batch, deltas.len(), &regions, journal_bytes + log_bytes) })
 }
 
 /// In place, pass 1: writes the undo journal. Each region's original bytes are read once,

@@ -56,7 +56,7 @@ use crate::journal::Region;
 
 /// Environment variable that makes the process abort at a named step (crash tests only).
 pub use crate::fsutil::CRASH_ENV;
-pub use inspect::{inspect, inspect_with};
+pub use inspect::{inspect, inspect_with, Inspection, LogEntry};
 pub use plan::check_undo;
 pub use recover::recover;
 pub use revert::revert;
@@ -68,6 +68,8 @@ pub struct ApplyReport {
     pub batch: u64,
     /// The folder that now holds the edited checkpoint.
     pub model_dir: PathBuf,
+    /// Number of deltas in the batch.
+    pub deltas: usize,
     /// Edited tensors, in order.
     pub tensors: Vec<String>,
     /// Shards that changed.
@@ -176,7 +178,7 @@ pub(super) fn new_records(deltas: &[Delta], batch: u64) -> Vec<Record> {
         .collect()
 }
 
-pub(super) fn report(dir: &Path, batch: u64, regions: &[Region], extra_bytes: u64) -> ApplyReport {
+pub(super) fn report(dir: &Path, batch: u64, deltas: usize, regions: &[Region], extra_bytes: u64) -> ApplyReport {
     let mut shards: Vec<String> = Vec::new();
     for r in regions {
         if !shards.contains(&r.shard) {
@@ -187,6 +189,7 @@ pub(super) fn report(dir: &Path, batch: u64, regions: &[Region], extra_bytes: u6
     ApplyReport {
         batch,
         model_dir: dir.to_path_buf(),
+        deltas,
         tensors: regions.iter().map(|r| r.tensor.clone()).collect(),
         shards,
         tensor_bytes,
