@@ -300,8 +300,8 @@ def collect_second_moment(
     from tqdm import tqdm
 
     from rrome.engine.hooks import StopForward, get_module, trace
-    from rrome.engine.keys import Row, pad_rows
     from rrome.engine.models import input_device
+    from rrome.engine.prompts import Row, pad_rows
 
     for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:

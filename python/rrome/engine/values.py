@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +33,8 @@ import torch
 from torch import nn
 
 from rrome.engine.hooks import Trace, edit_output, get_module, record_input, replay_below
-from rrome.engine.keys import Batch, Row, pad_rows, prompt_row, target_ids
 from rrome.engine.models import input_device
-from rrome.files.edits import EditRequest
+from rrome.engine.prompts import Batch, EditPrompts, pad_rows
 from rrome.files.hparams import HParams
 from rrome.files.shards import Layout
 
@@ -110,21 +108,11 @@ class _Prompts:
     target_len: int
 
 
-def _build_prompts(
-    tokenizer: Any, request: EditRequest, templates: Sequence[str], device: torch.device, *, left: bool | None
-) -> _Prompts:
-    rows: list[Row] = []
-    tgt: list[int] = []
-    for t in templates:
-        row = prompt_row(tokenizer, t, request)
-        at = t.index("{}")
-        prefix = t[:at] + request.text() + t[at + 2 :]
-        tgt = target_ids(tokenizer, prefix, request.target_new)
-        rows.append(Row(row.ids + tgt[:-1], row.lookup))
-    kl_req = EditRequest(prompt="{} is a", subject=request.subject, target_new=request.target_new)
-    rows.append(prompt_row(tokenizer, "{}", kl_req))
+def _build_prompts(tokenizer: Any, prompts: EditPrompts, device: torch.device, *, left: bool | None) -> _Prompts:
+    rows = [*prompts.rewrite, prompts.kl]
     batch = pad_rows(tokenizer, rows, device, left=left)
-    n = len(templates)
+    n = len(prompts.rewrite)
+    tgt = prompts.target
     keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for i, row in enumerate(rows[:n]):
         start = batch.offsets[i] + len(row.ids) - len(tgt)
@@ -203,8 +191,7 @@ def compute_value(
     module_name: str,
     blocks_name: str,
     layer: int,
-    request: EditRequest,
-    templates: Sequence[str],
+    prompts: EditPrompts,
     hp: HParams,
     *,
     layout: Layout,
@@ -225,7 +212,7 @@ def compute_value(
     # the end, and the fast path's prefix cache covers the rest. Both paths use the same batch,
     # so they compute the same numbers (Adam's first step is close to sign(gradient), which
     # would amplify even last-bit differences between two batch layouts).
-    p = _build_prompts(tokenizer, request, templates, device, left=True)
+    p = _build_prompts(tokenizer, prompts, device, left=True)
     rows = torch.arange(p.batch.input_ids.shape[0], device=device)
     weight = get_module(model, module_name).weight
     assert isinstance(weight, torch.Tensor)
