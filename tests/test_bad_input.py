@@ -45,7 +45,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def forbidden(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("reached the expensive part of an edit")
 
-    for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
+    for name in ("keys_at", "compute_value", "compute_update", "generate_templates", "request_probabilities"):
         monkeypatch.setattr(editor_mod, name, forbidden)
     monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
     monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))

@@ -38,8 +38,9 @@ from transformers import AutoModelForCausalLM
 import rrome
 from rrome import Cholesky
 from rrome.engine.editor import Editor, EditResult
-from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, target_ids
+from rrome.engine.keys import Keys, compute_keys, generate_templates
 from rrome.engine.models import load
+from rrome.engine.prompts import EditPrompts, TokenizationError, target_ids
 from rrome.engine.update import compute_update
 from rrome.engine.values import compute_value
 from rrome.files.constants import METHODS
@@ -445,8 +446,7 @@ def _check_fast_equals_plain(
             adapter.module_name(layer),
             adapter.blocks,
             layer,
-            request,
-            templates,
+            EditPrompts.build(tok, request, templates),
             hp,
             layout=adapter.layout,
             fast=fast,
@@ -533,8 +533,7 @@ def test_value_does_not_depend_on_padding_side(
                 adapter.module_name(layer),
                 adapter.blocks,
                 layer,
-                request_,
-                ["{}", *HAND_TEMPLATES],
+                EditPrompts.build(tok, request_, ["{}", *HAND_TEMPLATES]),
                 hp,
                 layout=adapter.layout,
             )
@@ -548,7 +547,14 @@ def test_value_targets_have_no_special_tokens(tiny_loaded: Callable[..., Any]) -
     model, tok, adapter = tiny_loaded("llama", "left", True)
     hp = load_hparams("llama", n_layers=2).with_overrides(v_num_grad_steps=1)
     res = compute_value(
-        model, tok, adapter.module_name(0), adapter.blocks, 0, DARRIEUX, ["{}"], hp, layout=adapter.layout
+        model,
+        tok,
+        adapter.module_name(0),
+        adapter.blocks,
+        0,
+        EditPrompts.build(tok, DARRIEUX, ["{}"]),
+        hp,
+        layout=adapter.layout,
     )
     prefix = DARRIEUX.prompt.replace("{}", DARRIEUX.subject)
     full = tok(prefix + " English")["input_ids"]
@@ -818,7 +824,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import rrome.engine.editor as editor_mod
 
-    for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
+    for name in ("keys_at", "compute_value", "compute_update", "generate_templates", "request_probabilities"):
         monkeypatch.setattr(editor_mod, name, forbidden)
     monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
 

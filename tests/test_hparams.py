@@ -32,6 +32,7 @@ import rrome
 from rrome.cli import main
 from rrome.engine.editor import Editor
 from rrome.engine.models import load
+from rrome.engine.prompts import EditPrompts
 from rrome.engine.values import compute_value
 from rrome.files.edits import EditRequest
 from rrome.files.hparams import (
@@ -224,8 +225,7 @@ def _value(loaded: Any, layer: int, request: EditRequest, hp: HParams, *, fast: 
         adapter.module_name(layer),
         adapter.blocks,
         layer,
-        request,
-        TEMPLATES,
+        EditPrompts.build(tok, request, TEMPLATES),
         hp,
         layout=adapter.layout,
         fast=fast,

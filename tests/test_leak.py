@@ -23,7 +23,8 @@ import torch
 from tiny_models import build_tiny_model
 
 from rrome.engine.editor import Editor
-from rrome.engine.keys import keys_at_every_token, prompt_row
+from rrome.engine.keys import keys_at_every_token
+from rrome.engine.prompts import prompt_row
 from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import LEAK_BINS, leak_summary, markdown_table, plot, summarize
 from rrome.files.edits import EditRequest

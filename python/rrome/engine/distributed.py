@@ -2,7 +2,7 @@
 
 Collecting C0 costs N·d² flops (docs/design.md §5), and a moment is a count plus an f64 sum, so it
 splits across workers exactly: each rank runs the model over its own share of the corpus
-(:func:`rrome.engine.stats.collect_second_moment` with ``shard=(rank, world_size)``), and the partial
+(:func:`rrome.engine.collect.collect_second_moment` with ``shard=(rank, world_size)``), and the partial
 sums and counts are added by one all-reduce (:func:`allreduce_moment`). Nothing here is a
 scheduler: under ``torchrun`` the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``) says who is who, and :func:`session` joins the process group

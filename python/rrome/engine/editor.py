@@ -26,13 +26,14 @@ import torch
 from rrome._rust import Cholesky
 from rrome.engine import stats
 from rrome.engine.hooks import get_module
-from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, prompt_row, target_ids
+from rrome.engine.keys import Keys, generate_templates, keys_at
 from rrome.engine.models import Adapter, load, num_layers
-from rrome.engine.probabilities import target_probabilities
+from rrome.engine.probabilities import request_probabilities
+from rrome.engine.prompts import EditPrompts, RequestTokens, Row, context_rows
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.engine.update import Solver, Update, compute_update
-from rrome.engine.values import compute_value
+from rrome.engine.values import ValueResult, compute_value
 from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
@@ -292,12 +293,12 @@ class Editor:
         solve, no optimisation, the model unchanged."""
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
-        keys = compute_keys(self.model, self.tokenizer, self.module_name, request, self.templates())
-        return self._screen(request, keys)
+        context = context_rows(self.tokenizer, request, self.templates())
+        keys = keys_at(self.model, self.tokenizer, self.module_name, context)
+        return self._screen(request, context[0], keys)
 
-    def _screen(self, request: EditRequest, keys: Keys) -> ScreenResult:
+    def _screen(self, request: EditRequest, plain: Row, keys: Keys) -> ScreenResult:
         special = set(getattr(self.tokenizer, "all_special_ids", []))
-        plain = prompt_row(self.tokenizer, "{}", request)
         return screen_keys(self.cholesky(), keys, request, plain, special, threshold=self.screen_ratio)
 
     def _check_screen(self, screen: ScreenResult) -> None:
@@ -313,11 +314,6 @@ class Editor:
                 screen.ratio,
             )
         _log.warning("%s", message)
-
-    def _probabilities(self, request: EditRequest) -> tuple[float, float | None]:
-        targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-        probs = target_probabilities(self.model, self.tokenizer, [request.text()] * len(targets), targets)
-        return probs[0], (probs[1] if len(probs) > 1 else None)
 
     def _check_update(self, update: Update, request: EditRequest) -> None:
         """Refuses a non-finite update always, and one far above the session's median |Δ|
@@ -376,15 +372,19 @@ class Editor:
             LargeUpdateError: |Δ| far above the session's median (see above).
             NonFiniteUpdateError: the update holds NaN or Inf.
         """
+        t0 = time.perf_counter()
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
-        t0 = time.perf_counter()
-        target_ids(self.tokenizer, request.text(), request.target_new)  # fail early on an empty target
-        p_new0, p_true0 = self._probabilities(request)
+        # Tokenised once, before any work (an empty target fails here), and handed to every pass.
+        return self._edit(RequestTokens.build(self.tokenizer, request), t0)
+
+    def _edit(self, tokens: RequestTokens, t0: float) -> EditResult:
+        p_before = request_probabilities(self.model, self.tokenizer, tokens)
         templates = self.templates()
         solver = self.solver()  # C0 (computed or read once), with the retained keys if any
-        keys = compute_keys(self.model, self.tokenizer, self.module_name, request, templates)
-        screen = self._screen(request, keys)
+        prompts = EditPrompts.build(self.tokenizer, tokens, templates)
+        keys = keys_at(self.model, self.tokenizer, self.module_name, prompts.context)
+        screen = self._screen(tokens.request, tokens.plain, keys)
         self._check_screen(screen)
         value = compute_value(
             self.model,
@@ -392,8 +392,7 @@ class Editor:
             self.module_name,
             self.adapter.blocks,
             self.layer,
-            request,
-            templates,
+            prompts,
             self.hparams,
             layout=self.adapter.layout,
         )
@@ -401,34 +400,19 @@ class Editor:
         try:
             update = compute_update(self.method, solver, keys, value.v_e)
         except FloatingPointError as e:
-            raise NonFiniteUpdateError(f"refused the edit of {request.subject!r}: {e}; the model is unchanged") from e
-        self._check_update(update, request)
+            raise NonFiniteUpdateError(
+                f"refused the edit of {tokens.request.subject!r}: {e}; the model is unchanged"
+            ) from e
+        self._check_update(update, tokens.request)
         self._apply_in_memory(update)
         if isinstance(solver, RetainedKeys) and update.key is not None:
             solver.add(update.key)
-        p_new1, p_true1 = self._probabilities(request)
+        p_after = request_probabilities(self.model, self.tokenizer, tokens)
         diagnostics = value.record()
-        meta = {
-            "request": request.to_json(),
-            "method": self.method,
-            "layer": self.layer,
-            "norm_delta": update.norm_delta,
-            "denominator": update.denominator,
-            "steps": value.steps,
-            "value": diagnostics,
-            "p_new": [p_new0, p_new1],
-            "p_true": [p_true0, p_true1],
-            "hparams": self.hparams.to_json(),
-            "templates": templates,
-            "stats": str(self.stats_path) if self.stats_path else None,
-            "screen": screen.to_json(),
-        }
-        if retained is not None:
-            meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
-        delta = Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
+        delta = self._delta(prompts, update, value, diagnostics, screen, (p_before, p_after), retained)
         self.pending.append(delta)
         result = EditResult(
-            request=request,
+            request=tokens.request,
             method=self.method,
             layer=self.layer,
             delta=delta,
@@ -436,10 +420,10 @@ class Editor:
             norm_u=update.norm_u,
             norm_r=update.norm_r,
             denominator=update.denominator,
-            p_new_before=p_new0,
-            p_true_before=p_true0,
-            p_new_after=p_new1,
-            p_true_after=p_true1,
+            p_new_before=p_before[0],
+            p_true_before=p_before[1],
+            p_new_after=p_after[0],
+            p_true_after=p_after[1],
             steps=value.steps,
             losses=value.losses,
             seconds=time.perf_counter() - t0,
@@ -450,6 +434,37 @@ class Editor:
         )
         self.results.append(result)
         return result
+
+    def _delta(
+        self,
+        prompts: EditPrompts,
+        update: Update,
+        value: ValueResult,
+        diagnostics: dict[str, Any],
+        screen: ScreenResult,
+        probs: tuple[tuple[float, float | None], tuple[float, float | None]],
+        retained: int | None,
+    ) -> Delta:
+        """The update as written to the checkpoint, with the edit log's metadata."""
+        (p_new0, p_true0), (p_new1, p_true1) = probs
+        meta = {
+            "request": prompts.request.to_json(),
+            "method": self.method,
+            "layer": self.layer,
+            "norm_delta": update.norm_delta,
+            "denominator": update.denominator,
+            "steps": value.steps,
+            "value": diagnostics,
+            "p_new": [p_new0, p_new1],
+            "p_true": [p_true0, p_true1],
+            "hparams": self.hparams.to_json(),
+            "templates": list(prompts.templates),
+            "stats": str(self.stats_path) if self.stats_path else None,
+            "screen": screen.to_json(),
+        }
+        if retained is not None:
+            meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
+        return Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
 
     def check_requests(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
         """Tokenises every request's subject and targets as the edits will, before any edit.
@@ -462,25 +477,22 @@ class Editor:
                 or ``target_true`` tokenises to nothing, one per line as ``WHERE: field "x":
                 ...``, ``WHERE`` being the request's ``FILE:LINE`` when it came from a file.
         """
+        return [tokens.request for tokens in self._tokenize_all(requests)]
+
+    def _tokenize_all(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[RequestTokens]:
+        """:meth:`check_requests`, returning the requests' tokens."""
         out = [r if isinstance(r, EditRequest) else parse_record(dict(r), where="request") for r in requests]
         problems: list[str] = []
+        checked: list[RequestTokens] = []
         for i, req in enumerate(out, 1):
             where = req.source if req.source and req.source != "request" else f"request {i}"
-            try:
-                prompt_row(self.tokenizer, "{}", req)
-            except TokenizationError as e:
-                problems.append(f'{where}: field "subject": {e}')
-            for name in ("target_new", "target_true"):
-                value = getattr(req, name)
-                if value is None:
-                    continue
-                try:
-                    target_ids(self.tokenizer, req.text(), value)
-                except TokenizationError as e:
-                    problems.append(f'{where}: field "{name}": {e}')
+            tokens, found = RequestTokens.check(self.tokenizer, req)
+            problems += [f"{where}: {p}" for p in found]
+            if tokens is not None:
+                checked.append(tokens)
         if problems:
             raise EditFileError(problem_summary(problems))
-        return out
+        return checked
 
     def edit_many(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditResult]:
         """Edits in order; each edit is computed on the model as left by the previous ones.
@@ -488,7 +500,7 @@ class Editor:
         Every request is checked first (:meth:`check_requests`): a bad one stops the run before
         the first edit.
         """
-        return [self.edit(r) for r in self.check_requests(requests)]
+        return [self._edit(tokens, time.perf_counter()) for tokens in self._tokenize_all(requests)]
 
     def save(
         self, out_dir: str | os.PathLike[str] | None = None, *, link_untouched: bool = False

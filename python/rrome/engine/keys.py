@@ -1,14 +1,11 @@
-"""Prompts, token positions and keys: the inputs of the edited module at the subject.
+"""Keys: the inputs of the edited module at the subject, and the context templates.
 
 ROME's key k(x) is the input of the edited MLP projection at the subject's last token in text
-x. Finding that token is where implementations go wrong silently (docs/design.md §1, tokenisation
-traps), so this module does it one way only: from the fast tokenizer's offset mapping of the
-full text, using the character span where the subject was filled in. Token rows are built
-here (never by re-tokenising decoded ids), padded on the tokenizer's side, and given explicit
-position ids, so keys and values do not depend on the padding side.
-
-Also here: the context templates (text the model generates itself from fixed seed words,
-seeded), and k_e (mean key over templates) / k_e^o (key of the plain prompt).
+x (docs/design.md §1). The rows and the subject's position in each come from
+:mod:`rrome.engine.prompts` (one tokenisation per edit, :class:`~rrome.engine.prompts.EditPrompts`);
+here the model runs them: k_e (mean key over the context templates) and k_e^o (key of the plain
+prompt), and the keys at every token of a text (the neighbour-leak diagnostic). Also here: the
+context templates, text the model generates itself from fixed seed words, seeded.
 """
 
 from __future__ import annotations
@@ -21,120 +18,10 @@ import torch
 
 from rrome.engine.hooks import StopForward, trace
 from rrome.engine.models import input_device
+from rrome.engine.prompts import Row, context_rows, pad_rows
 from rrome.files.edits import EditRequest
-from rrome.files.errors import RromeError
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
-
-
-class TokenizationError(RromeError):
-    """A prompt or target cannot be tokenised as the edit needs (subject lost, empty target)."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One tokenised prompt: token ids and the index of the subject's last token."""
-
-    ids: list[int]
-    lookup: int
-
-
-def encode_with_span(tokenizer: object, text: str, start: int, end: int) -> Row:
-    """Tokenises ``text`` (special tokens as the model sees them) and finds the last token
-    whose character span overlaps ``text[start:end]``.
-
-    Raises:
-        TokenizationError: no token covers the span.
-    """
-    enc = tokenizer(text, return_offsets_mapping=True)  # type: ignore[operator]
-    ids: list[int] = list(enc["input_ids"])
-    last = -1
-    for i, (a, b) in enumerate(enc["offset_mapping"]):
-        if b > a and a < end and b > start:
-            last = i
-    if last < 0:
-        raise TokenizationError(f"no token of {text!r} covers characters {start}..{end} ({text[start:end]!r})")
-    return Row(ids, last)
-
-
-def prompt_row(tokenizer: object, template: str, request: EditRequest) -> Row:
-    """The row of ``template`` (with ``{}``) filled with the request's prompt and subject."""
-    prompt = request.text()
-    at = template.index("{}")
-    text = template[:at] + prompt + template[at + 2 :]
-    start = at + request.prompt.index("{}")
-    return encode_with_span(tokenizer, text, start, start + len(request.subject))
-
-
-def target_ids(tokenizer: object, prefix: str, target: str) -> list[int]:
-    """Token ids of ``target`` as a continuation of ``prefix``.
-
-    A target gets a leading space unless it has one or the prefix ends in whitespace
-    ("English" after "is" is " English"). The ids are the tail of the tokenisation of
-    ``prefix + target`` beyond that of ``prefix`` (so BOS handling and the SentencePiece space
-    marker come out as the model would see them); when a merge crosses the boundary, the
-    target is tokenised alone without special tokens.
-
-    Raises:
-        TokenizationError: the target tokenises to nothing.
-    """
-    if not target.strip():
-        raise TokenizationError(f"target {target!r} is empty: it tokenises to nothing")
-    if not target.startswith((" ", "\n")) and prefix and not prefix[-1].isspace():
-        target = " " + target
-    pre = list(tokenizer(prefix)["input_ids"])  # type: ignore[operator]
-    full = list(tokenizer(prefix + target)["input_ids"])  # type: ignore[operator]
-    if full[: len(pre)] == pre:
-        ids = full[len(pre) :]
-    else:
-        ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if ids and eos is not None and ids[-1] == eos and len(ids) > 1 and full[-1] == eos:
-        ids = ids[:-1]  # tokenizers whose post-processor appends EOS
-    if not ids:
-        raise TokenizationError(f"target {target.strip()!r} tokenises to nothing")
-    return ids
-
-
-@dataclass
-class Batch:
-    """Padded rows ready for the model; ``lookup`` indexes the padded sequence."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lookup: torch.Tensor
-    offsets: list[int]
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
-
-
-def pad_rows(tokenizer: object, rows: Sequence[Row], device: torch.device | str, *, left: bool | None = None) -> Batch:
-    """Pads rows (on the tokenizer's padding side unless ``left`` says otherwise); position ids
-    count real tokens only, so the side does not change what the model computes."""
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    if left is None:
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-    width = max(len(r.ids) for r in rows)
-    ids, mask, offsets = [], [], []
-    for r in rows:
-        n = width - len(r.ids)
-        offsets.append(n if left else 0)
-        ids.append([pad_id] * n + r.ids if left else r.ids + [pad_id] * n)
-        mask.append([0] * n + [1] * len(r.ids) if left else [1] * len(r.ids) + [0] * n)
-    attention = torch.tensor(mask, dtype=torch.long)
-    positions = (attention.cumsum(1) - 1).clamp(min=0)
-    lookup = torch.tensor([o + r.lookup for o, r in zip(offsets, rows, strict=True)])
-    return Batch(
-        torch.tensor(ids, device=device),
-        attention.to(device),
-        positions.to(device),
-        lookup.to(device),
-        offsets,
-    )
 
 
 def module_io_at(
@@ -186,19 +73,23 @@ class Keys:
     w_k_e_o: torch.Tensor
 
 
-def compute_keys(
-    model: torch.nn.Module, tokenizer: object, module_name: str, request: EditRequest, templates: Sequence[str]
-) -> Keys:
-    """Keys of an edit. ``templates[0]`` must be ``"{}"`` (the plain prompt).
+def keys_at(model: torch.nn.Module, tokenizer: object, module_name: str, context: Sequence[Row]) -> Keys:
+    """Keys of an edit from its context rows (:attr:`rrome.engine.prompts.EditPrompts.context`;
+    ``context[0]`` the plain prompt's).
 
     The module is affine, so the mean of its outputs over templates is its output at the mean
     key: ``w_k_e`` is "W k_e" with the bias included (docs/design.md §1).
     """
-    if templates[0] != "{}":
-        raise ValueError('the first context template must be "{}"')
-    rows = [prompt_row(tokenizer, t, request) for t in templates]
-    k, v = module_io_at(model, tokenizer, module_name, rows)
+    k, v = module_io_at(model, tokenizer, module_name, context)
     return Keys(k_e=k.mean(0), k_e_o=k[0], w_k_e=v.mean(0), w_k_e_o=v[0])
+
+
+def compute_keys(
+    model: torch.nn.Module, tokenizer: object, module_name: str, request: EditRequest, templates: Sequence[str]
+) -> Keys:
+    """Keys of a request in ``templates`` (``templates[0]`` must be ``"{}"``, the plain prompt):
+    :func:`keys_at` of its :func:`~rrome.engine.prompts.context_rows`."""
+    return keys_at(model, tokenizer, module_name, context_rows(tokenizer, request, templates))
 
 
 def generate_templates(

@@ -2,9 +2,9 @@
 what the evaluation's metrics are built from.
 
 P(x | prompt) = exp(−mean NLL of x's tokens after the prompt) (docs/design.md §2). The prompt and
-the target are tokenised as the edit tokenises them (:func:`rrome.engine.keys.target_ids`),
-batched with padding on the tokenizer's side and explicit position ids. Everything here only
-reads the model.
+the target are tokenised as the edit tokenises them (:func:`rrome.engine.prompts.target_ids`; an
+edit hands over its :class:`~rrome.engine.prompts.RequestTokens`), batched with padding on the
+tokenizer's side and explicit position ids. Everything here only reads the model.
 """
 
 from __future__ import annotations
@@ -14,35 +14,52 @@ from typing import Any
 
 import torch
 
-from rrome.engine.keys import Row, pad_rows, target_ids
 from rrome.engine.models import context_length, input_device
+from rrome.engine.prompts import RequestTokens, Row, pad_rows, target_ids
 
 
-def _log_probs(
-    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int
+def _log_probs_of(
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int
 ) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each target as a continuation of its prompt."""
+    """Per-token log-probabilities of each ``(prompt ids, target ids)`` pair's target after its prompt."""
     limit = context_length(model.config)
-    rows, spans = [], []
-    for prompt, target in zip(prompts, targets, strict=True):
-        pre = list(tokenizer(prompt)["input_ids"])
-        tgt = target_ids(tokenizer, prompt, target)
+    rows = []
+    for pre, tgt in pairs:
         ids = pre + tgt[:-1]
         cut = max(0, len(ids) - limit) if limit else 0  # too long: keep the end, where the target is
         rows.append(Row(ids[cut:], len(pre) - 1 - cut))
-        spans.append(tgt)
     device = input_device(model)
     out: list[torch.Tensor] = []
     for at in range(0, len(rows), batch_size):
         batch = pad_rows(tokenizer, rows[at : at + batch_size], device)
         with torch.no_grad():
             logits = model(**batch.model_inputs()).logits
-        for i, tgt in enumerate(spans[at : at + batch_size]):
+        for i, (_, tgt) in enumerate(pairs[at : at + batch_size]):
             start = int(batch.lookup[i])
             pos = torch.arange(start, start + len(tgt), device=device)
             lp = logits[i, pos].float().log_softmax(-1)
             out.append(lp[torch.arange(len(tgt), device=device), torch.tensor(tgt, device=device)].cpu())
     return out
+
+
+def _log_probs(
+    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each target as a continuation of its prompt."""
+    pairs = [
+        (list(tokenizer(prompt)["input_ids"]), target_ids(tokenizer, prompt, target))
+        for prompt, target in zip(prompts, targets, strict=True)
+    ]
+    return _log_probs_of(model, tokenizer, pairs, batch_size=batch_size)
+
+
+def request_probabilities(model: Any, tokenizer: Any, tokens: RequestTokens) -> tuple[float, float | None]:
+    """P(target_new | prompt) and P(target_true | prompt) (``None`` without one) of a tokenised
+    request, as :func:`target_probabilities` computes them."""
+    targets = [tokens.new] + ([tokens.true] if tokens.true is not None else [])
+    pairs = [(tokens.plain.ids, t) for t in targets]
+    probs = [float(lp.mean().exp()) for lp in _log_probs_of(model, tokenizer, pairs, batch_size=32)]
+    return probs[0], (probs[1] if len(probs) > 1 else None)
 
 
 def target_probabilities(

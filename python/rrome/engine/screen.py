@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from rrome._rust import Cholesky
-from rrome.engine.keys import Keys, Row
+from rrome.engine.keys import Keys
+from rrome.engine.prompts import Row
 from rrome.files.edits import EditRequest
 
 SCREEN_RATIO = 10.0

@@ -1,51 +1,46 @@
 """Second moments C0 = E[k kᵀ] of one layer's keys over a text corpus, cached per model.
 
 ROME's update solves against C0, the uncentred second moment of the keys (the inputs of the edited
-MLP output projection) over ordinary text (docs/design.md §1). This module runs the model over the
-documents of a corpus (:mod:`rrome.files.corpus`) only as far as the edited module
-(:func:`collect_second_moment`, which feeds the float64 Rust accumulator
-:class:`rrome.SecondMoment`), and caches the result on disk per unedited model, layer, corpus and
-token budget (:func:`second_moment`), under :func:`rrome.files.paths.cache_root`. Only the
+MLP output projection) over ordinary text (docs/design.md §1). The keys are collected by
+:mod:`rrome.engine.collect` (:func:`~rrome.engine.collect.collect_second_moment`, the model run over
+the documents of a corpus as far as the edited module); this module caches the result on disk per
+unedited model, layer, corpus and token budget (:func:`second_moment`), under
+:func:`rrome.files.paths.cache_root`, with the Cholesky factor beside it. Only the
 functions that run the model import torch, so the cache key and paths also work where torch is
 not installed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from rrome._rust import Checkpoint, Cholesky, SecondMoment
+from rrome.engine.collect import DEFAULT_SEQ_LEN, collect_second_moment
 from rrome.engine.models import context_length
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import (
     InvalidFileError,
-    RromeError,
-    UnsupportedModelError,
 )
 from rrome.files.fsutil import sha256_file
 from rrome.files.paths import cache_root
 
 if TYPE_CHECKING:
+    from rrome.engine.distributed import DistInfo
     from rrome.engine.models import Adapter
 
 PathLike = str | os.PathLike[str]
 DEFAULT_MAX_TOKENS = 100_000
-DEFAULT_SEQ_LEN = 256
 STATS_FORMAT = "rrome-stats/1"
 """Value of the ``stats_format`` metadata field of the files :func:`second_moment` writes."""
 
 _MODEL_KEY_VERSION = b"rrome-model-key/1\n"
-_TOKENIZE_CHUNK = 16  # documents tokenised per call of the (Rust) tokenizer
 
 
 # --- cache --------------------------------------------------------------------------------
@@ -126,182 +121,7 @@ def stats_path(
     return _stats_file(model_key(model_dir), adapter, layer, sha256_file(corpus_path), max_tokens, dtype)
 
 
-# --- collection ---------------------------------------------------------------------------
-
-
-def _leading_specials(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer puts before a text by default ([BOS] for Gemma and Llama)."""
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a")["input_ids"])
-    for i in range(len(full) - len(plain) + 1):
-        if full[i : i + len(plain)] == plain:
-            return [int(t) for t in full[:i]]
-    return []
-
-
-def _windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Iterator[list[int]]:
-    """Token windows of at most ``seq_len`` tokens, document by document, in order.
-
-    Each document is tokenised whole and cut into windows, each starting with the special
-    tokens the tokenizer puts before a text (BOS for Gemma and Llama); no window spans two
-    documents. (The tokenizer's own overflow handling would do the same, but not every
-    transformers version returns the overflow: 5.17 silently keeps only the first window.)
-    """
-    lead = _leading_specials(tokenizer)
-    room = seq_len - len(lead)
-    if room < 1:
-        raise ValueError(f"seq_len {seq_len} leaves no room beside {len(lead)} special token(s)")
-    for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        enc = tokenizer(
-            list(texts[start : start + _TOKENIZE_CHUNK]),
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        for ids in enc["input_ids"]:
-            for at in range(0, len(ids), room):
-                yield lead + [int(t) for t in ids[at : at + room]]
-
-
-def _batches(windows: Iterable[list[int]], *, batch_size: int, budget: int) -> Iterator[list[list[int]]]:
-    """Groups windows into batches, cutting the stream after exactly ``budget`` tokens.
-
-    The last window is cut short rather than its keys dropped after the forward pass: with causal
-    attention the keys of the positions kept do not depend on the tokens cut.
-    """
-    batch: list[list[int]] = []
-    left = budget
-    for window in windows:
-        window = window[:left]
-        left -= len(window)
-        batch.append(window)
-        if len(batch) == batch_size or left == 0:
-            yield batch
-            batch = []
-        if left == 0:
-            return
-    if batch:
-        yield batch
-
-
-def collect_second_moment(
-    model: Any,
-    tokenizer: Any,
-    module_name: str,
-    *,
-    texts: Sequence[str],
-    max_tokens: int,
-    batch_size: int = 8,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-) -> SecondMoment:
-    """Accumulates Σ k kᵀ over the keys of the first ``max_tokens`` tokens of ``texts``.
-
-    The key of a token is the input of ``module_name`` at its position. Each document is tokenised
-    with the tokenizer's defaults (the special tokens the model sees, e.g. BOS for Gemma and
-    Llama) and cut into windows of at most ``seq_len`` tokens, each starting fresh (with BOS
-    where the tokenizer adds one). Windows are batched with padding on the tokenizer's
-    ``padding_side``; position ids are computed from the attention mask, so neither the padding
-    side nor the batch composition changes any key (beyond float rounding). The forward pass
-    stops after the module (the layers above are not needed). Keys of every non-padding token,
-    BOS included, go to the accumulator as float32, in document order, until exactly
-    ``max_tokens`` of them are in (or the texts run out: then ``count < max_tokens``).
-
-    Args:
-        model: a transformers causal LM (any dtype and device; it is not modified).
-        tokenizer: its fast tokenizer (it is not modified; without a pad token, EOS pads).
-        module_name: dotted name of the module whose input is the key.
-        texts: the documents, e.g. from :func:`rrome.files.corpus.corpus_texts`.
-        max_tokens: how many keys to accumulate.
-        batch_size: windows per forward pass (speed only: the result depends on it by float rounding at most).
-        seq_len: tokens per window, at most the model's number of positions.
-        progress: show a tqdm progress bar counting tokens (on stderr).
-        shard: ``(rank, world_size)``: accumulate only batches ``rank``, ``rank + world_size``,
-            ... of the batch sequence described above (which every rank forms identically:
-            tokenising is cheap next to the forward passes). The shards of all ranks are
-            disjoint and together hold exactly the keys of ``shard=(0, 1)``, computed from the
-            same padded batches, so the sum of their moments equals the whole moment up to the
-            order of the f64 additions. A rank whose share is empty returns an empty moment.
-
-    Returns:
-        The accumulator; ``moment()`` is C0.
-
-    Raises:
-        ValueError: a non-positive ``max_tokens``, ``batch_size`` or ``seq_len``, a ``seq_len``
-            above the model's positions, or texts without a single token.
-        UnsupportedModelError: a tokenizer without a fast version.
-        KeyError: the model has no module ``module_name``.
-        RromeError: the model produced non-finite keys (e.g. float16 overflow).
-    """
-    import torch
-    from tqdm import tqdm
-
-    from rrome.engine.hooks import StopForward, get_module, trace
-    from rrome.engine.keys import Row, pad_rows
-    from rrome.engine.models import input_device
-
-    for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
-    limit = context_length(model.config)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's {limit} positions")
-    if not getattr(tokenizer, "is_fast", False):
-        raise UnsupportedModelError("collecting statistics needs a fast (Rust) tokenizer")
-    module = get_module(model, module_name)  # KeyError naming the module, before any work
-
-    device = input_device(model)
-
-    moment: SecondMoment | None = None
-    total = max_tokens if world == 1 else None
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"C0 {module_name}", disable=not progress)
-    try:
-        with torch.no_grad(), trace(model, [module_name], inputs=True, stop_after=module_name) as rec:
-            batches = _batches(_windows(tokenizer, texts, seq_len), batch_size=batch_size, budget=max_tokens)
-            for index, batch in enumerate(batches):
-                if index % world != rank:
-                    continue
-                padded = pad_rows(tokenizer, [Row(window, 0) for window in batch], device)
-                with contextlib.suppress(StopForward):  # raised once the module has run
-                    model(**padded.model_inputs(), use_cache=False)
-                x = rec.inputs.pop(module_name)
-                keys = x[padded.attention_mask.to(x.device).bool()].to(torch.float32)
-                if not bool(torch.isfinite(keys).all()):
-                    raise RromeError(
-                        f"non-finite keys at {module_name} (float16 overflow? run the model in float32 or bfloat16)"
-                    )
-                arr = np.ascontiguousarray(keys.cpu().numpy())
-                if moment is None:
-                    moment = SecondMoment(arr.shape[1])
-                moment.update(arr)
-                bar.update(arr.shape[0])
-                if world > 1:
-                    from rrome.engine.distributed import crash_hook
-
-                    crash_hook(rank)
-    finally:
-        bar.close()
-    if moment is None:
-        if world > 1:
-            return SecondMoment(_input_width(module))
-        raise ValueError("the texts hold no tokens")
-    return moment
-
-
 # --- cached statistics --------------------------------------------------------------------
-
-
-def _input_width(module: Any) -> int:
-    """Width of a linear module's input: ``in_features``, or the rows of a GPT-2 ``Conv1D`` weight."""
-    width = getattr(module, "in_features", None)
-    if isinstance(width, int):
-        return width
-    return int(module.weight.shape[0])
 
 
 def _key_width(model: Any, adapter: Adapter, layer: int) -> int:
@@ -339,17 +159,11 @@ def second_moment(
 ) -> tuple[SecondMoment, Path]:
     """C0 statistics of the edited module at ``layer``, from the cache or computed and cached.
 
-    The cache file is :func:`stats_path` (``cache_root()/stats/<model_key>/...``). A file is used
-    only if its metadata names the same model key, layer, module, corpus sha256, token budget,
-    window length and model dtype, its width matches the module and its count is ``max_tokens``
-    (or, for a corpus with fewer tokens, the ``tokens_available`` it recorded); otherwise, or
-    with ``refresh``, the statistics are computed with :func:`collect_second_moment` (windows of
-    ``min(256, model positions)`` tokens) and saved atomically, with provenance metadata:
-    ``stats_format``, ``model_key``, ``model_type``, ``model_name``, ``model_dtype``,
-    ``model_dir``, ``layer``, ``module``, ``corpus``, ``corpus_sha256``, ``max_tokens``,
-    ``seq_len``, ``batch_size``, ``workers``, ``tokens_available`` (the count when the corpus
-    ran out first, else ``">=<max_tokens>"``), ``created`` (UTC, ISO 8601) and
-    ``rrome_version``; the file format itself records ``count`` and ``d``.
+    The cache file is :func:`stats_path`. It is reused only when its metadata (model key, layer,
+    module, corpus sha256, token budget, window length, model dtype), width and count match
+    (docs/design.md §3); otherwise, or with ``refresh``, the statistics are computed with
+    :func:`~rrome.engine.collect.collect_second_moment` (windows of ``min(256, model positions)``
+    tokens) and saved atomically with their provenance.
 
     Inside an initialised torch.distributed process group of several processes (``rrome
     stats`` under torchrun, see :mod:`rrome.engine.distributed`) this is a collective call: every
@@ -383,9 +197,8 @@ def second_moment(
         SafetensorsHeaderError: see :func:`model_key`.
         InvalidFileError: the corpus is not UTF-8 text or is empty.
         ValueError: a non-positive ``max_tokens`` or ``batch_size``, or a corpus without tokens.
-        RromeError: see :func:`collect_second_moment`.
+        RromeError: see :func:`~rrome.engine.collect.collect_second_moment`.
     """
-    from rrome import __version__
     from rrome.engine import distributed as dist
 
     if max_tokens < 1:
@@ -393,23 +206,11 @@ def second_moment(
     info = dist.current()
     main = info is None or info.is_main
     corpus_path = Path(corpus) if corpus is not None else default_corpus()
-    corpus_sha = sha256_file(corpus_path)
     key = model_key(model_dir)
-    module = adapter.module_name(layer)
     limit = context_length(model.config)
     seq_len = min(DEFAULT_SEQ_LEN, limit) if limit is not None else DEFAULT_SEQ_LEN
-    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    path = _stats_file(key, adapter, layer, corpus_sha, max_tokens, dtype)
-    expected = {
-        "stats_format": STATS_FORMAT,
-        "model_key": key,
-        "layer": str(layer),
-        "module": module,
-        "corpus_sha256": corpus_sha,
-        "max_tokens": str(max_tokens),
-        "seq_len": str(seq_len),
-        "model_dtype": dtype,
-    }
+    path, expected = _cache_entry(key, model, adapter, layer, sha256_file(corpus_path), max_tokens, seq_len)
+    module = expected["module"]
     d = _key_width(model, adapter, layer)
     cached = None
     if main and not refresh and path.is_file():
@@ -419,7 +220,50 @@ def second_moment(
     if cached is not None:
         return cached, path
 
-    world = 1 if info is None else info.world_size
+    moment = _collect(model, tokenizer, module, corpus_path, max_tokens, batch_size, seq_len, progress and main, info)
+    moment.metadata = {**expected, **_provenance(model, model_dir, corpus_path, batch_size, info, moment, max_tokens)}
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moment.save(path)
+    if info is not None:
+        dist.barrier(info)
+    return moment, path
+
+
+def _cache_entry(
+    key: str, model: Any, adapter: Adapter, layer: int, corpus_sha: str, max_tokens: int, seq_len: int
+) -> tuple[Path, dict[str, str]]:
+    """The cache file of :func:`second_moment`'s arguments and the metadata a file there must
+    hold to be reused."""
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    expected = {
+        "stats_format": STATS_FORMAT,
+        "model_key": key,
+        "layer": str(layer),
+        "module": adapter.module_name(layer),
+        "corpus_sha256": corpus_sha,
+        "max_tokens": str(max_tokens),
+        "seq_len": str(seq_len),
+        "model_dtype": dtype,
+    }
+    return _stats_file(key, adapter, layer, corpus_sha, max_tokens, dtype), expected
+
+
+def _collect(
+    model: Any,
+    tokenizer: Any,
+    module: str,
+    corpus_path: Path,
+    max_tokens: int,
+    batch_size: int,
+    seq_len: int,
+    progress: bool,
+    info: DistInfo | None,
+) -> SecondMoment:
+    """The statistics :func:`second_moment` computes: the whole moment, or, in a process group,
+    this rank's share all-reduced into the whole."""
+    from rrome.engine import distributed as dist
+
     moment = collect_second_moment(
         model,
         tokenizer,
@@ -428,31 +272,39 @@ def second_moment(
         max_tokens=max_tokens,
         batch_size=batch_size,
         seq_len=seq_len,
-        progress=progress and main,
+        progress=progress,
         shard=(0, 1) if info is None else (info.rank, info.world_size),
     )
     if info is not None:
         moment = dist.allreduce_moment(moment, info)
         if moment.count == 0:
             raise ValueError("the texts hold no tokens")
-    moment.metadata = {
-        **expected,
+    return moment
+
+
+def _provenance(
+    model: Any,
+    model_dir: PathLike,
+    corpus_path: Path,
+    batch_size: int,
+    info: DistInfo | None,
+    moment: SecondMoment,
+    max_tokens: int,
+) -> dict[str, str]:
+    """The metadata a statistics file records beside the fields its reuse is checked on."""
+    from rrome import __version__
+
+    return {
         "model_type": str(getattr(model.config, "model_type", "")),
         "model_name": Path(model_dir).resolve().name,
         "model_dir": str(Path(model_dir).resolve()),
         "corpus": corpus_path.name,
         "batch_size": str(batch_size),
-        "workers": str(world),
+        "workers": str(1 if info is None else info.world_size),
         "tokens_available": str(moment.count) if moment.count < max_tokens else f">={max_tokens}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "rrome_version": __version__,
     }
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        moment.save(path)
-    if info is not None:
-        dist.barrier(info)
-    return moment, path
 
 
 def cholesky_path(stats_file: PathLike, ridge: float = 0.0) -> Path:

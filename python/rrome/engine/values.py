@@ -19,24 +19,27 @@ preset this is the reference code's loop, step for step.
 The fast path gives the same result with less work (docs/design.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
 logits are computed only at the positions the loss reads.
+
+:func:`compute_value` builds the run (:class:`_Run`: the batch, δ, Adam, and the state carried
+between passes), then each pass is one forward (:func:`_forward_plain`, the whole model; or, after
+the first, :func:`_forward_fast`), the loss (:func:`_loss`), the stop test and an Adam step.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from rrome.engine.hooks import Trace, edit_output, get_module, record_input, replay_below
-from rrome.engine.keys import Batch, Row, pad_rows, prompt_row, target_ids
+from rrome.engine.hooks import Trace, edit_output, get_module, record_input, replay_below, trace
 from rrome.engine.models import input_device
-from rrome.files.edits import EditRequest
+from rrome.engine.prompts import Batch, EditPrompts, pad_rows
 from rrome.files.hparams import HParams
 from rrome.files.shards import Layout
 
@@ -101,37 +104,36 @@ class ValueResult:
         }
 
 
-@dataclass
-class _Prompts:
+@dataclass(frozen=True)
+class _Inputs:
+    """The optimisation's prompts as one batch: the rewriting prompts, then the KL prompt.
+
+    Left-padded whatever the tokenizer's side (position ids keep the model's view unchanged): every
+    subject token then sits a few positions from the end, and the fast path's prefix cache covers
+    the rest. Both paths run this same batch, so they compute the same numbers (Adam's first step
+    is close to sign(gradient), which would amplify even last-bit differences between layouts).
+    """
+
     batch: Batch
+    rows: torch.Tensor  # 0 .. B-1, the rows δ is added to
     keep: torch.Tensor  # bool (B, T): positions whose logits the loss reads
     n_rewrite: int
     target: torch.Tensor  # target ids, one per kept rewriting position (row-major order)
     target_len: int
 
-
-def _build_prompts(
-    tokenizer: Any, request: EditRequest, templates: Sequence[str], device: torch.device, *, left: bool | None
-) -> _Prompts:
-    rows: list[Row] = []
-    tgt: list[int] = []
-    for t in templates:
-        row = prompt_row(tokenizer, t, request)
-        at = t.index("{}")
-        prefix = t[:at] + request.text() + t[at + 2 :]
-        tgt = target_ids(tokenizer, prefix, request.target_new)
-        rows.append(Row(row.ids + tgt[:-1], row.lookup))
-    kl_req = EditRequest(prompt="{} is a", subject=request.subject, target_new=request.target_new)
-    rows.append(prompt_row(tokenizer, "{}", kl_req))
-    batch = pad_rows(tokenizer, rows, device, left=left)
-    n = len(templates)
-    keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-    for i, row in enumerate(rows[:n]):
-        start = batch.offsets[i] + len(row.ids) - len(tgt)
-        keep[i, start : start + len(tgt)] = True
-    keep[n, batch.lookup[n]] = True
-    target = torch.tensor(tgt * n, device=device)
-    return _Prompts(batch, keep, n, target, len(tgt))
+    @classmethod
+    def build(cls, tokenizer: Any, prompts: EditPrompts, device: torch.device) -> _Inputs:
+        rows = [*prompts.rewrite, prompts.kl]
+        batch = pad_rows(tokenizer, rows, device, left=True)
+        n = len(prompts.rewrite)
+        tgt = prompts.target
+        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, row in enumerate(rows[:n]):
+            start = batch.offsets[i] + len(row.ids) - len(tgt)
+            keep[i, start : start + len(tgt)] = True
+        keep[n, batch.lookup[n]] = True
+        target = torch.tensor(tgt * n, device=device)
+        return cls(batch, torch.arange(len(rows), device=device), keep, n, target, len(tgt))
 
 
 def _masked_logits_supported() -> bool:
@@ -197,14 +199,211 @@ class _PrefixCache:
         return self.cache
 
 
+@dataclass
+class _Run:
+    """One value optimisation: what every pass reads, then the state carried from pass to pass.
+
+    δ, the loss and v_init live on the inputs' device (where the logits come back, also with a
+    device_map); δ is moved to the edited module's device and dtype where it is added
+    (:func:`_add_delta`), so a half-precision model or a model spread over devices optimises the
+    same float32 δ.
+    """
+
+    model: nn.Module
+    module_name: str
+    blocks_name: str
+    layer: int
+    hp: HParams
+    inputs: _Inputs
+    d_out: int
+    delta: torch.Tensor
+    opt: torch.optim.Adam
+    v_init: torch.Tensor | None = None  # the module's output at the plain prompt's subject (first pass)
+    block_in: torch.Tensor | None = None  # the edited block's input at the first pass (fast path)
+    prefix: _PrefixCache | None = None  # the fast path's, from its second pass
+    kl_init: torch.Tensor | None = None  # the KL prompt's log-probabilities at the first pass
+    held: int = 0  # consecutive passes at which every target token was the argmax
+    steps: int = 0
+    trace: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("loss", "nll", "kl", "wd", "top1")})
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        module_name: str,
+        blocks_name: str,
+        layer: int,
+        prompts: EditPrompts,
+        hp: HParams,
+        layout: Layout,
+    ) -> _Run:
+        device = input_device(model)
+        weight = get_module(model, module_name).weight
+        assert isinstance(weight, torch.Tensor)
+        d_out = int(weight.shape[1] if layout == "in_out" else weight.shape[0])
+        delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
+        inputs = _Inputs.build(tokenizer, prompts, device)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        return cls(model, module_name, blocks_name, layer, hp, inputs, d_out, delta, opt)
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """The loss of one pass and its terms (weight decay and KL already times their factors)."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+    wd: torch.Tensor
+    hit: torch.Tensor  # bool, per kept rewriting position: the new target is the argmax there
+
+
+def _add_delta(delta: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The edited module's output ``out`` with δ added at every row's subject token ``at`` (its
+    position in the pass's sequence)."""
+    at = at.to(out.device)
+    out = out.clone()
+    where = rows.to(out.device)
+    out[where, at] = out[where, at] + delta.to(device=out.device, dtype=out.dtype)
+    return out
+
+
+def _forward_plain(run: _Run, *, first: bool, fast: bool) -> torch.Tensor:
+    """The whole model on the whole batch with δ added; the logits at the kept positions
+    (row-major). The first pass records v_init (the module's output at the plain prompt's subject
+    token, before δ) and, for the fast path, the edited block's input, which it replays."""
+    x = run.inputs
+    block = f"{run.blocks_name}.{run.layer}"
+    # Registered before the δ hook, the output trace sees the module's own output.
+    watch_out = trace(run.model, [run.module_name], inputs=False, outputs=True) if first else nullcontext(Trace())
+    watch_in = record_input(run.model, block) if first and fast else nullcontext(Trace())
+    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup)
+    with watch_out as out, edit_output(run.model, run.module_name, add), watch_in as rec:
+        logits: torch.Tensor = run.model(**x.batch.model_inputs()).logits[x.keep]
+    if first:
+        y = out.outputs[run.module_name]
+        run.v_init = y[0, x.batch.lookup.to(y.device)[0]].float().to(x.rows.device).clone()
+    if first and fast:
+        run.block_in = rec.inputs[block]
+    return logits
+
+
+def _forward_fast(run: _Run) -> torch.Tensor:
+    """The edited block and those above on the positions from the earliest subject token on,
+    the blocks below replayed from the first pass and the positions before from the prefix cache
+    (built at the first call, outside the δ hook: no δ in the prefix); logits only at the kept
+    positions, in the plain path's row-major (row, position) order."""
+    assert run.block_in is not None
+    if run.prefix is None:
+        run.prefix = _PrefixCache.build(run.model, run.inputs.batch)
+    x, prefix = run.inputs, run.prefix
+    s0 = prefix.start if prefix.cache is not None else 0
+    keep = x.keep[:, s0:]
+    cols = None if _MASKED_LOGITS else keep.any(0).nonzero().squeeze(1)
+    inputs: dict[str, Any] = {
+        "input_ids": x.batch.input_ids[:, s0:],
+        "attention_mask": x.batch.attention_mask,
+        "position_ids": x.batch.position_ids[:, s0:],
+        # The exact (row, position) pairs where transformers takes a 2-D mask; else one list of
+        # columns for the whole batch (every row's logits at each, then selected).
+        "logits_to_keep": keep if cols is None else cols,
+    }
+    if prefix.cache is not None:
+        inputs[_cache_kwarg(run.model)] = prefix.restore()
+        inputs["use_cache"] = True
+    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup - s0)
+    replay = replay_below(run.model, run.blocks_name, run.layer, run.block_in[:, s0:])
+    with edit_output(run.model, run.module_name, add), replay:
+        logits: torch.Tensor = run.model(**inputs).logits
+    return logits.reshape(-1, logits.shape[-1]) if cols is None else logits[keep[:, cols]]
+
+
+def _loss(run: _Run, logits: torch.Tensor) -> _Terms:
+    """The loss at the kept logits (the rewriting prompts' target positions, then the KL prompt's
+    subject token); the first call keeps the KL prompt's distribution as the reference."""
+    hp, x, v_init = run.hp, run.inputs, run.v_init
+    assert v_init is not None
+    log_probs = logits.float().log_softmax(-1)
+    n_target = x.n_rewrite * x.target_len
+    nll = -log_probs[:n_target].gather(1, x.target[:, None]).sum() / (x.n_rewrite * x.target_len)
+    kl_log = log_probs[n_target]
+    if run.kl_init is None:
+        run.kl_init = kl_log.detach().clone()
+    kl = hp.kl_factor * torch.sum(kl_log.exp() * (kl_log - run.kl_init))
+    if hp.v_weight_decay_unit == "relative":
+        wd = hp.v_weight_decay * (run.delta.norm() / v_init.norm())
+    else:
+        wd = hp.v_weight_decay * (run.delta.norm() / v_init.norm() ** 2)
+    loss = nll + kl + wd
+    with torch.no_grad():
+        hit = log_probs[:n_target].argmax(-1) == x.target
+    return _Terms(loss, nll, kl, wd, hit)
+
+
+def _stop_reason(run: _Run, terms: _Terms) -> str | None:
+    """Records the pass in the trace; why to stop after it, or ``None`` to take a step."""
+    values = (
+        ("loss", terms.loss),
+        ("nll", terms.nll),
+        ("kl", terms.kl),
+        ("wd", terms.wd),
+        ("top1", terms.hit.float().mean()),
+    )
+    for key, value in values:
+        run.trace[key].append(float(value.detach()))
+    run.held = run.held + 1 if bool(terms.hit.all()) else 0
+    if run.hp.v_stop_most_probable and run.held >= run.hp.v_stop_most_probable:
+        return "most-probable"
+    if terms.loss.item() < run.hp.v_stop_loss:
+        return "loss"
+    return None
+
+
+def _step(run: _Run, loss: torch.Tensor) -> None:
+    """One Adam step on δ, then ‖δ‖ clamped to clamp_norm_factor · ‖v_init‖."""
+    assert run.v_init is not None
+    run.opt.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    run.opt.step()
+    run.steps += 1
+    max_norm = run.hp.clamp_norm_factor * run.v_init.norm()
+    with torch.no_grad():
+        norm = run.delta.norm()
+        if norm > max_norm:
+            run.delta.mul_(max_norm / norm)
+
+
+def _result(run: _Run, stop: str) -> ValueResult:
+    v_init = run.v_init
+    assert v_init is not None
+    d = run.delta.detach().clone()
+    if not math.isfinite(float(d.norm())):
+        raise FloatingPointError("the value optimisation diverged (δ is not finite)")
+    x = run.inputs
+    return ValueResult(
+        v_e=v_init + d,
+        v_init=v_init,
+        delta=d,
+        steps=run.steps,
+        losses=run.trace["loss"],
+        target_ids=[int(t) for t in x.target[: x.target_len].tolist()],
+        nll=run.trace["nll"],
+        kl=run.trace["kl"],
+        weight_decay=run.trace["wd"],
+        top1=run.trace["top1"],
+        stop=stop,
+        lr=float(run.opt.param_groups[0]["lr"]),
+    )
+
+
 def compute_value(
     model: nn.Module,
     tokenizer: Any,
     module_name: str,
     blocks_name: str,
     layer: int,
-    request: EditRequest,
-    templates: Sequence[str],
+    prompts: EditPrompts,
     hp: HParams,
     *,
     layout: Layout,
@@ -213,135 +412,26 @@ def compute_value(
     """Optimises δ and returns v_e = v_init + δ with the loss trajectory.
 
     Args:
+        prompts: the edit's rows (:class:`~rrome.engine.prompts.EditPrompts`): the rewriting
+            prompts, the KL prompt and the target ids.
         fast: replay the blocks below the edited layer and compute only the needed logits
             (same result as the plain loop; the tests check the loss trajectory).
     """
-    # δ, the loss and v_init live on the inputs' device (where the logits come back, also with a
-    # device_map); δ is moved to the edited module's device and dtype where it is added, so a
-    # half-precision model or a model spread over devices optimises the same float32 δ.
-    device = input_device(model)
-    # Prompts are aligned at their end (left padding, whatever the tokenizer's side; position
-    # ids keep the model's view unchanged): every subject token then sits a few positions from
-    # the end, and the fast path's prefix cache covers the rest. Both paths use the same batch,
-    # so they compute the same numbers (Adam's first step is close to sign(gradient), which
-    # would amplify even last-bit differences between two batch layouts).
-    p = _build_prompts(tokenizer, request, templates, device, left=True)
-    rows = torch.arange(p.batch.input_ids.shape[0], device=device)
-    weight = get_module(model, module_name).weight
-    assert isinstance(weight, torch.Tensor)
-    d_out = int(weight.shape[1] if layout == "in_out" else weight.shape[0])
-    delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
-    state: dict[str, torch.Tensor] = {}
-
-    shift = {"s": 0}  # first sequence position of the current forward pass
-
-    def add_delta(out: torch.Tensor) -> torch.Tensor:
-        at = (p.batch.lookup - shift["s"]).to(out.device)
-        if "v_init" not in state:
-            state["v_init"] = out[0, at[0]].detach().float().to(device).clone()
-        out = out.clone()
-        where = rows.to(out.device)
-        out[where, at] = out[where, at] + delta.to(device=out.device, dtype=out.dtype)
-        return out
-
-    block_name = f"{blocks_name}.{layer}"
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    trace: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "wd": [], "top1": []}
-    losses = trace["loss"]
-    held = 0  # consecutive passes at which every target token was the argmax
+    run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout)
     stop = "max-steps"
-    kl_init: torch.Tensor | None = None
-    prefix: _PrefixCache | None = None
-    steps = 0
     for it in range(hp.v_num_grad_steps):
         first = it == 0
-        if fast and not first and prefix is None:
-            prefix = _PrefixCache.build(model, p.batch)  # outside the δ hook: no δ in the prefix
-        with edit_output(model, module_name, add_delta):
-            if first or not fast:
-                # The first pass records the edited block's input, which the fast path replays.
-                watch: AbstractContextManager[Trace] = (
-                    record_input(model, block_name) if first else nullcontext(Trace())
-                )
-                with watch as rec:
-                    logits = model(**p.batch.model_inputs()).logits[p.keep]
-                if first:
-                    state["block_in"] = rec.inputs[block_name]
-            else:
-                assert prefix is not None
-                s0 = prefix.start if prefix.cache is not None else 0
-                shift["s"] = s0
-                keep = p.keep[:, s0:]
-                cols = None if _MASKED_LOGITS else keep.any(0).nonzero().squeeze(1)
-                inputs: dict[str, Any] = {
-                    "input_ids": p.batch.input_ids[:, s0:],
-                    "attention_mask": p.batch.attention_mask,
-                    "position_ids": p.batch.position_ids[:, s0:],
-                    # The exact (row, position) pairs where transformers takes a 2-D mask; else one
-                    # list of columns for the whole batch (every row's logits at each, then selected).
-                    "logits_to_keep": keep if cols is None else cols,
-                }
-                if prefix.cache is not None:
-                    inputs[_cache_kwarg(model)] = prefix.restore()
-                    inputs["use_cache"] = True
-                with replay_below(model, blocks_name, layer, state["block_in"][:, s0:]):
-                    logits = model(**inputs).logits
-                # row-major (row, position) order, as the plain path's logits[p.keep]
-                logits = logits.reshape(-1, logits.shape[-1]) if cols is None else logits[keep[:, cols]]
-        log_probs = logits.float().log_softmax(-1)
-        n_target = p.n_rewrite * p.target_len
-        nll = -log_probs[:n_target].gather(1, p.target[:, None]).sum() / (p.n_rewrite * p.target_len)
-        kl_log = log_probs[n_target]
-        if kl_init is None:
-            kl_init = kl_log.detach().clone()
-        kl = hp.kl_factor * torch.sum(kl_log.exp() * (kl_log - kl_init))
-        v_init = state["v_init"]
+        logits = _forward_plain(run, first=first, fast=fast) if first or not fast else _forward_fast(run)
         if first and hp.v_lr_unit == "relative":
+            assert run.v_init is not None
             # Adam moves each coordinate by about lr: the first step's norm is ≈ v_lr · ‖v_init‖.
-            opt.param_groups[0]["lr"] = hp.v_lr * float(v_init.norm()) / math.sqrt(d_out)
-        if hp.v_weight_decay_unit == "relative":
-            wd = hp.v_weight_decay * (delta.norm() / v_init.norm())
-        else:
-            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
-        loss = nll + kl + wd
-        with torch.no_grad():
-            hit = log_probs[:n_target].argmax(-1) == p.target
-        for key, value in (("loss", loss), ("nll", nll), ("kl", kl), ("wd", wd), ("top1", hit.float().mean())):
-            trace[key].append(float(value.detach()))
-        held = held + 1 if bool(hit.all()) else 0
-        if hp.v_stop_most_probable and held >= hp.v_stop_most_probable:
-            stop = "most-probable"
-            break
-        if loss.item() < hp.v_stop_loss:
-            stop = "loss"
+            run.opt.param_groups[0]["lr"] = hp.v_lr * float(run.v_init.norm()) / math.sqrt(run.d_out)
+        terms = _loss(run, logits)
+        reason = _stop_reason(run, terms)
+        if reason is not None:
+            stop = reason
             break
         if it == hp.v_num_grad_steps - 1:
             break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-        max_norm = hp.clamp_norm_factor * v_init.norm()
-        with torch.no_grad():
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    v_init = state["v_init"]
-    d = delta.detach().clone()
-    if not math.isfinite(float(d.norm())):
-        raise FloatingPointError("the value optimisation diverged (δ is not finite)")
-    tgt = [int(t) for t in p.target[: p.target_len].tolist()]
-    return ValueResult(
-        v_e=v_init + d,
-        v_init=v_init,
-        delta=d,
-        steps=steps,
-        losses=losses,
-        target_ids=tgt,
-        nll=trace["nll"],
-        kl=trace["kl"],
-        weight_decay=trace["wd"],
-        top1=trace["top1"],
-        stop=stop,
-        lr=float(opt.param_groups[0]["lr"]),
-    )
+        _step(run, terms.loss)
+    return _result(run, stop)

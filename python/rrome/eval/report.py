@@ -67,71 +67,9 @@ def summarize(
     # Variants are found by their folders: parallel processes may each have added one.
     for method in (m for m in METHODS if (out_dir / f"{mode}-{m}").is_dir()):
         folder = out_dir / f"{mode}-{method}"
-        records = read_jsonl(folder / "edits.jsonl")
-        # A guarded sequential run records the edits its guards refused, with no update.
-        refused = [e for e in records if "refused" in e]
-        edits = [e for e in records if "refused" not in e]
-        if not edits:
-            continue
-        if mode == "single":
-            cases = [CaseProbs.from_json(e["case"]) for e in edits]
-            complete = len(edits) == cfg["n"]
-        else:
-            final = folder / "final.json"
-            complete = final.exists()
-            cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
-        checks = read_jsonl(folder / "checkpoints.jsonl") if mode == "sequential" else []
-        metrics_at = len(records) if complete else None
-        if mode == "sequential" and not complete and checks:
-            # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
-            metrics_at = checks[-1]["edits"]
-        norms = [float(e["norm_delta"]) for e in edits]
-        median = statistics.median(norms)
-        flagged = []
-        for e in edits:
-            big = e["norm_delta"] > flag_ratio * median
-            ent = e.get("generation_entropy")
-            collapsed = ent is None or base_entropy is None or ent < flag_entropy * base_entropy
-            if big and collapsed:
-                flagged.append(
-                    {
-                        "index": e["index"],
-                        "case_id": e["case_id"],
-                        "subject": e["subject"],
-                        "norm_delta": e["norm_delta"],
-                        "ratio_to_median": e["norm_delta"] / median,
-                        "generation_entropy": ent,
-                    }
-                )
-        v: dict[str, Any] = {
-            "edits": len(records),
-            "refused": [
-                {k: e.get(k) for k in ("index", "case_id", "subject", "refused", "screen_ratio")} for e in refused
-            ],
-            "complete": complete,
-            "metrics": metrics(cases) if cases else (checks[-1]["metrics"] if checks else None),
-            "metrics_at_edits": metrics_at,
-            "norm_delta": {
-                "median": median,
-                "mean": statistics.fmean(norms),
-                "max": max(norms),
-                "min": min(norms),
-            },
-            "disabling_edits": flagged,
-            "steps_mean": statistics.fmean(e["steps"] for e in edits),
-            "seconds_mean": statistics.fmean(e["seconds"] for e in edits),
-        }
-        ents = [e["generation_entropy"] for e in edits if "generation_entropy" in e]
-        if ents:
-            v["generation_entropy_mean"] = statistics.fmean(ents)
-        leak = leak_summary(edits)
-        if leak is not None:
-            v["leak"] = leak
-        if mode == "sequential":
-            v["checkpoints"] = checks
-            if checks:
-                v["downstream_final"] = checks[-1].get("downstream", {})
-        variants[method] = v
+        v = _variant(folder, mode, cfg, base_entropy=base_entropy, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
+        if v is not None:
+            variants[method] = v
     return {
         "mode": mode,
         "config": cfg,
@@ -146,6 +84,77 @@ def summarize(
         "flag_entropy": flag_entropy,
         "variants": variants,
     }
+
+
+def _variant(
+    folder: Path, mode: str, cfg: dict[str, Any], *, base_entropy: float | None, flag_ratio: float, flag_entropy: float
+) -> dict[str, Any] | None:
+    """One variant's figures from its folder; ``None`` before its first edit."""
+    records = read_jsonl(folder / "edits.jsonl")
+    # A guarded sequential run records the edits its guards refused, with no update.
+    refused = [e for e in records if "refused" in e]
+    edits = [e for e in records if "refused" not in e]
+    if not edits:
+        return None
+    if mode == "single":
+        cases = [CaseProbs.from_json(e["case"]) for e in edits]
+        complete = len(edits) == cfg["n"]
+    else:
+        final = folder / "final.json"
+        complete = final.exists()
+        cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
+    checks = read_jsonl(folder / "checkpoints.jsonl") if mode == "sequential" else []
+    metrics_at = len(records) if complete else None
+    if mode == "sequential" and not complete and checks:
+        # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
+        metrics_at = checks[-1]["edits"]
+    norms = [float(e["norm_delta"]) for e in edits]
+    median = statistics.median(norms)
+    v: dict[str, Any] = {
+        "edits": len(records),
+        "refused": [{k: e.get(k) for k in ("index", "case_id", "subject", "refused", "screen_ratio")} for e in refused],
+        "complete": complete,
+        "metrics": metrics(cases) if cases else (checks[-1]["metrics"] if checks else None),
+        "metrics_at_edits": metrics_at,
+        "norm_delta": {"median": median, "mean": statistics.fmean(norms), "max": max(norms), "min": min(norms)},
+        "disabling_edits": _disabling_edits(edits, median, base_entropy, flag_ratio, flag_entropy),
+        "steps_mean": statistics.fmean(e["steps"] for e in edits),
+        "seconds_mean": statistics.fmean(e["seconds"] for e in edits),
+    }
+    ents = [e["generation_entropy"] for e in edits if "generation_entropy" in e]
+    if ents:
+        v["generation_entropy_mean"] = statistics.fmean(ents)
+    leak = leak_summary(edits)
+    if leak is not None:
+        v["leak"] = leak
+    if mode == "sequential":
+        v["checkpoints"] = checks
+        if checks:
+            v["downstream_final"] = checks[-1].get("downstream", {})
+    return v
+
+
+def _disabling_edits(
+    edits: list[dict[str, Any]], median: float, base_entropy: float | None, flag_ratio: float, flag_entropy: float
+) -> list[dict[str, Any]]:
+    """The edits flagged as disabling (see the module's docstring)."""
+    flagged = []
+    for e in edits:
+        big = e["norm_delta"] > flag_ratio * median
+        ent = e.get("generation_entropy")
+        collapsed = ent is None or base_entropy is None or ent < flag_entropy * base_entropy
+        if big and collapsed:
+            flagged.append(
+                {
+                    "index": e["index"],
+                    "case_id": e["case_id"],
+                    "subject": e["subject"],
+                    "norm_delta": e["norm_delta"],
+                    "ratio_to_median": e["norm_delta"] / median,
+                    "generation_entropy": ent,
+                }
+            )
+    return flagged
 
 
 def _leak_points(edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -252,6 +261,16 @@ def markdown_table(summary: dict[str, Any]) -> str:
         )
         for name, d in down.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(d.get(t), ".1f") for t in tasks) + " |")
+    lines += _guard_lines(summary)
+    leaks = {name: v["leak"] for name, v in summary["variants"].items() if v.get("leak")}
+    if leaks:
+        lines += _leak_lines(leaks)
+    return "\n".join(lines) + "\n"
+
+
+def _guard_lines(summary: dict[str, Any]) -> list[str]:
+    """The table's notes on the disabling edits and the edits the guards refused."""
+    lines: list[str] = []
     flagged = [(name, f) for name, v in summary["variants"].items() for f in v["disabling_edits"]]
     if flagged:
         lines += [
@@ -271,32 +290,35 @@ def markdown_table(summary: dict[str, Any]) -> str:
         for name, r in refused:
             rho = f", rho {r['screen_ratio']:.3g}" if r.get("screen_ratio") is not None else ""
             lines.append(f"- {name}: edit {r['index']} (case {r['case_id']}, {r['subject']}): {r['refused']}{rho}")
-    leaks = {name: v["leak"] for name, v in summary["variants"].items() if v.get("leak")}
-    if leaks:
-        names = list(leaks)
-        lines += [
-            "",
-            "Neighbour leak: neighbourhood prompts by |s|, s = uᵀk_n / uᵀk_den (k_den = k_e under r-rome) at the "
-            "prompt's token of largest |s|: the fraction of the edit's change of the module output that the "
-            "prompt receives there. Cells: broken by the edit / kept their answer right before it (percent), "
-            "median shift of log P(true) in nats per token:",
-            "",
-            "| abs s | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
+    return lines
 
-        def cell(b: dict[str, Any]) -> str:
-            if not b["prompts"]:
-                return "–"
-            rate = f" ({_fmt(b['broken_pct'], '.0f')}%)" if b["held"] else ""
-            return f"{b['broken']}/{b['held']}{rate}, {_fmt(b['dlogp_true_median'], '+.2f')}"
 
-        for i, first in enumerate(leaks[names[0]]["bins"]):
-            label = _bin_label(first["lo"], first["hi"])
-            lines.append(f"| {label} | " + " | ".join(cell(leaks[n]["bins"][i]) for n in names) + " |")
-        total = [f"{leaks[n]['broken']}/{leaks[n]['held']} ({_fmt(leaks[n]['broken_pct'], '.0f')}%)" for n in names]
-        lines.append("| all | " + " | ".join(total) + " |")
-    return "\n".join(lines) + "\n"
+def _leak_cell(b: dict[str, Any]) -> str:
+    if not b["prompts"]:
+        return "–"
+    rate = f" ({_fmt(b['broken_pct'], '.0f')}%)" if b["held"] else ""
+    return f"{b['broken']}/{b['held']}{rate}, {_fmt(b['dlogp_true_median'], '+.2f')}"
+
+
+def _leak_lines(leaks: dict[str, Any]) -> list[str]:
+    """The table of the neighbour leak by |s| bin, one column per variant."""
+    names = list(leaks)
+    lines = [
+        "",
+        "Neighbour leak: neighbourhood prompts by |s|, s = uᵀk_n / uᵀk_den (k_den = k_e under r-rome) at the "
+        "prompt's token of largest |s|: the fraction of the edit's change of the module output that the "
+        "prompt receives there. Cells: broken by the edit / kept their answer right before it (percent), "
+        "median shift of log P(true) in nats per token:",
+        "",
+        "| abs s | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for i, first in enumerate(leaks[names[0]]["bins"]):
+        label = _bin_label(first["lo"], first["hi"])
+        lines.append(f"| {label} | " + " | ".join(_leak_cell(leaks[n]["bins"][i]) for n in names) + " |")
+    total = [f"{leaks[n]['broken']}/{leaks[n]['held']} ({_fmt(leaks[n]['broken_pct'], '.0f')}%)" for n in names]
+    lines.append("| all | " + " | ".join(total) + " |")
+    return lines
 
 
 def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list[Path]:
@@ -304,16 +326,28 @@ def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out_dir = Path(results_dir)
     summary = summary or summarize(out_dir)
     mode = summary["mode"]
-    paths: list[Path] = []
     per_variant = {
         m: [e for e in read_jsonl(out_dir / f"{mode}-{m}" / "edits.jsonl") if "refused" not in e]
         for m in summary["variants"]
     }
+    paths = [_plot_norms(per_variant, mode, out_dir)]
+    if any("generation_entropy" in e for edits in per_variant.values() for e in edits):
+        paths.append(_plot_entropy(per_variant, summary, out_dir))
+    if mode == "sequential":
+        paths += _plot_sequential(summary, out_dir)
+    leaks = {m: v["leak"] for m, v in summary["variants"].items() if v.get("leak")}
+    if leaks:
+        paths.append(_plot_leak(leaks, per_variant, out_dir / f"leak-{mode}.png"))
+    return paths
+
+
+def _plot_norms(per_variant: dict[str, list[dict[str, Any]]], mode: str, out_dir: Path) -> Path:
+    """|Δ| against edit index."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, edits in per_variant.items():
@@ -330,91 +364,104 @@ def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list
     ax.set_ylabel("|Δ| = ‖Δ‖_F / (d_out·d_in)")
     ax.set_title(f"Update norm per edit ({mode})")
     ax.legend()
-    paths.append(_save(fig, out_dir / f"norm_delta-{mode}.png"))
+    return _save(fig, out_dir / f"norm_delta-{mode}.png")
 
-    if any("generation_entropy" in e for edits in per_variant.values() for e in edits):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m, edits in per_variant.items():
-            pts = [(e["norm_delta"], e["generation_entropy"]) for e in edits if "generation_entropy" in e]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=m, alpha=0.7)
-        base = (summary["unedited"].get("diagnostics") or {}).get("generation_entropy")
-        if base is not None:
-            ax.axhline(base, color="grey", lw=0.8, ls="--", label="unedited")
-        ax.set_xscale("log")
-        ax.set_xlabel("|Δ|")
-        ax.set_ylabel("normalised generation entropy")
-        ax.set_title("Entropy after the edit against its update norm")
-        ax.legend()
-        paths.append(_save(fig, out_dir / f"entropy_vs_norm-{mode}.png"))
 
-    if mode == "sequential":
-        checks = {m: v.get("checkpoints", []) for m, v in summary["variants"].items()}
-        base = summary["unedited"]
-        tasks = list(base["downstream"])
-        if tasks:
-            fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
-            for ax, t in zip(axes[0], tasks, strict=True):
-                for m, cs in checks.items():
-                    ax.plot(
-                        [0] + [c["edits"] for c in cs],
-                        [base["downstream"][t]] + [c["downstream"][t] for c in cs],
-                        "o-",
-                        ms=3,
-                        label=m,
-                    )
-                ax.set_title(t.upper())
-                ax.set_xlabel("edits")
-                ax.set_ylim(0, 100)
-            axes[0][0].set_ylabel("accuracy (%)")
-            axes[0][-1].legend()
-            paths.append(_save(fig, out_dir / "downstream-sequential.png"))
-        names = ("ES", "PS", "NS", "Score")
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, k in zip(axes[0], names, strict=True):
+def _plot_entropy(per_variant: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out_dir: Path) -> Path:
+    """Normalised generation entropy against |Δ| (the paper's Figure 2)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, edits in per_variant.items():
+        pts = [(e["norm_delta"], e["generation_entropy"]) for e in edits if "generation_entropy" in e]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=m, alpha=0.7)
+    base = (summary["unedited"].get("diagnostics") or {}).get("generation_entropy")
+    if base is not None:
+        ax.axhline(base, color="grey", lw=0.8, ls="--", label="unedited")
+    ax.set_xscale("log")
+    ax.set_xlabel("|Δ|")
+    ax.set_ylabel("normalised generation entropy")
+    ax.set_title("Entropy after the edit against its update norm")
+    ax.legend()
+    return _save(fig, out_dir / f"entropy_vs_norm-{summary['mode']}.png")
+
+
+def _plot_sequential(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Downstream accuracy and the metrics against the number of edits (Figures 3 and 4)."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    checks = {m: v.get("checkpoints", []) for m, v in summary["variants"].items()}
+    base = summary["unedited"]
+    tasks = list(base["downstream"])
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
+        for ax, t in zip(axes[0], tasks, strict=True):
             for m, cs in checks.items():
-                ax.plot([c["edits"] for c in cs], [c["metrics"][k] for c in cs], "o-", ms=3, label=m)
-            ax.set_title(k)
+                ax.plot(
+                    [0] + [c["edits"] for c in cs],
+                    [base["downstream"][t]] + [c["downstream"][t] for c in cs],
+                    "o-",
+                    ms=3,
+                    label=m,
+                )
+            ax.set_title(t.upper())
             ax.set_xlabel("edits")
             ax.set_ylim(0, 100)
-        axes[0][0].set_ylabel("percent (edits so far)")
+        axes[0][0].set_ylabel("accuracy (%)")
         axes[0][-1].legend()
-        paths.append(_save(fig, out_dir / "metrics-sequential.png"))
-
-    leaks = {m: v["leak"] for m, v in summary["variants"].items() if v.get("leak")}
-    if leaks:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        labels = [_bin_label(lo, hi) for lo, hi in itertools.pairwise(LEAK_BINS)]
-        for i, m in enumerate(leaks):
-            color = colors[i % len(colors)]
-            points = _leak_points(per_variant[m])
-            kept = [p for p in points if not p["broken"]]
-            broken = [p for p in points if p["broken"]]
-            left.scatter([p["s"] for p in kept], [p["dlogp_true"] for p in kept], s=8, alpha=0.4, color=color)
-            left.scatter(
-                [p["s"] for p in broken],
-                [p["dlogp_true"] for p in broken],
-                s=22,
-                marker="x",
-                color=color,
-                label=f"{m}: broken by the edit (x)",
-            )
-            rates = [math.nan if b["broken_pct"] is None else b["broken_pct"] for b in leaks[m]["bins"]]
-            right.plot(range(len(rates)), rates, "o-", ms=4, color=color, label=m)
-        right.set_xticks(range(len(labels)), labels)
-        left.axhline(0, color="grey", lw=0.6)
-        left.axvline(0, color="grey", lw=0.6)
-        left.set_xlabel("s = uᵀk_n / uᵀk_den (token of largest |s|)")
-        left.set_ylabel("Δ log P(true) of the neighbour (nats/token)")
-        left.set_title("Neighbourhood prompts: leak fraction and answer shift")
-        left.legend(fontsize=8)
-        right.set_xlabel("|s|")
-        right.set_ylabel("broken by the edit (% of those that held)")
-        right.set_ylim(0, 100)
-        right.set_title("NS failures caused by the edit, by |s|")
-        right.legend()
-        paths.append(_save(fig, out_dir / f"leak-{mode}.png"))
+        paths.append(_save(fig, out_dir / "downstream-sequential.png"))
+    names = ("ES", "PS", "NS", "Score")
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], names, strict=True):
+        for m, cs in checks.items():
+            ax.plot([c["edits"] for c in cs], [c["metrics"][k] for c in cs], "o-", ms=3, label=m)
+        ax.set_title(k)
+        ax.set_xlabel("edits")
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("percent (edits so far)")
+    axes[0][-1].legend()
+    paths.append(_save(fig, out_dir / "metrics-sequential.png"))
     return paths
+
+
+def _plot_leak(leaks: dict[str, Any], per_variant: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """The neighbourhood prompts' answer shift against their leak fraction s, and the share
+    broken by |s| bin."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = [_bin_label(lo, hi) for lo, hi in itertools.pairwise(LEAK_BINS)]
+    for i, m in enumerate(leaks):
+        color = colors[i % len(colors)]
+        points = _leak_points(per_variant[m])
+        kept = [p for p in points if not p["broken"]]
+        broken = [p for p in points if p["broken"]]
+        left.scatter([p["s"] for p in kept], [p["dlogp_true"] for p in kept], s=8, alpha=0.4, color=color)
+        left.scatter(
+            [p["s"] for p in broken],
+            [p["dlogp_true"] for p in broken],
+            s=22,
+            marker="x",
+            color=color,
+            label=f"{m}: broken by the edit (x)",
+        )
+        rates = [math.nan if b["broken_pct"] is None else b["broken_pct"] for b in leaks[m]["bins"]]
+        right.plot(range(len(rates)), rates, "o-", ms=4, color=color, label=m)
+    right.set_xticks(range(len(labels)), labels)
+    left.axhline(0, color="grey", lw=0.6)
+    left.axvline(0, color="grey", lw=0.6)
+    left.set_xlabel("s = uᵀk_n / uᵀk_den (token of largest |s|)")
+    left.set_ylabel("Δ log P(true) of the neighbour (nats/token)")
+    left.set_title("Neighbourhood prompts: leak fraction and answer shift")
+    left.legend(fontsize=8)
+    right.set_xlabel("|s|")
+    right.set_ylabel("broken by the edit (% of those that held)")
+    right.set_ylim(0, 100)
+    right.set_title("NS failures caused by the edit, by |s|")
+    right.legend()
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
