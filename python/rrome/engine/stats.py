@@ -25,9 +25,7 @@ from rrome._rust import Checkpoint, Cholesky, SecondMoment
 from rrome.engine.collect import DEFAULT_SEQ_LEN, collect_second_moment
 from rrome.engine.models import context_length
 from rrome.files.corpus import corpus_texts, default_corpus
-from rrome.files.errors import (
-    InvalidFileError,
-)
+from rrome.files.errors import InvalidFileError
 from rrome.files.fsutil import sha256_file
 from rrome.files.paths import cache_root
 
