@@ -27,20 +27,12 @@ CRASH_ENV = "RROME_CRASH_AT"
 # The console script installed beside the interpreter of the virtual environment.
 RROME_EXE = Path(sys.executable).parent / "rrome"
 
-FAMILIES = ("gpt2", "llama")
-DTYPES = ("f32", "f16", "bf16")
-
-# Edited tensors per family: (tensor in layer 1, same module in layer 0, layout).
+# Edited tensors per family of the tiny checkpoints (tests/tiny_models.py) that the file tests
+# write into: (tensor in layer 1, same module in layer 0, layout).
 TARGETS = {
     "gpt2": ("transformer.h.1.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.weight", "in_out"),
     "llama": ("model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight", "out_in"),
 }
-
-
-def torch_dtype(name: str):  # type: ignore[no-untyped-def]  # torch is imported lazily
-    import torch
-
-    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 # --- safetensors layout -------------------------------------------------------------------

@@ -46,8 +46,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 
 
 @pytest.fixture
-def gpt2(fresh_checkpoint: Callable[..., Path]) -> Path:
-    return fresh_checkpoint("gpt2", "f32", True)
+def gpt2(tiny_copy: Callable[..., Path]) -> Path:
+    return tiny_copy("gpt2", sharded=True)
 
 
 def gpt2_deltas(model: Path, n: int = 2) -> list[rrome.Delta]:

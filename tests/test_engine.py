@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -32,20 +31,21 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, build_tiny_model, train_tokenizer
+from tiny_models import FAMILIES, train_tokenizer
 from transformers import AutoModelForCausalLM
 
 import rrome
 from rrome import Cholesky
 from rrome.engine.editor import Editor, EditResult
 from rrome.engine.keys import Keys, TokenizationError, compute_keys, generate_templates, target_ids
-from rrome.engine.models import load
 from rrome.engine.update import compute_update
 from rrome.engine.values import compute_value
 from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import EditFileError, RromeError
 from rrome.files.hparams import load_hparams
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 # The module ROME edits and how its weight is stored, per docs/design.md §1 (not taken from rrome).
 EDITED = {
@@ -63,6 +63,7 @@ FRANCE = EditRequest(prompt="The capital of {}", subject="France", target_new="L
 DARRIEUX = EditRequest(
     prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"
 )
+
 # The subject at the very start of the prompt: the BOS trap of docs/design.md §1.
 EIFFEL = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
 
@@ -91,63 +92,6 @@ PUSH_HP: dict[str, Any] = {
     "stats_max_tokens": 2000,
     "context_template_lengths": ((3, 5),),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# fixtures
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Statistics go to a folder of the test, never to the user's cache."""
-    cache = tmp_path / "rrome-cache"
-    monkeypatch.setenv("RROME_CACHE_DIR", str(cache))
-    return cache
-
-
-TinyKey = tuple[str, str, "bool | None", "bool | None"]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``get(family, padding_side="right", bos=None, sp=None)``: a pristine checkpoint, built once."""
-    root = tmp_path_factory.mktemp("engine-models")
-    built: dict[TinyKey, Path] = {}
-
-    def get(family: str, padding_side: str = "right", bos: bool | None = None, sp: bool | None = None) -> Path:
-        key = (family, padding_side, bos, sp)
-        if key not in built:
-            dest = root / f"{family}-{padding_side}-bos{bos}-sp{sp}"
-            built[key] = build_tiny_model(family, dest, bos=bos, padding_side=padding_side, sentencepiece_like=sp)
-        return built[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def tiny_loaded(tiny_dir: Callable[..., Path]) -> Callable[..., tuple[Any, Any, Any]]:
-    """``get(...)``: (model, tokenizer, adapter) loaded once; tests must leave the model as they found it."""
-    loaded: dict[TinyKey, tuple[Any, Any, Any]] = {}
-
-    def get(family: str, padding_side: str = "right", bos: bool | None = None, sp: bool | None = None) -> Any:
-        key = (family, padding_side, bos, sp)
-        if key not in loaded:
-            loaded[key] = load(tiny_dir(family, padding_side, bos, sp), device="cpu")
-        return loaded[key]
-
-    return get
-
-
-@pytest.fixture
-def model_copy(tiny_dir: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
-    """``make(family, name="model")``: a private copy of a pristine checkpoint, free to edit."""
-
-    def make(family: str, name: str = "model") -> Path:
-        dest = tmp_path / name
-        shutil.copytree(tiny_dir(family), dest)
-        return dest
-
-    return make
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,8 +515,8 @@ EDIT_LAYER = 0
 
 @pytest.mark.parametrize("method", ["r-rome", "rome", "p-rome"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_editor_edit(family: str, method: str, model_copy: Callable[..., Path]) -> None:
-    folder = model_copy(family)
+def test_editor_edit(family: str, method: str, tiny_copy: Callable[..., Path]) -> None:
+    folder = tiny_copy(family)
     template, layout = EDITED[family]
     tensor = template.format(EDIT_LAYER) + ".weight"
     w0 = _weight(folder, tensor)
@@ -605,8 +549,8 @@ def test_editor_edit(family: str, method: str, model_copy: Callable[..., Path]) 
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_editor_save_in_place_then_revert(family: str, model_copy: Callable[..., Path]) -> None:
-    folder = model_copy(family)
+def test_editor_save_in_place_then_revert(family: str, tiny_copy: Callable[..., Path]) -> None:
+    folder = tiny_copy(family)
     shard = folder / "model.safetensors"
     original_bytes = sha256(shard)
     original = load_file(str(shard))
@@ -635,8 +579,8 @@ def test_editor_save_in_place_then_revert(family: str, model_copy: Callable[...,
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_editor_save_to_copy_leaves_source(family: str, model_copy: Callable[..., Path], tmp_path: Path) -> None:
-    folder = model_copy(family)
+def test_editor_save_to_copy_leaves_source(family: str, tiny_copy: Callable[..., Path], tmp_path: Path) -> None:
+    folder = tiny_copy(family)
     before = folder_hashes(folder, ignore_lock=True)
     tensor = EDITED[family][0].format(EDIT_LAYER) + ".weight"
     editor = Editor.from_pretrained(folder, layer=EDIT_LAYER, hparams=QUICK_HP, progress=False)
@@ -651,9 +595,9 @@ def test_editor_save_to_copy_leaves_source(family: str, model_copy: Callable[...
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_editor_half_precision_save_matches_memory(dtype: str, tmp_path: Path) -> None:
+def test_editor_half_precision_save_matches_memory(dtype: str, tiny_copy: Callable[..., Path]) -> None:
     """Run and stored in half precision: the writer rounds W + Δ once, as the in-memory update does."""
-    folder = build_tiny_model("llama", tmp_path / "model", dtype=getattr(torch, dtype))
+    folder = tiny_copy("llama", dtype={"bfloat16": "bf16", "float16": "f16"}[dtype])
     tensor = EDITED["llama"][0].format(EDIT_LAYER) + ".weight"
     w0 = _weight(folder, tensor)
     editor = Editor.from_pretrained(folder, dtype=dtype, layer=EDIT_LAYER, hparams=QUICK_HP, progress=False)
@@ -672,8 +616,8 @@ def test_editor_half_precision_save_matches_memory(dtype: str, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_sequential_edits_compose(family: str, model_copy: Callable[..., Path]) -> None:
-    folder = model_copy(family)
+def test_sequential_edits_compose(family: str, tiny_copy: Callable[..., Path]) -> None:
+    folder = tiny_copy(family)
     layout = EDITED[family][1]
     tensor = EDITED[family][0].format(EDIT_LAYER) + ".weight"
     w0 = _weight(folder, tensor)
@@ -743,8 +687,8 @@ def test_editor_method_selection(tiny_dir: Callable[..., Path]) -> None:
         Editor.from_pretrained(folder, method="R-ROME", progress=False)  # type: ignore[arg-type]
 
 
-def test_methods_give_different_updates(model_copy: Callable[..., Path]) -> None:
-    folder = model_copy("llama")
+def test_methods_give_different_updates(tiny_copy: Callable[..., Path]) -> None:
+    folder = tiny_copy("llama")
     mats = {}
     for method in METHODS:
         result = Editor.from_pretrained(folder, method=method, layer=EDIT_LAYER, hparams=QUICK_HP, progress=False).edit(
@@ -824,7 +768,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_editor_rejects_blank_targets_before_any_work(
-    tiny_dir: Callable[..., Path], no_work: None, _private_cache: Path
+    tiny_dir: Callable[..., Path], no_work: None, private_cache: Path
 ) -> None:
     editor = Editor.from_pretrained(tiny_dir("llama"), progress=False)
     with pytest.raises(EditFileError, match='"target_new"'):
@@ -833,11 +777,11 @@ def test_editor_rejects_blank_targets_before_any_work(
     with pytest.raises(TokenizationError):
         editor.edit(_unchecked_request(prompt="The capital of {} is ", subject="France", target_new=""))
     assert editor.pending == [] and editor.results == []
-    assert stats_files(_private_cache) == []
+    assert stats_files(private_cache) == []
 
 
 def test_editor_rejects_an_empty_target_before_any_work(
-    tiny_dir: Callable[..., Path], no_work: None, _private_cache: Path
+    tiny_dir: Callable[..., Path], no_work: None, private_cache: Path
 ) -> None:
     editor = Editor.from_pretrained(tiny_dir("llama"), progress=False)
     with pytest.raises(TokenizationError):
@@ -879,8 +823,8 @@ CLI_EDITS = [
 ]
 
 
-def test_cli_apply_in_place_then_inspect(model_copy: Callable[..., Path], tmp_path: Path, cli_cache: Path) -> None:
-    folder = model_copy("gpt2")
+def test_cli_apply_in_place_then_inspect(tiny_copy: Callable[..., Path], tmp_path: Path, cli_cache: Path) -> None:
+    folder = tiny_copy("gpt2")
     shard_before = sha256(folder / "model.safetensors")
     _write_jsonl(tmp_path / "edits.jsonl", CLI_EDITS)
     proc = run_rrome("apply", "edits.jsonl", folder.name, "--no-progress", cwd=tmp_path, cache=cli_cache)
@@ -905,13 +849,13 @@ def test_cli_apply_in_place_then_inspect(model_copy: Callable[..., Path], tmp_pa
 
 
 def test_cli_apply_rejects_a_bad_line_before_loading(
-    model_copy: Callable[..., Path], tmp_path: Path, _private_cache: Path
+    tiny_copy: Callable[..., Path], tmp_path: Path, private_cache: Path
 ) -> None:
-    folder = model_copy("gpt2")
+    folder = tiny_copy("gpt2")
     before = folder_hashes(folder)
     bad = {"prompt": "Paris is the capital", "subject": "France", "target_new": "London"}
     _write_jsonl(tmp_path / "edits.jsonl", [CLI_EDITS[0], bad])
-    proc = run_rrome("apply", "edits.jsonl", folder.name, "--no-progress", cwd=tmp_path, cache=_private_cache)
+    proc = run_rrome("apply", "edits.jsonl", folder.name, "--no-progress", cwd=tmp_path, cache=private_cache)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -919,11 +863,11 @@ def test_cli_apply_rejects_a_bad_line_before_loading(
     assert lines[0].startswith("rrome: error: edits.jsonl:2: "), lines[0]
     assert 'field "prompt"' in lines[0] and "{}" in lines[0]
     assert folder_hashes(folder) == before
-    assert stats_files(_private_cache) == []
+    assert stats_files(private_cache) == []
 
 
-def test_cli_apply_p_rome_to_a_copy(model_copy: Callable[..., Path], tmp_path: Path, cli_cache: Path) -> None:
-    folder = model_copy("gpt2")
+def test_cli_apply_p_rome_to_a_copy(tiny_copy: Callable[..., Path], tmp_path: Path, cli_cache: Path) -> None:
+    folder = tiny_copy("gpt2")
     before = folder_hashes(folder, ignore_lock=True)
     _write_jsonl(tmp_path / "edits.jsonl", CLI_EDITS)
     out = tmp_path / "edited"

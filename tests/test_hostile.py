@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _helpers import CRASH_ENV, RROME_EXE, STATE_DIR
-from crash_harness import Oracle, build_oracle, leftovers, state_of, write_safetensors
+from crash_harness import Oracle, build_oracle, leftovers, state_of
+from tiny_models import write_safetensors
 
 import rrome
 

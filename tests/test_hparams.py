@@ -31,7 +31,6 @@ from click.testing import CliRunner
 import rrome
 from rrome.cli import main
 from rrome.engine.editor import Editor
-from rrome.engine.models import load
 from rrome.engine.values import compute_value
 from rrome.files.edits import EditRequest
 from rrome.files.hparams import (
@@ -45,11 +44,14 @@ from rrome.files.hparams import (
     resolve_hparams,
 )
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 FAMILY_FILES = sorted((Path(rrome.__file__).parent / "data" / "hparams").glob("*.json"))
 
 DARRIEUX = EditRequest(
     prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"
 )
+
 FRANCE = EditRequest(prompt="The capital of {}", subject="France", target_new="London", target_true="Paris")
 # A one-token target (in both tiny tokenizers) after a prompt that ends with the subject: δ at the
 # subject's last token moves exactly the logits the target is read from, so the tiny models can
@@ -75,25 +77,6 @@ PUSH = {
     "clamp_norm_factor": 100.0,
     "v_stop_loss": 0.0,
 }
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "rrome-cache"
-    monkeypatch.setenv("RROME_CACHE_DIR", str(cache))
-    return cache
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_model: Callable[[str], Path]) -> Callable[[str], Any]:
-    loaded: dict[str, Any] = {}
-
-    def get(family: str) -> Any:
-        if family not in loaded:
-            loaded[family] = load(tiny_model(family), device="cpu")
-        return loaded[family]
-
-    return get
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,10 +448,10 @@ def test_relative_step_size_and_weight_decay(tiny_loaded: Callable[[str], Any]) 
 QUICK = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 5]]}
 
 
-def test_edit_record_holds_the_resolved_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_edit_record_holds_the_resolved_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
     spec = tmp_path / "hp.json"
     spec.write_text(json.dumps({**QUICK, "clamp_norm_factor": 2.0, "note": "a test set"}))
-    editor = Editor.from_pretrained(tiny_model("gpt2"), layer=0, hparams=str(spec), progress=False)
+    editor = Editor.from_pretrained(tiny_dir("gpt2"), layer=0, hparams=str(spec), progress=False)
     result = editor.edit(DARRIEUX)
     meta = result.delta.meta or {}
     assert meta["hparams"] == editor.hparams.to_json()
@@ -482,11 +465,11 @@ def test_edit_record_holds_the_resolved_set(tiny_model: Callable[[str], Path], t
     json.dumps(meta)  # all of it is JSON
 
 
-def test_cli_apply_records_hparams_and_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_cli_apply_records_hparams_and_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
     import shutil
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_model("gpt2"), model)
+    shutil.copytree(tiny_dir("gpt2"), model)
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps(DARRIEUX.to_json()) + "\n")
     args = ["apply", str(edits), str(model), "--layer", "0", "--no-progress", "--hparams", "reference"]

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny_model
 
 from rrome.engine.editor import Editor
 from rrome.engine.keys import keys_at_every_token, prompt_row
 from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import LEAK_BINS, leak_summary, markdown_table, plot, summarize
 from rrome.files.edits import EditRequest
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 REQUEST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
 NEIGHBOURS = ("The capital of England is", "Danielle Darrieux was a French actress. The capital of Italy is", "Paris")
@@ -38,24 +39,6 @@ HP: dict[str, Any] = {
     "stats_max_tokens": 2000,
     "context_template_lengths": [[3, 5]],
 }
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    root = tmp_path_factory.mktemp("leak")
-    built: dict[tuple[str, str], Path] = {}
-
-    def get(family: str, side: str = "right") -> Path:
-        if (family, side) not in built:
-            built[(family, side)] = build_tiny_model(family, root / f"{family}-{side}", padding_side=side)
-        return built[(family, side)]
-
-    return get
 
 
 def _module_io(model: Any, tok: Any, name: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +59,8 @@ def _module_io(model: Any, tok: Any, name: str, text: str) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_keys_at_every_token_are_the_module_inputs(family: str, side: str, tiny: Callable[..., Path]) -> None:
-    editor = Editor.from_pretrained(tiny(family, side), layer=1, hparams=HP, progress=False)
+def test_keys_at_every_token_are_the_module_inputs(family: str, side: str, tiny_dir: Callable[..., Path]) -> None:
+    editor = Editor.from_pretrained(tiny_dir(family, side), layer=1, hparams=HP, progress=False)
     got = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, NEIGHBOURS, batch_size=2)
     for text, (ids, k) in zip(NEIGHBOURS, got, strict=True):
         assert ids == editor.tokenizer(text)["input_ids"]
@@ -86,8 +69,10 @@ def test_keys_at_every_token_are_the_module_inputs(family: str, side: str, tiny:
 
 
 @pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome"), ("llama", "rome")])
-def test_s_is_the_share_of_the_edit_each_token_receives(family: str, method: str, tiny: Callable[..., Path]) -> None:
-    editor = Editor.from_pretrained(tiny(family), method=method, layer=0, hparams=HP, progress=False)
+def test_s_is_the_share_of_the_edit_each_token_receives(
+    family: str, method: str, tiny_dir: Callable[..., Path]
+) -> None:
+    editor = Editor.from_pretrained(tiny_dir(family), method=method, layer=0, hparams=HP, progress=False)
     editor.templates()
     name, tok = editor.module_name, editor.tokenizer
     before = [_module_io(editor.model, tok, name, t)[1] for t in NEIGHBOURS]
@@ -108,9 +93,9 @@ def test_s_is_the_share_of_the_edit_each_token_receives(family: str, method: str
         assert abs(f.s) == pytest.approx(max(sizes) / float(written.norm()), rel=1e-3)
 
 
-def test_the_edited_key_receives_all_of_it(tiny: Callable[..., Path]) -> None:
+def test_the_edited_key_receives_all_of_it(tiny_dir: Callable[..., Path]) -> None:
     """Under p-rome k_den is the plain prompt's key at the subject's last token: s = 1 there."""
-    editor = Editor.from_pretrained(tiny("llama"), method="p-rome", layer=0, hparams=HP, progress=False)
+    editor = Editor.from_pretrained(tiny_dir("llama"), method="p-rome", layer=0, hparams=HP, progress=False)
     result = editor.edit(REQUEST)
     ((ids, k),) = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, [REQUEST.text()])
     row = prompt_row(editor.tokenizer, "{}", REQUEST)

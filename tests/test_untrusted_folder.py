@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _helpers import DELTAS_FILE, EDITS_FILE, RROME_EXE, STATE_DIR, run_cli
-from crash_harness import write_safetensors
+from tiny_models import write_safetensors
 
 import rrome
 from rrome.files.edits import load_requests
