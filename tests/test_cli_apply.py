@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 import rrome
 
+pytestmark = pytest.mark.slow  # every test runs rrome apply in a subprocess that loads a model
+
 
 @pytest.fixture(scope="module")
 def cli_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -35,6 +35,8 @@ from tiny_models import build_synthetic_checkpoint
 
 import rrome
 
+pytestmark = pytest.mark.slow  # rrome processes aborted at every named step, then recovered
+
 FAMILY, DTYPE = "llama", "bf16"
 IN_PLACE_STEPS = ["journal-written", "patch-region", "patched", "committed"]
 

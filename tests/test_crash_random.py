@@ -24,6 +24,8 @@ from crash_harness import Oracle, build_oracle, lock_names, run_trials, spawn, s
 
 import rrome
 
+pytestmark = pytest.mark.slow  # SIGKILL trials of real rrome processes
+
 TRIALS = int(os.environ.get("RROME_CRASH_TRIALS", "30"))
 SEED = int(os.environ.get("RROME_CRASH_SEED", "20240607"))
 

@@ -322,6 +322,7 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 # the command line
 
 
+@pytest.mark.slow  # rrome eval and report in subprocesses
 def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
     from _helpers import run_cli
 
@@ -338,6 +339,7 @@ def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
     assert (out / "norm_delta-single.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # rrome eval and report in subprocesses
 def test_cli_eval_and_report_errors(gpt2_dir: Path, tmp_path: Path) -> None:
     from _helpers import run_cli
 

@@ -114,6 +114,7 @@ def test_shards_partition_the_batches(tiny_dir: Callable[..., Path]) -> None:
         stats.collect_second_moment(model, tokenizer, module, shard=(2, 2), **kw)
 
 
+@pytest.mark.slow  # two worker processes
 @pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
 def test_two_workers_equal_one_process(tiny_dir: Callable[..., Path], tmp_path: Path, launcher: str) -> None:
     model_dir = tiny_dir("gpt2")
@@ -149,6 +150,7 @@ def test_two_workers_equal_one_process(tiny_dir: Callable[..., Path], tmp_path: 
     assert meta["max_tokens"] == str(MAX_TOKENS) and meta["model_dtype"] == "float32"
 
 
+@pytest.mark.slow  # two worker processes, one killed
 def test_killed_worker_fails_cleanly(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
     cache, out = tmp_path / "cache", tmp_path / "c0.safetensors"
     cmd = [sys.executable, "-m", "rrome.cli", "stats", str(tiny_dir("gpt2")), "--max-tokens", str(MAX_TOKENS)]

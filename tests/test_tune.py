@@ -459,6 +459,7 @@ def test_a_failed_edit_fails_its_trial_only(sweep: Sweep, tmp_path: Path, monkey
     assert [t["trial"] for t in result.ranked[:-1]] == [t["trial"] for t in sweep.result.ranked if t["trial"] != 2]
 
 
+@pytest.mark.slow  # a sweep in a subprocess, killed and resumed
 def test_resume_after_sigkill(sweep: Sweep, tmp_path: Path) -> None:
     """``rrome tune`` killed with SIGKILL in the middle of a trial; the same command continues it."""
     part = tmp_path / "part"

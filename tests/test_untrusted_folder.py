@@ -319,7 +319,14 @@ def test_kill_between_the_renames_of_a_rollback(model: Path, bundle: Path) -> No
 # --- 5. the smaller ones -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line", ['{"a":' * 100_000 + "1" + "}" * 100_000, '{"case_id": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        # The command line runs on this one (a subprocess that imports torch).
+        pytest.param('{"a":' * 100_000 + "1" + "}" * 100_000, marks=pytest.mark.slow, id="line0"),
+        pytest.param('{"case_id": ' + "9" * 5000 + "}", id="line1"),
+    ],
+)
 def test_edits_file_with_absurd_json_is_a_line_error(line: str, tmp_path: Path, model: Path) -> None:
     good = json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"})
     edits = tmp_path / "edits.jsonl"
