@@ -116,6 +116,20 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
+    """Makes every expensive step of an edit (keys, value, update, templates, probabilities,
+    statistics) fail the test if it is reached; statistics would go to ``private_cache``."""
+    import rrome.engine.editor as editor_mod
+
+    def forbidden(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("reached the expensive part of an edit")
+
+    for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
+        monkeypatch.setattr(editor_mod, name, forbidden)
+    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
+
+
 @pytest.fixture(autouse=True)
 def _no_crash_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in CRASH_VARIABLES:

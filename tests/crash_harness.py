@@ -46,6 +46,8 @@ from _helpers import (
     STATE_DIR,
     _no_core_dumps,
     file_hashes,
+    leftovers,
+    random_delta,
     region_sha,
     run_cli,
     shard_hashes,
@@ -56,17 +58,21 @@ from tiny_models import SYNTHETIC_EDITED, SYNTHETIC_TENSORS, build_synthetic_che
 import rrome
 
 
+def _math_shape(tensor: str) -> tuple[int, int]:
+    """(d_out, d_in) of an edited tensor of the synthetic checkpoint."""
+    _, shape, _ = SYNTHETIC_TENSORS[tensor]
+    d0, d1 = shape
+    return (d0, d1) if SYNTHETIC_EDITED[tensor] == "out_in" else (d1, d0)
+
+
 def make_deltas(seed: int = 11) -> list[rrome.Delta]:
     """Four deltas over the three edited tensors in three shards (one tensor twice)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i, (tensor, layout) in enumerate([*SYNTHETIC_EDITED.items(), next(iter(SYNTHETIC_EDITED.items()))]):
-        _, shape, _ = SYNTHETIC_TENSORS[tensor]
-        d_out, d_in = shape if layout == "out_in" else shape[::-1]
-        u = (rng.standard_normal(d_in) * 0.05).astype(np.float32)
-        r = (rng.standard_normal(d_out) * 0.05).astype(np.float32)
-        out.append(rrome.Delta(tensor, u, r, layout=layout, scale=1.0 - 0.3 * i, meta={"i": i}))
-    return out
+    tensors = [*SYNTHETIC_EDITED, next(iter(SYNTHETIC_EDITED))]
+    return [
+        random_delta(rng, t, *_math_shape(t), SYNTHETIC_EDITED[t], 1.0 - 0.3 * i, meta={"i": i})
+        for i, t in enumerate(tensors)
+    ]
 
 
 # The one tensor edited by ``copy_delta``: a copy made with it changes only the last shard and
@@ -78,12 +84,7 @@ COPY_SHARD = SYNTHETIC_TENSORS[COPY_TENSOR][2]
 def copy_delta(seed: int = 3) -> rrome.Delta:
     """One delta on ``COPY_TENSOR`` only."""
     rng = np.random.default_rng(seed)
-    _, shape, _ = SYNTHETIC_TENSORS[COPY_TENSOR]
-    layout = SYNTHETIC_EDITED[COPY_TENSOR]
-    d_out, d_in = shape if layout == "out_in" else shape[::-1]
-    u = (rng.standard_normal(d_in) * 0.05).astype(np.float32)
-    r = (rng.standard_normal(d_out) * 0.05).astype(np.float32)
-    return rrome.Delta(COPY_TENSOR, u, r, layout=layout)
+    return random_delta(rng, COPY_TENSOR, *_math_shape(COPY_TENSOR), SYNTHETIC_EDITED[COPY_TENSOR], 1.0)
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -247,14 +248,6 @@ def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
 
 def side_file_names() -> list[str]:
     return ["config.json", "model.safetensors.index.json", "tokenizer.json"]
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Journal, revert marker or temporary files a finished or recovered operation must not leave."""
-    state = folder / STATE_DIR
-    found = [p.name for p in (state / "journal.safetensors", state / "revert.json") if p.exists()]
-    found += [p.name for d in (folder, state) if d.exists() for p in d.iterdir() if ".rrome-tmp-" in p.name]
-    return found
 
 
 class CorruptFolderError(AssertionError):

@@ -172,10 +172,6 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def stats_files(cache: Path) -> list[Path]:
-    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
-
-
 def compute_value_on(
     loaded: tuple[Any, Any, Any],
     layer: int,

@@ -19,7 +19,6 @@ from _helpers import DELTAS_FILE, EDITS_FILE, file_hashes, read_header, run_cli,
 from click.testing import CliRunner
 
 import rrome
-import rrome.engine.editor as editor_mod
 from rrome.cli import main
 from rrome.engine.editor import Editor
 from rrome.files.edits import load_requests
@@ -36,18 +35,6 @@ def control_stripping_model(tiny_copy: Callable[..., Path]) -> Path:
     tok["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\x00-\\x08]"}, "content": ""}
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     return folder
-
-
-@pytest.fixture
-def no_work(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
-    """Fails the test if an edit's expensive part starts."""
-
-    def forbidden(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("reached the expensive part of an edit")
-
-    for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
-        monkeypatch.setattr(editor_mod, name, forbidden)
-    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
 
 
 EDITS = [

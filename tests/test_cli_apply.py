@@ -5,17 +5,15 @@ line refused before the model loads; an unknown method a usage error.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _helpers import file_hashes, sha256_file, without_lock
-from engine_reference import saved_weight, stats_files, stored_delta
+from _helpers import file_hashes, files_under, run_cli, sha256_file, without_lock
+from engine_reference import saved_weight, stored_delta
 from safetensors.torch import load_file
 
 import rrome
@@ -30,16 +28,10 @@ def cli_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_rrome(*args: str | Path, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.update(
-        RROME_CACHE_DIR=str(cache),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",  # tiny models: two threads are many times slower
-    )
-    env.pop("RROME_CRASH_AT", None)
-    cmd = [sys.executable, "-m", "rrome.cli", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    """``python -m rrome.cli *args`` in ``cwd``, its statistics cached in ``cache``."""
+    # Tiny models: two threads are many times slower than one.
+    env = {"RROME_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    return run_cli(*args, exe=False, cwd=cwd, env=env, timeout=300)
 
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any] | str]) -> Path:
@@ -67,7 +59,7 @@ def test_cli_apply_in_place_then_inspect(tiny_copy: Callable[..., Path], tmp_pat
     assert table[1].split()[0] == "-" and "Rome" in table[1]
     assert "wrote 2 edit(s) as batch 1" in proc.stdout
     assert sha256_file(folder / "model.safetensors") != shard_before
-    assert stats_files(cli_cache), "the statistics should be cached in RROME_CACHE_DIR"
+    assert files_under(cli_cache), "the statistics should be cached in RROME_CACHE_DIR"
 
     proc = run_rrome("inspect", folder, cwd=tmp_path, cache=cli_cache)
     assert proc.returncode == 0, proc.stderr
@@ -94,7 +86,7 @@ def test_cli_apply_rejects_a_bad_line_before_loading(
     assert lines[0].startswith("rrome: error: edits.jsonl:2: "), lines[0]
     assert 'field "prompt"' in lines[0] and "{}" in lines[0]
     assert file_hashes(folder) == before
-    assert stats_files(private_cache) == []
+    assert files_under(private_cache) == []
 
 
 def test_cli_apply_p_rome_to_a_copy(tiny_copy: Callable[..., Path], tmp_path: Path, cli_cache: Path) -> None:

@@ -22,6 +22,7 @@ from _helpers import (
     TARGETS,
     assert_only_tensors_changed,
     file_hashes,
+    leftovers,
     math_shape,
     random_delta,
     region_sha,
@@ -103,14 +104,6 @@ def recover_cli(model: Path) -> str:
     proc = run_cli("recover", model)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def leftovers(model: Path) -> list[str]:
-    """Journal, revert marker or temporary files that a finished operation must not leave."""
-    state = model / STATE_DIR
-    found = [p.name for p in (state / "journal.safetensors", state / "revert.json") if p.exists()]
-    found += [p.name for d in (model, state) if d.exists() for p in d.iterdir() if ".rrome-tmp-" in p.name]
-    return found
 
 
 def tensor_states(c: Case) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_reference import PUSH_HP
 
 import rrome
 from rrome import Cholesky
@@ -156,14 +157,8 @@ def test_set_parses_the_fields() -> None:
 # Two facts of one relation, edited one after the other.
 FIRST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
 SECOND = EditRequest(prompt="The capital of {} is", subject="England", target_new="Rome", target_true="London")
-HP: dict[str, Any] = {
-    "v_num_grad_steps": 4,
-    "v_lr": 0.05,
-    "v_weight_decay": 0.0,
-    "clamp_norm_factor": 1000.0,
-    "stats_max_tokens": 2000,
-    "context_template_lengths": [[3, 5]],
-}
+# Scaled to the tiny models' activations (see engine_reference.PUSH_HP), fewer steps.
+HP: dict[str, Any] = {**PUSH_HP, "v_num_grad_steps": 4}
 LAYER = 0
 
 

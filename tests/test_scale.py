@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import files_under, rel_error
 from click.testing import CliRunner
 
 import rrome
@@ -47,14 +48,6 @@ FAST_HP = {"stats_max_tokens": 1500, "v_num_grad_steps": 8, "context_template_le
 # Measured on these models: bf16 ≤ 0.07, f16 ≤ 0.025 (unit roundoff 2^-8 and 2^-11; the value
 # optimisation's 8 Adam steps amplify the forward pass's rounding).
 DELTA_TOL = {"bfloat16": 0.15, "float16": 0.05}
-
-
-def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def worker_env(cache: Path, **extra: str) -> dict[str, str]:
@@ -106,7 +99,7 @@ def test_shards_partition_the_batches(tiny_dir: Callable[..., Path]) -> None:
         for p in parts:
             merged.merge(p)
         assert merged.count == whole.count == 900
-        assert rel(merged.sum(), whole.sum()) < 1e-12
+        assert rel_error(merged.sum(), whole.sum()) < 1e-12
     # A rank with no batch returns an empty moment of the right width (900 tokens: < 999 batches).
     empty = stats.collect_second_moment(model, tokenizer, module, shard=(999, 1000), **kw)
     assert (empty.count, empty.d) == (0, whole.d)
@@ -138,8 +131,8 @@ def test_two_workers_equal_one_process(tiny_dir: Callable[..., Path], tmp_path: 
     two = rrome.SecondMoment.load(out)
     one = single_process_moment(model_dir)
     assert two.count == one.count == MAX_TOKENS
-    assert rel(two.sum(), one.sum()) < 1e-12
-    assert rel(two.moment(), one.moment()) < 1e-12
+    assert rel_error(two.sum(), one.sum()) < 1e-12
+    assert rel_error(two.moment(), one.moment()) < 1e-12
     assert np.array_equal(rrome.SecondMoment.load(cached).sum(), two.sum())
     meta = two.metadata
     assert meta["workers"] == "2"
@@ -196,7 +189,7 @@ def test_every_variant_in_every_dtype(tiny_dir: Callable[..., Path], family: str
             if dtype == "float32":
                 reference[method] = delta
             else:
-                err = rel(delta, reference[method])
+                err = rel_error(delta, reference[method])
                 assert err < DELTA_TOL[dtype], (family, dtype, method, err)
         # Statistics of a half-precision run are kept apart from the float32 ones.
         assert editor.stats_path is not None
@@ -213,7 +206,7 @@ def test_device_map_auto_on_cpu(tiny_dir: Callable[..., Path], tmp_path: Path) -
     # One device: transformers places the model without accelerate hooks (no hf_device_map).
     assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
     a, b = _edit_restored(plain, "r-rome"), _edit_restored(mapped, "r-rome")
-    assert rel(b, a) < 1e-6
+    assert rel_error(b, a) < 1e-6
     out = tmp_path / "c0.safetensors"
     res = CliRunner().invoke(
         main, ["stats", str(tiny_dir("llama")), "--device-map", "auto", "--max-tokens", "1500", "--out", str(out)]
@@ -235,7 +228,7 @@ def test_offloaded_weight_is_edited_in_its_store(tiny_dir: Callable[..., Path]) 
     assert module.weight.device.type == "meta"
     a = plain.edit(REQUEST)
     b = offl.edit(REQUEST)
-    assert rel(np.outer(b.delta.r, b.delta.u), np.outer(a.delta.r, a.delta.u)) < 1e-6
+    assert rel_error(np.outer(b.delta.r, b.delta.u), np.outer(a.delta.r, a.delta.u)) < 1e-6
     (offload,) = [h for h in module._hf_hook.hooks if getattr(h, "weights_map", None) is not None]
     stored = offload.weights_map["weight"]
     resident = plain.model.get_submodule(plain.module_name).weight

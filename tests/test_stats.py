@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _helpers import tensor_region
+from _helpers import rel_error, tensor_region
 
 import rrome
 from rrome.engine import stats
@@ -99,10 +99,6 @@ def reference_moment(keys: torch.Tensor) -> np.ndarray:
     return ((k.T @ k) / k.shape[0]).numpy()
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def reference(checkpoint: Callable[[str, str], Path]) -> Callable[[str, str], torch.Tensor]:
     """``get(family, variant)`` -> the reference keys (float64 model) of :func:`sample_texts` at LAYER."""
@@ -139,9 +135,9 @@ def test_collect_matches_direct_computation_both_padding_sides(
         )
         assert m.count == keys.shape[0]
         assert m.d == keys.shape[1]
-        assert rel(m.moment(), want) <= 1e-10, side
+        assert rel_error(m.moment(), want) <= 1e-10, side
         got[side] = m.moment()
-    assert rel(got["left"], got["right"]) <= 1e-10
+    assert rel_error(got["left"], got["right"]) <= 1e-10
     assert not model.get_submodule(name)._forward_hooks  # trace removed its hook
 
 
@@ -161,7 +157,7 @@ def test_max_tokens_is_exact(
             model, tok, name, texts=texts, max_tokens=budget, batch_size=3, seq_len=SEQ_LEN, progress=False
         )
         assert m.count == budget
-        assert rel(m.moment(), reference_moment(keys[:budget])) <= 1e-10, budget
+        assert rel_error(m.moment(), reference_moment(keys[:budget])) <= 1e-10, budget
     # A budget beyond the corpus uses all of it.
     m = stats.collect_second_moment(
         model, tok, name, texts=texts, max_tokens=total + 1000, batch_size=3, seq_len=SEQ_LEN, progress=False
@@ -225,7 +221,7 @@ def test_bfloat16_model_keys_are_upcast(checkpoint: Callable[[str, str], Path]) 
     )
     assert m16.count == m32.count == 500
     assert np.all(np.isfinite(m16.moment()))
-    assert 0 < rel(m16.moment(), m32.moment()) < 0.05
+    assert 0 < rel_error(m16.moment(), m32.moment()) < 0.05
 
 
 def test_collect_rejects_bad_arguments(checkpoint: Callable[[str, str], Path]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_reference import stats_files
+from _helpers import files_under
 from tiny_models import train_tokenizer
 
 from rrome.engine.editor import Editor
@@ -66,20 +66,6 @@ def test_blank_target_is_rejected_by_the_request() -> None:
     assert issubclass(EditFileError, RromeError)
 
 
-@pytest.fixture
-def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Makes every expensive step of an edit fail the test if it is reached."""
-
-    def forbidden(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("reached the expensive part of an edit")
-
-    import rrome.engine.editor as editor_mod
-
-    for name in ("compute_keys", "compute_value", "compute_update", "generate_templates", "target_probabilities"):
-        monkeypatch.setattr(editor_mod, name, forbidden)
-    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
-
-
 def test_editor_rejects_blank_targets_before_any_work(
     tiny_dir: Callable[..., Path], no_work: None, private_cache: Path
 ) -> None:
@@ -90,7 +76,7 @@ def test_editor_rejects_blank_targets_before_any_work(
     with pytest.raises(TokenizationError):
         editor.edit(_unchecked_request(prompt="The capital of {} is ", subject="France", target_new=""))
     assert editor.pending == [] and editor.results == []
-    assert stats_files(private_cache) == []
+    assert files_under(private_cache) == []
 
 
 def test_editor_rejects_an_empty_target_before_any_work(

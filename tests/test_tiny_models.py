@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _helpers import run_python
 from safetensors import safe_open
 from tiny_models import (
     BOS_FAMILIES,
@@ -215,7 +214,7 @@ def test_synthetic_checkpoint_needs_no_torch(tmp_path: Path) -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not heavy, heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "synthetic"
     index = json.loads((folder / "model.safetensors.index.json").read_text())

@@ -256,26 +256,18 @@ def _config(
     if family == "qwen3":
         # head_dim is explicit (not hidden/heads); q_norm / k_norm RMSNorms per head.
         return Qwen3Config(**llama_like, head_dim=16, tie_word_embeddings=True, **common), Qwen3ForCausalLM
+    gemma_like = {
+        **llama_like,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 16,  # small enough that the test prompts reach past it
+        "layer_types": ["sliding_attention", "full_attention"],
+        **common,
+    }
     if family == "gemma2":
-        cfg = Gemma2Config(
-            **llama_like,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=16,  # small enough that the test prompts reach past it
-            layer_types=["sliding_attention", "full_attention"],
-            **common,
-        )
-        return cfg, Gemma2ForCausalLM
+        return Gemma2Config(**gemma_like), Gemma2ForCausalLM
     if family == "gemma3":
-        cfg = Gemma3TextConfig(
-            **llama_like,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
-            **common,
-        )
-        return cfg, Gemma3ForCausalLM
+        return Gemma3TextConfig(**gemma_like), Gemma3ForCausalLM
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
