@@ -1,4 +1,5 @@
-"""Plain helpers shared by the test modules (safetensors layout, hashing, running the CLI).
+"""Plain helpers shared by the test modules (safetensors layout, hashing, running the CLI and
+reading its errors).
 
 Nothing here imports torch or transformers, so the CLI and crash tests can use it freely.
 """
@@ -12,8 +13,9 @@ import resource
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,20 +29,14 @@ CRASH_ENV = "RROME_CRASH_AT"
 # The console script installed beside the interpreter of the virtual environment.
 RROME_EXE = Path(sys.executable).parent / "rrome"
 
-FAMILIES = ("gpt2", "llama")
-DTYPES = ("f32", "f16", "bf16")
+V = TypeVar("V")
 
-# Edited tensors per family: (tensor in layer 1, same module in layer 0, layout).
+# Edited tensors per family of the tiny checkpoints (tests/tiny_models.py) that the file tests
+# write into: (tensor in layer 1, same module in layer 0, layout).
 TARGETS = {
     "gpt2": ("transformer.h.1.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.weight", "in_out"),
     "llama": ("model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight", "out_in"),
 }
-
-
-def torch_dtype(name: str):  # type: ignore[no-untyped-def]  # torch is imported lazily
-    import torch
-
-    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 # --- safetensors layout -------------------------------------------------------------------
@@ -149,13 +145,29 @@ def file_hashes(root: Path) -> dict[str, str]:
     return out
 
 
-def without_lock(hashes: dict[str, str]) -> dict[str, str]:
-    """File hashes without rrome's lock file, whose content names its last holder (pid, time).
+def without_lock(files: Mapping[str, V]) -> dict[str, V]:
+    """Relative path -> anything (hashes, contents), without rrome's lock files, whose content
+    names their last holder (pid, time).
 
     rrome creates ``.rrome/lock`` in every folder it writes or reads for a copy; it is the one
-    file a copy may add to (or rewrite in) its source folder.
+    file a copy may add to (or rewrite in) its source folder. Lock files of folders further down
+    (a tree of several model folders) are left out too.
     """
-    return {k: v for k, v in hashes.items() if k != f"{STATE_DIR}/lock"}
+    lock = f"{STATE_DIR}/lock"
+    return {k: v for k, v in files.items() if k != lock and not k.endswith(f"/{lock}")}
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file below ``root``, sorted; none if it does not exist."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file()) if Path(root).exists() else []
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Journal, revert marker or temporary files a finished or recovered operation must not leave."""
+    state = folder / STATE_DIR
+    found = [p.name for p in (state / "journal.safetensors", state / "revert.json") if p.exists()]
+    found += [p.name for d in (folder, state) if d.exists() for p in d.iterdir() if ".rrome-tmp-" in p.name]
+    return found
 
 
 def shard_hashes(model_dir: Path) -> dict[str, str]:
@@ -163,6 +175,11 @@ def shard_hashes(model_dir: Path) -> dict[str, str]:
 
 
 # --- deltas -------------------------------------------------------------------------------
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius)."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def random_delta(
@@ -194,24 +211,97 @@ def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment less the crash-test variable, plus ``extra``."""
+    env = dict(os.environ)
+    env.pop(CRASH_ENV, None)
+    env.update(extra or {})
+    return env
+
+
 def run_cli(
     *args: str | os.PathLike[str],
     crash_at: str | None = None,
     exe: bool = True,
     timeout: float = 60,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the ``rrome`` command (the venv console script, or ``python -m rrome.cli``)."""
-    env = dict(os.environ)
-    env.pop(CRASH_ENV, None)
+    """Runs the ``rrome`` command (the venv console script, or ``python -m rrome.cli``) in ``cwd``,
+    with ``env`` added to this process's environment, without core dumps; ``preexec`` runs in
+    the child before the command (e.g. to lower a limit)."""
+    extra = dict(env or {})
     if crash_at is not None:
-        env[CRASH_ENV] = crash_at
+        extra[CRASH_ENV] = crash_at
+
+    def before_exec() -> None:
+        _no_core_dumps()
+        if preexec is not None:
+            preexec()
+
     cmd = [str(RROME_EXE)] if exe else [sys.executable, "-m", "rrome.cli"]
     return subprocess.run(
         [*cmd, *map(str, args)],
         capture_output=True,
         text=True,
-        env=env,
+        env=_child_env(extra),
+        cwd=cwd,
         timeout=timeout,
-        preexec_fn=_no_core_dumps,
+        preexec_fn=before_exec,
         check=False,
     )
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -c code *args`` with this interpreter, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=_child_env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_cli_without(
+    *args: str | os.PathLike[str], modules: Iterable[str] = ("torch", "transformers"), timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``rrome *args`` (its ``main``) in a fresh interpreter that exits with status 99,
+    naming them on stderr, if the command imported any of ``modules`` or a module below one,
+    whether the command succeeded or not."""
+    code = (
+        "import os, sys\n"
+        "from rrome.cli import main\n"
+        f"sys.argv = ['rrome', *{[str(a) for a in args]!r}]\n"
+        f"modules = {tuple(modules)!r}\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    loaded = sorted(m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in modules))\n"
+        "    if loaded:\n"
+        "        print(f'imported {loaded}', file=sys.stderr, flush=True)\n"
+        "        os._exit(99)\n"
+    )
+    return run_python(code, timeout=timeout)
+
+
+# --- command output -----------------------------------------------------------------------
+
+
+def one_line_error(stderr: str, *needles: str) -> str:
+    """The one line of ``stderr``, an ``rrome: error: `` holding every needle (no traceback)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("rrome: error: ") and "Traceback" not in stderr, lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str, code: int = 1) -> str:
+    """``proc`` failed with status ``code`` (not a signal, not a panic) and said why in one line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout, proc.stdout
+    return one_line_error(proc.stderr, *needles)

@@ -1,7 +1,9 @@
-"""Session fixtures: tiny GPT-2 and Llama checkpoints built in-process (no network).
+"""Session fixtures: the tiny checkpoints of tests/tiny_models.py (built offline, no network),
+each built once per session, and a private statistics cache.
 
-Each checkpoint (family x dtype x single/sharded) is built once per session into a pristine
-folder; tests get a fresh copy they may edit in place.
+``tiny_dir(family, ...)`` is a pristine folder to read; ``tiny_copy(family, ...)`` a private copy
+a test may edit in place; ``tiny_loaded(family, ...)`` the (model, tokenizer, adapter) of a
+pristine folder, loaded once and shared, which tests must leave as they found it.
 """
 
 from __future__ import annotations
@@ -11,108 +13,127 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # Before anything imports huggingface_hub / transformers: never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-# A crash-test variable leaking in from the caller would abort the test process itself.
+# Crash-test variables leaking in from the caller would abort the test process itself.
 os.environ.pop("RROME_CRASH_AT", None)
+os.environ.pop("RROME_STATS_CRASH_RANK", None)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest
-from _helpers import FAMILIES, shard_files, torch_dtype
+from tiny_models import BOS_FAMILIES, SENTENCEPIECE_FAMILIES, build_tiny_model
 
+CRASH_VARIABLES = ("RROME_CRASH_AT", "RROME_STATS_CRASH_RANK")
+# Saved in shards of at most this size, a tiny checkpoint has a dozen shards.
 SHARD_SIZE = "20KB"
 
 
-def _build(family: str, dtype: str, sharded: bool, dest: Path) -> None:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(1234 + FAMILIES.index(family))
-    if family == "gpt2":
-        # bos/eos inside the tiny vocabulary (the defaults, 50256, make transformers complain).
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64, bos_token_id=0, eos_token_id=0)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        cfg = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=300,
-        )
-        model = LlamaForCausalLM(cfg)
-    model = model.to(torch_dtype(dtype)).eval()
-    if sharded:
-        model.save_pretrained(dest, max_shard_size=SHARD_SIZE)
-        assert (dest / "model.safetensors.index.json").is_file()
-        assert not (dest / "model.safetensors").exists()
-        shards = shard_files(dest)
-        assert len(shards) >= 2, shards
-        assert all((dest / s).is_file() for s in shards)
-    else:
-        model.save_pretrained(dest)
-        assert (dest / "model.safetensors").is_file()
-        assert not (dest / "model.safetensors.index.json").exists()
-
-
 @pytest.fixture(scope="session")
-def pristine_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, bool], Path]:
-    """``get(family, dtype, sharded)`` -> a read-only-by-convention checkpoint folder, built once."""
-    cache: dict[tuple[str, str, bool], Path] = {}
-    root = tmp_path_factory.mktemp("pristine")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``get(family, padding_side="right", bos=None, sp=None, dtype="f32", sharded=False,
+    max_positions=None)``: a pristine checkpoint of ``tiny_models.build_tiny_model`` (``bos`` and
+    ``sp``, its ``sentencepiece_like``, default to the family's habit; ``sharded`` saves in shards
+    of ``SHARD_SIZE``; ``max_positions`` None is the builder's default), built once per session.
+    Read it; copy it before writing."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple[Any, ...], Path] = {}
 
-    def get(family: str, dtype: str, sharded: bool) -> Path:
-        key = (family, dtype, sharded)
-        if key not in cache:
-            dest = root / f"{family}-{dtype}-{'sharded' if sharded else 'single'}"
-            _build(family, dtype, sharded, dest)
-            cache[key] = dest
-        return cache[key]
+    def get(
+        family: str,
+        padding_side: str = "right",
+        bos: bool | None = None,
+        sp: bool | None = None,
+        dtype: str = "f32",
+        sharded: bool = False,
+        max_positions: int | None = None,
+    ) -> Path:
+        # The family's defaults spelt out, so that the same model is built once.
+        bos = family in BOS_FAMILIES if bos is None else bos
+        sp = family in SENTENCEPIECE_FAMILIES if sp is None else sp
+        key = (family, padding_side, bos, sp, dtype, sharded, max_positions)
+        if key not in built:
+            dest = root / "-".join(str(part) for part in key)
+            extra: dict[str, Any] = {} if max_positions is None else {"max_positions": max_positions}
+            built[key] = build_tiny_model(
+                family,
+                dest,
+                bos=bos,
+                padding_side=padding_side,
+                sentencepiece_like=sp,
+                dtype=dtype,
+                shard_size=SHARD_SIZE if sharded else None,
+                **extra,
+            )
+        return built[key]
 
     return get
 
 
 @pytest.fixture
-def fresh_checkpoint(pristine_checkpoint: Callable[[str, str, bool], Path], tmp_path: Path) -> Callable[..., Path]:
-    """``make(family, dtype, sharded, name="model")`` -> a private copy of a pristine checkpoint."""
+def tiny_copy(tiny_dir: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """``make(family, ..., name="model")``: a private copy (in the test's ``tmp_path``) of
+    ``tiny_dir(family, ...)``, free to edit."""
 
-    def make(family: str, dtype: str, sharded: bool, name: str = "model") -> Path:
+    def make(family: str, *args: Any, name: str = "model", **kwargs: Any) -> Path:
         dest = tmp_path / name
-        shutil.copytree(pristine_checkpoint(family, dtype, sharded), dest)
+        shutil.copytree(tiny_dir(family, *args, **kwargs), dest)
         return dest
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """``get(family)``: a pristine tiny checkpoint of ``family`` (tests/tiny_models.py, the
-    family's own BOS habit), built once per session. Read it; copy it before writing."""
-    from tiny_models import build_tiny_model
+def tiny_loaded(tiny_dir: Callable[..., Path]) -> Callable[..., tuple[Any, Any, Any]]:
+    """``get(family, ...)``: (model, tokenizer, adapter) of ``tiny_dir(family, ...)`` on the CPU,
+    loaded once; tests must leave the model as they found it."""
+    from rrome.engine.models import load
 
-    root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[str, Path] = {}
+    loaded: dict[Path, tuple[Any, Any, Any]] = {}
 
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model(family, root / family)
-        return built[family]
+    def get(family: str, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        folder = tiny_dir(family, *args, **kwargs)
+        if folder not in loaded:
+            loaded[folder] = load(folder, device="cpu")
+        return loaded[folder]
 
     return get
 
 
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Statistics go to a folder of the test (``RROME_CACHE_DIR``), never to the user's cache.
+
+    A module whose every test computes statistics says ``pytestmark =
+    pytest.mark.usefixtures("private_cache")``."""
+    cache = tmp_path / "rrome-cache"
+    monkeypatch.setenv("RROME_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
+    """Makes every expensive step of an edit (keys, value, update, templates, probabilities,
+    statistics) fail the test if it is reached; statistics would go to ``private_cache``."""
+    import rrome.engine.editor as editor_mod
+
+    def forbidden(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("reached the expensive part of an edit")
+
+    for name in ("keys_at", "compute_value", "compute_update", "generate_templates", "request_probabilities"):
+        monkeypatch.setattr(editor_mod, name, forbidden)
+    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
+
+
 @pytest.fixture(autouse=True)
 def _no_crash_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("RROME_CRASH_AT", raising=False)
+    for name in CRASH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     yield
 
 

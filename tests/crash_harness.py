@@ -4,8 +4,8 @@ Where tests/test_crash.py aborts at named steps (``RROME_CRASH_AT``), this harne
 ``rrome`` processes with SIGKILL at random moments of their write. A trial:
 
 1. starts ``rrome apply-deltas`` (in place or ``--out``), ``rrome revert`` or ``rrome recover``
-   on a synthetic sharded checkpoint (F32, F16 and BF16 tensors, three shards, built here with
-   plain numpy so nothing imports torch);
+   on the synthetic sharded checkpoint of tests/tiny_models.py (F32, F16 and BF16 tensors, three
+   shards, built with plain numpy so nothing imports torch);
 2. waits until the child holds the folder's lock (its pid appears in ``.rrome/lock``), then
    sleeps a random time up to 1.3 times the measured length of that command's write phase (a few
    trials kill before the lock, during start-up) and sends SIGKILL;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -47,102 +46,45 @@ from _helpers import (
     STATE_DIR,
     _no_core_dumps,
     file_hashes,
+    leftovers,
+    random_delta,
     region_sha,
     run_cli,
     shard_hashes,
     without_lock,
 )
+from tiny_models import SYNTHETIC_EDITED, SYNTHETIC_TENSORS, build_synthetic_checkpoint
 
 import rrome
 
-# name -> (dtype, stored shape, shard); the edited ones are 2-D with their layout below.
-TENSORS: dict[str, tuple[str, tuple[int, ...], str]] = {
-    "embed.weight": ("BF16", (64, 256), "model-00001-of-00003.safetensors"),
-    "layers.0.mlp.down_proj.weight": ("BF16", (256, 1024), "model-00001-of-00003.safetensors"),
-    "layers.0.norm.weight": ("F32", (256,), "model-00001-of-00003.safetensors"),
-    "layers.1.mlp.down_proj.weight": ("F16", (256, 1024), "model-00002-of-00003.safetensors"),
-    "layers.1.norm.weight": ("F16", (256,), "model-00002-of-00003.safetensors"),
-    "layers.2.mlp.c_proj.weight": ("F32", (512, 256), "model-00003-of-00003.safetensors"),
-    "head.weight": ("F32", (8, 256), "model-00003-of-00003.safetensors"),
-}
-EDITED = {  # tensor -> layout
-    "layers.0.mlp.down_proj.weight": "out_in",
-    "layers.1.mlp.down_proj.weight": "out_in",
-    "layers.2.mlp.c_proj.weight": "in_out",
-}
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
-    """A safetensors file written by hand (header padded to 8 bytes, as the reference writer does)."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for _, _, data in tensors.values():
-            f.write(data)
-
-
-def _encode(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> bytes:
-    x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-    if dtype == "F32":
-        return x.tobytes()
-    if dtype == "F16":
-        return x.astype(np.float16).tobytes()
-    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bf16 by truncation
-
-
-def build_checkpoint(dest: Path, seed: int = 7) -> Path:
-    """A three-shard checkpoint with an index, a config and a tokenizer-like side file."""
-    rng = np.random.default_rng(seed)
-    dest.mkdir(parents=True)
-    shards: dict[str, dict[str, tuple[str, tuple[int, ...], bytes]]] = {}
-    for name, (dtype, shape, shard) in TENSORS.items():
-        shards.setdefault(shard, {})[name] = (dtype, shape, _encode(rng, dtype, shape))
-    for shard, tensors in shards.items():
-        write_safetensors(dest / shard, tensors)
-    total = sum(int(np.prod(s)) * _BYTES[d] for d, s, _ in TENSORS.values())
-    index = {"metadata": {"total_size": total}, "weight_map": {n: s for n, (_, _, s) in TENSORS.items()}}
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (dest / "config.json").write_text(json.dumps({"model_type": "synthetic", "hidden_size": 256}))
-    (dest / "tokenizer.json").write_text(json.dumps({"version": "1.0", "vocab": list("abcdef")}))
-    return dest
+def _math_shape(tensor: str) -> tuple[int, int]:
+    """(d_out, d_in) of an edited tensor of the synthetic checkpoint."""
+    _, shape, _ = SYNTHETIC_TENSORS[tensor]
+    d0, d1 = shape
+    return (d0, d1) if SYNTHETIC_EDITED[tensor] == "out_in" else (d1, d0)
 
 
 def make_deltas(seed: int = 11) -> list[rrome.Delta]:
     """Four deltas over the three edited tensors in three shards (one tensor twice)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i, (tensor, layout) in enumerate([*EDITED.items(), next(iter(EDITED.items()))]):
-        _, shape, _ = TENSORS[tensor]
-        d_out, d_in = shape if layout == "out_in" else shape[::-1]
-        u = (rng.standard_normal(d_in) * 0.05).astype(np.float32)
-        r = (rng.standard_normal(d_out) * 0.05).astype(np.float32)
-        out.append(rrome.Delta(tensor, u, r, layout=layout, scale=1.0 - 0.3 * i, meta={"i": i}))
-    return out
+    tensors = [*SYNTHETIC_EDITED, next(iter(SYNTHETIC_EDITED))]
+    return [
+        random_delta(rng, t, *_math_shape(t), SYNTHETIC_EDITED[t], 1.0 - 0.3 * i, meta={"i": i})
+        for i, t in enumerate(tensors)
+    ]
 
 
 # The one tensor edited by ``copy_delta``: a copy made with it changes only the last shard and
 # may share the other two with its source by hard link.
 COPY_TENSOR = "layers.2.mlp.c_proj.weight"
-COPY_SHARD = TENSORS[COPY_TENSOR][2]
+COPY_SHARD = SYNTHETIC_TENSORS[COPY_TENSOR][2]
 
 
 def copy_delta(seed: int = 3) -> rrome.Delta:
     """One delta on ``COPY_TENSOR`` only."""
     rng = np.random.default_rng(seed)
-    _, shape, _ = TENSORS[COPY_TENSOR]
-    layout = EDITED[COPY_TENSOR]
-    d_out, d_in = shape if layout == "out_in" else shape[::-1]
-    u = (rng.standard_normal(d_in) * 0.05).astype(np.float32)
-    r = (rng.standard_normal(d_out) * 0.05).astype(np.float32)
-    return rrome.Delta(COPY_TENSOR, u, r, layout=layout)
+    return random_delta(rng, COPY_TENSOR, *_math_shape(COPY_TENSOR), SYNTHETIC_EDITED[COPY_TENSOR], 1.0)
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -265,7 +207,7 @@ class Oracle:
 
 
 def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
-    pristine = build_checkpoint(root / "pristine")
+    pristine = build_synthetic_checkpoint(root / "pristine")
     deltas = make_deltas()
     bundle = root / "bundle"
     rrome.save_deltas(bundle, deltas)
@@ -276,9 +218,9 @@ def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
         if k:
             rrome.apply_deltas(scratch, deltas)
         shards.append(shard_hashes(scratch))
-        tensors.append({t: region_sha(scratch, t) for t in EDITED})
+        tensors.append({t: region_sha(scratch, t) for t in SYNTHETIC_EDITED})
     for k in range(1, 4):
-        for t in EDITED:
+        for t in SYNTHETIC_EDITED:
             assert tensors[k][t] != tensors[k - 1][t], "every application must change every edited tensor"
     side = {f: hashlib.sha256((pristine / f).read_bytes()).hexdigest() for f in side_file_names()}
     oracle = Oracle(pristine, bundle, deltas, shards, tensors, side)
@@ -308,14 +250,6 @@ def side_file_names() -> list[str]:
     return ["config.json", "model.safetensors.index.json", "tokenizer.json"]
 
 
-def leftovers(folder: Path) -> list[str]:
-    """Journal, revert marker or temporary files a finished or recovered operation must not leave."""
-    state = folder / STATE_DIR
-    found = [p.name for p in (state / "journal.safetensors", state / "revert.json") if p.exists()]
-    found += [p.name for d in (folder, state) if d.exists() for p in d.iterdir() if ".rrome-tmp-" in p.name]
-    return found
-
-
 class CorruptFolderError(AssertionError):
     """A folder in a state that no uninterrupted run produces."""
 
@@ -327,7 +261,7 @@ def state_of(folder: Path, oracle: Oracle, allowed: set[int]) -> int:
     matches = [k for k, want in enumerate(oracle.shards) if shards == want]
     if not matches:
         per_tensor = {}
-        for t in EDITED:
+        for t in SYNTHETIC_EDITED:
             sha = region_sha(folder, t)
             per_tensor[t] = next((f"S{k}" for k, m in enumerate(oracle.tensors) if m[t] == sha), "TORN")
         raise CorruptFolderError(f"{folder}: shards match no oracle state; tensors: {per_tensor}")

@@ -17,9 +17,7 @@ import pytest
 import torch
 from _helpers import (
     DELTAS_FILE,
-    DTYPES,
     EDITS_FILE,
-    FAMILIES,
     TARGETS,
     assert_only_tensors_changed,
     file_hashes,
@@ -30,9 +28,9 @@ from _helpers import (
     shard_files,
     shard_hashes,
     tensor_region,
-    torch_dtype,
     without_lock,
 )
+from tiny_models import DTYPES, torch_dtype
 
 import rrome
 
@@ -165,7 +163,7 @@ def test_checkpoint_lists_every_tensor_with_its_bytes(
 
 CASES = [
     pytest.param(f, dt, sh, mode, id=f"{f}-{dt}-{'sharded' if sh else 'single'}-{mode}")
-    for f in FAMILIES
+    for f in TARGETS
     for dt in DTYPES
     for sh in (False, True)
     for mode in ("inplace", "copy")
@@ -174,16 +172,16 @@ CASES = [
 
 @pytest.mark.parametrize(("family", "dtype", "sharded", "mode"), CASES)
 def test_apply_matches_reference_and_touches_nothing_else(
-    fresh_checkpoint: Callable[..., Path],
-    pristine_checkpoint: Callable[[str, str, bool], Path],
+    tiny_copy: Callable[..., Path],
+    tiny_dir: Callable[..., Path],
     tmp_path: Path,
     family: str,
     dtype: str,
     sharded: bool,
     mode: str,
 ) -> None:
-    pristine = pristine_checkpoint(family, dtype, sharded)
-    model = fresh_checkpoint(family, dtype, sharded)
+    pristine = tiny_dir(family, dtype=dtype, sharded=sharded)
+    model = tiny_copy(family, dtype=dtype, sharded=sharded)
     deltas = make_deltas(model, family)
     tensors = list(by_tensor(deltas))
     original_params = load_params(pristine, tensors, dtype)
@@ -237,12 +235,12 @@ def test_apply_matches_reference_and_touches_nothing_else(
 
 @pytest.mark.parametrize(("family", "dtype"), [("gpt2", "bf16"), ("llama", "f16"), ("llama", "f32")])
 def test_two_batches_revert_all(
-    fresh_checkpoint: Callable[..., Path],
-    pristine_checkpoint: Callable[[str, str, bool], Path],
+    tiny_copy: Callable[..., Path],
+    tiny_dir: Callable[..., Path],
     family: str,
     dtype: str,
 ) -> None:
-    model = fresh_checkpoint(family, dtype, True)
+    model = tiny_copy(family, dtype=dtype, sharded=True)
     first = make_deltas(model, family, seed=1)
     second = make_deltas(model, family, seed=2)[:2]
     before = shard_hashes(model)
@@ -264,7 +262,7 @@ def test_two_batches_revert_all(
 
     assert rrome.revert(model, all=True) == [2, 1]
     assert shard_hashes(model) == before
-    assert_only_tensors_changed(pristine_checkpoint(family, dtype, True), model, [])
+    assert_only_tensors_changed(tiny_dir(family, dtype=dtype, sharded=True), model, [])
     assert not (model / EDITS_FILE).exists()
     assert not list((model / ".rrome" / "undo").glob("*"))
     assert rrome.inspect(model).edits == []
@@ -272,9 +270,9 @@ def test_two_batches_revert_all(
 
 @pytest.mark.parametrize(("family", "dtype"), [("gpt2", "f32"), ("llama", "bf16")])
 def test_two_batches_revert_once_undoes_only_the_second(
-    fresh_checkpoint: Callable[..., Path], family: str, dtype: str
+    tiny_copy: Callable[..., Path], family: str, dtype: str
 ) -> None:
-    model = fresh_checkpoint(family, dtype, True)
+    model = tiny_copy(family, dtype=dtype, sharded=True)
     first = make_deltas(model, family, seed=3)
     second = make_deltas(model, family, seed=4)
     rrome.apply_deltas(model, first)
@@ -295,8 +293,8 @@ def test_two_batches_revert_once_undoes_only_the_second(
     assert rrome.revert(model, all=True) == [2, 1]
 
 
-def test_bundle_round_trip_preserves_everything(tmp_path: Path, pristine_checkpoint: Callable[..., Path]) -> None:
-    model = pristine_checkpoint("llama", "bf16", False)
+def test_bundle_round_trip_preserves_everything(tmp_path: Path, tiny_dir: Callable[..., Path]) -> None:
+    model = tiny_dir("llama", dtype="bf16")
     deltas = make_deltas(model, "llama", seed=5)
     rrome.save_deltas(tmp_path / "bundle", deltas)
     for where in (tmp_path / "bundle", tmp_path / "bundle" / EDITS_FILE, tmp_path / "bundle" / DELTAS_FILE):
@@ -310,10 +308,10 @@ def test_bundle_round_trip_preserves_everything(tmp_path: Path, pristine_checkpo
             assert rec.delta.meta == d.meta
 
 
-def test_region_hash_helper_agrees_with_report(fresh_checkpoint: Callable[..., Path]) -> None:
+def test_region_hash_helper_agrees_with_report(tiny_copy: Callable[..., Path]) -> None:
     # Sanity check of the independent header parser used throughout these tests: the byte
     # range it names for the edited tensor is the one that changes and reverts.
-    model = fresh_checkpoint("llama", "bf16", True)
+    model = tiny_copy("llama", dtype="bf16", sharded=True)
     t1 = TARGETS["llama"][0]
     before = region_sha(model, t1)
     rrome.apply_deltas(model, make_deltas(model, "llama")[:1])
@@ -324,14 +322,14 @@ def test_region_hash_helper_agrees_with_report(fresh_checkpoint: Callable[..., P
 
 @pytest.mark.parametrize(("family", "dtype"), [("gpt2", "f16"), ("llama", "bf16")])
 def test_copy_of_an_edited_checkpoint_carries_its_log(
-    fresh_checkpoint: Callable[..., Path],
-    pristine_checkpoint: Callable[[str, str, bool], Path],
+    tiny_copy: Callable[..., Path],
+    tiny_dir: Callable[..., Path],
     tmp_path: Path,
     family: str,
     dtype: str,
 ) -> None:
-    pristine = pristine_checkpoint(family, dtype, True)
-    model = fresh_checkpoint(family, dtype, True)
+    pristine = tiny_dir(family, dtype=dtype, sharded=True)
+    model = tiny_copy(family, dtype=dtype, sharded=True)
     first = make_deltas(model, family, seed=6)
     second = make_deltas(model, family, seed=7)
     rrome.apply_deltas(model, first)

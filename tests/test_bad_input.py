@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,8 @@ import numpy as np
 import pytest
 from _helpers import DELTAS_FILE, EDITS_FILE, file_hashes, read_header, run_cli, without_lock
 from click.testing import CliRunner
-from tiny_models import build_tiny_model
 
 import rrome
-import rrome.engine.editor as editor_mod
 from rrome.cli import main
 from rrome.engine.editor import Editor
 from rrome.files.edits import load_requests
@@ -28,27 +27,14 @@ from rrome.files.shards import load_deltas_for
 # --- requests the tokenizer empties ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def control_stripping_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def control_stripping_model(tiny_copy: Callable[..., Path]) -> Path:
     """A tiny GPT-2 whose tokenizer drops ASCII control characters (as BERT-style cleaning does)."""
-    folder = build_tiny_model("gpt2", tmp_path_factory.mktemp("bad-input") / "gpt2")
+    folder = tiny_copy("gpt2", name="control-stripping")
     tok = json.loads((folder / "tokenizer.json").read_text())
     tok["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\x00-\\x08]"}, "content": ""}
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     return folder
-
-
-@pytest.fixture
-def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Fails the test if an edit's expensive part starts."""
-
-    def forbidden(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("reached the expensive part of an edit")
-
-    for name in ("keys_at", "compute_value", "compute_update", "generate_templates", "request_probabilities"):
-        monkeypatch.setattr(editor_mod, name, forbidden)
-    monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
 
 
 EDITS = [
@@ -94,11 +80,11 @@ def test_edit_many_checks_every_request_first(control_stripping_model: Path, tmp
 
 
 @pytest.fixture
-def gpt2(fresh_checkpoint: Any) -> Path:
-    return fresh_checkpoint("gpt2", "f32", False)  # type: ignore[no-any-return]
+def gpt2(tiny_copy: Any) -> Path:
+    return tiny_copy("gpt2")  # type: ignore[no-any-return]
 
 
-TENSOR = "transformer.h.0.mlp.c_proj.weight"  # Conv1D, stored [d_in=128, d_out=32]
+TENSOR = "transformer.h.0.mlp.c_proj.weight"  # Conv1D, stored [d_in=128, d_out=64] (tests/tiny_models.py)
 
 
 def _bundle(folder: Path, deltas: list[rrome.Delta]) -> Path:
@@ -114,11 +100,11 @@ def test_apply_deltas_names_the_line_and_field_of_each_misfit(gpt2: Path, tmp_pa
     bundle = _bundle(
         tmp_path / "bundle",
         [
-            rrome.Delta(TENSOR, ones(128), ones(32), layout="in_out"),  # fits
-            rrome.Delta(TENSOR, ones(127), ones(32), layout="in_out"),  # d_in off by one
-            rrome.Delta(TENSOR, ones(128), ones(32), layout="out_in"),  # wrong layout: both
-            rrome.Delta("transformer.h.9.mlp.c_proj.weight", ones(128), ones(32), layout="in_out"),
-            rrome.Delta("transformer.h.0.ln_1.weight", ones(32), ones(1), layout="in_out"),  # a vector
+            rrome.Delta(TENSOR, ones(128), ones(64), layout="in_out"),  # fits
+            rrome.Delta(TENSOR, ones(127), ones(64), layout="in_out"),  # d_in off by one
+            rrome.Delta(TENSOR, ones(128), ones(64), layout="out_in"),  # wrong layout: both
+            rrome.Delta("transformer.h.9.mlp.c_proj.weight", ones(128), ones(64), layout="in_out"),
+            rrome.Delta("transformer.h.0.ln_1.weight", ones(64), ones(1), layout="in_out"),  # a vector
         ],
     )
     before = without_lock(file_hashes(gpt2))
@@ -127,9 +113,9 @@ def test_apply_deltas_names_the_line_and_field_of_each_misfit(gpt2: Path, tmp_pa
     err = proc.stderr
     edits = bundle / EDITS_FILE
     assert f'{edits}:3: field "d_in": 127 (the tensor has 128)' in err, err
-    assert f'{edits}:5: field "d_out": 32 (the tensor has 128); field "d_in": 128 (the tensor has 32)' in err, err
+    assert f'{edits}:5: field "d_out": 64 (the tensor has 128); field "d_in": 128 (the tensor has 64)' in err, err
     assert f"{edits}:7: field \"tensor\": 'transformer.h.9.mlp.c_proj.weight' is not in" in err, err
-    assert f"{edits}:9: field \"tensor\": 'transformer.h.0.ln_1.weight' has shape [32], not a matrix" in err, err
+    assert f"{edits}:9: field \"tensor\": 'transformer.h.0.ln_1.weight' has shape [64], not a matrix" in err, err
     assert f"{edits}:1:" not in err and "Traceback" not in err
     assert without_lock(file_hashes(gpt2)) == before
     # The API raises the class of the first problem.
@@ -152,7 +138,7 @@ def test_apply_deltas_rejects_non_finite_vectors(
     gpt2: Path, tmp_path: Path, vector: str, index: int, value: float
 ) -> None:
     ones = np.ones
-    bundle = _bundle(tmp_path / "bundle", [rrome.Delta(TENSOR, ones(128), ones(32), layout="in_out")] * 2)
+    bundle = _bundle(tmp_path / "bundle", [rrome.Delta(TENSOR, ones(128), ones(64), layout="in_out")] * 2)
     # Poke the non-finite number straight into the file: rrome.Delta itself refuses to hold it.
     path = bundle / DELTAS_FILE
     start, header = read_header(path)
@@ -169,7 +155,7 @@ def test_apply_deltas_rejects_non_finite_vectors(
 
 
 def test_apply_deltas_rejects_a_scale_that_overflows_float32(gpt2: Path, tmp_path: Path) -> None:
-    bundle = _bundle(tmp_path / "bundle", [rrome.Delta(TENSOR, np.ones(128), np.ones(32), layout="in_out")])
+    bundle = _bundle(tmp_path / "bundle", [rrome.Delta(TENSOR, np.ones(128), np.ones(64), layout="in_out")])
     edits = bundle / EDITS_FILE
     edits.write_text(edits.read_text().replace('"scale":1.0', '"scale":1e300'))
     proc = run_cli("apply-deltas", bundle, gpt2)

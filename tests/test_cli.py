@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,10 +14,12 @@ from _helpers import (
     EDITS_FILE,
     RROME_EXE,
     TARGETS,
+    assert_one_line_error,
     file_hashes,
     math_shape,
     random_delta,
     run_cli,
+    run_cli_without,
     shard_hashes,
     without_lock,
 )
@@ -34,20 +34,9 @@ HELP = {
 }
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("rrome: error:"), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 @pytest.fixture
-def gpt2(fresh_checkpoint: Callable[..., Path]) -> Path:
-    return fresh_checkpoint("gpt2", "f32", True)
+def gpt2(tiny_copy: Callable[..., Path]) -> Path:
+    return tiny_copy("gpt2", sharded=True)
 
 
 def gpt2_deltas(model: Path, n: int = 2) -> list[rrome.Delta]:
@@ -234,19 +223,7 @@ def test_revert_with_nothing_to_revert(gpt2: Path) -> None:
 
 
 def test_apply_deltas_does_not_import_torch(gpt2: Path, bundle: Path) -> None:
-    code = (
-        "import sys\n"
-        "from rrome.cli import main\n"
-        f"sys.argv = ['rrome', 'apply-deltas', {str(bundle)!r}, {str(gpt2)!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    proc = run_cli_without("apply-deltas", bundle, gpt2, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "batch 1" in proc.stdout
     assert [r.batch for r in rrome.load_deltas(gpt2)] == [1, 1]

@@ -22,6 +22,7 @@ from _helpers import (
     TARGETS,
     assert_only_tensors_changed,
     file_hashes,
+    leftovers,
     math_shape,
     random_delta,
     region_sha,
@@ -30,9 +31,12 @@ from _helpers import (
     shard_of,
     without_lock,
 )
-from crash_harness import COPY_SHARD, build_checkpoint, copy_delta, make_deltas
+from crash_harness import COPY_SHARD, copy_delta, make_deltas
+from tiny_models import build_synthetic_checkpoint
 
 import rrome
+
+pytestmark = pytest.mark.slow  # rrome processes aborted at every named step, then recovered
 
 FAMILY, DTYPE = "llama", "bf16"
 IN_PLACE_STEPS = ["journal-written", "patch-region", "patched", "committed"]
@@ -55,12 +59,12 @@ class Case:
 
 @pytest.fixture
 def case(
-    fresh_checkpoint: Callable[..., Path],
-    pristine_checkpoint: Callable[[str, str, bool], Path],
+    tiny_copy: Callable[..., Path],
+    tiny_dir: Callable[..., Path],
     tmp_path: Path,
 ) -> Case:
-    pristine = pristine_checkpoint(FAMILY, DTYPE, True)
-    model = fresh_checkpoint(FAMILY, DTYPE, True)
+    pristine = tiny_dir(FAMILY, dtype=DTYPE, sharded=True)
+    model = tiny_copy(FAMILY, dtype=DTYPE, sharded=True)
     t1, t0, layout = TARGETS[FAMILY]
     assert shard_of(model, t1) != shard_of(model, t0), "the two edited tensors should live in different shards"
     d_out, d_in = math_shape(model, t1, layout)
@@ -74,7 +78,7 @@ def case(
     rrome.save_deltas(bundle, deltas)
 
     # The expected results, from uninterrupted runs on a separate copy.
-    oracle = fresh_checkpoint(FAMILY, DTYPE, True, name="oracle")
+    oracle = tiny_copy(FAMILY, dtype=DTYPE, sharded=True, name="oracle")
     tensors = [t1, t0]
     old = {t: region_sha(oracle, t) for t in tensors}
     shards_old = shard_hashes(oracle)
@@ -100,14 +104,6 @@ def recover_cli(model: Path) -> str:
     proc = run_cli("recover", model)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def leftovers(model: Path) -> list[str]:
-    """Journal, revert marker or temporary files that a finished operation must not leave."""
-    state = model / STATE_DIR
-    found = [p.name for p in (state / "journal.safetensors", state / "revert.json") if p.exists()]
-    found += [p.name for d in (model, state) if d.exists() for p in d.iterdir() if ".rrome-tmp-" in p.name]
-    return found
 
 
 def tensor_states(c: Case) -> list[str]:
@@ -307,7 +303,7 @@ UNSHARE_STEPS = ["unshare-copied", "unshared"]
 
 def _shared_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A synthetic source and a copy of it made with --out that shares two of its three shards."""
-    src = build_checkpoint(tmp_path / "src")
+    src = build_synthetic_checkpoint(tmp_path / "src")
     out = tmp_path / "copy"
     rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
     shared = [s for s in shard_hashes(src) if s != COPY_SHARD]
@@ -349,7 +345,7 @@ def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str
 
 @pytest.mark.parametrize("step", UNSHARE_STEPS)
 def test_crash_while_unsharing_during_revert(tmp_path: Path, step: str) -> None:
-    src = build_checkpoint(tmp_path / "src")
+    src = build_synthetic_checkpoint(tmp_path / "src")
     pristine = shard_hashes(src)
     rrome.apply_deltas(src, make_deltas())  # batch 1 in place
     out = tmp_path / "copy"

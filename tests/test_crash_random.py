@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from _helpers import RROME_EXE, run_cli, shard_hashes
 from crash_harness import Oracle, build_oracle, lock_names, run_trials, spawn, state_of
 
 import rrome
+
+pytestmark = pytest.mark.slow  # SIGKILL trials of real rrome processes
 
 TRIALS = int(os.environ.get("RROME_CRASH_TRIALS", "30"))
 SEED = int(os.environ.get("RROME_CRASH_SEED", "20240607"))
@@ -108,10 +111,8 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_rrome_apply_killed_while_writing(tmp_path: Path) -> None:
-    from tiny_models import build_tiny_model
-
-    pristine = build_tiny_model("gpt2", tmp_path / "pristine")
+def test_rrome_apply_killed_while_writing(tmp_path: Path, tiny_dir: Callable[..., Path]) -> None:
+    pristine = tiny_dir("gpt2")
     model = tmp_path / "model"
     shutil.copytree(pristine, model)
     edits = tmp_path / "edits.jsonl"

@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny_model
 
 from rrome.engine.editor import Editor
-from rrome.engine.models import load
 from rrome.engine.probabilities import continuation_logprob, target_probabilities
 from rrome.eval.downstream import TASKS, downstream_accuracy, few_shot_sets
 from rrome.eval.generation import entropy, generation_entropy, ngram_entropy
@@ -116,20 +114,6 @@ def test_ngram_entropy_hand_computed() -> None:
 # probabilities on a tiny model, against a direct single-sequence computation
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Any, Any, Any]]:
-    root = tmp_path_factory.mktemp("eval-models")
-    loaded: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-
-    def get(family: str, side: str = "right") -> tuple[Any, Any, Any]:
-        if (family, side) not in loaded:
-            folder = build_tiny_model(family, root / f"{family}-{side}", padding_side=side)
-            loaded[(family, side)] = load(folder, device="cpu")
-        return loaded[(family, side)]
-
-    return get
-
-
 def _direct_logprobs(model: Any, tok: Any, prompt: str, target: str) -> list[float]:
     pre = tok(prompt)["input_ids"]
     full = tok(prompt + target)["input_ids"]
@@ -142,8 +126,8 @@ def _direct_logprobs(model: Any, tok: Any, prompt: str, target: str) -> list[flo
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_target_probabilities_match_direct(tiny: Callable[..., Any], family: str, side: str) -> None:
-    model, tok, _ = tiny(family, side)
+def test_target_probabilities_match_direct(tiny_loaded: Callable[..., Any], family: str, side: str) -> None:
+    model, tok, _ = tiny_loaded(family, side)
     prompts = ["The capital of France is", "A", "The mother tongue of Danielle Darrieux is"]
     targets = ["Paris", "longer target string here", " English"]
     got = target_probabilities(model, tok, prompts, targets)
@@ -174,8 +158,8 @@ def test_few_shot_sets_fixed_and_disjoint() -> None:
     assert [s.task.name for s in a] == [t.name for t in TASKS]
 
 
-def test_long_prompts_keep_their_end(tiny: Callable[..., Any]) -> None:
-    model, tok, _ = tiny("gpt2")
+def test_long_prompts_keep_their_end(tiny_loaded: Callable[..., Any]) -> None:
+    model, tok, _ = tiny_loaded("gpt2")
     limit = model.config.n_positions
     long = "word " * (2 * limit) + "The capital of France is"
     tail = tok.decode(tok(long)["input_ids"][-(limit - 1) :])
@@ -183,8 +167,8 @@ def test_long_prompts_keep_their_end(tiny: Callable[..., Any]) -> None:
     assert got == pytest.approx(continuation_logprob(model, tok, [tail], ["Paris"]), rel=1e-5)
 
 
-def test_downstream_accuracy_matches_label_scoring(tiny: Callable[..., Any]) -> None:
-    model, tok, _ = tiny("gpt2")
+def test_downstream_accuracy_matches_label_scoring(tiny_loaded: Callable[..., Any]) -> None:
+    model, tok, _ = tiny_loaded("gpt2")
     # no demonstrations: the tiny model's context (512) would not hold the few-shot prompts
     sets = few_shot_sets(4, shots_per_label=0, seed=0)
     acc = downstream_accuracy(model, tok, sets)
@@ -204,9 +188,8 @@ QUICK = {"v_num_grad_steps": 4, "stats_max_tokens": 2000, "context_template_leng
 
 
 @pytest.fixture
-def gpt2_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
-    return build_tiny_model("gpt2", tmp_path / "gpt2")
+def gpt2_dir(tiny_copy: Callable[..., Path], private_cache: Path) -> Path:
+    return tiny_copy("gpt2", name="gpt2")
 
 
 def _config(model: Path, **kw: Any) -> RunConfig:
@@ -339,6 +322,7 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 # the command line
 
 
+@pytest.mark.slow  # rrome eval and report in subprocesses
 def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
     from _helpers import run_cli
 
@@ -355,6 +339,7 @@ def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
     assert (out / "norm_delta-single.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # rrome eval and report in subprocesses
 def test_cli_eval_and_report_errors(gpt2_dir: Path, tmp_path: Path) -> None:
     from _helpers import run_cli
 

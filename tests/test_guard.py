@@ -19,7 +19,6 @@ import pytest
 import torch
 from _helpers import file_hashes, without_lock
 from click.testing import CliRunner
-from tiny_models import build_tiny_model
 
 import rrome.engine.editor as editor_mod
 from rrome.cli import main
@@ -28,6 +27,8 @@ from rrome.engine.hooks import get_module
 from rrome.engine.update import Update
 from rrome.files.edits import EditRequest
 from rrome.files.errors import LargeUpdateError, NonFiniteUpdateError, RromeError
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 HP: dict[str, Any] = {"v_num_grad_steps": 2, "stats_max_tokens": 1000, "context_template_lengths": ((2, 3),)}
 LAYER = 1
@@ -39,14 +40,9 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "rrome-cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("gpt2", tmp_path_factory.mktemp("guard") / "gpt2")
+@pytest.fixture
+def tiny_gpt2(tiny_dir: Callable[..., Path]) -> Path:
+    return tiny_dir("gpt2")
 
 
 class Scaler:

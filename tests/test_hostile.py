@@ -15,14 +15,14 @@ import resource
 import shutil
 import signal
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import CRASH_ENV, RROME_EXE, STATE_DIR
-from crash_harness import Oracle, build_oracle, leftovers, state_of, write_safetensors
+from _helpers import STATE_DIR, assert_one_line_error, leftovers, run_cli
+from crash_harness import Oracle, build_oracle, state_of
+from tiny_models import write_safetensors
 
 import rrome
 
@@ -145,26 +145,19 @@ def assert_untouched(before: dict[str, tuple[bytes, int]], after: dict[str, tupl
         assert after[path][1] == mtime, f"{path}: modification time changed"
 
 
-def run_rrome(*args: str | Path, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop(CRASH_ENV, None)
-    return subprocess.run(
-        [str(RROME_EXE), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        preexec_fn=preexec,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)  # not a signal, not a panic (101)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rrome: error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
+def assert_every_call_refuses(model: Path, root: Path, error: type[Exception], *fragments: str) -> None:
+    """inspect, apply in place and apply to a copy (below ``root``) of ``model`` each raise
+    ``error`` naming every fragment, and nothing below ``root`` changes."""
+    before = snapshot(root)
+    for call in (
+        lambda: rrome.inspect(model),
+        lambda: rrome.apply_deltas(model, [DELTA]),
+        lambda: rrome.apply_deltas(model, [DELTA], out_dir=root / "copy"),
+    ):
+        with pytest.raises(error) as info:
+            call()
+        assert all(f in str(info.value) for f in fragments), str(info.value)
+    assert_untouched(before, snapshot(root), model)
 
 
 @pytest.fixture
@@ -198,16 +191,7 @@ def test_the_valid_fixtures_are_valid(single: Path, sharded: Path) -> None:
 def test_hostile_shard(case: str, single: Path, tmp_path: Path) -> None:
     content, fragment = HOSTILE_SHARDS[case]
     (single / "model.safetensors").write_bytes(content)
-    before = snapshot(tmp_path)
-    for call in (
-        lambda: rrome.inspect(single),
-        lambda: rrome.apply_deltas(single, [DELTA]),
-        lambda: rrome.apply_deltas(single, [DELTA], out_dir=tmp_path / "copy"),
-    ):
-        with pytest.raises(rrome.SafetensorsHeaderError) as info:
-            call()
-        assert fragment in str(info.value) and "model.safetensors" in str(info.value), str(info.value)
-    assert_untouched(before, snapshot(tmp_path), single)
+    assert_every_call_refuses(single, tmp_path, rrome.SafetensorsHeaderError, fragment, "model.safetensors")
     assert not (tmp_path / "copy").exists() and not (tmp_path / ".copy.rrome-partial").exists()
 
 
@@ -217,8 +201,8 @@ def test_hostile_shard_through_the_cli(case: str, single: Path, tmp_path: Path) 
     (single / "model.safetensors").write_bytes(content)
     rrome.save_deltas(tmp_path / "bundle", [DELTA])
     before = snapshot(tmp_path)
-    assert_one_line_error(run_rrome("apply-deltas", tmp_path / "bundle", single), "invalid safetensors file", fragment)
-    assert_one_line_error(run_rrome("inspect", single), fragment)
+    assert_one_line_error(run_cli("apply-deltas", tmp_path / "bundle", single), "invalid safetensors file", fragment)
+    assert_one_line_error(run_cli("inspect", single), fragment)
     assert_untouched(before, snapshot(tmp_path), single)
 
 
@@ -229,7 +213,7 @@ def test_hostile_deltas_bundle(single: Path, tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     with pytest.raises(rrome.SafetensorsHeaderError, match="overlaps"):
         rrome.load_deltas(bundle)
-    assert_one_line_error(run_rrome("apply-deltas", bundle, single), "rrome_deltas.safetensors", "overlaps")
+    assert_one_line_error(run_cli("apply-deltas", bundle, single), "rrome_deltas.safetensors", "overlaps")
     assert_untouched(before, snapshot(tmp_path), single)
 
 
@@ -287,16 +271,7 @@ def test_hostile_index(case: str, sharded: Path, tmp_path: Path) -> None:
     else:
         _index(sharded, {"w": "b.safetensors", "b": "b.safetensors"})
         fragment = 'index names "w" but b.safetensors does not hold it'
-    before = snapshot(tmp_path)
-    for call in (
-        lambda: rrome.inspect(sharded),
-        lambda: rrome.apply_deltas(sharded, [DELTA]),
-        lambda: rrome.apply_deltas(sharded, [DELTA], out_dir=tmp_path / "copy"),
-    ):
-        with pytest.raises(rrome.CheckpointError) as info:
-            call()
-        assert fragment in str(info.value), str(info.value)
-    assert_untouched(before, snapshot(tmp_path), sharded)
+    assert_every_call_refuses(sharded, tmp_path, rrome.CheckpointError, fragment)
     assert not (tmp_path / "copy").exists()
 
 
@@ -377,7 +352,7 @@ def _copy_model(oracle: Oracle, dest: Path) -> Path:
 @pytest.mark.parametrize("limit", [0, 4096, 1_000_000, 64 << 20])
 def test_file_size_limit_in_place(limit: int, oracle: Oracle, tmp_path: Path) -> None:
     model = _copy_model(oracle, tmp_path / "model")
-    proc = run_rrome("apply-deltas", oracle.bundle, model, preexec=file_size_limit(limit))
+    proc = run_cli("apply-deltas", oracle.bundle, model, preexec=file_size_limit(limit))
     if limit >= 64 << 20:
         assert proc.returncode == 0, proc.stderr
         assert state_of(model, oracle, {1}) == 1
@@ -393,7 +368,7 @@ def test_file_size_limit_copy(limit: int, oracle: Oracle, tmp_path: Path) -> Non
     model = _copy_model(oracle, tmp_path / "model")
     out = tmp_path / "copy"
     before = snapshot(model)
-    proc = run_rrome("apply-deltas", "--out", out, oracle.bundle, model, preexec=file_size_limit(limit))
+    proc = run_cli("apply-deltas", "--out", out, oracle.bundle, model, preexec=file_size_limit(limit))
     assert_one_line_error(proc, "File too large")
     assert not out.exists() and not (tmp_path / ".copy.rrome-partial").exists()
     assert_untouched(before, snapshot(model), model)
@@ -404,7 +379,7 @@ def test_read_only_shard(oracle: Oracle, tmp_path: Path) -> None:
     shard = model / "model-00002-of-00003.safetensors"
     shard.chmod(0o444)
     before = snapshot(model)
-    proc = run_rrome("apply-deltas", oracle.bundle, model, preexec=without_write_override)
+    proc = run_cli("apply-deltas", oracle.bundle, model, preexec=without_write_override)
     assert proc.returncode != 77, "could not drop root's permission override"
     # The journal was written and the first shard patched before the read-only one was met:
     # the failed write is rolled back before the command returns.
@@ -420,13 +395,11 @@ def test_read_only_model_folder(oracle: Oracle, tmp_path: Path) -> None:
     model.chmod(0o555)
     try:
         before = snapshot(model)
-        proc = run_rrome("apply-deltas", oracle.bundle, model, preexec=without_write_override)
+        proc = run_cli("apply-deltas", oracle.bundle, model, preexec=without_write_override)
         assert_one_line_error(proc, "Permission denied")
         assert_untouched(before, snapshot(model), model)
         # A read-only source can still be edited into a copy.
-        proc = run_rrome(
-            "apply-deltas", "--out", tmp_path / "copy", oracle.bundle, model, preexec=without_write_override
-        )
+        proc = run_cli("apply-deltas", "--out", tmp_path / "copy", oracle.bundle, model, preexec=without_write_override)
         assert proc.returncode == 0, proc.stderr
         assert state_of(tmp_path / "copy", oracle, {1}) == 1
         assert_untouched(before, snapshot(model), model)
@@ -440,7 +413,7 @@ def test_read_only_destination_parent(oracle: Oracle, tmp_path: Path) -> None:
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        proc = run_rrome("apply-deltas", "--out", parent / "copy", oracle.bundle, model, preexec=without_write_override)
+        proc = run_cli("apply-deltas", "--out", parent / "copy", oracle.bundle, model, preexec=without_write_override)
         assert_one_line_error(proc, "Permission denied")
         assert list(parent.iterdir()) == []
         assert state_of(model, oracle, {0}) == 0

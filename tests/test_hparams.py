@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _helpers import one_line_error, run_cli_without
 from click.testing import CliRunner
+from engine_reference import DARRIEUX, FRANCE, compute_value_on, fill, subject_last_token
 
 import rrome
 from rrome.cli import main
 from rrome.engine.editor import Editor
-from rrome.engine.models import load
-from rrome.engine.prompts import EditPrompts
-from rrome.engine.values import compute_value
 from rrome.files.edits import EditRequest
 from rrome.files.hparams import (
     FIELDS,
@@ -46,12 +42,10 @@ from rrome.files.hparams import (
     resolve_hparams,
 )
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 FAMILY_FILES = sorted((Path(rrome.__file__).parent / "data" / "hparams").glob("*.json"))
 
-DARRIEUX = EditRequest(
-    prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"
-)
-FRANCE = EditRequest(prompt="The capital of {}", subject="France", target_new="London", target_true="Paris")
 # A one-token target (in both tiny tokenizers) after a prompt that ends with the subject: δ at the
 # subject's last token moves exactly the logits the target is read from, so the tiny models can
 # be pushed until it is the argmax.
@@ -78,39 +72,8 @@ PUSH = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "rrome-cache"
-    monkeypatch.setenv("RROME_CACHE_DIR", str(cache))
-    return cache
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_model: Callable[[str], Path]) -> Callable[[str], Any]:
-    loaded: dict[str, Any] = {}
-
-    def get(family: str) -> Any:
-        if family not in loaded:
-            loaded[family] = load(tiny_model(family), device="cpu")
-        return loaded[family]
-
-    return get
-
-
 # --------------------------------------------------------------------------------------------
 # independent helpers
-
-
-def _fill(template: str, request: EditRequest) -> tuple[str, int]:
-    """The prompt in the template, and the character index where the subject ends."""
-    at = template.index("{}")
-    text = template[:at] + request.prompt.replace("{}", request.subject) + template[at + 2 :]
-    return text, at + request.prompt.index("{}") + len(request.subject)
-
-
-def _last_subject_token(tok: Any, text: str, end: int) -> int:
-    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
-    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end][-1]
 
 
 def _target_after(tok: Any, prefix: str, target: str) -> list[int]:
@@ -126,13 +89,13 @@ def reference_value(
     """The reference code's value optimisation, written out: losses, v_e and the Adam steps."""
     rows, lookups = [], []
     for t in templates:
-        text, end = _fill(t, request)
+        text, start, end = fill(t, request)
         tgt = _target_after(tok, text, request.target_new)
         rows.append(tok(text)["input_ids"] + tgt[:-1])
-        lookups.append(_last_subject_token(tok, text, end))
+        lookups.append(subject_last_token(tok, text, start, end))
     kl_text = request.subject + " is a"
     rows.append(tok(kl_text)["input_ids"])
-    lookups.append(_last_subject_token(tok, kl_text, len(request.subject)))
+    lookups.append(subject_last_token(tok, kl_text, 0, len(request.subject)))
     n, length = len(templates), len(tgt)
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # right padding
@@ -195,10 +158,10 @@ def all_targets_top1(
     target position of every rewriting prompt (each prompt run alone)."""
     module = model.get_submodule(module_name)
     for t in templates:
-        text, end = _fill(t, request)
+        text, start, end = fill(t, request)
         tgt = _target_after(tok, text, request.target_new)
         ids = tok(text)["input_ids"] + tgt[:-1]
-        at = _last_subject_token(tok, text, end)
+        at = subject_last_token(tok, text, start, end)
 
         def hook(_m: torch.nn.Module, _args: Any, out: torch.Tensor, at: int = at) -> torch.Tensor:
             out = out.clone()
@@ -218,18 +181,7 @@ def all_targets_top1(
 
 
 def _value(loaded: Any, layer: int, request: EditRequest, hp: HParams, *, fast: bool = True) -> Any:
-    model, tok, adapter = loaded
-    return compute_value(
-        model,
-        tok,
-        adapter.module_name(layer),
-        adapter.blocks,
-        layer,
-        EditPrompts.build(tok, request, TEMPLATES),
-        hp,
-        layout=adapter.layout,
-        fast=fast,
-    )
+    return compute_value_on(loaded, layer, request, TEMPLATES, hp, fast=fast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,10 +417,10 @@ def test_relative_step_size_and_weight_decay(tiny_loaded: Callable[[str], Any]) 
 QUICK = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 5]]}
 
 
-def test_edit_record_holds_the_resolved_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_edit_record_holds_the_resolved_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
     spec = tmp_path / "hp.json"
     spec.write_text(json.dumps({**QUICK, "clamp_norm_factor": 2.0, "note": "a test set"}))
-    editor = Editor.from_pretrained(tiny_model("gpt2"), layer=0, hparams=str(spec), progress=False)
+    editor = Editor.from_pretrained(tiny_dir("gpt2"), layer=0, hparams=str(spec), progress=False)
     result = editor.edit(DARRIEUX)
     meta = result.delta.meta or {}
     assert meta["hparams"] == editor.hparams.to_json()
@@ -482,11 +434,11 @@ def test_edit_record_holds_the_resolved_set(tiny_model: Callable[[str], Path], t
     json.dumps(meta)  # all of it is JSON
 
 
-def test_cli_apply_records_hparams_and_set(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_cli_apply_records_hparams_and_set(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
     import shutil
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_model("gpt2"), model)
+    shutil.copytree(tiny_dir("gpt2"), model)
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps(DARRIEUX.to_json()) + "\n")
     args = ["apply", str(edits), str(model), "--layer", "0", "--no-progress", "--hparams", "reference"]
@@ -513,15 +465,6 @@ CLI_SET_ERRORS = [
 ]
 
 
-def _one_line(stderr: str, *needles: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("rrome: error: ") and "Traceback" not in stderr, lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", ["apply", "eval"])
 @pytest.mark.parametrize(("extra", "needles"), CLI_SET_ERRORS, ids=[" ".join(a) for a, _ in CLI_SET_ERRORS])
 def test_cli_bad_set_is_a_one_line_usage_error(
@@ -536,7 +479,7 @@ def test_cli_bad_set_is_a_one_line_usage_error(
         args = ["eval", str(model), "--data", str(edits), "--out", str(tmp_path / "out"), *extra]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, (res.exit_code, res.output)
-    _one_line(res.stderr, *needles)
+    one_line_error(res.stderr, *needles)
     assert not (tmp_path / "out").exists()
 
 
@@ -544,19 +487,9 @@ def test_cli_bad_hparams_file_is_an_expected_failure(tmp_path: Path) -> None:
     """Through the console entry point: one line, status 1 (a malformed file), no torch import."""
     bad = tmp_path / "hp.json"
     bad.write_text('{"clamp_norm_factor": 0}')
-    code = (
-        "import sys\n"
-        "from rrome.cli import main\n"
-        f"sys.argv = ['rrome', 'apply', 'edits.jsonl', 'model', '--hparams', {str(bad)!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    assert 'torch' not in sys.modules, 'torch imported'\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    proc = run_cli_without("apply", "edits.jsonl", "model", "--hparams", bad, modules=("torch",), timeout=60)
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    _one_line(proc.stderr, str(bad), "clamp_norm_factor", "> 0")
+    one_line_error(proc.stderr, str(bad), "clamp_norm_factor", "> 0")
 
 
 @pytest.mark.parametrize("command", ["apply", "eval"])

@@ -10,12 +10,10 @@ way in ``test_leak.py::test_rrome_report_does_not_import_torch``.
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import run_python
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "rrome"
 
@@ -87,6 +85,5 @@ def test_file_layer_and_report_do_not_import_torch_or_the_engine() -> None:
         "loaded = sorted(m for m in sys.modules if m in ('torch', 'transformers') or m.startswith('rrome.engine'))\n"
         "assert not loaded, loaded\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny_model
+from _helpers import run_cli_without
+from engine_reference import PUSH_HP, module_io
 
 from rrome.engine.editor import Editor
 from rrome.engine.keys import keys_at_every_token
@@ -29,71 +30,35 @@ from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import LEAK_BINS, leak_summary, markdown_table, plot, summarize
 from rrome.files.edits import EditRequest
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 REQUEST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
 NEIGHBOURS = ("The capital of England is", "Danielle Darrieux was a French actress. The capital of Italy is", "Paris")
-HP: dict[str, Any] = {
-    "v_num_grad_steps": 4,
-    "v_lr": 0.05,
-    "v_weight_decay": 0.0,
-    "clamp_norm_factor": 1000.0,
-    "stats_max_tokens": 2000,
-    "context_template_lengths": [[3, 5]],
-}
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    root = tmp_path_factory.mktemp("leak")
-    built: dict[tuple[str, str], Path] = {}
-
-    def get(family: str, side: str = "right") -> Path:
-        if (family, side) not in built:
-            built[(family, side)] = build_tiny_model(family, root / f"{family}-{side}", padding_side=side)
-        return built[(family, side)]
-
-    return get
-
-
-def _module_io(model: Any, tok: Any, name: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of ``name`` at every token of ``text`` alone (no padding), float64."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(_m: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        seen["x"], seen["y"] = args[0].detach()[0].double(), out.detach()[0].double()
-
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
-    finally:
-        handle.remove()
-    return seen["x"], seen["y"]
+# Scaled to the tiny models' activations (see engine_reference.PUSH_HP), fewer steps.
+HP: dict[str, Any] = {**PUSH_HP, "v_num_grad_steps": 4}
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_keys_at_every_token_are_the_module_inputs(family: str, side: str, tiny: Callable[..., Path]) -> None:
-    editor = Editor.from_pretrained(tiny(family, side), layer=1, hparams=HP, progress=False)
+def test_keys_at_every_token_are_the_module_inputs(family: str, side: str, tiny_dir: Callable[..., Path]) -> None:
+    editor = Editor.from_pretrained(tiny_dir(family, side), layer=1, hparams=HP, progress=False)
     got = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, NEIGHBOURS, batch_size=2)
     for text, (ids, k) in zip(NEIGHBOURS, got, strict=True):
         assert ids == editor.tokenizer(text)["input_ids"]
-        x, _ = _module_io(editor.model, editor.tokenizer, editor.module_name, text)
+        x, _ = module_io(editor.model, editor.tokenizer, editor.module_name, text)
         torch.testing.assert_close(k.double(), x, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome"), ("llama", "rome")])
-def test_s_is_the_share_of_the_edit_each_token_receives(family: str, method: str, tiny: Callable[..., Path]) -> None:
-    editor = Editor.from_pretrained(tiny(family), method=method, layer=0, hparams=HP, progress=False)
+def test_s_is_the_share_of_the_edit_each_token_receives(
+    family: str, method: str, tiny_dir: Callable[..., Path]
+) -> None:
+    editor = Editor.from_pretrained(tiny_dir(family), method=method, layer=0, hparams=HP, progress=False)
     editor.templates()
     name, tok = editor.module_name, editor.tokenizer
-    before = [_module_io(editor.model, tok, name, t)[1] for t in NEIGHBOURS]
+    before = [module_io(editor.model, tok, name, t)[1] for t in NEIGHBOURS]
     result = editor.edit(REQUEST)
-    after = [_module_io(editor.model, tok, name, t)[1] for t in NEIGHBOURS]
+    after = [module_io(editor.model, tok, name, t)[1] for t in NEIGHBOURS]
     # What the edit writes at its own key: Δ k_den = r (the stored factor is r / uᵀk_den).
     written = torch.tensor(np.array(result.delta.r, np.float64)) * result.denominator
     fractions = leak_fractions(editor.model, tok, name, NEIGHBOURS, result.delta.u, result.denominator)
@@ -109,9 +74,9 @@ def test_s_is_the_share_of_the_edit_each_token_receives(family: str, method: str
         assert abs(f.s) == pytest.approx(max(sizes) / float(written.norm()), rel=1e-3)
 
 
-def test_the_edited_key_receives_all_of_it(tiny: Callable[..., Path]) -> None:
+def test_the_edited_key_receives_all_of_it(tiny_dir: Callable[..., Path]) -> None:
     """Under p-rome k_den is the plain prompt's key at the subject's last token: s = 1 there."""
-    editor = Editor.from_pretrained(tiny("llama"), method="p-rome", layer=0, hparams=HP, progress=False)
+    editor = Editor.from_pretrained(tiny_dir("llama"), method="p-rome", layer=0, hparams=HP, progress=False)
     result = editor.edit(REQUEST)
     ((ids, k),) = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, [REQUEST.text()])
     row = prompt_row(editor.tokenizer, "{}", REQUEST)
@@ -215,23 +180,7 @@ def test_a_folder_without_leaks_reports_as_before(tmp_path: Path) -> None:
 def test_rrome_report_does_not_import_torch(tmp_path: Path) -> None:
     """It only reads saved files (rrome.eval.results), so it runs where torch is not installed,
     and it never loads the engine (tests/test_layers.py checks the imports of the layers)."""
-    import subprocess
-    import sys
-
     out = _folder(tmp_path, _records())
-    code = (
-        "import sys\n"
-        "from rrome.cli import main\n"
-        f"sys.argv = ['rrome', 'report', {str(out)!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
-        "engine = [m for m in sys.modules if m.startswith('rrome.engine')]\n"
-        "assert not engine, f'engine imported: {engine}'\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_cli_without("report", out, modules=("torch", "transformers", "rrome.engine"))
     assert proc.returncode == 0, proc.stderr
     assert "Neighbour leak" in proc.stdout and (out / "leak-single.png").is_file()

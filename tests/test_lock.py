@@ -25,13 +25,13 @@ time.sleep(60)
 """
 
 
-def test_second_writer_fails_fast_naming_the_holder(fresh_checkpoint: Callable[[str, str, bool], Path]) -> None:
-    model = fresh_checkpoint("gpt2", "f32", False)
+def test_second_writer_fails_fast_naming_the_holder(tiny_copy: Callable[..., Path]) -> None:
+    model = tiny_copy("gpt2")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(model)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         before = (model / "model.safetensors").read_bytes()
-        delta = rrome.Delta("transformer.h.0.mlp.c_proj.weight", np.ones(128), np.ones(32), layout="in_out")
+        delta = rrome.Delta("transformer.h.0.mlp.c_proj.weight", np.ones(128), np.ones(64), layout="in_out")
         t0 = time.perf_counter()
         with pytest.raises(rrome.LockedError, match=f"pid {holder.pid}"):
             rrome.apply_deltas(model, [delta])
@@ -45,5 +45,5 @@ def test_second_writer_fails_fast_naming_the_holder(fresh_checkpoint: Callable[[
         assert holder.stdout is not None
         holder.stdout.close()
     # The kernel released the dead holder's lock: writing works again.
-    delta = rrome.Delta("transformer.h.0.mlp.c_proj.weight", np.ones(128), np.ones(32), layout="in_out")
+    delta = rrome.Delta("transformer.h.0.mlp.c_proj.weight", np.ones(128), np.ones(64), layout="in_out")
     assert rrome.apply_deltas(model, [delta]).batch == 1

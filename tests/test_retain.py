@@ -3,7 +3,7 @@
 * :class:`RetainedKeys` against a direct float64 solve of C0 + Σ w_p k_p k_pᵀ, the one-key
   Sherman-Morrison factor 1 / (1 + λ(1 − cos²)) that defines ``retain_weight``, and the limit
   λ → ∞ (u ⟂ every retained key);
-* on tiny_model models: a later edit of the same relation changes the module output at the earlier
+* on tiny models: a later edit of the same relation changes the module output at the earlier
   edit's key less with the option on, not at all (to float32 rounding) as λ grows; the first
   edit, and every edit with the option off (the default and ``reference``), are bit for bit
   those of C0 alone; the edit log records the set and the count of keys solved against;
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_reference import PUSH_HP
 
 import rrome
 from rrome import Cholesky
@@ -31,6 +32,8 @@ from rrome.engine.retain import RetainedKeys
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 from rrome.files.hparams import FIELDS, PRESETS, HParamsError, load_hparams, parse_assignment, resolve_hparams
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 # --------------------------------------------------------------------------------------------
 # 1. the solve
@@ -149,25 +152,14 @@ def test_set_parses_the_fields() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. the editor on tiny_model models
+# 3. the editor on tiny models
 
 # Two facts of one relation, edited one after the other.
 FIRST = EditRequest(prompt="The capital of {} is", subject="France", target_new="London", target_true="Paris")
 SECOND = EditRequest(prompt="The capital of {} is", subject="England", target_new="Rome", target_true="London")
-HP: dict[str, Any] = {
-    "v_num_grad_steps": 4,
-    "v_lr": 0.05,
-    "v_weight_decay": 0.0,
-    "clamp_norm_factor": 1000.0,
-    "stats_max_tokens": 2000,
-    "context_template_lengths": [[3, 5]],
-}
+# Scaled to the tiny models' activations (see engine_reference.PUSH_HP), fewer steps.
+HP: dict[str, Any] = {**PUSH_HP, "v_num_grad_steps": 4}
 LAYER = 0
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _two_edits(folder: Path, method: str = "r-rome", **fields: Any) -> tuple[Editor, Any, Any]:
@@ -190,8 +182,8 @@ def _change_at(result: Any, k: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome"), ("llama", "p-rome")])
-def test_a_later_edit_leaves_the_earlier_key_alone(family: str, method: str, tiny_model: Callable[[str], Path]) -> None:
-    folder = tiny_model(family)
+def test_a_later_edit_leaves_the_earlier_key_alone(family: str, method: str, tiny_dir: Callable[..., Path]) -> None:
+    folder = tiny_dir(family)
     off, first_off, second_off = _two_edits(folder, method)
     k1 = _k_den(off, FIRST, method)
     k2 = _k_den(off, SECOND, method)
@@ -218,10 +210,10 @@ def test_a_later_edit_leaves_the_earlier_key_alone(family: str, method: str, tin
     assert moved["1e9"] < 1e-5, moved  # Δ_2 k_1 = 0 up to the float32 factors
 
 
-def test_without_the_option_the_second_edit_solves_against_c0_alone(tiny_model: Callable[[str], Path]) -> None:
+def test_without_the_option_the_second_edit_solves_against_c0_alone(tiny_dir: Callable[..., Path]) -> None:
     """The default and ``reference``: u of a later edit is C0⁻¹k_e bit for bit, as before the option existed."""
     for spec in (HP, {**HP, **{k: v for k, v in PRESETS["reference"].items() if k != "v_num_grad_steps"}}):
-        editor = Editor.from_pretrained(tiny_model("gpt2"), layer=LAYER, hparams=spec, progress=False)
+        editor = Editor.from_pretrained(tiny_dir("gpt2"), layer=LAYER, hparams=spec, progress=False)
         assert isinstance(editor.solver(), Cholesky) and editor.hparams.retain_edit_keys is False
         editor.edit(FIRST)
         second = editor.edit(SECOND)
@@ -233,9 +225,9 @@ def test_without_the_option_the_second_edit_solves_against_c0_alone(tiny_model: 
         assert (second.delta.meta or {})["hparams"]["retain_edit_keys"] is False
 
 
-def test_the_edit_log_records_the_option(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+def test_the_edit_log_records_the_option(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
     folder = tmp_path / "model"
-    shutil.copytree(tiny_model("gpt2"), folder)
+    shutil.copytree(tiny_dir("gpt2"), folder)
     editor, first, second = _two_edits(folder, retain_edit_keys=True, retain_weight=7.5)
     assert [r.delta.meta["retained_keys"] for r in (first, second)] == [0, 1]  # type: ignore[index]
     assert len(editor.retained_keys) == 2
@@ -250,10 +242,10 @@ def test_the_edit_log_records_the_option(tiny_model: Callable[[str], Path], tmp_
     assert editor.retained_keys == [] and len(editor.solver()) == 0  # type: ignore[arg-type]
 
 
-def test_replay_retains_the_given_keys(tiny_model: Callable[[str], Path]) -> None:
-    editor, first, second = _two_edits(tiny_model("gpt2"), retain_edit_keys=True)
+def test_replay_retains_the_given_keys(tiny_dir: Callable[..., Path]) -> None:
+    editor, first, second = _two_edits(tiny_dir("gpt2"), retain_edit_keys=True)
     again = Editor.from_pretrained(
-        tiny_model("gpt2"), layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False
+        tiny_dir("gpt2"), layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False
     )
     again.templates()  # from the unedited model, as a resumed run fixes them
     again.replay(first.delta.u, first.delta.r, editor.retained_keys[0])
@@ -272,7 +264,7 @@ DATA = SHARED / "counterfact" / "counterfact-val.json"
 
 
 def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
-    tiny_model: Callable[[str], Path], tmp_path: Path
+    tiny_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
     from safetensors.numpy import load_file
 
@@ -281,7 +273,7 @@ def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
     from rrome.files.fsutil import sha256_file
 
     fields = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": [[3, 4]]}
-    base = {"model_dir": str(tiny_model("gpt2")), "data": str(DATA), "data_sha256": sha256_file(DATA)}
+    base = {"model_dir": str(tiny_dir("gpt2")), "data": str(DATA), "data_sha256": sha256_file(DATA)}
     cfg = RunConfig(
         **base, n=3, layer=0, sequential=True, every=3, diagnostics=False, hparams={**fields, "retain_edit_keys": True}
     )

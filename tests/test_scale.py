@@ -1,7 +1,7 @@
 """Scale (issue 8): statistics across torch.distributed workers, half precision, device maps, and
 the cached Cholesky factor.
 
-The distributed tests run real worker processes (gloo on CPU, 2 processes) over a tiny_model GPT-2:
+The distributed tests run real worker processes (gloo on CPU, 2 processes) over a tiny GPT-2:
 once under ``torchrun`` and once through ``rrome stats --nproc 2``; their moment must equal the
 single-process moment over the same tokens to 1e-12 relative, with the same count. A worker
 killed mid-run must fail the run with a clear message and leave no statistics file. Worker
@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _helpers import files_under, rel_error
 from click.testing import CliRunner
 
 import rrome
@@ -31,6 +32,8 @@ from rrome.engine.models import load
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.fsutil import sha256_file
 from rrome.files.hparams import load_hparams
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 MAX_TOKENS = 6000  # three batches of 8 windows of 256 tokens: both workers get work
 REQUEST = {
@@ -45,22 +48,6 @@ FAST_HP = {"stats_max_tokens": 1500, "v_num_grad_steps": 8, "context_template_le
 # Measured on these models: bf16 ≤ 0.07, f16 ≤ 0.025 (unit roundoff 2^-8 and 2^-11; the value
 # optimisation's 8 Adam steps amplify the forward pass's rounding).
 DELTA_TOL = {"bfloat16": 0.15, "float16": 0.05}
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("RROME_CACHE_DIR", str(cache))
-    monkeypatch.delenv("RROME_STATS_CRASH_RANK", raising=False)
-    yield cache
-
-
-def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def worker_env(cache: Path, **extra: str) -> dict[str, str]:
@@ -98,9 +85,9 @@ def single_process_moment(model_dir: Path) -> rrome.SecondMoment:
 # --- distributed statistics ---------------------------------------------------------------
 
 
-def test_shards_partition_the_batches(tiny_model: Callable[[str], Path]) -> None:
+def test_shards_partition_the_batches(tiny_dir: Callable[..., Path]) -> None:
     """In process: the shards of 2 and 3 ranks are disjoint and merge into the whole moment."""
-    model, tokenizer, adapter = load(tiny_model("llama"), device="cpu")
+    model, tokenizer, adapter = load(tiny_dir("llama"), device="cpu")
     module = adapter.module_name(1)
     texts = corpus_texts(default_corpus())[:6]
     kw: dict[str, Any] = {"texts": texts, "max_tokens": 900, "batch_size": 2, "seq_len": 64, "progress": False}
@@ -112,7 +99,7 @@ def test_shards_partition_the_batches(tiny_model: Callable[[str], Path]) -> None
         for p in parts:
             merged.merge(p)
         assert merged.count == whole.count == 900
-        assert rel(merged.sum(), whole.sum()) < 1e-12
+        assert rel_error(merged.sum(), whole.sum()) < 1e-12
     # A rank with no batch returns an empty moment of the right width (900 tokens: < 999 batches).
     empty = stats.collect_second_moment(model, tokenizer, module, shard=(999, 1000), **kw)
     assert (empty.count, empty.d) == (0, whole.d)
@@ -120,9 +107,10 @@ def test_shards_partition_the_batches(tiny_model: Callable[[str], Path]) -> None
         stats.collect_second_moment(model, tokenizer, module, shard=(2, 2), **kw)
 
 
+@pytest.mark.slow  # two worker processes
 @pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
-def test_two_workers_equal_one_process(tiny_model: Callable[[str], Path], tmp_path: Path, launcher: str) -> None:
-    model_dir = tiny_model("gpt2")
+def test_two_workers_equal_one_process(tiny_dir: Callable[..., Path], tmp_path: Path, launcher: str) -> None:
+    model_dir = tiny_dir("gpt2")
     cache, out = tmp_path / "cache", tmp_path / "c0.safetensors"
     args = ["stats", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--out", str(out)]
     if launcher == "torchrun":
@@ -143,8 +131,8 @@ def test_two_workers_equal_one_process(tiny_model: Callable[[str], Path], tmp_pa
     two = rrome.SecondMoment.load(out)
     one = single_process_moment(model_dir)
     assert two.count == one.count == MAX_TOKENS
-    assert rel(two.sum(), one.sum()) < 1e-12
-    assert rel(two.moment(), one.moment()) < 1e-12
+    assert rel_error(two.sum(), one.sum()) < 1e-12
+    assert rel_error(two.moment(), one.moment()) < 1e-12
     assert np.array_equal(rrome.SecondMoment.load(cached).sum(), two.sum())
     meta = two.metadata
     assert meta["workers"] == "2"
@@ -155,9 +143,10 @@ def test_two_workers_equal_one_process(tiny_model: Callable[[str], Path], tmp_pa
     assert meta["max_tokens"] == str(MAX_TOKENS) and meta["model_dtype"] == "float32"
 
 
-def test_killed_worker_fails_cleanly(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+@pytest.mark.slow  # two worker processes, one killed
+def test_killed_worker_fails_cleanly(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
     cache, out = tmp_path / "cache", tmp_path / "c0.safetensors"
-    cmd = [sys.executable, "-m", "rrome.cli", "stats", str(tiny_model("gpt2")), "--max-tokens", str(MAX_TOKENS)]
+    cmd = [sys.executable, "-m", "rrome.cli", "stats", str(tiny_dir("gpt2")), "--max-tokens", str(MAX_TOKENS)]
     cmd += ["--out", str(out), "--nproc", "2"]
     env = worker_env(cache, RROME_STATS_CRASH_RANK="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -167,8 +156,8 @@ def test_killed_worker_fails_cleanly(tiny_model: Callable[[str], Path], tmp_path
     assert not out.exists()
 
 
-def test_cli_rejects_workers_with_device_map(tiny_model: Callable[[str], Path]) -> None:
-    res = CliRunner().invoke(main, ["stats", str(tiny_model("gpt2")), "--nproc", "2", "--device-map", "auto"])
+def test_cli_rejects_workers_with_device_map(tiny_dir: Callable[..., Path]) -> None:
+    res = CliRunner().invoke(main, ["stats", str(tiny_dir("gpt2")), "--nproc", "2", "--device-map", "auto"])
     assert res.exit_code == 2 and "--device-map" in res.output
 
 
@@ -189,10 +178,10 @@ def _edit_restored(editor: Editor, method: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_every_variant_in_every_dtype(tiny_model: Callable[[str], Path], family: str) -> None:
+def test_every_variant_in_every_dtype(tiny_dir: Callable[..., Path], family: str) -> None:
     reference: dict[str, np.ndarray] = {}
     for dtype in ("float32", "bfloat16", "float16"):
-        editor = Editor.from_pretrained(tiny_model(family), device="cpu", dtype=dtype, hparams=FAST_HP, progress=False)
+        editor = Editor.from_pretrained(tiny_dir(family), device="cpu", dtype=dtype, hparams=FAST_HP, progress=False)
         assert editor.model.dtype == getattr(torch, dtype)
         for method in ("rome", "r-rome", "p-rome"):
             delta = _edit_restored(editor, method)
@@ -200,7 +189,7 @@ def test_every_variant_in_every_dtype(tiny_model: Callable[[str], Path], family:
             if dtype == "float32":
                 reference[method] = delta
             else:
-                err = rel(delta, reference[method])
+                err = rel_error(delta, reference[method])
                 assert err < DELTA_TOL[dtype], (family, dtype, method, err)
         # Statistics of a half-precision run are kept apart from the float32 ones.
         assert editor.stats_path is not None
@@ -211,35 +200,35 @@ def test_every_variant_in_every_dtype(tiny_model: Callable[[str], Path], family:
 # --- device maps --------------------------------------------------------------------------
 
 
-def test_device_map_auto_on_cpu(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
-    plain = Editor.from_pretrained(tiny_model("llama"), device="cpu", hparams=FAST_HP, progress=False)
-    mapped = Editor.from_pretrained(tiny_model("llama"), device_map="auto", hparams=FAST_HP, progress=False)
+def test_device_map_auto_on_cpu(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    plain = Editor.from_pretrained(tiny_dir("llama"), device="cpu", hparams=FAST_HP, progress=False)
+    mapped = Editor.from_pretrained(tiny_dir("llama"), device_map="auto", hparams=FAST_HP, progress=False)
     # One device: transformers places the model without accelerate hooks (no hf_device_map).
     assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
     a, b = _edit_restored(plain, "r-rome"), _edit_restored(mapped, "r-rome")
-    assert rel(b, a) < 1e-6
+    assert rel_error(b, a) < 1e-6
     out = tmp_path / "c0.safetensors"
     res = CliRunner().invoke(
-        main, ["stats", str(tiny_model("llama")), "--device-map", "auto", "--max-tokens", "1500", "--out", str(out)]
+        main, ["stats", str(tiny_dir("llama")), "--device-map", "auto", "--max-tokens", "1500", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
     assert rrome.SecondMoment.load(out).count == 1500
 
 
-def test_offloaded_weight_is_edited_in_its_store(tiny_model: Callable[[str], Path]) -> None:
+def test_offloaded_weight_is_edited_in_its_store(tiny_dir: Callable[..., Path]) -> None:
     """With a device_map that offloads the edited module, accelerate keeps its weight on the meta
     device outside forward passes; the edit must land in the copy the hook loads from, and equal
     the edit of a resident model. (Offloaded here with accelerate's own cpu_offload.)"""
     from accelerate import cpu_offload
 
-    plain = Editor.from_pretrained(tiny_model("llama"), device="cpu", hparams=FAST_HP, progress=False)
-    offl = Editor.from_pretrained(tiny_model("llama"), device="cpu", hparams=FAST_HP, progress=False)
+    plain = Editor.from_pretrained(tiny_dir("llama"), device="cpu", hparams=FAST_HP, progress=False)
+    offl = Editor.from_pretrained(tiny_dir("llama"), device="cpu", hparams=FAST_HP, progress=False)
     module = offl.model.get_submodule(offl.module_name)
     cpu_offload(module, execution_device=torch.device("cpu"))
     assert module.weight.device.type == "meta"
     a = plain.edit(REQUEST)
     b = offl.edit(REQUEST)
-    assert rel(np.outer(b.delta.r, b.delta.u), np.outer(a.delta.r, a.delta.u)) < 1e-6
+    assert rel_error(np.outer(b.delta.r, b.delta.u), np.outer(a.delta.r, a.delta.u)) < 1e-6
     (offload,) = [h for h in module._hf_hook.hooks if getattr(h, "weights_map", None) is not None]
     stored = offload.weights_map["weight"]
     resident = plain.model.get_submodule(plain.module_name).weight
@@ -251,9 +240,9 @@ def test_offloaded_weight_is_edited_in_its_store(tiny_model: Callable[[str], Pat
 
 
 def test_cholesky_factor_is_cached_and_equals_a_fresh_one(
-    tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    editor = Editor.from_pretrained(tiny_model("gpt2"), device="cpu", hparams=FAST_HP, progress=False)
+    editor = Editor.from_pretrained(tiny_dir("gpt2"), device="cpu", hparams=FAST_HP, progress=False)
     chol = editor.cholesky()
     assert editor.stats_path is not None
     path = stats.cholesky_path(editor.stats_path)
@@ -274,7 +263,7 @@ def test_cholesky_factor_is_cached_and_equals_a_fresh_one(
             raise AssertionError("the factor should come from the cache")
 
     monkeypatch.setattr(stats, "Cholesky", NoFactoring)
-    again = Editor.from_pretrained(tiny_model("gpt2"), device="cpu", hparams=FAST_HP, progress=False)
+    again = Editor.from_pretrained(tiny_dir("gpt2"), device="cpu", hparams=FAST_HP, progress=False)
     assert np.array_equal(again.cholesky().factor(), fresh.factor())
     monkeypatch.undo()
 

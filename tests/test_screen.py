@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 from _helpers import file_hashes, without_lock
 from click.testing import CliRunner
-from tiny_models import add_position_sink, build_tiny_model
+from tiny_models import add_position_sink
 
 from rrome._rust import Cholesky
 from rrome.cli import main
@@ -30,6 +32,8 @@ from rrome.engine.screen import SCREEN_RATIO, key_ratio
 from rrome.files.edits import EditRequest
 from rrome.files.errors import DisablingEditError
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 HP: dict[str, Any] = {"v_num_grad_steps": 3, "stats_max_tokens": 2000, "context_template_lengths": ((3, 5),)}
 LAYER = 1
 SUBJECT_FIRST = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome", case_id=7)
@@ -37,16 +41,12 @@ SUBJECT_LATER = EditRequest(prompt="The tower {} is in", subject="Paris", target
 LEADING_NEWLINE = EditRequest(prompt="\n{} is in", subject="Paris", target_new="Rome", case_id=9)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RROME_CACHE_DIR", str(tmp_path / "rrome-cache"))
-
-
 @pytest.fixture(scope="module")
-def sink_models(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+def sink_models(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Callable[..., Path]) -> dict[bool, Path]:
     """bos -> a tiny GPT-2 with a position sink, its tokenizer adding BOS or not."""
     root = tmp_path_factory.mktemp("screen")
-    return {bos: add_position_sink(build_tiny_model("gpt2", root / f"bos{bos}", bos=bos)) for bos in (False, True)}
+    folders = {bos: Path(shutil.copytree(tiny_dir("gpt2", bos=bos), root / f"bos{bos}")) for bos in (False, True)}
+    return {bos: add_position_sink(folder) for bos, folder in folders.items()}
 
 
 def editor(folder: Path, method: str = "r-rome", **kwargs: Any) -> Editor:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from _helpers import STATE_DIR, file_hashes, shard_hashes, without_lock
-from crash_harness import COPY_SHARD, TENSORS, build_checkpoint, copy_delta, make_deltas
+from crash_harness import COPY_SHARD, copy_delta, make_deltas
+from tiny_models import SYNTHETIC_TENSORS, build_synthetic_checkpoint
 
 import rrome
 
-SHARDS = sorted({shard for _, _, shard in TENSORS.values()})
+SHARDS = sorted({shard for _, _, shard in SYNTHETIC_TENSORS.values()})
 
 
 def same_inode(a: Path, b: Path) -> bool:
@@ -32,7 +33,7 @@ def no_tmp(folder: Path) -> bool:
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
-    return build_checkpoint(tmp_path / "src")
+    return build_synthetic_checkpoint(tmp_path / "src")
 
 
 def test_copy_links_untouched_shards_and_copies_edited_ones(src: Path, tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
 """Layer statistics (rrome.engine.stats): C0 from a corpus against a direct torch computation, and its cache.
 
-Tiny GPT-2 (Conv1D) and Llama (nn.Linear) checkpoints with byte-level BPE tokenizers trained here
-on the packaged corpus, one tokenizer adding no special tokens and one prepending BOS (as Gemma's
-and Llama's do). The reference runs every window alone, unpadded, through a forward hook of the
-test's own; the checks are that padding (either side), batching and the token budget change no
-key, and that cached statistics are reused only for the same unedited model, layer, corpus and
-budget.
+Tiny GPT-2 (Conv1D), Llama (nn.Linear) and Gemma 3 checkpoints (tests/tiny_models.py) with
+byte-level BPE tokenizers trained on the packaged corpus, one tokenizer adding no special tokens
+and one prepending BOS (as Gemma's and Llama's do). The reference runs every window alone,
+unpadded, through a forward hook of the test's own; the checks are that padding (either side),
+batching and the token budget change no key, and that cached statistics are reused only for the
+same unedited model, layer, corpus and budget.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _helpers import tensor_region
+from _helpers import rel_error, tensor_region
 
 import rrome
 from rrome.engine import stats
@@ -31,117 +31,27 @@ from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.fsutil import sha256_file
 from rrome.files.paths import CACHE_ENV, cache_root
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
-VOCAB = 300
-PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SEQ_LEN = 32
 LAYER = 1
+# The tiny checkpoints' position table: shorter than rrome's default window (256).
+POSITIONS = 128
 # (family, tokenizer variant) of the tiny checkpoints.
 VARIANTS = [("gpt2", "plain"), ("gpt2", "bos"), ("llama", "bos"), ("gemma3", "bos")]
 
 
-# --- tiny checkpoints ---------------------------------------------------------------------
-
-
-def _train_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    text = default_corpus().read_text(encoding="utf-8")[:50_000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer)
-    assert tok.get_vocab_size() == VOCAB
-    assert [tok.token_to_id(t) for t in (PAD, BOS, EOS)] == [0, 1, 2]
-    return tok
-
-
-def _build_checkpoint(dest: Path, family: str, variant: str, base: Any) -> Path:
-    from tokenizers import Tokenizer, processors
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
-
-    tok = Tokenizer.from_str(base.to_str())
-    if variant == "bos":
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)]
-        )
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS).save_pretrained(dest)
-    torch.manual_seed(7 + VARIANTS.index((family, variant)))
-    ids = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    if family == "gpt2":
-        model: Any = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **ids))
-    elif family == "gemma3":  # a sliding window shorter than SEQ_LEN below a global-attention layer
-        cfg = Gemma3TextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = Gemma3ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = LlamaForCausalLM(cfg)
-    model.eval().save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
-    """``get(family, variant)`` -> a pristine checkpoint folder, built once per module (do not modify)."""
-    built: dict[tuple[str, str], Path] = {}
-    base = _train_tokenizer()
-    root = tmp_path_factory.mktemp("stats-models")
+def checkpoint(tiny_dir: Callable[..., Path]) -> Callable[[str, str], Path]:
+    """``get(family, variant)`` -> a pristine tiny checkpoint (do not modify): byte-level BPE,
+    BOS prepended for ``"bos"``, 128 positions. The Gemma 3 sliding window (16) is shorter than
+    SEQ_LEN below a global-attention layer."""
 
     def get(family: str, variant: str) -> Path:
-        if (family, variant) not in built:
-            built[family, variant] = _build_checkpoint(root / f"{family}-{variant}", family, variant, base)
-        return built[family, variant]
+        return tiny_dir(family, bos=variant == "bos", sp=False, max_positions=POSITIONS)
 
     return get
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; with several, a busy machine makes each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(CACHE_ENV, str(cache))
-    yield cache
 
 
 def load_f64(folder: Path) -> tuple[Any, Any, Any]:
@@ -189,10 +99,6 @@ def reference_moment(keys: torch.Tensor) -> np.ndarray:
     return ((k.T @ k) / k.shape[0]).numpy()
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def reference(checkpoint: Callable[[str, str], Path]) -> Callable[[str, str], torch.Tensor]:
     """``get(family, variant)`` -> the reference keys (float64 model) of :func:`sample_texts` at LAYER."""
@@ -229,9 +135,9 @@ def test_collect_matches_direct_computation_both_padding_sides(
         )
         assert m.count == keys.shape[0]
         assert m.d == keys.shape[1]
-        assert rel(m.moment(), want) <= 1e-10, side
+        assert rel_error(m.moment(), want) <= 1e-10, side
         got[side] = m.moment()
-    assert rel(got["left"], got["right"]) <= 1e-10
+    assert rel_error(got["left"], got["right"]) <= 1e-10
     assert not model.get_submodule(name)._forward_hooks  # trace removed its hook
 
 
@@ -251,7 +157,7 @@ def test_max_tokens_is_exact(
             model, tok, name, texts=texts, max_tokens=budget, batch_size=3, seq_len=SEQ_LEN, progress=False
         )
         assert m.count == budget
-        assert rel(m.moment(), reference_moment(keys[:budget])) <= 1e-10, budget
+        assert rel_error(m.moment(), reference_moment(keys[:budget])) <= 1e-10, budget
     # A budget beyond the corpus uses all of it.
     m = stats.collect_second_moment(
         model, tok, name, texts=texts, max_tokens=total + 1000, batch_size=3, seq_len=SEQ_LEN, progress=False
@@ -315,7 +221,7 @@ def test_bfloat16_model_keys_are_upcast(checkpoint: Callable[[str, str], Path]) 
     )
     assert m16.count == m32.count == 500
     assert np.all(np.isfinite(m16.moment()))
-    assert 0 < rel(m16.moment(), m32.moment()) < 0.05
+    assert 0 < rel_error(m16.moment(), m32.moment()) < 0.05
 
 
 def test_collect_rejects_bad_arguments(checkpoint: Callable[[str, str], Path]) -> None:
@@ -361,7 +267,7 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
 
 
 def test_second_moment_caches_with_provenance(
-    checkpoint: Callable[[str, str], Path], tmp_path: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Callable[[str, str], Path], tmp_path: Path, private_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = checkpoint("gpt2", "bos")
     model, tok, adapter = load(folder, device="cpu")
@@ -369,7 +275,7 @@ def test_second_moment_caches_with_provenance(
 
     m, path = stats.second_moment(folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=300, progress=False)
     key = stats.model_key(folder)
-    assert path == _private_cache / "stats" / key / f"layer1-mlp.c_proj-{sha256_file(corpus)[:16]}-300.safetensors"
+    assert path == private_cache / "stats" / key / f"layer1-mlp.c_proj-{sha256_file(corpus)[:16]}-300.safetensors"
     assert path == stats.stats_path(folder, adapter, LAYER, corpus=corpus, max_tokens=300)
     assert path.is_file() and m.count == 300
     meta = rrome.SecondMoment.load(path).metadata
@@ -381,7 +287,7 @@ def test_second_moment_caches_with_provenance(
     assert meta["corpus"] == "small.txt"
     assert meta["corpus_sha256"] == sha256_file(corpus)
     assert meta["max_tokens"] == "300"
-    assert meta["seq_len"] == str(min(stats.DEFAULT_SEQ_LEN, 128))
+    assert meta["seq_len"] == str(min(stats.DEFAULT_SEQ_LEN, POSITIONS))
     assert meta["tokens_available"] == ">=300"
     assert meta["rrome_version"] == rrome.__version__
     assert meta["stats_format"] == stats.STATS_FORMAT
@@ -414,7 +320,7 @@ def test_second_moment_caches_with_provenance(
         paths.add(p)
         assert not np.array_equal(m_other.sum(), m.sum())
     assert len(calls) == 4
-    assert len(list((_private_cache / "stats" / key).iterdir())) == 4
+    assert len(list((private_cache / "stats" / key).iterdir())) == 4
 
 
 def test_second_moment_short_corpus_and_default_corpus(

@@ -1,8 +1,10 @@
-"""The tiny model folders of ``tiny_models``: they load silently, pad correctly, and tokenise
-with the BOS and offset behaviour (docs/design.md §1, tokenisation traps) the editing code relies on."""
+"""The checkpoints of ``tiny_models``: the model folders load silently, pad correctly, and tokenise
+with the BOS and offset behaviour (docs/design.md §1, tokenisation traps) the editing code relies
+on; the synthetic sharded folder is built without torch."""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -10,8 +12,17 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import run_python
 from safetensors import safe_open
-from tiny_models import BOS_FAMILIES, FAMILIES, MAX_POSITIONS, build_tiny_model, no_hf_warnings, train_tokenizer
+from tiny_models import (
+    BOS_FAMILIES,
+    FAMILIES,
+    MAX_POSITIONS,
+    SYNTHETIC_TENSORS,
+    build_tiny_model,
+    no_hf_warnings,
+    train_tokenizer,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SUBJECT = "Danielle Darrieux"
@@ -181,6 +192,38 @@ def test_dtype_and_seed(tmp_path: Path) -> None:
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_shards_positions_and_dtype_by_name(tmp_path: Path) -> None:
+    folder = build_tiny_model("gpt2", tmp_path / "gpt2", dtype="f16", shard_size="20KB", max_positions=128)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and not (folder / "model.safetensors").exists()
+    model, tok = _load(folder)
+    assert model.dtype == torch.float16
+    assert model.config.n_positions == tok.model_max_length == 128
+
+
+def test_synthetic_checkpoint_needs_no_torch(tmp_path: Path) -> None:
+    """The crash harness and scripts/soak_crash.py build it without importing torch or transformers."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import crash_harness, tiny_models\n"
+        f"tiny_models.build_synthetic_checkpoint(Path({str(tmp_path / 'synthetic')!r}))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "synthetic"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {name: shard for name, (_, _, shard) in SYNTHETIC_TENSORS.items()}
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(folder / shard), "np") as f:
+            for name in f.keys():  # noqa: SIM118
+                dtype, shape, _ = SYNTHETIC_TENSORS[name]
+                assert f.get_slice(name).get_dtype() == dtype and tuple(f.get_slice(name).get_shape()) == shape
 
 
 def test_unknown_family_rejected(tmp_path: Path) -> None:

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _helpers import RROME_EXE
 from click.testing import CliRunner
-from tiny_models import build_tiny_model
 
 import rrome
 from rrome.cli import main
@@ -89,9 +88,9 @@ TIMING = {"seconds", "seconds_per_edit"}  # the only figures a rerun may change
 class Sweep:
     """A tiny GPT-2, a data file, and one uninterrupted sweep to compare others with."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, model: Path) -> None:
         self.root = root
-        self.model = build_tiny_model("gpt2", root / "gpt2")
+        self.model = Path(shutil.copytree(model, root / "gpt2"))
         self.data = root / "cases.json"
         self.data.write_text(json.dumps(CASES))
         self.whole = root / "whole"
@@ -118,11 +117,11 @@ class Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
+def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Callable[..., Path]) -> Iterator[Sweep]:
     root = tmp_path_factory.mktemp("tune")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RROME_CACHE_DIR", str(root / "cache"))
-        yield Sweep(root)
+        yield Sweep(root, tiny_dir("gpt2"))
 
 
 def _untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -460,6 +459,7 @@ def test_a_failed_edit_fails_its_trial_only(sweep: Sweep, tmp_path: Path, monkey
     assert [t["trial"] for t in result.ranked[:-1]] == [t["trial"] for t in sweep.result.ranked if t["trial"] != 2]
 
 
+@pytest.mark.slow  # a sweep in a subprocess, killed and resumed
 def test_resume_after_sigkill(sweep: Sweep, tmp_path: Path) -> None:
     """``rrome tune`` killed with SIGKILL in the middle of a trial; the same command continues it."""
     part = tmp_path / "part"

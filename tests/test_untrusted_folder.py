@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import DELTAS_FILE, EDITS_FILE, RROME_EXE, STATE_DIR, run_cli
-from crash_harness import write_safetensors
+from _helpers import DELTAS_FILE, EDITS_FILE, RROME_EXE, STATE_DIR, assert_one_line_error, run_cli, without_lock
+from tiny_models import write_safetensors
 
 import rrome
 from rrome.files.edits import load_requests
@@ -45,20 +45,6 @@ def tree(root: Path) -> dict[str, bytes]:
             rel = str(p.relative_to(root))
             out[rel] = b"link:" + os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
     return out
-
-
-def without_lock(t: dict[str, bytes]) -> dict[str, bytes]:
-    """The tree less rrome's own lock file, which taking the lock creates."""
-    return {k: v for k, v in t.items() if k != f"{STATE_DIR}/lock" and not k.endswith(f"/{STATE_DIR}/lock")}
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rrome: error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -127,7 +113,7 @@ def test_symlinked_lock_is_not_followed(command: str, model: Path, bundle: Path,
         "apply-deltas --out": ["apply-deltas", "--out", tmp_path / "copy", bundle, model],
         "revert": ["revert", model],
     }[command]
-    one_line_error(run_cli(*args), "lock", "symbolic link")
+    assert_one_line_error(run_cli(*args), "lock", "symbolic link")
     assert victim.read_text() == "precious\n"
     assert tree(tmp_path) == before
 
@@ -138,7 +124,7 @@ def test_state_folder_that_is_a_link_is_refused(model: Path, bundle: Path, tmp_p
     (model / STATE_DIR).symlink_to(elsewhere)
     before = tree(tmp_path)
     for args in (["apply-deltas", bundle, model], ["recover", model], ["revert", model]):
-        one_line_error(run_cli(*args), STATE_DIR, "symbolic link")
+        assert_one_line_error(run_cli(*args), STATE_DIR, "symbolic link")
     assert tree(tmp_path) == before
     assert list(elsewhere.iterdir()) == []
 
@@ -197,7 +183,7 @@ def test_planted_journal_is_refused(case: str, model: Path, bundle: Path, tmp_pa
     _plant_journal(model, tmp_path, case)
     before = tree(tmp_path)
     for args in (["recover", model], ["apply-deltas", bundle, model], ["revert", model]):
-        one_line_error(run_cli(*args), "journal.safetensors", "region 0")
+        assert_one_line_error(run_cli(*args), "journal.safetensors", "region 0")
     with pytest.raises(rrome.IntegrityError, match=r"journal\.safetensors"):
         rrome.recover(model)
     assert without_lock(tree(tmp_path)) == without_lock(before)
@@ -214,7 +200,7 @@ def test_planted_revert_marker_and_undo_file_are_refused(model: Path, bundle: Pa
     (model / STATE_DIR / "revert.json").write_text('{"batch": 1}')
     before = tree(tmp_path)
     for args in (["apply-deltas", bundle, model], ["recover", model], ["revert", model]):
-        one_line_error(run_cli(*args), "batch-000001.safetensors", "config.json")
+        assert_one_line_error(run_cli(*args), "batch-000001.safetensors", "config.json")
     assert (model / "config.json").read_bytes() == CONFIG
     assert without_lock(tree(tmp_path)) == without_lock(before)
 
@@ -225,7 +211,7 @@ def test_revert_marker_for_a_batch_without_undo_data_is_refused(model: Path, bun
     (model / STATE_DIR / "undo" / "batch-000001.safetensors").unlink()
     (model / STATE_DIR / "revert.json").write_text('{"batch": 1}')
     before = tree(tmp_path)
-    one_line_error(run_cli("recover", model), "revert.json", "batch 1")
+    assert_one_line_error(run_cli("recover", model), "revert.json", "batch 1")
     assert without_lock(tree(tmp_path)) == without_lock(before)
 
 
@@ -272,7 +258,7 @@ def test_copy_refuses_links(case: str, model: Path, bundle: Path, tmp_path: Path
         name = "model.safetensors"
     before = tree(tmp_path)
     out = tmp_path / "out"
-    one_line_error(run_cli("apply-deltas", "--out", out, bundle, model), name, "symbolic link")
+    assert_one_line_error(run_cli("apply-deltas", "--out", out, bundle, model), name, "symbolic link")
     with pytest.raises(rrome.CheckpointError, match="symbolic link"):
         rrome.apply_deltas(model, [DELTA], out_dir=out)
     assert not out.exists() and not (tmp_path / ".out.rrome-partial").exists()
@@ -281,7 +267,9 @@ def test_copy_refuses_links(case: str, model: Path, bundle: Path, tmp_path: Path
 
 def test_copy_refuses_special_files(model: Path, bundle: Path, tmp_path: Path) -> None:
     os.mkfifo(model / "pipe")
-    one_line_error(run_cli("apply-deltas", "--out", tmp_path / "out", bundle, model), "pipe", "not a regular file")
+    assert_one_line_error(
+        run_cli("apply-deltas", "--out", tmp_path / "out", bundle, model), "pipe", "not a regular file"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -319,7 +307,14 @@ def test_kill_between_the_renames_of_a_rollback(model: Path, bundle: Path) -> No
 # --- 5. the smaller ones -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line", ['{"a":' * 100_000 + "1" + "}" * 100_000, '{"case_id": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        # The command line runs on this one (a subprocess that imports torch).
+        pytest.param('{"a":' * 100_000 + "1" + "}" * 100_000, marks=pytest.mark.slow, id="line0"),
+        pytest.param('{"case_id": ' + "9" * 5000 + "}", id="line1"),
+    ],
+)
 def test_edits_file_with_absurd_json_is_a_line_error(line: str, tmp_path: Path, model: Path) -> None:
     good = json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"})
     edits = tmp_path / "edits.jsonl"
@@ -328,27 +323,27 @@ def test_edits_file_with_absurd_json_is_a_line_error(line: str, tmp_path: Path, 
         load_requests(edits)
     if line.startswith('{"a":'):  # the command line too, once (it imports torch: seconds)
         proc = run_cli("apply", edits, model)
-        one_line_error(proc, "edits.jsonl:2: ", "nested too deeply")
+        assert_one_line_error(proc, "edits.jsonl:2: ", "nested too deeply")
         assert "Traceback" not in proc.stderr
 
 
 def _no_hang(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(RROME_EXE), *map(str, args)], capture_output=True, text=True, timeout=30, check=False)
+    return run_cli(*args, timeout=30)
 
 
 def test_fifo_named_as_a_shard_does_not_hang(model: Path, bundle: Path, tmp_path: Path) -> None:
     (model / "model.safetensors").unlink()
     os.mkfifo(model / "model.safetensors")
-    one_line_error(_no_hang("inspect", model), "model.safetensors", "not a regular file")
-    one_line_error(_no_hang("apply-deltas", bundle, model), "model.safetensors", "not a regular file")
+    assert_one_line_error(_no_hang("inspect", model), "model.safetensors", "not a regular file")
+    assert_one_line_error(_no_hang("apply-deltas", bundle, model), "model.safetensors", "not a regular file")
 
 
 def test_fifo_as_an_index_or_edit_log_does_not_hang(model: Path, bundle: Path) -> None:
     os.mkfifo(model / EDITS_FILE)
-    one_line_error(_no_hang("inspect", model), EDITS_FILE, "not a regular file")
+    assert_one_line_error(_no_hang("inspect", model), EDITS_FILE, "not a regular file")
     (bundle / EDITS_FILE).unlink()
     os.mkfifo(bundle / EDITS_FILE)
-    one_line_error(_no_hang("apply-deltas", bundle, model), EDITS_FILE, "not a regular file")
+    assert_one_line_error(_no_hang("apply-deltas", bundle, model), EDITS_FILE, "not a regular file")
 
 
 def test_header_with_many_tensors_costs_little_memory(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""Tiny, randomly initialised model folders for every supported family, built offline.
+"""Every checkpoint the tests build: tiny Hugging Face models and a synthetic sharded folder.
 
-``build_tiny_model(family, dest)`` writes a complete Hugging Face checkpoint (``config.json``,
-``model.safetensors``, tokenizer files) with a few-hundred-token tokenizer trained in-process on a
-slice of ``/work/shared/data/wikitext2``. Nothing is downloaded; building all families takes a few
-seconds. The tokenizers reproduce the traps of docs/design.md §1:
+This module is the one owner of test checkpoints; conftest.py caches its builds per session.
+
+``build_tiny_model(family, dest)`` writes a complete, randomly initialised Hugging Face checkpoint
+(``config.json``, ``model.safetensors`` or shards, tokenizer files) with a few-hundred-token
+tokenizer trained in-process on a slice of rrome's packaged WikiText-2 corpus. Nothing is
+downloaded; building all families takes a few seconds. The tokenizers reproduce the traps of
+docs/design.md §1:
 
 * ``bos=True`` prepends ``<bos>`` through a ``TemplateProcessing`` post-processor (Llama, Gemma);
 * byte-level BPE offsets are *not* trimmed, as in the GPT-2 / Llama-3 / Qwen ``tokenizer.json``:
@@ -13,50 +16,39 @@ seconds. The tokenizers reproduce the traps of docs/design.md §1:
   token, so a prefix ending in a space, tokenised alone, ends in a lone ``"▁"`` that the full
   text does not have;
 * ``padding_side`` is set either way (Gemma's tokenizer pads on the left).
+
+``build_synthetic_checkpoint(dest)`` writes a three-shard folder with plain numpy and
+``write_safetensors`` (a writer by hand): F32, F16 and BF16 tensors side by side in one
+checkpoint, which no transformers model saves, and tensors large enough that a write takes long
+enough to be killed in the middle (tests/crash_harness.py). It is a file-format fixture, not a
+model: nothing loads it with transformers.
+
+Importing this module imports neither torch nor transformers (the model builders import them
+when called), so that the crash harness and scripts/soak_crash.py stay free of them.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
@@ -70,9 +62,8 @@ MODEL_TYPES = {family: family for family in FAMILIES} | {"gemma3": "gemma3_text"
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 VOCAB_SIZE = 400
-MAX_POSITIONS = 512  # position table size and tokenizer model_max_length
-CORPUS_FILE = Path("/work/shared/data/wikitext2/wiki.test.raw")
-CORPUS_CHARS = 200_000
+MAX_POSITIONS = 512  # position table size and tokenizer model_max_length (by default)
+CORPUS_CHARS = 200_000  # of rrome's packaged corpus, the tokenizers' training text
 # Test subjects and targets, so that the tokenizer has seen every character of them.
 EXTRA_SENTENCES = (
     "The mother tongue of Danielle Darrieux is French.",
@@ -87,12 +78,27 @@ _TOKENIZERS: dict[tuple[bool, str, bool], PreTrainedTokenizerFast] = {}
 _TRAINED: dict[bool, str] = {}
 
 
+# Storage dtypes of the built checkpoints, by short name.
+DTYPES = ("f32", "f16", "bf16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"f32"`` / ``"f16"`` / ``"bf16"`` -> the torch dtype."""
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def _corpus() -> list[str]:
-    text = CORPUS_FILE.read_text(encoding="utf-8")[:CORPUS_CHARS]
+    from rrome.files.corpus import default_corpus
+
+    text = default_corpus().read_text(encoding="utf-8")[:CORPUS_CHARS]
     return [line for line in text.splitlines() if line.strip()] + list(EXTRA_SENTENCES)
 
 
 def _train(sentencepiece_like: bool) -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     if sentencepiece_like not in _TRAINED:
         if sentencepiece_like:
             # No byte fallback: characters never seen in training become <unk>.
@@ -129,6 +135,9 @@ def train_tokenizer(*, bos: bool, padding_side: str, sentencepiece_like: bool = 
     With ``bos`` every encoded text starts with ``<bos>`` (offset ``(0, 0)``). Cached per
     arguments; every call returns an independent copy.
     """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     key = (bool(bos), padding_side, bool(sentencepiece_like))
@@ -182,8 +191,32 @@ def _check_tokenizer(tokenizer: Any, *, bos: bool, padding_side: str) -> None:
     assert tokenizer(" Paris", add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
 
 
-def _config(family: str, vocab: int, ids: dict[str, int]) -> tuple[PreTrainedConfig, type[PreTrainedModel]]:
-    """A tiny config (2 layers, hidden 64, intermediate 128, 4 heads) and its causal-LM class."""
+def _config(
+    family: str, vocab: int, ids: dict[str, int], positions: int = MAX_POSITIONS
+) -> tuple[PreTrainedConfig, type[PreTrainedModel]]:
+    """A tiny config (2 layers, hidden 64, intermediate 128, 4 heads, ``positions`` positions)
+    and its causal-LM class."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
     common: dict[str, Any] = {"vocab_size": vocab, **ids}
     llama_like = {
         "hidden_size": 64,
@@ -191,14 +224,14 @@ def _config(family: str, vocab: int, ids: dict[str, int]) -> tuple[PreTrainedCon
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,  # grouped-query attention, as in the real models
-        "max_position_embeddings": MAX_POSITIONS,
+        "max_position_embeddings": positions,
     }
     if family == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=128, n_positions=MAX_POSITIONS, **common)
+        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=128, n_positions=positions, **common)
         return cfg, GPT2LMHeadModel
     if family == "gptj":
         # head_dim 16; GPT-J rotates only the first rotary_dim dims of each head (64 of 256 in 6B).
-        cfg = GPTJConfig(n_layer=2, n_embd=64, n_head=4, n_inner=128, rotary_dim=8, n_positions=MAX_POSITIONS, **common)
+        cfg = GPTJConfig(n_layer=2, n_embd=64, n_head=4, n_inner=128, rotary_dim=8, n_positions=positions, **common)
         return cfg, GPTJForCausalLM
     if family == "gpt_neox":
         cfg = GPTNeoXConfig(
@@ -206,7 +239,7 @@ def _config(family: str, vocab: int, ids: dict[str, int]) -> tuple[PreTrainedCon
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=128,
-            max_position_embeddings=MAX_POSITIONS,
+            max_position_embeddings=positions,
             rotary_pct=0.25,  # Pythia: partial rotary, parallel residual
             use_parallel_residual=True,
             **common,
@@ -223,26 +256,18 @@ def _config(family: str, vocab: int, ids: dict[str, int]) -> tuple[PreTrainedCon
     if family == "qwen3":
         # head_dim is explicit (not hidden/heads); q_norm / k_norm RMSNorms per head.
         return Qwen3Config(**llama_like, head_dim=16, tie_word_embeddings=True, **common), Qwen3ForCausalLM
+    gemma_like = {
+        **llama_like,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 16,  # small enough that the test prompts reach past it
+        "layer_types": ["sliding_attention", "full_attention"],
+        **common,
+    }
     if family == "gemma2":
-        cfg = Gemma2Config(
-            **llama_like,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=16,  # small enough that the test prompts reach past it
-            layer_types=["sliding_attention", "full_attention"],
-            **common,
-        )
-        return cfg, Gemma2ForCausalLM
+        return Gemma2Config(**gemma_like), Gemma2ForCausalLM
     if family == "gemma3":
-        cfg = Gemma3TextConfig(
-            **llama_like,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
-            **common,
-        )
-        return cfg, Gemma3ForCausalLM
+        return Gemma3TextConfig(**gemma_like), Gemma3ForCausalLM
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -278,36 +303,56 @@ def build_tiny_model(
     *,
     bos: bool | None = None,
     padding_side: str = "right",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "f32",
     seed: int = 0,
     sentencepiece_like: bool | None = None,
+    shard_size: str | None = None,
+    max_positions: int = MAX_POSITIONS,
 ) -> Path:
     """Write a complete tiny checkpoint of ``family`` into ``dest`` and return ``dest``.
 
     ``bos`` defaults to the family's habit (BOS for llama, mistral, gemma2, gemma3);
     ``sentencepiece_like`` defaults to True for the same SentencePiece-based families.
-    Weights are seeded with ``seed`` and saved in ``dtype``. The folder is reloaded with the Auto
-    classes to check that it loads silently and keeps BOS behaviour and padding side.
+    Weights are seeded with ``seed`` and saved in ``dtype`` (a torch dtype or a name of
+    ``DTYPES``); ``shard_size`` (e.g. ``"20KB"``) saves them in at least two shards with an index;
+    ``max_positions`` sizes the position table and the tokenizer's ``model_max_length``. The folder
+    is reloaded with the Auto classes to check that it loads silently and keeps BOS behaviour and
+    padding side.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     use_bos = family in BOS_FAMILIES if bos is None else bool(bos)
     sp_like = family in SENTENCEPIECE_FAMILIES if sentencepiece_like is None else bool(sentencepiece_like)
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     dest = Path(dest)
     tokenizer = train_tokenizer(bos=use_bos, padding_side=padding_side, sentencepiece_like=sp_like)
+    tokenizer.model_max_length = max_positions
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
     with no_hf_warnings(f"building {family}"):
-        cfg, model_cls = _config(family, len(tokenizer), ids)
+        cfg, model_cls = _config(family, len(tokenizer), ids, max_positions)
         torch.manual_seed(seed)
         model = model_cls(cfg).eval()
         model = model.to(dtype)
-        model.save_pretrained(dest)
+        if shard_size is None:
+            model.save_pretrained(dest)
+        else:
+            model.save_pretrained(dest, max_shard_size=shard_size)
         tokenizer.save_pretrained(dest)
-    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
+    assert (dest / "config.json").is_file()
+    index = dest / "model.safetensors.index.json"
+    if shard_size is None:
+        assert (dest / "model.safetensors").is_file() and not index.exists()
+    else:
+        assert index.is_file() and not (dest / "model.safetensors").exists()
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        assert len(shards) >= 2 and all((dest / s).is_file() for s in shards), shards
 
     with no_hf_warnings(f"loading {family} from {dest}"):
         loaded = AutoModelForCausalLM.from_pretrained(dest)
@@ -315,6 +360,7 @@ def build_tiny_model(
     assert loaded.config.model_type == MODEL_TYPES[family], (loaded.config.model_type, family)
     assert loaded.dtype == dtype, (loaded.dtype, dtype)
     assert loaded.config.vocab_size == len(loaded_tok) == len(tokenizer)
+    assert loaded_tok.model_max_length == max_positions
     assert (loaded.config.bos_token_id, loaded.config.eos_token_id, loaded.config.pad_token_id) == (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
@@ -338,6 +384,9 @@ def add_position_sink(folder: Path, *, positions: int = 3, strength: float = 0.3
     projection reads it with weight ``-strength`` for every hidden unit, which pushes the GELU
     pre-activations down there. Returns ``folder`` (rewritten in place).
     """
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(folder)
     t = model.transformer
     j, big = 0, 1000.0
@@ -355,3 +404,69 @@ def add_position_sink(folder: Path, *, positions: int = 3, strength: float = 0.3
     with no_hf_warnings("saving the sink model"):
         model.save_pretrained(folder)
     return folder
+
+
+# --- the synthetic sharded checkpoint (numpy only) ------------------------------------------
+
+# name -> (dtype, stored shape, shard); the edited ones are 2-D with their layout below.
+SYNTHETIC_TENSORS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    "embed.weight": ("BF16", (64, 256), "model-00001-of-00003.safetensors"),
+    "layers.0.mlp.down_proj.weight": ("BF16", (256, 1024), "model-00001-of-00003.safetensors"),
+    "layers.0.norm.weight": ("F32", (256,), "model-00001-of-00003.safetensors"),
+    "layers.1.mlp.down_proj.weight": ("F16", (256, 1024), "model-00002-of-00003.safetensors"),
+    "layers.1.norm.weight": ("F16", (256,), "model-00002-of-00003.safetensors"),
+    "layers.2.mlp.c_proj.weight": ("F32", (512, 256), "model-00003-of-00003.safetensors"),
+    "head.weight": ("F32", (8, 256), "model-00003-of-00003.safetensors"),
+}
+SYNTHETIC_EDITED = {  # tensor -> layout
+    "layers.0.mlp.down_proj.weight": "out_in",
+    "layers.1.mlp.down_proj.weight": "out_in",
+    "layers.2.mlp.c_proj.weight": "in_out",
+}
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    """A safetensors file written by hand (header padded to 8 bytes, as the reference writer does).
+
+    ``tensors``: name -> (dtype, shape, raw bytes); any name, any bytes, no checks, so that a test
+    can write what the safetensors library would refuse or never produce."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def _encode(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> bytes:
+    x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    if dtype == "F32":
+        return x.tobytes()
+    if dtype == "F16":
+        return x.astype(np.float16).tobytes()
+    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # bf16 by truncation
+
+
+def build_synthetic_checkpoint(dest: Path, seed: int = 7) -> Path:
+    """``SYNTHETIC_TENSORS`` in three shards, with an index, a config and a tokenizer-like side file."""
+    rng = np.random.default_rng(seed)
+    dest.mkdir(parents=True)
+    shards: dict[str, dict[str, tuple[str, tuple[int, ...], bytes]]] = {}
+    for name, (dtype, shape, shard) in SYNTHETIC_TENSORS.items():
+        shards.setdefault(shard, {})[name] = (dtype, shape, _encode(rng, dtype, shape))
+    for shard, tensors in shards.items():
+        write_safetensors(dest / shard, tensors)
+    total = sum(int(np.prod(s)) * _BYTES[d] for d, s, _ in SYNTHETIC_TENSORS.values())
+    weight_map = {n: s for n, (_, _, s) in SYNTHETIC_TENSORS.items()}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dest / "config.json").write_text(json.dumps({"model_type": "synthetic", "hidden_size": 256}))
+    (dest / "tokenizer.json").write_text(json.dumps({"version": "1.0", "vocab": list("abcdef")}))
+    return dest
