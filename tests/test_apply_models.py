@@ -144,10 +144,8 @@ def assert_inspect_reports(model_dir: Path, deltas: Sequence[rrome.Delta], batch
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-def test_checkpoint_lists_every_tensor_with_its_bytes(
-    pristine_checkpoint: Callable[[str, str, bool], Path], sharded: bool
-) -> None:
-    model = pristine_checkpoint("llama", "bf16", sharded)
+def test_checkpoint_lists_every_tensor_with_its_bytes(tiny_dir: Callable[..., Path], sharded: bool) -> None:
+    model = tiny_dir("llama", dtype="bf16", sharded=sharded)
     ckpt = rrome.Checkpoint(model)
     listed = ckpt.tensors()
     assert [t.name for t in listed] == sorted(t.name for t in listed)
