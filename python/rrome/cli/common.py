@@ -118,6 +118,17 @@ def hparams_options(fn: F) -> F:
     )(fn)
 
 
+def model_options(fn: F) -> F:
+    """``--corpus``, ``--device`` and ``--dtype``: where C0 comes from and how the model runs."""
+    fn = click.option(
+        "--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype the model runs in."
+    )(fn)
+    fn = click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")(fn)
+    return click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")(
+        fn
+    )
+
+
 def cli_hparams(spec: str | None, assignments: tuple[str, ...]) -> dict[str, Any]:
     """The fields --hparams and --set give, checked before any model is loaded.
 

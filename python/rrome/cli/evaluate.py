@@ -11,7 +11,15 @@ from pathlib import Path
 
 import click
 
-from rrome.cli.common import DIR, DTYPE_CHOICE, METHOD_CHOICE, cli_hparams, expected_errors, hparams_options, main
+from rrome.cli.common import (
+    DIR,
+    METHOD_CHOICE,
+    cli_hparams,
+    expected_errors,
+    hparams_options,
+    main,
+    model_options,
+)
 
 
 @main.command("eval")
@@ -36,10 +44,8 @@ from rrome.cli.common import DIR, DTYPE_CHOICE, METHOD_CHOICE, cli_hparams, expe
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and few-shot choice.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
 @hparams_options
-@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
+@model_options
 @click.option("--stats-tokens", type=int, default=None, help="Corpus tokens for C0 (default: hyperparameters).")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype the model runs in.")
 @click.option(
     "--out",
     "out_dir",
@@ -157,9 +163,7 @@ def eval_cmd(
     help="Also sample the generation entropies after each edit (slow; the objective does not read them).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the entropy samples.")
-@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype the model runs in.")
+@model_options
 @click.option(
     "--out",
     "out_dir",

@@ -23,6 +23,7 @@ from rrome.cli.common import (
     expected_errors,
     hparams_options,
     main,
+    model_options,
     printable,
 )
 from rrome.files.constants import Method
@@ -36,9 +37,7 @@ from rrome.files.constants import Method
 @LINK_UNTOUCHED
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
 @hparams_options
-@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype the model runs in.")
+@model_options
 @click.option("--device-map", default=None, help='Spread the model over devices with accelerate ("auto").')
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option(
@@ -147,9 +146,7 @@ def apply_cmd(
 @click.argument("model_dir", type=DIR)
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
 @hparams_options
-@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Text for C0.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help="dtype the model runs in.")
+@model_options
 @click.option(
     "--screen-ratio",
     type=click.FloatRange(min=1.0, min_open=True),
