@@ -12,23 +12,19 @@ No torch.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rrome.eval.metrics import CaseProbs, metrics
+from rrome.eval.results import read_jsonl
 
 
 def _cases(folder: Path) -> dict[str, CaseProbs]:
-    out: dict[str, CaseProbs] = {}
-    for line in (folder / "edits.jsonl").read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[str(rec["case_id"])] = CaseProbs.from_json(rec["case"])
-    return out
+    # read_jsonl leaves out a torn last line, so a folder still being written can be read.
+    return {str(rec["case_id"]): CaseProbs.from_json(rec["case"]) for rec in read_jsonl(folder / "edits.jsonl")}
 
 
 def _neighbour_kept(c: CaseProbs) -> float:
-    return sum(t > n for n, t in c.neighborhood) / len(c.neighborhood)
+    return metrics([c])["NS"]
 
 
 def main() -> None:

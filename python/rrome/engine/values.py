@@ -215,8 +215,7 @@ class _Run:
     layer: int
     hp: HParams
     inputs: _Inputs
-    d_out: int
-    delta: torch.Tensor
+    delta: torch.Tensor  # float32, d_out long
     opt: torch.optim.Adam
     v_init: torch.Tensor | None = None  # the module's output at the plain prompt's subject (first pass)
     block_in: torch.Tensor | None = None  # the edited block's input at the first pass (fast path)
@@ -245,7 +244,7 @@ class _Run:
         delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
         inputs = _Inputs.build(tokenizer, prompts, device)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        return cls(model, module_name, blocks_name, layer, hp, inputs, d_out, delta, opt)
+        return cls(model, module_name, blocks_name, layer, hp, inputs, delta, opt)
 
 
 @dataclass(frozen=True)
@@ -425,7 +424,7 @@ def compute_value(
         if first and hp.v_lr_unit == "relative":
             assert run.v_init is not None
             # Adam moves each coordinate by about lr: the first step's norm is ≈ v_lr · ‖v_init‖.
-            run.opt.param_groups[0]["lr"] = hp.v_lr * float(run.v_init.norm()) / math.sqrt(run.d_out)
+            run.opt.param_groups[0]["lr"] = hp.v_lr * float(run.v_init.norm()) / math.sqrt(run.delta.numel())
         terms = _loss(run, logits)
         reason = _stop_reason(run, terms)
         if reason is not None:
