@@ -13,8 +13,10 @@ Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f3
 ``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``apply-gpt2m-*``
 (``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy / to a copy with
 ``--link-untouched``, and in place spread over 10 tensors, vs transformers load + W += Δ + save),
-``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model; skipped with a
-message where it cannot be installed), and ``stats-workers`` when ``benches/stats_workers.py``
+``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model: C0 collection, and
+one edit with the packaged defaults against the ``reference`` preset; skipped with a message
+where the model cannot be installed; ``--only value-gemma270m`` adds the fast value
+optimisation against the plain loop), and ``stats-workers`` when ``benches/stats_workers.py``
 exists. Each record also carries the 1-minute load average at the time it was measured: on
 a shared machine, a high one means noisy figures.
 
@@ -295,10 +297,7 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
     from rrome.demo import demo_model_dir
     from rrome.engine import editor as editor_mod
     from rrome.engine import stats as stats_mod
-    from rrome.engine import values as values_mod
-    from rrome.engine.hooks import get_module
     from rrome.files.corpus import corpus_texts, default_corpus
-    from rrome.files.edits import load_requests
 
     try:
         model_dir = demo_model_dir()
@@ -346,54 +345,83 @@ def bench_gemma(repeats: int, quick: bool, only: str) -> None:
             tok_per_s_base=tokens / t_base,
         )
 
-    if only in "edit-gemma270m":
-        request = load_requests(Path(__file__).resolve().parent.parent / "examples" / "edits.jsonl")[0]
-        editor.templates()  # generated once per editor, outside the timing
-        editor.cholesky()  # cached statistics and factor
-        weight = get_module(editor.model, module).weight
+    if only in "edit-gemma270m" or only == "value-gemma270m":
+        bench_edits(model_dir, editor, repeats, quick, only)
+
+
+def bench_edits(model_dir: Path, default: Any, repeats: int, quick: bool, only: str) -> None:
+    """``edit-gemma270m``: one whole edit (keys, value optimisation, update, the before/after
+    probabilities; C0 and the templates cached) with the packaged defaults against the
+    ``reference`` preset, each from the unedited weight. ``value-gemma270m`` (only when asked
+    for by name): the fast value optimisation against the plain loop, reference preset."""
+    from rrome.engine import editor as editor_mod
+    from rrome.engine import values as values_mod
+    from rrome.engine.hooks import get_module
+    from rrome.files.edits import load_requests
+    from rrome.files.hparams import spec_overrides
+
+    request = load_requests(Path(__file__).resolve().parent.parent / "examples" / "edits.jsonl")[0]
+    overrides = {"v_num_grad_steps": 2} if quick else {}
+    hparams = spec_overrides("reference")
+    hparams.update(overrides)
+    reference = editor_mod.Editor.from_pretrained(model_dir, progress=False, hparams=hparams)
+    value_s: list[float] = []
+
+    def edit_once(editor: Any, fast: bool = True) -> tuple[float, int, str, float]:
+        weight = get_module(editor.model, editor.module_name).weight
         original = weight.detach().clone()
-        value_s: list[float] = []
 
-        def edit_once(fast: bool) -> tuple[float, list[float], int]:
-            def timed_value(*a: Any, **kw: Any) -> Any:
-                t0 = time.perf_counter()
-                out = values_mod.compute_value(*a, **kw, fast=fast)
-                value_s.append(time.perf_counter() - t0)
-                return out
+        def timed_value(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            out = values_mod.compute_value(*a, **kw, fast=fast)
+            value_s.append(time.perf_counter() - t0)
+            return out
 
-            editor_mod.compute_value = timed_value
-            try:
-                t0 = time.perf_counter()
-                res = editor.edit(request)
-                secs = time.perf_counter() - t0
-            finally:
-                editor_mod.compute_value = values_mod.compute_value
-                with torch.no_grad():
-                    weight.copy_(original)  # each edit starts from the unedited model
-                editor.pending.clear()
-                editor.results.clear()
-            return secs, list(res.losses), res.steps
+        editor_mod.compute_value = timed_value
+        try:
+            t0 = time.perf_counter()
+            res = editor.edit(request)
+            secs = time.perf_counter() - t0
+        finally:
+            editor_mod.compute_value = values_mod.compute_value
+            with torch.no_grad():
+                weight.copy_(original)  # each edit starts from the unedited model
+            editor.pending.clear()
+            editor.results.clear()
+        return secs, res.steps, res.stop, value_s[-1]
 
-        n = max(1, min(repeats, 3))
-        runs: dict[str, list[tuple[float, list[float], int]]] = {"fast": [], "plain": []}
-        values: dict[str, list[float]] = {"fast": [], "plain": []}
-        for _ in range(n):
-            for label in ("fast", "plain"):
-                value_s.clear()
-                runs[label].append(edit_once(label == "fast"))
-                values[label].append(value_s[0])
-        fast_losses, plain_losses = runs["fast"][0][1], runs["plain"][0][1]
-        diff = max((abs(a - b) for a, b in zip(fast_losses, plain_losses, strict=False)), default=0.0)
+    for e in (default, reference):
+        e.templates()  # generated (or read) once per editor, outside the timing
+        e.cholesky()  # cached statistics and factor
+    n = max(1, min(repeats, 3))
+    if only in "edit-gemma270m":
+        runs: dict[str, list[tuple[float, int, str, float]]] = {"default": [], "reference": []}
+        for _ in range(n):  # interleaved: both see the same machine load
+            runs["default"].append(edit_once(default))
+            runs["reference"].append(edit_once(reference))
+        d, r = runs["default"], runs["reference"]
         report(
             "edit-gemma270m",
-            statistics.median(r[0] for r in runs["fast"]),
-            statistics.median(r[0] for r in runs["plain"]),
-            layer=editor.layer,
-            steps_fast=runs["fast"][0][2],
-            steps_plain=runs["plain"][0][2],
-            value_s_fast=statistics.median(values["fast"]),
-            value_s_plain=statistics.median(values["plain"]),
-            max_loss_diff=diff,
+            statistics.median(x[0] for x in d),
+            statistics.median(x[0] for x in r),
+            baseline_is="reference preset",
+            layer=default.layer,
+            threads=torch.get_num_threads(),
+            steps_default=d[0][1],
+            stop_default=d[0][2],
+            steps_reference=r[0][1],
+            value_s_default=statistics.median(x[3] for x in d),
+            value_s_reference=statistics.median(x[3] for x in r),
+        )
+    if only == "value-gemma270m":
+        fast = [edit_once(reference, True) for _ in range(n)]
+        plain = [edit_once(reference, False) for _ in range(n)]
+        report(
+            "value-gemma270m",
+            statistics.median(x[3] for x in fast),
+            statistics.median(x[3] for x in plain),
+            baseline_is="plain loop",
+            steps=fast[0][1],
         )
 
 
@@ -445,7 +473,7 @@ def main() -> None:
                 job()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.only in "stats-gemma270m" or args.only in "edit-gemma270m":
+    if args.only in "stats-gemma270m" or args.only in "edit-gemma270m" or args.only == "value-gemma270m":
         bench_gemma(args.repeats, args.quick, args.only)
     workers = Path(__file__).with_name("stats_workers.py")
     if workers.is_file() and args.only in "stats-workers":

@@ -125,9 +125,16 @@ def no_work(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
     def forbidden(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("reached the expensive part of an edit")
 
-    for name in ("keys_at", "compute_value", "compute_update", "generate_templates", "request_probabilities"):
+    for name in ("keys_at", "compute_value", "compute_update", "cached_templates", "request_probabilities"):
         monkeypatch.setattr(editor_mod, name, forbidden)
     monkeypatch.setattr(editor_mod.stats, "second_moment", forbidden)
+
+
+@pytest.fixture(autouse=True)
+def _no_template_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests generate their context templates: tiny models built with different weights share a
+    model key, so a cache would hand one model the other's (tests/test_keys.py tests the cache)."""
+    monkeypatch.setenv("RROME_NO_TEMPLATE_CACHE", "1")
 
 
 @pytest.fixture(autouse=True)

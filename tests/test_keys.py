@@ -10,6 +10,7 @@ batched and padded versus alone).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,3 +63,71 @@ def test_keys_match_independent_hook(
             # at layer 0 of GPT-J / NeoX: their parallel MLP sees only the token's own embedding.
             if layer == 1:
                 assert float((keys.k_e - keys.k_e_o).norm()) > 1e-3 * float(keys.k_e_o.norm())
+
+
+def test_templates_cache_generates_once_then_reads(
+    tiny_loaded: Callable[..., Any], private_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call generates and writes the file; the second reads it and generates nothing.
+    Another seed or other lengths are other files."""
+    import rrome.engine.keys as keys_mod
+
+    monkeypatch.delenv("RROME_NO_TEMPLATE_CACHE")
+    model, tok, _ = tiny_loaded("llama", "right")
+    lengths = ((3, 5),)
+    first = keys_mod.cached_templates("k" * 16, model, tok, seed=0, lengths=lengths)
+    assert first == generate_templates(model, tok, seed=0, lengths=lengths)
+    path = keys_mod.templates_path("k" * 16, seed=0, lengths=lengths, top_k=5, device="cpu", dtype="float32")
+    assert path.parent == private_cache / "stats" / ("k" * 16) and path.is_file()
+
+    def forbidden(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(keys_mod, "generate_templates", forbidden)
+    assert keys_mod.cached_templates("k" * 16, model, tok, seed=0, lengths=lengths) == first
+    with pytest.raises(AssertionError, match="generated again"):
+        keys_mod.cached_templates("k" * 16, model, tok, seed=1, lengths=lengths)
+    with pytest.raises(AssertionError, match="generated again"):
+        keys_mod.cached_templates("k" * 16, model, tok, seed=0, lengths=((4, 5),))
+    # No key (or the variable set): generated every time, nothing written.
+    with pytest.raises(AssertionError, match="generated again"):
+        keys_mod.cached_templates(None, model, tok, seed=0, lengths=lengths)
+    monkeypatch.setenv("RROME_NO_TEMPLATE_CACHE", "1")
+    with pytest.raises(AssertionError, match="generated again"):
+        keys_mod.cached_templates("k" * 16, model, tok, seed=0, lengths=lengths)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"[]",
+        b'{"version": 1, "templates": ["{}"]}',  # too few
+        b'{"version": 2, "templates": ["{}", "a. {}", "b. {}", "c. {}", "d. {}", "e. {}"]}',
+        b'{"version": 1, "templates": ["{}", "a. {}", "b. {}", "c. {}", "d. {}", "e {} f. {}"]}',
+        b'{"version": 1, "templates": ["{}", "a. {}", "b. {}", "c. {}", "d. {}", 5]}',
+    ],
+    ids=["garbage", "list", "short", "version", "two-slots", "not-text"],
+)
+def test_templates_cache_rejects_a_bad_file(
+    content: bytes,
+    tiny_loaded: Callable[..., Any],
+    private_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cache file that is not what this version writes is ignored with a warning naming it,
+    and replaced by freshly generated templates."""
+    import rrome.engine.keys as keys_mod
+
+    monkeypatch.delenv("RROME_NO_TEMPLATE_CACHE")
+    model, tok, _ = tiny_loaded("gpt2", "right")
+    lengths = ((3, 5),)
+    path = keys_mod.templates_path("b" * 16, seed=0, lengths=lengths, top_k=5, device="cpu", dtype="float32")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with caplog.at_level("WARNING", logger="rrome.engine.keys"):
+        got = keys_mod.cached_templates("b" * 16, model, tok, seed=0, lengths=lengths)
+    assert got == generate_templates(model, tok, seed=0, lengths=lengths)
+    assert str(path) in caplog.text
+    assert keys_mod._read_templates(path, len(got)) == got

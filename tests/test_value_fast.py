@@ -70,9 +70,9 @@ def test_fast_value_equals_plain_with_column_logits(
 ) -> None:
     """transformers versions without 2-D ``logits_to_keep`` masks get one column list for the
     batch (every row's logits there, then the needed pairs selected): the same numbers."""
-    import rrome.engine.values
+    import rrome.engine.models
 
-    monkeypatch.setattr(rrome.engine.values, "_MASKED_LOGITS", False)
+    monkeypatch.setattr(rrome.engine.models, "MASKED_LOGITS", False)
     model, tok, adapter = tiny_loaded(family, "left")
     templates = generate_templates(model, tok, lengths=((3, 5),)) + HAND_TEMPLATES
     _check_fast_equals_plain(model, tok, adapter, 1, DARRIEUX, templates)

@@ -26,7 +26,7 @@ import torch
 from rrome._rust import Cholesky
 from rrome.engine import stats
 from rrome.engine.hooks import get_module
-from rrome.engine.keys import Keys, generate_templates, keys_at
+from rrome.engine.keys import Keys, cached_templates, keys_at
 from rrome.engine.models import Adapter, load, num_layers
 from rrome.engine.probabilities import request_probabilities
 from rrome.engine.prompts import EditPrompts, RequestTokens, Row, context_rows
@@ -241,9 +241,11 @@ class Editor:
         return _resident_weight(get_module(self.model, self.module_name))
 
     def templates(self) -> list[str]:
-        """The context templates (generated once per editor from the unedited model, seeded)."""
+        """The context templates (generated once per model, seeded, from the unedited model, and
+        cached next to its statistics: :func:`~rrome.engine.keys.cached_templates`)."""
         if self._templates is None:
-            self._templates = generate_templates(
+            self._templates = cached_templates(
+                stats.model_key(self.model_dir),
                 self.model,
                 self.tokenizer,
                 seed=self.hparams.template_seed,

@@ -5,14 +5,20 @@ x (docs/design.md §1). The rows and the subject's position in each come from
 :mod:`rrome.engine.prompts` (one tokenisation per edit, :class:`~rrome.engine.prompts.EditPrompts`);
 here the model runs them: k_e (mean key over the context templates) and k_e^o (key of the plain
 prompt), and the keys at every token of a text (the neighbour-leak diagnostic). Also here: the
-context templates, text the model generates itself from fixed seed words, seeded.
+context templates, text the model generates itself from fixed seed words, seeded, and their
+cache on disk (generating them is most of a one-edit run's time on a CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +26,8 @@ from rrome.engine.hooks import StopForward, trace
 from rrome.engine.models import input_device
 from rrome.engine.prompts import Row, context_rows, pad_rows
 from rrome.files.edits import EditRequest
+from rrome.files.fsutil import atomic_write
+from rrome.files.paths import cache_root
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -128,4 +136,86 @@ def generate_templates(
             for row in ids.tolist():
                 text = tokenizer.decode(row, skip_special_tokens=True)  # type: ignore[attr-defined]
                 templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates
+
+
+_TEMPLATES_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def template_count(lengths: Sequence[tuple[int, int]]) -> int:
+    """How many templates :func:`generate_templates` makes, ``"{}"`` included."""
+    return 1 + sum(max(1, n // len(TEMPLATE_SEEDS)) * len(TEMPLATE_SEEDS) for _, n in lengths)
+
+
+def templates_path(
+    key: str, *, seed: int, lengths: Sequence[tuple[int, int]], top_k: int, device: str, dtype: str
+) -> Path:
+    """Where :func:`cached_templates` keeps a model's templates: next to its statistics
+    (``cache_root()/stats/<model key>/templates-<hash>.json``), one file per seed, lengths,
+    ``top_k``, device type and dtype (sampling on another device or dtype may pick other tokens)."""
+    spec = json.dumps([seed, [list(x) for x in lengths], top_k, device, dtype], separators=(",", ":"))
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return cache_root() / "stats" / key / f"templates-{digest}.json"
+
+
+def _read_templates(path: Path, count: int) -> list[str] | None:
+    """The cached templates at ``path``, or ``None`` when there are none or the file is not a
+    valid cache (a warning names it; it is then regenerated and overwritten)."""
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the cached templates %s (%s); generating them again", path, e)
+        return None
+    templates = record.get("templates") if isinstance(record, dict) else None
+    valid = (
+        isinstance(record, dict)
+        and record.get("version") == _TEMPLATES_VERSION
+        and isinstance(templates, list)
+        and len(templates) == count
+        and templates[0] == "{}"
+        and all(isinstance(t, str) and t.endswith(". {}") and t.count("{}") == 1 for t in templates[1:])
+    )
+    if not valid:
+        log.warning(
+            "ignoring the cached templates %s (not a template cache of this version); generating them again", path
+        )
+        return None
+    return list(templates)  # type: ignore[arg-type]
+
+
+def cached_templates(
+    key: str | None,
+    model: torch.nn.Module,
+    tokenizer: object,
+    *,
+    seed: int = 0,
+    lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
+    top_k: int = 5,
+) -> list[str]:
+    """:func:`generate_templates`, read from the cache when this model (``key``, its
+    :func:`~rrome.engine.stats.model_key`) already made them with these settings on this device
+    type and dtype, else generated and cached. ``key=None`` (a model without a folder, or
+    ``RROME_NO_TEMPLATE_CACHE=1`` in the environment) generates them every time.
+
+    Like C0, the templates belong to the unedited model: a folder edited in place keeps its key
+    and so reads the templates of the model it was.
+    """
+    if key is None or os.environ.get("RROME_NO_TEMPLATE_CACHE") == "1":
+        return generate_templates(model, tokenizer, seed=seed, lengths=lengths, top_k=top_k)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path = templates_path(key, seed=seed, lengths=lengths, top_k=top_k, device=input_device(model).type, dtype=dtype)
+    cached = _read_templates(path, template_count(lengths))
+    if cached is not None:
+        return cached
+    templates = generate_templates(model, tokenizer, seed=seed, lengths=lengths, top_k=top_k)
+    record = {"version": _TEMPLATES_VERSION, "seed": seed, "lengths": [list(x) for x in lengths], "top_k": top_k}
+    record["templates"] = templates
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, (json.dumps(record, ensure_ascii=False, indent=1) + "\n").encode())
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.warning("could not cache the templates at %s: %s", path, e)
     return templates

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rrome.files.constants import DTYPES
 from rrome.files.errors import UnsupportedModelError
 from rrome.files.shards import Layout
@@ -176,3 +178,30 @@ def load(
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer, adapter
+
+
+def _masked_logits_supported() -> bool:
+    """Whether this transformers takes a 2-D boolean ``logits_to_keep`` (newer versions do)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+MASKED_LOGITS = _masked_logits_supported()
+
+
+def logits_at(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, *, masked: bool = True) -> torch.Tensor:
+    """The logits at the positions ``keep`` (bool, like ``input_ids``) marks, ``(n_kept, vocab)``
+    in row-major (row, position) order.
+
+    With ``masked`` and a transformers that takes a 2-D ``logits_to_keep``, the head runs only at
+    those positions: on a model with a large vocabulary (Gemma 3: 262,144 × 640) it costs more than
+    the blocks at every other position. Otherwise every position's logits are computed, then selected.
+    """
+    if masked and MASKED_LOGITS:
+        logits: torch.Tensor = model(**inputs, logits_to_keep=keep).logits
+        return logits.reshape(-1, logits.shape[-1])
+    out: torch.Tensor = model(**inputs).logits
+    return out[keep.to(out.device)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rrome.engine.models import context_length, input_device
+from rrome.engine.models import context_length, input_device, logits_at
 from rrome.engine.prompts import RequestTokens, Row, pad_rows, target_ids
 
 
@@ -32,13 +32,18 @@ def _log_probs_of(
     out: list[torch.Tensor] = []
     for at in range(0, len(rows), batch_size):
         batch = pad_rows(tokenizer, rows[at : at + batch_size], device)
-        with torch.no_grad():
-            logits = model(**batch.model_inputs()).logits
-        for i, (_, tgt) in enumerate(pairs[at : at + batch_size]):
+        chunk = pairs[at : at + batch_size]
+        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, (_, tgt) in enumerate(chunk):
             start = int(batch.lookup[i])
-            pos = torch.arange(start, start + len(tgt), device=device)
-            lp = logits[i, pos].float().log_softmax(-1)
-            out.append(lp[torch.arange(len(tgt), device=device), torch.tensor(tgt, device=device)].cpu())
+            keep[i, start : start + len(tgt)] = True
+        with torch.no_grad():
+            logits = logits_at(model, batch.model_inputs(), keep)  # row by row, each target's positions
+        at_row = 0
+        for _, tgt in chunk:
+            lp = logits[at_row : at_row + len(tgt)].float().log_softmax(-1)
+            at_row += len(tgt)
+            out.append(lp[torch.arange(len(tgt), device=lp.device), torch.tensor(tgt, device=lp.device)].cpu())
     return out
 
 
