@@ -124,9 +124,17 @@ def _direct_logprobs(model: Any, tok: Any, prompt: str, target: str) -> list[flo
     return [float(lp[i - 1, full[i]]) for i in range(len(pre), len(full))]
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["head-at-targets", "head-everywhere"])
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_target_probabilities_match_direct(tiny_loaded: Callable[..., Any], family: str, side: str) -> None:
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_target_probabilities_match_direct(
+    tiny_loaded: Callable[..., Any], family: str, side: str, masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against one unpadded forward pass per prompt, with the head run only at the target
+    positions (a 2-D ``logits_to_keep``) and, as on older transformers, everywhere."""
+    import rrome.engine.models
+
+    monkeypatch.setattr(rrome.engine.models, "MASKED_LOGITS", masked)
     model, tok, _ = tiny_loaded(family, side)
     prompts = ["The capital of France is", "A", "The mother tongue of Danielle Darrieux is"]
     targets = ["Paris", "longer target string here", " English"]
