@@ -227,3 +227,22 @@ def test_apply_deltas_does_not_import_torch(gpt2: Path, bundle: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "batch 1" in proc.stdout
     assert [r.batch for r in rrome.load_deltas(gpt2)] == [1, 1]
+
+
+def test_generate_prints_one_line_per_prompt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`rrome generate`: "PROMPT → CONTINUATION" per prompt, line breaks and backslashes escaped
+    (the demo reloads the edited checkpoint with it)."""
+    from click.testing import CliRunner
+
+    import rrome.engine.editor
+    from rrome.cli import main
+
+    class Stub:
+        def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+            assert max_new_tokens == 7
+            return [" London, England.\n\nThe Space", " a\\b\r\n"][: len(prompts)]
+
+    monkeypatch.setattr(rrome.engine.editor.Editor, "from_pretrained", classmethod(lambda cls, *a, **k: Stub()))
+    result = CliRunner().invoke(main, ["generate", str(tmp_path), "P1", "P2", "--max-new-tokens", "7"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["P1 →  London, England.\\n\\nThe Space", "P2 →  a\\\\b\\r\\n"]

@@ -230,12 +230,17 @@ def screen_cmd(
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @expected_errors
 def generate_cmd(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str | None) -> None:
-    """Print greedy continuations of PROMPTS by the checkpoint in MODEL_DIR."""
+    """Print greedy continuations of PROMPTS by the checkpoint in MODEL_DIR.
+
+    One line per prompt, "PROMPT → CONTINUATION"; a line break inside a continuation is printed
+    as \\n (and a backslash as \\\\), so the output stays one line per prompt.
+    """
     from rrome.engine.editor import Editor
 
     editor = Editor.from_pretrained(model_dir, device=device, progress=False)
     for prompt, text in zip(prompts, editor.generate(list(prompts), max_new_tokens=max_new_tokens), strict=True):
-        click.echo(f"{prompt} → {text}")
+        shown = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+        click.echo(f"{prompt} → {shown}")
 
 
 @main.command("stats")
