@@ -1,12 +1,13 @@
 """CounterFact metrics of two one-at-a-time runs on the cases both have edited (paired).
 
     python scripts/paired_metrics.py RUN_A/single-r-rome RUN_B/single-r-rome [--names A B]
+    python scripts/paired_metrics.py A1/single-r-rome,A2/single-r-rome RUN_B/single-r-rome
 
-Reads each folder's ``edits.jsonl`` (as ``rrome eval`` writes it), keeps the case ids present in
-both, and prints ES/PS/NS/Score for each run on those cases, plus the cases where the
-neighbourhood prompt keeps its answer in one run and not in the other (a paired comparison:
-on the same cases the run-to-run difference has far less noise than two independent samples).
-No torch.
+Reads each folder's ``edits.jsonl`` (as ``rrome eval`` writes it; a side may join several
+folders with commas, e.g. one run's cases 1-100 and another's 101-200), keeps the case ids
+present in both sides, and prints ES/PS/NS/Score for each side on those cases, plus, per
+metric, the cases that succeed in one side and not in the other (a paired comparison: on the
+same cases the run-to-run difference has far less noise than two independent samples). No torch.
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.results import read_jsonl
 
 
-def _cases(folder: Path) -> dict[str, CaseProbs]:
-    # read_jsonl leaves out a torn last line, so a folder still being written can be read.
-    return {str(rec["case_id"]): CaseProbs.from_json(rec["case"]) for rec in read_jsonl(folder / "edits.jsonl")}
-
-
-def _neighbour_kept(c: CaseProbs) -> float:
-    return metrics([c])["NS"]
+def _cases(folders: str) -> dict[str, CaseProbs]:
+    out: dict[str, CaseProbs] = {}
+    for folder in folders.split(","):
+        # read_jsonl leaves out a torn last line, so a folder still being written can be read.
+        for rec in read_jsonl(Path(folder) / "edits.jsonl"):
+            key = str(rec["case_id"])
+            if key in out:
+                raise SystemExit(f"case {key} is in two folders of {folders}")
+            out[key] = CaseProbs.from_json(rec["case"])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", type=Path)
-    ap.add_argument("b", type=Path)
+    ap.add_argument("a", help="a run's variant folder, or several joined by commas")
+    ap.add_argument("b", help="the same for the other run")
     ap.add_argument("--names", nargs=2, default=["A", "B"])
     args = ap.parse_args()
     a, b = _cases(args.a), _cases(args.b)
@@ -40,9 +44,10 @@ def main() -> None:
     for name, run in zip(args.names, (a, b), strict=True):
         m = metrics([run[k] for k in common])
         print(f"| {name} | {m['ES']:.1f} | {m['PS']:.1f} | {m['NS']:.1f} | {m['Score']:.1f} |")
-    only_a = sum(_neighbour_kept(a[k]) > _neighbour_kept(b[k]) for k in common)
-    only_b = sum(_neighbour_kept(b[k]) > _neighbour_kept(a[k]) for k in common)
-    print(f"neighbour kept only in {args.names[0]}: {only_a} cases; only in {args.names[1]}: {only_b} cases")
+    for metric, what in (("ES", "edit took"), ("PS", "paraphrase took"), ("NS", "neighbour kept")):
+        only_a = sum(metrics([a[k]])[metric] > metrics([b[k]])[metric] for k in common)
+        only_b = sum(metrics([b[k]])[metric] > metrics([a[k]])[metric] for k in common)
+        print(f"{what} only in {args.names[0]}: {only_a} cases; only in {args.names[1]}: {only_b} cases")
 
 
 if __name__ == "__main__":
