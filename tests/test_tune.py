@@ -322,8 +322,9 @@ def test_best_json_is_a_hparams_file(sweep: Sweep, tmp_path: Path) -> None:
 # ranking
 
 
-def _line(trial: int, es: float, score: float) -> dict[str, Any]:
-    return {"trial": trial, "grid": {}, "metrics": {"ES": es, "PS": 50.0, "NS": 50.0, "Score": score}}
+def _line(trial: int, es: float, score: float, steps: float | None = None) -> dict[str, Any]:
+    line = {"trial": trial, "grid": {}, "metrics": {"ES": es, "PS": 50.0, "NS": 50.0, "Score": score}}
+    return line if steps is None else {**line, "steps_mean": steps}
 
 
 def test_rank_puts_the_constraint_first() -> None:
@@ -339,6 +340,19 @@ def test_rank_puts_the_constraint_first() -> None:
     assert [t["trial"] for t in rank(lines)] == [2, 5, 0, 3, 6, 1, 4]
     assert [t["trial"] for t in rank(lines, min_es=90)] == [6, 1, 2, 5, 0, 3, 4]
     assert rank(lines, min_es=0)[0]["trial"] == 6
+
+
+def test_rank_breaks_a_tie_by_fewer_steps() -> None:
+    """Equal Scores: fewer optimisation steps first (a trial without the figure after those with
+    it), then trial order; steps never outrank a better Score."""
+    lines = [
+        _line(0, 98.0, 80.85, steps=6.5),
+        _line(1, 98.0, 80.85, steps=5.2),
+        _line(2, 98.0, 80.85),
+        _line(3, 98.0, 80.85, steps=5.2),
+        _line(4, 98.0, 80.9, steps=19.0),
+    ]
+    assert [t["trial"] for t in rank(lines)] == [4, 1, 3, 0, 2]
 
 
 def test_rerun_with_another_min_es_only_reranks(sweep: Sweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

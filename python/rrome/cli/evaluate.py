@@ -195,7 +195,8 @@ def tune_cmd(
 
     Each trial (a point of the grid) edits every case into the unedited model, measures it as
     `rrome eval` does and restores the weight exactly. Objective: the Score (harmonic mean of
-    ES, PS, NS) among the trials with ES >= --min-es; the others rank after them. Writes one
+    ES, PS, NS) among the trials with ES >= --min-es; the others rank after them; equal Scores
+    go to the trial with fewer optimisation steps on average. Writes one
     line per trial to --out/trials.jsonl, prints the table (best first; also table.md) and
     writes the best set to --out/best.json, a file for --hparams. A killed sweep continues
     where it stopped when the same command runs again; other settings into the same folder
