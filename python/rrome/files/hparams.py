@@ -55,7 +55,7 @@ Sequential retention
 Presets: ``reference`` is the reference ROME code's constants and stopping rule exactly (it
 leaves the layer and the statistics budget to the family); ``default`` is the family's packaged
 set unchanged. Gemma 3's packaged set is measured on CounterFact (most-probable stop, relative
-step 0.25, clamp 1; selected on train, reported on val in docs/results.md); every other family's
+step 1, clamp 1; selected on train, reported on val in docs/results.md); every other family's
 is still the reference recipe, and its file's ``note`` says so (``not yet tuned``).
 """
 
