@@ -367,7 +367,7 @@ def bench_edits(model_dir: Path, default: Any, repeats: int, quick: bool, only: 
     reference = editor_mod.Editor.from_pretrained(model_dir, progress=False, hparams=hparams)
     value_s: list[float] = []
 
-    def edit_once(editor: Any, fast: bool = True) -> tuple[float, int, str, float]:
+    def edit_once(editor: Any, fast: bool = True) -> tuple[float, int, str, float, list[float]]:
         weight = get_module(editor.model, editor.module_name).weight
         original = weight.detach().clone()
 
@@ -388,14 +388,14 @@ def bench_edits(model_dir: Path, default: Any, repeats: int, quick: bool, only: 
                 weight.copy_(original)  # each edit starts from the unedited model
             editor.pending.clear()
             editor.results.clear()
-        return secs, res.steps, res.stop, value_s[-1]
+        return secs, res.steps, res.stop, value_s[-1], list(res.losses)
 
     for e in (default, reference):
         e.templates()  # generated (or read) once per editor, outside the timing
         e.cholesky()  # cached statistics and factor
     n = max(1, min(repeats, 3))
     if only in "edit-gemma270m":
-        runs: dict[str, list[tuple[float, int, str, float]]] = {"default": [], "reference": []}
+        runs: dict[str, list[tuple[float, int, str, float, list[float]]]] = {"default": [], "reference": []}
         for _ in range(n):  # interleaved: both see the same machine load
             runs["default"].append(edit_once(default))
             runs["reference"].append(edit_once(reference))
@@ -422,6 +422,7 @@ def bench_edits(model_dir: Path, default: Any, repeats: int, quick: bool, only: 
             statistics.median(x[3] for x in plain),
             baseline_is="plain loop",
             steps=fast[0][1],
+            max_loss_diff=max(abs(a - b) for a, b in zip(fast[0][4], plain[0][4], strict=True)),
         )
 
 
