@@ -87,3 +87,17 @@ def test_file_layer_and_report_do_not_import_torch_or_the_engine() -> None:
     )
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_stats_cache_paths_do_not_import_torch() -> None:
+    """``rrome.engine.stats`` computes the model key and the cache paths without torch (its
+    docstring says so): importing it, and the cache folder helpers, loads neither torch nor
+    transformers."""
+    code = (
+        "import sys\n"
+        "import rrome.engine.stats, rrome.engine.models\n"
+        "loaded = sorted(m for m in sys.modules if m in ('torch', 'transformers'))\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr

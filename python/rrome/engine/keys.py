@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from rrome.engine.hooks import StopForward, trace
-from rrome.engine.models import input_device
+from rrome.engine.models import input_device, model_dtype
 from rrome.engine.prompts import Row, context_rows, pad_rows
 from rrome.files.edits import EditRequest
 from rrome.files.fsutil import atomic_write
-from rrome.files.paths import cache_root
+from rrome.files.paths import model_cache_dir
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -100,6 +100,11 @@ def compute_keys(
     return keys_at(model, tokenizer, module_name, context_rows(tokenizer, request, templates))
 
 
+def _per_seed(n: int) -> int:
+    """Continuations per seed word for ``n`` templates of one length (at least one)."""
+    return max(1, n // len(TEMPLATE_SEEDS))
+
+
 def generate_templates(
     model: torch.nn.Module,
     tokenizer: object,
@@ -120,7 +125,7 @@ def generate_templates(
     special = set(getattr(tokenizer, "all_special_ids", []))
     templates = ["{}"]
     for length, n in lengths:
-        per = max(1, n // len(TEMPLATE_SEEDS))
+        per = _per_seed(n)
         for word in TEMPLATE_SEEDS:
             start = list(tokenizer(word)["input_ids"])  # type: ignore[operator]
             ids = torch.tensor([start] * per, device=device)
@@ -145,7 +150,7 @@ log = logging.getLogger(__name__)
 
 def template_count(lengths: Sequence[tuple[int, int]]) -> int:
     """How many templates :func:`generate_templates` makes, ``"{}"`` included."""
-    return 1 + sum(max(1, n // len(TEMPLATE_SEEDS)) * len(TEMPLATE_SEEDS) for _, n in lengths)
+    return 1 + sum(_per_seed(n) * len(TEMPLATE_SEEDS) for _, n in lengths)
 
 
 def templates_path(
@@ -156,7 +161,7 @@ def templates_path(
     ``top_k``, device type and dtype (sampling on another device or dtype may pick other tokens)."""
     spec = json.dumps([seed, [list(x) for x in lengths], top_k, device, dtype], separators=(",", ":"))
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    return cache_root() / "stats" / key / f"templates-{digest}.json"
+    return model_cache_dir(key) / f"templates-{digest}.json"
 
 
 def _read_templates(path: Path, count: int) -> list[str] | None:
@@ -205,7 +210,7 @@ def cached_templates(
     """
     if key is None or os.environ.get("RROME_NO_TEMPLATE_CACHE") == "1":
         return generate_templates(model, tokenizer, seed=seed, lengths=lengths, top_k=top_k)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = model_dtype(model)
     path = templates_path(key, seed=seed, lengths=lengths, top_k=top_k, device=input_device(model).type, dtype=dtype)
     cached = _read_templates(path, template_count(lengths))
     if cached is not None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rrome.files.constants import DTYPES
 from rrome.files.errors import UnsupportedModelError
 from rrome.files.shards import Layout
+
+if TYPE_CHECKING:  # the cache key and paths of rrome.engine.stats import this module without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -180,16 +181,29 @@ def load(
     return model, tokenizer, adapter
 
 
-def _masked_logits_supported() -> bool:
-    """Whether this transformers takes a 2-D boolean ``logits_to_keep`` (newer versions do)."""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def model_dtype(model: Any) -> str:
+    """The dtype the model runs in, as named in :data:`rrome.files.constants.DTYPES` (``float32``...):
+    its embeddings' dtype."""
+    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
 
-MASKED_LOGITS = _masked_logits_supported()
+MASKED_LOGITS: bool | None = None
+"""Whether this transformers takes a 2-D boolean ``logits_to_keep`` (newer versions do); found
+on first use by :func:`masked_logits` (the check imports transformers, and this module is
+imported without torch by the statistics cache), or set to force either path."""
+
+
+def masked_logits() -> bool:
+    """:data:`MASKED_LOGITS`, checked once."""
+    global MASKED_LOGITS
+    if MASKED_LOGITS is None:
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+        except ImportError:
+            MASKED_LOGITS = False
+        else:
+            MASKED_LOGITS = True
+    return MASKED_LOGITS
 
 
 def logits_at(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, *, masked: bool = True) -> torch.Tensor:
@@ -200,7 +214,7 @@ def logits_at(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor, *
     those positions: on a model with a large vocabulary (Gemma 3: 262,144 × 640) it costs more than
     the blocks at every other position. Otherwise every position's logits are computed, then selected.
     """
-    if masked and MASKED_LOGITS:
+    if masked and masked_logits():
         logits: torch.Tensor = model(**inputs, logits_to_keep=keep).logits
         return logits.reshape(-1, logits.shape[-1])
     out: torch.Tensor = model(**inputs).logits

@@ -5,7 +5,7 @@ MLP output projection) over ordinary text (docs/design.md §1). The keys are col
 :mod:`rrome.engine.collect` (:func:`~rrome.engine.collect.collect_second_moment`, the model run over
 the documents of a corpus as far as the edited module); this module caches the result on disk per
 unedited model, layer, corpus and token budget (:func:`second_moment`), under
-:func:`rrome.files.paths.cache_root`, with the Cholesky factor beside it. Only the
+:func:`rrome.files.paths.model_cache_dir`, with the Cholesky factor beside it. Only the
 functions that run the model import torch, so the cache key and paths also work where torch is
 not installed.
 """
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from rrome._rust import Checkpoint, Cholesky, SecondMoment
 from rrome.engine.collect import DEFAULT_SEQ_LEN, collect_second_moment
-from rrome.engine.models import context_length
+from rrome.engine.models import context_length, model_dtype
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import InvalidFileError
 from rrome.files.fsutil import sha256_file
-from rrome.files.paths import cache_root
+from rrome.files.paths import model_cache_dir
 
 if TYPE_CHECKING:
     from rrome.engine.distributed import DistInfo
@@ -93,7 +93,7 @@ def _stats_file(key: str, adapter: Adapter, layer: int, corpus_sha: str, max_tok
     # kept apart (float32 files keep the names they always had).
     suffix = "" if dtype == "float32" else f"-{dtype}"
     name = f"layer{layer}-{_module_tail(adapter, layer)}-{corpus_sha[:16]}-{max_tokens}{suffix}.safetensors"
-    return cache_root() / "stats" / key / name
+    return model_cache_dir(key) / name
 
 
 def stats_path(
@@ -233,7 +233,7 @@ def _cache_entry(
 ) -> tuple[Path, dict[str, str]]:
     """The cache file of :func:`second_moment`'s arguments and the metadata a file there must
     hold to be reused."""
-    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    dtype = model_dtype(model)
     expected = {
         "stats_format": STATS_FORMAT,
         "model_key": key,

@@ -293,7 +293,7 @@ def _forward_fast(run: _Run) -> torch.Tensor:
     x, prefix = run.inputs, run.prefix
     s0 = prefix.start if prefix.cache is not None else 0
     keep = x.keep[:, s0:]
-    cols = None if models.MASKED_LOGITS else keep.any(0).nonzero().squeeze(1)
+    cols = None if models.masked_logits() else keep.any(0).nonzero().squeeze(1)
     inputs: dict[str, Any] = {
         "input_ids": x.batch.input_ids[:, s0:],
         "attention_mask": x.batch.attention_mask,

@@ -1,7 +1,8 @@
 """Where rrome keeps what it computes once: the cache folder.
 
-Layer statistics and their Cholesky factors (:mod:`rrome.engine.stats`) live under
-``cache_root()/stats``, the converted demo models (:mod:`rrome.demo`) under
+Each model's layer statistics, their Cholesky factors (:mod:`rrome.engine.stats`) and its
+context templates (:mod:`rrome.engine.keys`) live in :func:`model_cache_dir`, under
+``cache_root()/stats``; the converted demo models (:mod:`rrome.demo`) under
 ``cache_root()/models``.
 """
 
@@ -26,3 +27,9 @@ def cache_root() -> Path:
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "rrome"
     return Path.home() / ".cache" / "rrome"
+
+
+def model_cache_dir(key: str) -> Path:
+    """The folder of one model's cached work (statistics, factors, templates):
+    ``cache_root()/stats/<key>``, ``key`` being :func:`rrome.engine.stats.model_key`."""
+    return cache_root() / "stats" / key
