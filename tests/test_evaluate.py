@@ -321,6 +321,27 @@ def test_resume_with_other_settings_is_refused(gpt2_dir: Path, tmp_path: Path) -
         run(_config(gpt2_dir, n=2, diagnostics=False), tmp_path / "r", progress=False)
 
 
+def test_resume_checks_the_resolved_hyperparameters(gpt2_dir: Path, tmp_path: Path) -> None:
+    """The packaged defaults may change between sessions: a folder whose edits were made with
+    another resolved set is refused, naming the field, and continues once --set says the set."""
+    out = tmp_path / "r"
+    run(_config(gpt2_dir, n=2, diagnostics=False), out, progress=False)
+    edits = out / "single-r-rome" / "edits.jsonl"
+    edits.write_text(edits.read_text().splitlines(keepends=True)[0])  # as if killed after case 0
+    base = json.loads((out / "baseline.json").read_text())
+    assert base["hparams"]["clamp_norm_factor"] == 4.0
+    # As if the folder had been made when the family's default clamp was 2.
+    base["hparams"]["clamp_norm_factor"] = 2.0
+    del base["hparams"]["retain_weight"]  # a field rrome did not have then counts as its default
+    (out / "baseline.json").write_text(json.dumps(base))
+    with pytest.raises(RromeError, match=r"other hyperparameters \(clamp_norm_factor: saved 2\.0, now 4\.0\)"):
+        run(_config(gpt2_dir, n=2, diagnostics=False), out, progress=False)
+    # Other overrides that resolve to the saved set are accepted, and the run goes on.
+    run(_config(gpt2_dir, n=2, diagnostics=False, hparams={**QUICK, "clamp_norm_factor": 2.0}), out, progress=False)
+    lines = read_jsonl(edits)
+    assert [rec["index"] for rec in lines] == [0, 1]
+
+
 def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(RromeError, match=r"run\.json: missing"):
         summarize(tmp_path)

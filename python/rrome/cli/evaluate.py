@@ -88,8 +88,9 @@ def eval_cmd(
 
     The checkpoint on disk is never written. Results go to --out as JSON lines, a table and
     plots; a killed run continues where it stopped when started again with the same --out.
-    The fields --hparams and --set give are saved in the folder's run.json (a resumed run must
-    give the same) and the resolved set in baseline.json.
+    The fields --hparams and --set give are saved in the folder's run.json and the resolved set
+    in baseline.json; a resumed run must resolve to the same set (after a change of the packaged
+    defaults, say it with --hparams/--set).
     """
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
     if stats_tokens:

@@ -3,7 +3,9 @@
 A run lives in a results folder::
 
     run.json                      the settings (a resumed run must match them)
-    baseline.json                 the unedited model: per-case probabilities, diagnostics, downstream
+    baseline.json                 the unedited model: per-case probabilities, diagnostics, downstream,
+                                  and the resolved hyperparameters (a resumed run must edit with
+                                  the same set, whatever the packaged defaults have become since)
     <mode>-<method>/edits.jsonl   one line per edit: |Δ|, factors' norms, the value optimisation
                                   (steps, why it stopped, ‖δ‖/‖v_init‖, loss terms per pass),
                                   probabilities, generation entropies (non-sequential: the case's
@@ -54,7 +56,7 @@ from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
 from rrome.files.fsutil import atomic_write
-from rrome.files.hparams import HParams
+from rrome.files.hparams import HParams, HParamsError, check_overrides
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     saved = json.loads(path.read_text())
     new = cfg.to_json()
     # A folder collects variants (each has its own subfolder); the model folder and the data file
-    # may move between machines (the data's sha256 must still match).
-    free = ("device", "methods", "model_dir", "data")
+    # may move between machines (the data's sha256 must still match). The hyperparameters are
+    # compared resolved, once the model is known (_check_hparams): the same overrides mean
+    # another set once the packaged defaults change, and other overrides may give the same set.
+    free = ("device", "methods", "model_dir", "data", "hparams")
     # A field added after a folder was made counts as its default there.
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
     diff = [k for k in new if k not in free and json.dumps(saved.get(k, defaults.get(k))) != json.dumps(new[k])]
@@ -110,6 +114,32 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     methods = [m for m in METHODS if m in set(saved.get("methods", ())) | set(cfg.methods)]
     if methods != saved.get("methods"):
         write_json(path, {**saved, "methods": methods})
+
+
+def _check_hparams(out_dir: Path, used: HParams) -> None:
+    """Refuses to go on with a folder whose edits were made with another resolved set.
+
+    ``baseline.json`` records the set the folder's first session resolved; a field it lacks (one
+    added to rrome later) counts as that field's default, which is how those edits were made.
+    """
+    path = out_dir / BASELINE_FILE
+    if not path.exists():
+        return
+    raw = json.loads(path.read_text()).get("hparams")
+    if not isinstance(raw, dict):
+        return
+    try:
+        saved = HParams(**check_overrides(raw)).to_json()
+    except (HParamsError, TypeError) as e:
+        raise RromeError(f"{path}: its hyperparameters cannot be read ({e}); use another --out") from None
+    now = used.to_json()
+    diff = [k for k in now if k != "note" and json.dumps(saved[k]) != json.dumps(now[k])]
+    if diff:
+        detail = "; ".join(f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in diff)
+        raise RromeError(
+            f"{path}: this folder's edits were made with other hyperparameters ({detail}); "
+            "pass --hparams/--set to match them, or use another --out"
+        )
 
 
 def load_cases(cfg: RunConfig) -> list[EditRequest]:
@@ -427,6 +457,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
     _check_config(out, cfg)
     torch.manual_seed(cfg.seed)
     s = Session(cfg, progress)
+    _check_hparams(out, s.editor.hparams)
     baseline(s, cfg, cases, out)
 
     from tqdm import tqdm
