@@ -185,6 +185,33 @@ class _PrefixCache:
             return cls(None, 0)
         return cls(cache, start)
 
+    @classmethod
+    def cut(cls, cache: Any, start: int, length: int) -> _PrefixCache | None:
+        """The prefix cache cut from a whole pass's cache (``length`` positions, no δ before
+        ``start``), or ``None`` where its layers are not the plain kinds this knows how to cut:
+        a growing layer, and a sliding-window one that has dropped nothing yet (its counter is
+        set back to ``start``)."""
+        layers = getattr(cache, "layers", None)
+        if start == 0 or not layers:
+            return None
+        for layer in layers:
+            kind = type(layer).__name__
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer") or keys is None or values is None:
+                return None
+            if keys.shape[-2] != length or values.shape[-2] != length:
+                return None  # a window that has dropped positions
+            if kind == "DynamicSlidingWindowLayer" and getattr(layer, "cumulative_length", None) != length:
+                return None
+        for layer in layers:
+            # Detached: the prefix does not depend on δ, but the pass computed it in the same
+            # tensors as the positions that do.
+            layer.keys = layer.keys[..., :start, :].detach()
+            layer.values = layer.values[..., :start, :].detach()
+            if type(layer).__name__ == "DynamicSlidingWindowLayer":
+                layer.cumulative_length = start
+        return cls(cache, start)
+
     def restore(self) -> Any:
         for layer, state in zip(self.cache.layers, self.saved, strict=True):
             vars(layer).clear()
@@ -212,7 +239,7 @@ class _Run:
     opt: torch.optim.Adam
     v_init: torch.Tensor | None = None  # the module's output at the plain prompt's subject (first pass)
     block_in: torch.Tensor | None = None  # the edited block's input at the first pass (fast path)
-    prefix: _PrefixCache | None = None  # the fast path's, from its second pass
+    prefix: _PrefixCache | None = None  # the fast path's, from its first pass
     kl_init: torch.Tensor | None = None  # the KL prompt's log-probabilities at the first pass
     held: int = 0  # consecutive passes at which every target token was the argmax
     steps: int = 0
@@ -264,29 +291,63 @@ def _add_delta(delta: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, out: t
 def _forward_plain(run: _Run, *, first: bool, fast: bool) -> torch.Tensor:
     """The whole model on the whole batch with δ added; the logits at the kept positions
     (row-major). The first pass records v_init (the module's output at the plain prompt's subject
-    token, before δ) and, for the fast path, the edited block's input, which it replays."""
+    token, before δ) and, for the fast path, the edited block's input, which it replays, and the
+    prefix cache, cut from this pass's own keys and values where the cache allows it
+    (:meth:`_PrefixCache.cut`)."""
     x = run.inputs
     block = f"{run.blocks_name}.{run.layer}"
+    inputs: dict[str, Any] = x.batch.model_inputs()
+    cache = _empty_cache(run.model) if first and fast else None
+    if cache is not None:
+        inputs[_cache_kwarg(run.model)] = cache
+        inputs["use_cache"] = True
     # Registered before the δ hook, the output trace sees the module's own output.
     watch_out = trace(run.model, [run.module_name], inputs=False, outputs=True) if first else nullcontext(Trace())
     watch_in = record_input(run.model, block) if first and fast else nullcontext(Trace())
     add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup)
     # The fast path's first pass runs the head only at the kept positions (same rows, same order).
     with watch_out as out, edit_output(run.model, run.module_name, add), watch_in as rec:
-        logits = logits_at(run.model, x.batch.model_inputs(), x.keep, masked=fast)
+        logits = logits_at(run.model, inputs, x.keep, masked=fast)
     if first:
         y = out.outputs[run.module_name]
         run.v_init = y[0, x.batch.lookup.to(y.device)[0]].float().to(x.rows.device).clone()
     if first and fast:
         run.block_in = rec.inputs[block]
+        if cache is not None:
+            run.prefix = _PrefixCache.cut(cache, int(x.batch.lookup.min()), x.batch.input_ids.shape[1])
     return logits
+
+
+def _empty_cache(model: nn.Module) -> Any:
+    """A new, empty key-value cache for ``model`` that a forward pass fills in place, or ``None``
+    where this transformers has none to give."""
+    try:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=getattr(model, "config", None))
+    except (ImportError, TypeError, ValueError, AttributeError):  # another cache API: the fast path builds its own
+        return None
+
+
+def _suffix_inputs(run: _Run, s0: int) -> dict[str, Any]:
+    """The model's inputs for the positions from ``s0`` on, after the prefix cache."""
+    assert run.prefix is not None and run.prefix.cache is not None
+    b = run.inputs.batch
+    return {
+        "input_ids": b.input_ids[:, s0:],
+        "attention_mask": b.attention_mask,
+        "position_ids": b.position_ids[:, s0:],
+        _cache_kwarg(run.model): run.prefix.restore(),
+        "use_cache": True,
+    }
 
 
 def _forward_fast(run: _Run) -> torch.Tensor:
     """The edited block and those above on the positions from the earliest subject token on,
     the blocks below replayed from the first pass and the positions before from the prefix cache
-    (built at the first call, outside the δ hook: no δ in the prefix); logits only at the kept
-    positions, in the plain path's row-major (row, position) order."""
+    (cut from the first pass, else built at the first call outside the δ hook: no δ in the
+    prefix); logits only at the kept positions, in the plain path's row-major (row, position)
+    order."""
     assert run.block_in is not None
     if run.prefix is None:
         run.prefix = _PrefixCache.build(run.model, run.inputs.batch)
@@ -294,17 +355,10 @@ def _forward_fast(run: _Run) -> torch.Tensor:
     s0 = prefix.start if prefix.cache is not None else 0
     keep = x.keep[:, s0:]
     cols = None if models.masked_logits() else keep.any(0).nonzero().squeeze(1)
-    inputs: dict[str, Any] = {
-        "input_ids": x.batch.input_ids[:, s0:],
-        "attention_mask": x.batch.attention_mask,
-        "position_ids": x.batch.position_ids[:, s0:],
-        # The exact (row, position) pairs where transformers takes a 2-D mask; else one list of
-        # columns for the whole batch (every row's logits at each, then selected).
-        "logits_to_keep": keep if cols is None else cols,
-    }
-    if prefix.cache is not None:
-        inputs[_cache_kwarg(run.model)] = prefix.restore()
-        inputs["use_cache"] = True
+    inputs = _suffix_inputs(run, s0) if prefix.cache is not None else x.batch.model_inputs()
+    # The exact (row, position) pairs where transformers takes a 2-D mask; else one list of
+    # columns for the whole batch (every row's logits at each, then selected).
+    inputs["logits_to_keep"] = keep if cols is None else cols
     add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup - s0)
     replay = replay_below(run.model, run.blocks_name, run.layer, run.block_in[:, s0:])
     with edit_output(run.model, run.module_name, add), replay:
