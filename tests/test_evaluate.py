@@ -335,7 +335,9 @@ def test_resume_checks_the_resolved_hyperparameters(gpt2_dir: Path, tmp_path: Pa
     del base["hparams"]["retain_weight"]  # a field rrome did not have then counts as its default
     (out / "baseline.json").write_text(json.dumps(base))
     with pytest.raises(RromeError, match=r"other hyperparameters \(clamp_norm_factor: saved 2\.0, now 4\.0\)"):
-        run(_config(gpt2_dir, n=2, diagnostics=False), out, progress=False)
+        run(_config(gpt2_dir, n=2, diagnostics=False, methods=("r-rome", "rome")), out, progress=False)
+    assert json.loads((out / "run.json").read_text())["methods"] == ["r-rome"], "a refused run changed run.json"
+    assert not (out / "single-rome").exists()
     # Other overrides that resolve to the saved set are accepted, and the run goes on.
     run(_config(gpt2_dir, n=2, diagnostics=False, hparams={**QUICK, "clamp_norm_factor": 2.0}), out, progress=False)
     lines = read_jsonl(edits)

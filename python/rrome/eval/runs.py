@@ -93,10 +93,9 @@ class RunConfig:
 
 
 def _check_config(out_dir: Path, cfg: RunConfig) -> None:
+    """Refuses a folder that holds a run with other settings (before the model is loaded)."""
     path = out_dir / RUN_FILE
     if not path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, cfg.to_json())
         return
     saved = json.loads(path.read_text())
     new = cfg.to_json()
@@ -111,6 +110,17 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     if diff:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {new[k]!r}" for k in diff)
         raise RromeError(f"{path}: this results folder holds a run with other settings ({detail}); use another --out")
+
+
+def _record_config(out_dir: Path, cfg: RunConfig) -> None:
+    """Writes run.json in a new folder, or adds this run's variants to an existing one's (once
+    every check has passed, so that a refused run leaves the folder as it was)."""
+    path = out_dir / RUN_FILE
+    if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, cfg.to_json())
+        return
+    saved = json.loads(path.read_text())
     methods = [m for m in METHODS if m in set(saved.get("methods", ())) | set(cfg.methods)]
     if methods != saved.get("methods"):
         write_json(path, {**saved, "methods": methods})
@@ -458,6 +468,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     s = Session(cfg, progress)
     _check_hparams(out, s.editor.hparams)
+    _record_config(out, cfg)
     baseline(s, cfg, cases, out)
 
     from tqdm import tqdm
