@@ -56,7 +56,7 @@ from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
 from rrome.files.fsutil import atomic_write
-from rrome.files.hparams import HParams, HParamsError, check_overrides
+from rrome.files.hparams import HParams, HParamsError, check_overrides, describe_differences
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,8 @@ def _check_hparams(out_dir: Path, used: HParams) -> None:
         saved = HParams(**check_overrides(raw)).to_json()
     except (HParamsError, TypeError) as e:
         raise RromeError(f"{path}: its hyperparameters cannot be read ({e}); use another --out") from None
-    now = used.to_json()
-    diff = [k for k in now if k != "note" and json.dumps(saved[k]) != json.dumps(now[k])]
-    if diff:
-        detail = "; ".join(f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in diff)
+    detail = describe_differences(saved, used.to_json(), ignore=("note",))
+    if detail:
         raise RromeError(
             f"{path}: this folder's edits were made with other hyperparameters ({detail}); "
             "pass --hparams/--set to match them, or use another --out"

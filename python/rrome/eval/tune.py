@@ -47,7 +47,7 @@ from rrome.eval.runs import RunConfig, load_cases
 from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import NonFiniteUpdateError, RromeError
-from rrome.files.hparams import HParams
+from rrome.files.hparams import HParams, describe_differences
 
 MIN_ES = 95.0
 """Default of ``min_es``: the efficacy (percent) a set must reach to be ranked by its Score."""
@@ -232,10 +232,9 @@ def _check_resolved(out: Path, resolved: Sequence[HParams], done: Mapping[int, d
         if isinstance(saved, dict):
             # A field added to rrome after the trial was recorded, at its default, edits as before.
             saved = {**{k: now[k] for k in _ADDED_LATER if k not in saved and now[k] == _default(k)}, **saved}
-        if saved is None or _canonical(saved) == _canonical(now):
+        detail = describe_differences(saved, now) if saved is not None else ""
+        if not detail:
             continue
-        keys = sorted(k for k in set(saved) | set(now) if _canonical(saved.get(k)) != _canonical(now.get(k)))
-        detail = "; ".join(f"{k}: saved {json.dumps(saved.get(k))}, now {json.dumps(now.get(k))}" for k in keys)
         raise RromeError(
             f"{out}: trial {i} was run with another resolved set ({detail}); the family's defaults may have "
             "changed since. Use another --out"

@@ -218,6 +218,20 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
+def describe_differences(saved: Mapping[str, Any], now: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> str:
+    """``key: saved X, now Y`` for every key of either set (keys sorted, values as JSON, joined by
+    ``; ``) whose values differ; ``""`` when the two agree. Compares a recorded resolved set with
+    the one a resumed run resolves (``rrome eval``, ``rrome tune``); the caller says how a field
+    the record lacks counts."""
+    skip = set(ignore)
+    keys = sorted(
+        k
+        for k in set(saved) | set(now)
+        if k not in skip and json.dumps(saved.get(k), sort_keys=True) != json.dumps(now.get(k), sort_keys=True)
+    )
+    return "; ".join(f"{k}: saved {json.dumps(saved.get(k))}, now {json.dumps(now.get(k))}" for k in keys)
+
+
 def check_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
     """Checks names and values of a partial set of fields; returns them in canonical form.
 
