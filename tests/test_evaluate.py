@@ -294,6 +294,18 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
     cb = read_jsonl(folder / "checkpoints.jsonl")
     assert [c["edits"] for c in ca] == [c["edits"] for c in cb] == [2, 4]
     assert ca == cb
+
+    # killed while writing the checkpoint after edit 2: the resumed run writes it first
+    again = tmp_path / "again"
+    shutil.copytree(whole, again)
+    folder = again / "sequential-r-rome"
+    (folder / "edits.jsonl").write_text("".join(lines[:2]))
+    (folder / "checkpoints.jsonl").write_text("")
+    for i in (2, 3):
+        (folder / "deltas" / f"{i:05d}.safetensors").unlink()
+    (folder / "final.json").unlink()
+    run(cfg, again, progress=False)
+    assert read_jsonl(folder / "checkpoints.jsonl") == ca
     assert set(ca[-1]["downstream"]) == {t.name for t in TASKS}
 
     table, figures = report(part)

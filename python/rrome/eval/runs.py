@@ -411,6 +411,10 @@ def _sequential(
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
         s.editor.replay(u, r, k)
     norms = [float(rec["norm_delta"]) for rec in records if "refused" not in rec]
+    n_done = len(records)
+    if n_done and n_done % cfg.every == 0 and n_done not in checks:  # killed during this checkpoint
+        fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
+        checks.add(n_done)
     for i in range(len(records), len(cases)):
         request = cases[i]
         n_done = i + 1
