@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rrome.engine.editor import Editor
 from rrome.eval.results import read_jsonl
-from rrome.eval.runs import _load_factors
+from rrome.eval.runs import replay_edits
 
 PROMPTS = (
     "The Eiffel Tower is located in the city of",
@@ -47,10 +47,7 @@ def main() -> None:
     done = 0
     print(f"# Greedy continuations along `{args.folder}`\n")
     for n in counts:
-        for rec in records[done:n]:
-            if "refused" not in rec:
-                u, r, _ = _load_factors(args.folder / "deltas" / f"{rec['index']:05d}.safetensors")
-                editor.replay(u, r)
+        replay_edits(editor, args.folder / "deltas", records[done:n])
         done = n
         last = records[n - 1] if n else None
         what = "unedited" if last is None else f"after {n} edits (last: case {last['case_id']}, {last['subject']})"

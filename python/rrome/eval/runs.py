@@ -371,6 +371,25 @@ def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None
     atomic_write(path, save(tensors))
 
 
+def factors_path(deltas: Path, index: int) -> Path:
+    """The file that holds the factors of edit ``index`` of a sequential run (its ``deltas/``)."""
+    return deltas / f"{index:05d}.safetensors"
+
+
+def replay_edits(editor: Editor, deltas: Path, records: Sequence[dict[str, Any]], *, retain: bool = False) -> None:
+    """Adds the stored updates of ``records`` (lines of a sequential run's ``edits.jsonl``,
+    refused ones skipped) to ``editor``'s in-memory model in order: the same weights, bit for
+    bit, as the run had after them. ``retain``: each file must hold the edit's key to retain."""
+    for rec in records:
+        if "refused" in rec:
+            continue
+        path = factors_path(deltas, int(rec["index"]))
+        u, r, k = _load_factors(path)
+        if retain and k is None:
+            raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
+        editor.replay(u, r, k)
+
+
 def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     from safetensors.numpy import load_file
 
@@ -402,19 +421,15 @@ def _sequential(
     checks = {c["edits"] for c in read_jsonl(checks_path, repair=True)}
     s.restore()
     retain = s.editor.hparams.retain_edit_keys
-    for rec in records:  # replay the finished edits: the same weights, bit for bit
-        if "refused" in rec:
-            continue
-        path = deltas / f"{rec['index']:05d}.safetensors"
-        u, r, k = _load_factors(path)
-        if retain and k is None:
-            raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
-        s.editor.replay(u, r, k)
+    replay_edits(s.editor, deltas, records, retain=retain)
     norms = [float(rec["norm_delta"]) for rec in records if "refused" not in rec]
-    n_done = len(records)
-    if n_done and n_done % cfg.every == 0 and n_done not in checks:  # killed during this checkpoint
-        fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
-        checks.add(n_done)
+
+    def checkpoint_if_due(n_done: int) -> None:
+        if (n_done == len(cases) or (n_done > 0 and n_done % cfg.every == 0)) and n_done not in checks:
+            fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
+            checks.add(n_done)
+
+    checkpoint_if_due(len(records))  # a run killed after an edit but before its checkpoint
     for i in range(len(records), len(cases)):
         request = cases[i]
         n_done = i + 1
@@ -434,15 +449,11 @@ def _sequential(
             if cfg.diagnostics:
                 rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
             key = s.editor.retained_keys[-1] if retain else None
-            _save_factors(deltas / f"{i:05d}.safetensors", result.delta.u, result.delta.r, key)
+            _save_factors(factors_path(deltas, i), result.delta.u, result.delta.r, key)
             fsync_append(edits_path, rec)
             norms.append(result.norm_delta)
-        if (n_done % cfg.every == 0 or n_done == len(cases)) and n_done not in checks:
-            fsync_append(checks_path, _checkpoint(s, cfg, cases, n_done, norms))
-            checks.add(n_done)
+        checkpoint_if_due(n_done)
         tick(method, n_done, len(cases))
-    if len(cases) not in checks:  # resumed after the last edit but before its checkpoint
-        fsync_append(checks_path, _checkpoint(s, cfg, cases, len(cases), norms))
     final = folder / "final.json"
     if not final.exists():
         write_json(final, {"cases": [s.probs(r).to_json() for r in cases]})
