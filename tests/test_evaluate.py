@@ -23,7 +23,7 @@ from rrome.eval.metrics import CaseProbs, harmonic_mean, metrics
 from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import report, summarize
 from rrome.eval.results import read_jsonl
-from rrome.eval.runs import RunConfig, run
+from rrome.eval.runs import RunConfig, RunProgress, run
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 from rrome.files.fsutil import sha256_file
@@ -354,6 +354,28 @@ def test_resume_checks_the_resolved_hyperparameters(gpt2_dir: Path, tmp_path: Pa
     run(_config(gpt2_dir, n=2, diagnostics=False, hparams={**QUICK, "clamp_norm_factor": 2.0}), out, progress=False)
     lines = read_jsonl(edits)
     assert [rec["index"] for rec in lines] == [0, 1]
+
+
+def test_progress_rate_counts_this_process_edits_only() -> None:
+    """A resumed run shows the earlier process's edits as done, but its rate (n - initial over
+    the elapsed time) and so its time left count the edits made now."""
+    import io
+
+    out = io.StringIO()
+    bar = RunProgress(30, "sequential", file=out)
+    bar.finish("rome", 10)  # all ten made by an earlier process: no tick
+    bar.tick("r-rome", 8, 10)  # resumed after 7
+    bar.tick("r-rome", 9, 10)
+    bar.finish("r-rome", 10)
+    bar.tick("p-rome", 1, 10)  # a fresh method
+    bar.tick("p-rome", 2, 10)
+    assert (bar.bar.n, bar.bar.initial) == (22, 17)  # 5 edits made by this process
+    bar.close()
+    assert "22/30" in out.getvalue()
+    quiet = RunProgress(10, "single", enabled=False)  # --no-progress
+    quiet.tick("rome", 4, 10)
+    quiet.finish("rome", 10)
+    quiet.close()
 
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:

@@ -307,6 +307,45 @@ def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: 
 Progress = Callable[[str, int, int], None]
 
 
+class RunProgress:
+    """The progress bar of a run, counting edits over all methods. Edits an earlier, killed
+    process already made are shown as done but left out of the rate, so a resumed run's
+    speed and time left are this process's own (a run edits at a steady pace: the average
+    rate, no smoothing)."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, file: Any = None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="edit", smoothing=0, disable=not enabled, file=file)
+        self._seen: dict[str, int] = {}
+
+    def _resumed(self, n: int) -> None:
+        if self.bar.disable:  # a disabled tqdm holds no counts
+            return
+        self.bar.initial += n
+        self.bar.n += n
+
+    def tick(self, method: str, done: int, total: int) -> None:
+        """``done`` edits of ``method`` are finished; the first call of a resumed method
+        reports the earlier process's ``done - 1`` edits as well."""
+        if method not in self._seen:
+            self._resumed(done - 1)
+            self._seen[method] = done - 1
+        self.bar.update(done - self._seen[method])
+        self._seen[method] = done
+
+    def finish(self, method: str, total: int) -> None:
+        """All ``total`` edits of ``method`` are done (all by an earlier process if none ticked)."""
+        if method not in self._seen:
+            self._resumed(total)
+        else:
+            self.bar.update(total - self._seen[method])
+        self._seen[method] = total
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def edit_one_at_a_time(
     s: Session,
     cases: Sequence[EditRequest],
@@ -484,26 +523,16 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
     _record_config(out, cfg)
     baseline(s, cfg, cases, out)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(cases) * len(cfg.methods), disable=not progress, unit="edit")
-    seen: dict[str, int] = {}
-
-    def tick(method: str, done: int, total: int) -> None:
-        bar.set_description(f"{cfg.mode} {method}")
-        bar.update(done - seen.get(method, 0))
-        seen[method] = done
-
+    bar = RunProgress(len(cases) * len(cfg.methods), cfg.mode, enabled=progress)
     for method in cfg.methods:
         s.editor.method = cast(Method, method)
+        bar.bar.set_description(f"{cfg.mode} {method}")
         folder = out / f"{cfg.mode}-{method}"
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.sequential:
-            _sequential(s, cfg, method, cases, folder, tick)
+            _sequential(s, cfg, method, cases, folder, bar.tick)
         else:
-            _single(s, cfg, method, cases, folder, tick)
-        seen.setdefault(method, 0)
-        bar.update(len(cases) - seen[method])
-        seen[method] = len(cases)
+            _single(s, cfg, method, cases, folder, bar.tick)
+        bar.finish(method, len(cases))
     bar.close()
     return out
