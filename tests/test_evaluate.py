@@ -21,7 +21,7 @@ from rrome.eval.downstream import TASKS, downstream_accuracy, few_shot_sets
 from rrome.eval.generation import entropy, generation_entropy, ngram_entropy
 from rrome.eval.metrics import CaseProbs, harmonic_mean, metrics
 from rrome.eval.probabilities import leak_fractions
-from rrome.eval.report import report, summarize
+from rrome.eval.report import markdown_table, report, summarize
 from rrome.eval.results import read_jsonl
 from rrome.eval.runs import RunConfig, RunProgress, run
 from rrome.files.edits import EditRequest
@@ -245,6 +245,24 @@ def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> 
     s = summarize(out)
     assert set(s["variants"]) == {"r-rome", "rome"}
     assert all(v["complete"] and v["edits"] == 3 for v in s["variants"].values())
+
+    # An edit far above the run's median |Δ| counts as large; as disabling only when the
+    # generation entropy after it collapsed too (below half the unedited model's).
+    path = out / "single-rome" / "edits.jsonl"
+    lines = read_jsonl(path)
+    base_entropy = base["diagnostics"]["generation_entropy"]
+    lines[1]["norm_delta"] = 1000 * max(lines[0]["norm_delta"], lines[2]["norm_delta"])
+    for after, disabling in ((base_entropy, 0), (0.1 * base_entropy, 1)):
+        lines[1]["generation_entropy"] = after
+        path.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+        v = summarize(out)["variants"]["rome"]
+        assert [f["index"] for f in v["large_edits"]] == [1]
+        assert [f["index"] for f in v["disabling_edits"]] == [1] * disabling
+        table = markdown_table(summarize(out))
+        assert "| max abs Δ | abs Δ > 10× median | disabling edits |" in table
+        assert next(t for t in table.splitlines() if t.startswith("| rome |")).endswith(f"| 1 | {disabling} |")
+        assert f"- rome: edit 2 (case {lines[1]['case_id']}" in table
+        assert table.count(", disabling\n") == disabling
 
 
 def run_cases(model: Path) -> list[EditRequest]:

@@ -7,9 +7,11 @@ draws the paper's figures with matplotlib (headless): |Δ| against edit index, n
 against |Δ| (Figure 2), for sequential runs downstream accuracy and metrics against the number
 of edits (Figures 3 and 4), and the neighbourhood prompts' failures against their leak fraction s.
 
-A **disabling edit** is one whose |Δ| is more than ``flag_ratio`` times the median |Δ| of its
-variant's run *and* whose generation entropy right after the edit fell below ``flag_entropy``
-times the unedited model's. Without recorded entropies only the |Δ| test applies.
+A **large edit** is one whose |Δ| is more than ``flag_ratio`` times the median |Δ| of its
+variant's run; a **disabling edit** is a large edit whose generation entropy right after the edit
+also fell below ``flag_entropy`` times the unedited model's (without recorded entropies, every
+large edit). Both are counted: on some models a disabling update leaves the sampled entropy
+almost where it was while greedy text and downstream accuracy break (SmolLM2, docs/results.md).
 
 The **neighbour leak** (``"leak"`` in each edit's line, :mod:`rrome.eval.runs`): a neighbourhood
 prompt receives the fraction s = uᵀk_n / uᵀk_den of the edit's own change of the module output.
@@ -110,6 +112,7 @@ def _variant(
         metrics_at = checks[-1]["edits"]
     norms = [float(e["norm_delta"]) for e in edits]
     median = statistics.median(norms)
+    large = _large_edits(edits, median, flag_ratio)
     v: dict[str, Any] = {
         "edits": len(records),
         "refused": [{k: e.get(k) for k in ("index", "case_id", "subject", "refused", "screen_ratio")} for e in refused],
@@ -117,7 +120,8 @@ def _variant(
         "metrics": metrics(cases) if cases else (checks[-1]["metrics"] if checks else None),
         "metrics_at_edits": metrics_at,
         "norm_delta": {"median": median, "mean": statistics.fmean(norms), "max": max(norms), "min": min(norms)},
-        "disabling_edits": _disabling_edits(edits, median, base_entropy, flag_ratio, flag_entropy),
+        "large_edits": large,
+        "disabling_edits": _disabling(large, base_entropy, flag_entropy),
         "steps_mean": statistics.fmean(e["steps"] for e in edits),
         "seconds_mean": statistics.fmean(e["seconds"] for e in edits),
     }
@@ -134,27 +138,31 @@ def _variant(
     return v
 
 
-def _disabling_edits(
-    edits: list[dict[str, Any]], median: float, base_entropy: float | None, flag_ratio: float, flag_entropy: float
-) -> list[dict[str, Any]]:
-    """The edits flagged as disabling (see the module's docstring)."""
-    flagged = []
-    for e in edits:
-        big = e["norm_delta"] > flag_ratio * median
-        ent = e.get("generation_entropy")
-        collapsed = ent is None or base_entropy is None or ent < flag_entropy * base_entropy
-        if big and collapsed:
-            flagged.append(
-                {
-                    "index": e["index"],
-                    "case_id": e["case_id"],
-                    "subject": e["subject"],
-                    "norm_delta": e["norm_delta"],
-                    "ratio_to_median": e["norm_delta"] / median,
-                    "generation_entropy": ent,
-                }
-            )
-    return flagged
+def _large_edits(edits: list[dict[str, Any]], median: float, flag_ratio: float) -> list[dict[str, Any]]:
+    """The edits whose |Δ| is above ``flag_ratio`` times the run's median."""
+    return [
+        {
+            "index": e["index"],
+            "case_id": e["case_id"],
+            "subject": e["subject"],
+            "norm_delta": e["norm_delta"],
+            "ratio_to_median": e["norm_delta"] / median,
+            "generation_entropy": e.get("generation_entropy"),
+        }
+        for e in edits
+        if e["norm_delta"] > flag_ratio * median
+    ]
+
+
+def _disabling(large: list[dict[str, Any]], base_entropy: float | None, flag_entropy: float) -> list[dict[str, Any]]:
+    """The large edits after which the generation entropy collapsed (see the module's docstring)."""
+    return [
+        f
+        for f in large
+        if f["generation_entropy"] is None
+        or base_entropy is None
+        or f["generation_entropy"] < flag_entropy * base_entropy
+    ]
 
 
 def _leak_points(edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -233,11 +241,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
         f"{cfg['n']} cases from `{Path(cfg['data']).name}` (records {cfg['offset'] + 1}–{cfg['offset'] + cfg['n']}), "
         f"{mode}, layer {summary['layer']}",
         "",
-        "| variant | " + " | ".join(METRICS) + " | median abs Δ | max abs Δ | disabling edits |",
-        "|---" * (len(METRICS) + 4) + "|",
+        "| variant | " + " | ".join(METRICS) + " | median abs Δ | max abs Δ"
+        f" | abs Δ > {summary['flag_ratio']:g}× median | disabling edits |",
+        "|---" * (len(METRICS) + 5) + "|",
     ]
     lines.append(
-        "| unedited | " + " | ".join(_fmt(summary["unedited"]["metrics"][k]) for k in METRICS) + " | – | – | – |"
+        "| unedited | " + " | ".join(_fmt(summary["unedited"]["metrics"][k]) for k in METRICS) + " | – | – | – | – |"
     )
     for name, v in summary["variants"].items():
         m = v["metrics"] or {}
@@ -249,7 +258,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"| {name}{partial} | "
             + " | ".join(_fmt(m.get(k)) for k in METRICS)
             + f" | {_fmt(v['norm_delta']['median'], '.3g')} | {_fmt(v['norm_delta']['max'], '.3g')}"
-            + f" | {len(v['disabling_edits'])} |"
+            + f" | {len(v['large_edits'])} | {len(v['disabling_edits'])} |"
         )
     down = {k: v.get("downstream_final") for k, v in summary["variants"].items() if v.get("downstream_final")}
     if summary["unedited"]["downstream"] and down:
@@ -269,27 +278,32 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def _guard_lines(summary: dict[str, Any]) -> list[str]:
-    """The table's notes on the disabling edits and the edits the guards refused."""
+    """The table's notes on the large and disabling edits and the edits the guards refused."""
     lines: list[str] = []
-    flagged = [(name, f) for name, v in summary["variants"].items() for f in v["disabling_edits"]]
-    if flagged:
+    large = [(name, f) for name, v in summary["variants"].items() for f in v["large_edits"]]
+    if large:
+        base = (summary["unedited"]["diagnostics"] or {}).get("generation_entropy")
         lines += [
             "",
-            "Disabling edits (|Δ| above "
-            f"{summary['flag_ratio']:g}× the run's median with collapsed generation entropy):",
+            f"Edits (counted from 1) with abs Δ above {summary['flag_ratio']:g}× the run's median"
+            f" (disabling: the generation entropy after it also below {summary['flag_entropy']:g}× the unedited model's"
+            + (f", {base:.3f}" if base is not None else "")
+            + "):",
             "",
         ]
-        for name, f in flagged:
+        for name, f in large:
+            disabling = any(f["index"] == d["index"] for d in summary["variants"][name]["disabling_edits"])
             lines.append(
-                f"- {name}: edit {f['index']} (case {f['case_id']}, {f['subject']}): abs Δ {f['norm_delta']:.3g}"
+                f"- {name}: edit {f['index'] + 1} (case {f['case_id']}, {f['subject']}): abs Δ {f['norm_delta']:.3g}"
                 f" = {f['ratio_to_median']:.0f}× median, entropy {_fmt(f['generation_entropy'], '.3f')}"
+                + (", disabling" if disabling else "")
             )
     refused = [(name, r) for name, v in summary["variants"].items() for r in v.get("refused", [])]
     if refused:
-        lines += ["", "Edits the guards refused (`--guard`; the model was left unchanged):", ""]
+        lines += ["", "Edits the guards refused (counted from 1; `--guard`; the model was left unchanged):", ""]
         for name, r in refused:
             rho = f", rho {r['screen_ratio']:.3g}" if r.get("screen_ratio") is not None else ""
-            lines.append(f"- {name}: edit {r['index']} (case {r['case_id']}, {r['subject']}): {r['refused']}{rho}")
+            lines.append(f"- {name}: edit {r['index'] + 1} (case {r['case_id']}, {r['subject']}): {r['refused']}{rho}")
     return lines
 
 
