@@ -385,11 +385,12 @@ def test_progress_rate_counts_this_process_edits_only() -> None:
     bar.tick("r-rome", 8, 10)  # resumed after 7
     bar.tick("r-rome", 9, 10)
     bar.finish("r-rome", 10)
+    bar.start("p-rome")
     bar.tick("p-rome", 1, 10)  # a fresh method
     bar.tick("p-rome", 2, 10)
     assert (bar.bar.n, bar.bar.initial) == (22, 17)  # 5 edits made by this process
     bar.close()
-    assert "22/30" in out.getvalue()
+    assert "sequential p-rome" in out.getvalue() and "22/30" in out.getvalue()
     quiet = RunProgress(10, "single", enabled=False)  # --no-progress
     quiet.tick("rome", 4, 10)
     quiet.finish("rome", 10)

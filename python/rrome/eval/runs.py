@@ -313,11 +313,16 @@ class RunProgress:
     speed and time left are this process's own (a run edits at a steady pace: the average
     rate, no smoothing)."""
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, file: Any = None) -> None:
+    def __init__(self, total: int, mode: str, *, enabled: bool = True, file: Any = None) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="edit", smoothing=0, disable=not enabled, file=file)
+        self.mode = mode
+        self.bar = tqdm(total=total, desc=mode, unit="edit", smoothing=0, disable=not enabled, file=file)
         self._seen: dict[str, int] = {}
+
+    def start(self, method: str) -> None:
+        """Names the method whose edits come next."""
+        self.bar.set_description(f"{self.mode} {method}")
 
     def _resumed(self, n: int) -> None:
         if self.bar.disable:  # a disabled tqdm holds no counts
@@ -526,7 +531,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
     bar = RunProgress(len(cases) * len(cfg.methods), cfg.mode, enabled=progress)
     for method in cfg.methods:
         s.editor.method = cast(Method, method)
-        bar.bar.set_description(f"{cfg.mode} {method}")
+        bar.start(method)
         folder = out / f"{cfg.mode}-{method}"
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.sequential:
