@@ -255,10 +255,11 @@ def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> 
     for after, disabling in ((base_entropy, 0), (0.1 * base_entropy, 1)):
         lines[1]["generation_entropy"] = after
         path.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
-        v = summarize(out)["variants"]["rome"]
+        summary = summarize(out)
+        v = summary["variants"]["rome"]
         assert [f["index"] for f in v["large_edits"]] == [1]
         assert [f["index"] for f in v["disabling_edits"]] == [1] * disabling
-        table = markdown_table(summarize(out))
+        table = markdown_table(summary)
         assert "| max abs Δ | abs Δ > 10× median | disabling edits |" in table
         assert next(t for t in table.splitlines() if t.startswith("| rome |")).endswith(f"| 1 | {disabling} |")
         assert f"- rome: edit 2 (case {lines[1]['case_id']}" in table
