@@ -13,12 +13,12 @@ lands; greedy text shows it at once.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 from rrome.engine.editor import Editor
-from rrome.eval.results import read_jsonl
-from rrome.eval.runs import replay_edits
+from rrome.eval.runs import rebuild_along
+from rrome.files.errors import RromeError
 
 PROMPTS = (
     "The Eiffel Tower is located in the city of",
@@ -38,23 +38,21 @@ def main() -> None:
     args = ap.parse_args()
 
     counts = sorted({int(x) for x in args.at.split(",")})
-    records = read_jsonl(args.folder / "edits.jsonl")
-    if counts and counts[-1] > len(records):
-        raise SystemExit(f"{args.folder}: holds {len(records)} edits, asked for {counts[-1]}")
-    base = json.loads((args.folder.parent / "baseline.json").read_text())
-    editor = Editor.from_pretrained(args.model_dir, layer=int(base["layer"]), device="cpu", progress=False)
     prompts = args.prompt or list(PROMPTS)
-    done = 0
     print(f"# Greedy continuations along `{args.folder}`\n")
-    for n in counts:
-        replay_edits(editor, args.folder / "deltas", records[done:n])
-        done = n
-        last = records[n - 1] if n else None
-        what = "unedited" if last is None else f"after {n} edits (last: case {last['case_id']}, {last['subject']})"
-        print(f"## {what}\n\n```text")
-        for prompt, text in zip(prompts, editor.generate(prompts, max_new_tokens=args.max_new_tokens), strict=True):
-            print(f"{prompt} → {text.replace(chr(10), ' ⏎ ')}")
-        print("```\n")
+    try:
+        for n, last, editor in rebuild_along(args.folder, args.model_dir, counts):
+            _section(editor, n, last, prompts, args.max_new_tokens)
+    except RromeError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _section(editor: Editor, n: int, last: dict[str, Any] | None, prompts: list[str], max_new_tokens: int) -> None:
+    what = "unedited" if last is None else f"after {n} edits (last: case {last['case_id']}, {last['subject']})"
+    print(f"## {what}\n\n```text")
+    for prompt, text in zip(prompts, editor.generate(prompts, max_new_tokens=max_new_tokens), strict=True):
+        print(f"{prompt} → {text.replace(chr(10), ' ⏎ ')}")
+    print("```\n")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,36 +56,49 @@ def test_compare_sequential_leaves_out_unmeasured_downstream_and_checks_names(tm
     assert bad.returncode != 0 and "1 names for 2 folders" in bad.stderr
 
 
-def test_sequential_continuations_replays_the_applied_edits(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
-    """The script's model after N edits is the unedited one plus the applied edits' r uᵀ (a
-    refused edit has no factors and is skipped), and its text is that model's greedy text."""
+def _sequential_run(
+    model_dir: Path, tmp_path: Path, run: dict[str, object] | None = None
+) -> tuple[Path, list[tuple[Any, Any]]]:
+    """A sequential run's variant folder over ``model_dir`` holding three edits, the second refused,
+    as ``rrome eval --sequential --guard`` leaves it; returns it and the applied edits' (u, r)."""
     import numpy as np
-    import torch
     from safetensors.numpy import save_file
 
     from rrome.engine.editor import Editor
 
-    model_dir = tiny_dir("llama")
     editor = Editor.from_pretrained(model_dir, device="cpu", progress=False)
-    weight = editor.edited_weight()
-    d_out, d_in = weight.shape
-    run = tmp_path / "run"
-    folder = run / "sequential-rome"
+    d_out, d_in = editor.edited_weight().shape
+    root = tmp_path / "run"
+    folder = root / "sequential-rome"
     (folder / "deltas").mkdir(parents=True)
-    (run / "baseline.json").write_text(json.dumps({"layer": editor.layer}))
+    (root / "baseline.json").write_text(json.dumps({"layer": editor.layer}))
+    (root / "run.json").write_text(json.dumps(run or {"glue_n": 3, "seed": 0}))
     rng = np.random.default_rng(0)
-    factors = {
-        i: (rng.standard_normal(d_in).astype(np.float32), 3 * rng.standard_normal(d_out).astype(np.float32))
-        for i in (0, 2)
-    }
-    for i, (u, r) in factors.items():
+    factors = []
+    for i in (0, 2):
+        u, r = rng.standard_normal(d_in).astype(np.float32), 3 * rng.standard_normal(d_out).astype(np.float32)
         save_file({"u": u, "r": r}, str(folder / "deltas" / f"{i:05d}.safetensors"))
+        factors.append((u, r))
     records = [
         {"index": 0, "case_id": "7", "subject": "A"},
         {"index": 1, "case_id": "8", "subject": "B", "refused": "DisablingEditError"},
         {"index": 2, "case_id": "9", "subject": "C"},
     ]
     (folder / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder, factors
+
+
+def test_sequential_continuations_replays_the_applied_edits(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """The script's model after N edits is the unedited one plus the applied edits' r uᵀ (a
+    refused edit has no factors and is skipped), and its text is that model's greedy text."""
+    import torch
+
+    from rrome.engine.editor import Editor
+
+    model_dir = tiny_dir("llama")
+    folder, factors = _sequential_run(model_dir, tmp_path)
+    editor = Editor.from_pretrained(model_dir, device="cpu", progress=False)
+    weight = editor.edited_weight()
     prompts = ["the cat", "a dog sat on"]
     script = str(ROOT / "scripts" / "sequential_continuations.py")
     cmd = [sys.executable, script, str(folder), str(model_dir), "--at", "0,3", "--max-new-tokens", "6"]
@@ -97,7 +112,7 @@ def test_sequential_continuations_replays_the_applied_edits(tiny_dir: Callable[.
 
     unedited = editor.generate(prompts, max_new_tokens=6)
     with torch.no_grad():
-        for u, r in factors.values():
+        for u, r in factors:
             weight.add_(torch.outer(torch.from_numpy(r), torch.from_numpy(u)))
     edited = editor.generate(prompts, max_new_tokens=6)
     assert unedited != edited  # the updates are large enough to change the greedy text
@@ -105,4 +120,62 @@ def test_sequential_continuations_replays_the_applied_edits(tiny_dir: Callable[.
         assert lines(section) == [f"{p} → {t.replace(chr(10), ' ⏎ ')}" for p, t in zip(prompts, texts, strict=True)]
 
     too_far = subprocess.run([*cmd[:4], "--at", "4"], capture_output=True, text=True)
-    assert too_far.returncode != 0 and "holds 3 edits, asked for 4" in too_far.stderr
+    assert too_far.returncode != 0 and "holds 3 edits; asked for [4]" in too_far.stderr
+
+
+def test_downstream_bias_scores_the_rebuilt_model(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """Each row is the label scoring of the run's few-shot records on the model after N edits:
+    accuracy, predicted labels, mean margin and AUC recomputed here from label_scores."""
+    import torch
+
+    from rrome.engine.editor import Editor
+    from rrome.eval.downstream import few_shot_sets, label_scores
+
+    model_dir = tiny_dir("llama")
+    folder, factors = _sequential_run(model_dir, tmp_path, {"glue_n": 6, "seed": 3})
+    script = str(ROOT / "scripts" / "downstream_bias.py")
+    cmd = [sys.executable, script, str(folder), str(model_dir), "--at", "3,0", "--task", "sst2", "--task", "rte"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = [line.strip("| ").split(" | ") for line in out[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("0", "sst2"), ("0", "rte"), ("3", "sst2"), ("3", "rte")]
+
+    editor = Editor.from_pretrained(model_dir, device="cpu", progress=False)
+    sets = {s.task.name: s for s in few_shot_sets(6, seed=3)}
+    expected = []
+    for n in (0, 3):
+        if n:
+            with torch.no_grad():
+                for u, r in factors:
+                    editor.edited_weight().add_(torch.outer(torch.from_numpy(r), torch.from_numpy(u)))
+        for name in ("sst2", "rte"):
+            scores = label_scores(editor.model, editor.tokenizer, sets[name])
+            truth = [rec["label"] for rec in sets[name].records]
+            margins = [b - a for a, b in scores]
+            pred = [int(m > 0) for m in margins]
+            pos = [m for m, t in zip(margins, truth, strict=True) if t == 1]
+            neg = [m for m, t in zip(margins, truth, strict=True) if t == 0]
+            area = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
+            labels = sets[name].task.labels
+            expected.append(
+                [
+                    str(n),
+                    name,
+                    f"{100 * sum(p == t for p, t in zip(pred, truth, strict=True)) / 6:.0f}",
+                    f"{labels[0]} {pred.count(0)} / {labels[1]} {pred.count(1)}",
+                    f"{sum(margins) / 6:+.2f}",
+                    f"{area:.3f}",
+                ]
+            )
+    assert rows == expected
+    assert rows[0][4] != rows[2][4]  # the edits moved the scores: the rebuilt model is not the unedited one
+
+
+def test_downstream_bias_auc_against_a_naive_count() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from downstream_bias import auc
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert auc([1.0, 1.0], [0, 1]) == 0.5
+    assert math.isnan(auc([1.0, 2.0], [1, 1]))  # undefined without a negative record

@@ -109,18 +109,22 @@ def few_shot_sets(
     return out
 
 
+def label_scores(model: Any, tokenizer: Any, s: FewShotSet) -> list[list[float]]:
+    """For each record of ``s``: the summed log-probability of each label word after its prompt."""
+    prompts = s.prompts()
+    k = len(s.task.labels)
+    flat = continuation_logprob(
+        model, tokenizer, [p for p in prompts for _ in range(k)], [w for _ in prompts for w in s.task.labels]
+    )
+    return [list(flat[i * k : (i + 1) * k]) for i in range(len(prompts))]
+
+
 def downstream_accuracy(model: Any, tokenizer: Any, sets: Sequence[FewShotSet]) -> dict[str, float]:
     """Accuracy (percent) per task: the label word with the highest summed log-probability wins."""
     out = {}
     for s in sets:
-        prompts = s.prompts()
-        k = len(s.task.labels)
-        scores = continuation_logprob(
-            model, tokenizer, [p for p in prompts for _ in range(k)], [w for _ in prompts for w in s.task.labels]
-        )
         correct = 0
-        for i, rec in enumerate(s.records):
-            row = scores[i * k : (i + 1) * k]
-            correct += int(max(range(k), key=lambda j: row[j]) == rec["label"])
+        for row, rec in zip(label_scores(model, tokenizer, s), s.records, strict=True):
+            correct += int(max(range(len(row)), key=lambda j: row[j]) == rec["label"])
         out[s.task.name] = 100 * correct / len(s.records) if s.records else math.nan
     return out

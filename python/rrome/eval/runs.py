@@ -38,7 +38,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -432,6 +432,25 @@ def replay_edits(editor: Editor, deltas: Path, records: Sequence[dict[str, Any]]
         if retain and k is None:
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
         editor.replay(u, r, k)
+
+
+def rebuild_along(
+    folder: Path, model_dir: str | os.PathLike[str], counts: Sequence[int], *, device: str = "cpu"
+) -> Iterator[tuple[int, dict[str, Any] | None, Editor]]:
+    """The model of a sequential run's variant ``folder`` (…/sequential-rome) after each number
+    of edits in ``counts`` (ascending; 0: unedited), rebuilt from ``model_dir`` and the folder's
+    factors as a resumed run rebuilds it. Yields (count, the count-th edit's record or None, an
+    editor whose in-memory model holds those edits); the editor is the same object each time."""
+    records = read_jsonl(folder / "edits.jsonl")
+    if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
+        raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
+    base = json.loads((folder.parent / BASELINE_FILE).read_text())
+    editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), device=device, progress=False)
+    done = 0
+    for n in counts:
+        replay_edits(editor, folder / "deltas", records[done:n])
+        done = n
+        yield n, (records[n - 1] if n else None), editor
 
 
 def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

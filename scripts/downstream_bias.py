@@ -1,0 +1,70 @@
+"""Why a sequential run's downstream accuracy moved: label bias or lost ranking.
+
+    python scripts/downstream_bias.py RUN/sequential-rome MODEL_DIR --at 0,250,300,350 [--task sst2]
+
+Rebuilds the run's model after each number of edits from its folder's factors (as
+``scripts/sequential_continuations.py`` does) and scores the same few-shot records as the run's
+checkpoints (the run's ``--glue-n`` and ``--seed``, from its ``run.json``). For each task it
+prints the accuracy, how many records the model gives each label, and for two-label tasks the
+mean margin log P(label 1) − log P(label 0) and the AUC of that margin against the true labels.
+An accuracy drop with a steady AUC is a shift of the label words' prior (the model still orders
+the records as before but puts the threshold elsewhere); a falling AUC is lost ability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rrome.eval.downstream import few_shot_sets, label_scores
+from rrome.eval.results import RUN_FILE
+from rrome.eval.runs import rebuild_along
+from rrome.files.errors import RromeError
+
+
+def auc(scores: list[float], labels: list[int]) -> float:
+    """P(a random positive record scores above a random negative one), ties counting half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="a sequential run's variant folder (…/sequential-rome)")
+    ap.add_argument("model_dir", type=Path, help="the unedited model the run edited")
+    ap.add_argument("--at", required=True, help="numbers of edits, comma-separated (0: unedited)")
+    ap.add_argument("--task", action="append", help="a GLUE task (repeatable; default: all the run measured)")
+    args = ap.parse_args()
+
+    try:
+        run = json.loads((args.folder.parent / RUN_FILE).read_text())
+        sets = few_shot_sets(int(run["glue_n"]), seed=int(run["seed"]))
+        sets = [s for s in sets if not args.task or s.task.name in args.task]
+        if not sets:
+            raise RromeError(f"no GLUE task named {args.task}")
+        counts = sorted({int(x) for x in args.at.split(",")})
+        print("| edits | task | accuracy | records per predicted label | mean margin | AUC |")
+        print("|---|---|---|---|---|---|")
+        for n, _, editor in rebuild_along(args.folder, args.model_dir, counts):
+            for s in sets:
+                rows = label_scores(editor.model, editor.tokenizer, s)
+                truth = [int(r["label"]) for r in s.records]
+                pred = [max(range(len(row)), key=lambda j: row[j]) for row in rows]
+                acc = 100 * sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth)
+                shares = " / ".join(f"{w} {pred.count(j)}" for j, w in enumerate(s.task.labels))
+                margin, area = "–", "–"
+                if len(s.task.labels) == 2:
+                    m = [row[1] - row[0] for row in rows]
+                    margin, area = f"{sum(m) / len(m):+.2f}", f"{auc(m, truth):.3f}"
+                print(f"| {n} | {s.task.name} | {acc:.0f} | {shares} | {margin} | {area} |", flush=True)
+    except (RromeError, OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
