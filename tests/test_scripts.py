@@ -179,3 +179,20 @@ def test_downstream_bias_auc_against_a_naive_count() -> None:
     assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert auc([1.0, 1.0], [0, 1]) == 0.5
     assert math.isnan(auc([1.0, 2.0], [1, 1]))  # undefined without a negative record
+
+
+def test_rebuild_along_loads_the_runs_dtype_and_checks_counts(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from rrome.eval.runs import rebuild_along
+    from rrome.files.errors import RromeError
+
+    model_dir = tiny_dir("llama")
+    folder, _ = _sequential_run(model_dir, tmp_path, {"glue_n": 3, "seed": 0, "dtype": "bfloat16"})
+    n, last, editor = next(iter(rebuild_along(folder, model_dir, [1])))
+    assert (n, last is not None and last["case_id"]) == (1, "7")
+    assert editor.edited_weight().dtype == torch.bfloat16
+    for bad in ([2, 1], [1, 1], [-1], [4]):
+        with pytest.raises(RromeError, match="holds 3 edits"):
+            next(iter(rebuild_along(folder, model_dir, bad)))

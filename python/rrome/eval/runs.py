@@ -439,13 +439,15 @@ def rebuild_along(
 ) -> Iterator[tuple[int, dict[str, Any] | None, Editor]]:
     """The model of a sequential run's variant ``folder`` (…/sequential-rome) after each number
     of edits in ``counts`` (ascending; 0: unedited), rebuilt from ``model_dir`` and the folder's
-    factors as a resumed run rebuilds it. Yields (count, the count-th edit's record or None, an
+    factors as a resumed run rebuilds it (in the run's dtype). Yields (count, the count-th edit's record or None, an
     editor whose in-memory model holds those edits); the editor is the same object each time."""
     records = read_jsonl(folder / "edits.jsonl")
     if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
     base = json.loads((folder.parent / BASELINE_FILE).read_text())
-    editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), device=device, progress=False)
+    run_file = folder.parent / RUN_FILE
+    dtype = (json.loads(run_file.read_text()).get("dtype") if run_file.exists() else None) or "float32"
+    editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
     done = 0
     for n in counts:
         replay_edits(editor, folder / "deltas", records[done:n])
