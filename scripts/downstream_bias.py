@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rrome.eval.downstream import few_shot_sets, label_scores
+from rrome.eval.downstream import few_shot_sets, label_scores, predicted_labels
 from rrome.eval.results import RUN_FILE
 from rrome.eval.runs import rebuild_along
 from rrome.files.errors import RromeError
@@ -54,7 +54,7 @@ def main() -> None:
             for s in sets:
                 rows = label_scores(editor.model, editor.tokenizer, s)
                 truth = [int(r["label"]) for r in s.records]
-                pred = [max(range(len(row)), key=lambda j: row[j]) for row in rows]
+                pred = predicted_labels(rows)
                 acc = 100 * sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth)
                 shares = " / ".join(f"{w} {pred.count(j)}" for j, w in enumerate(s.task.labels))
                 margin, area = "–", "–"

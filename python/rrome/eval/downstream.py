@@ -119,12 +119,16 @@ def label_scores(model: Any, tokenizer: Any, s: FewShotSet) -> list[list[float]]
     return [list(flat[i * k : (i + 1) * k]) for i in range(len(prompts))]
 
 
+def predicted_labels(scores: Sequence[Sequence[float]]) -> list[int]:
+    """The label each record is given: the one whose word has the highest score (the first on a tie)."""
+    return [max(range(len(row)), key=lambda j: row[j]) for row in scores]
+
+
 def downstream_accuracy(model: Any, tokenizer: Any, sets: Sequence[FewShotSet]) -> dict[str, float]:
     """Accuracy (percent) per task: the label word with the highest summed log-probability wins."""
     out = {}
     for s in sets:
-        correct = 0
-        for row, rec in zip(label_scores(model, tokenizer, s), s.records, strict=True):
-            correct += int(max(range(len(row)), key=lambda j: row[j]) == rec["label"])
+        pred = predicted_labels(label_scores(model, tokenizer, s))
+        correct = sum(int(p == rec["label"]) for p, rec in zip(pred, s.records, strict=True))
         out[s.task.name] = 100 * correct / len(s.records) if s.records else math.nan
     return out
