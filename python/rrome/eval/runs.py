@@ -446,7 +446,7 @@ def rebuild_along(
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
     base = json.loads((folder.parent / BASELINE_FILE).read_text())
     run_file = folder.parent / RUN_FILE
-    dtype = (json.loads(run_file.read_text()).get("dtype") if run_file.exists() else None) or "float32"
+    dtype = (json.loads(run_file.read_text()).get("dtype") if run_file.exists() else None) or RunConfig.dtype
     editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
     done = 0
     for n in counts:
