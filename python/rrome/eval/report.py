@@ -22,6 +22,7 @@ prompts that held before.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -30,9 +31,26 @@ from pathlib import Path
 from typing import Any
 
 from rrome.eval.metrics import METRICS, CaseProbs, metrics
-from rrome.eval.results import BASELINE_FILE, RUN_FILE, read_jsonl
+from rrome.eval.results import (
+    ANY,
+    BASELINE_FILE,
+    BOOLEAN,
+    COUNT,
+    NUMBER,
+    PAIR,
+    RUN_FILE,
+    TEXT,
+    ListOf,
+    MapOf,
+    Optional,
+    check,
+    read_checked,
+    read_jsonl,
+    where,
+)
 from rrome.files.constants import METHODS
-from rrome.files.errors import RromeError
+from rrome.files.errors import InvalidFileError, RromeError
+from rrome.files.fsutil import atomic_write
 
 FLAG_RATIO = 10.0
 FLAG_ENTROPY = 0.5
@@ -41,14 +59,70 @@ LEAK_BINS = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
 
+# The fields the report reads from each file of a results folder, checked before any is used
+# (rrome.eval.results.check): a hand-edited or damaged folder is a one-line error naming the
+# file, the line and the field.
+_METRICS = {k: NUMBER for k in METRICS}
+_RUN = {"sequential": BOOLEAN, "n": COUNT, "data": TEXT, "offset": COUNT, "command": Optional(ANY)}
+_BASELINE = {
+    "metrics": _METRICS,
+    "downstream": Optional(MapOf(NUMBER)),
+    "diagnostics": Optional({"generation_entropy": Optional(NUMBER)}),
+}
+_CASE = {"rewrite": ListOf(PAIR), "paraphrase": ListOf(PAIR), "neighborhood": ListOf(PAIR)}
+_LEAK = {
+    "s": ListOf(NUMBER),
+    "s_last": ListOf(NUMBER),
+    "dlogp_true": ListOf(NUMBER),
+    "before": ListOf(PAIR),
+    "after": ListOf(PAIR),
+}
+_EDIT = {
+    "index": COUNT,
+    "case_id": ANY,
+    "subject": ANY,
+    "norm_delta": NUMBER,
+    "steps": NUMBER,
+    "seconds": NUMBER,
+    "generation_entropy": Optional(NUMBER, null=False),
+    "leak": Optional(_LEAK),
+}
+_REFUSED = {"index": COUNT, "case_id": ANY, "subject": ANY, "refused": ANY, "screen_ratio": Optional(NUMBER)}
+_FINAL = {"cases": ListOf(_CASE)}
+_CHECKPOINT = {"edits": COUNT, "metrics": _METRICS, "downstream": Optional(MapOf(NUMBER))}
 
-def _load(path: Path) -> Any:
+
+def _load(path: Path, spec: Any) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_checked(path, spec)
     except FileNotFoundError:
         raise RromeError(f"{path}: missing; is {path.parent} an `rrome eval` results folder?") from None
-    except json.JSONDecodeError as e:
-        raise RromeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _edits(folder: Path, mode: str) -> list[dict[str, Any]]:
+    """The lines of a variant's ``edits.jsonl``, each checked (an edit's or a refusal's fields)."""
+    records = read_jsonl(folder / "edits.jsonl")
+    for rec in records:
+        if "refused" in rec:
+            check(rec, _REFUSED, where(rec))
+            continue
+        check(rec, {**_EDIT, "case": _CASE} if mode == "single" else _EDIT, where(rec))
+        leak = rec.get("leak")
+        if leak and any(len(leak[k]) != len(leak["s"]) for k in _LEAK):
+            raise InvalidFileError(f'{where(rec)}: field "leak": its arrays differ in length')
+    return records
+
+
+def _checkpoints(folder: Path, tasks: list[str]) -> list[dict[str, Any]]:
+    """The lines of a sequential variant's ``checkpoints.jsonl``, each checked; each needs the
+    accuracy of every downstream task of ``baseline.json``."""
+    checks = read_jsonl(folder / "checkpoints.jsonl")
+    for c in checks:
+        check(c, _CHECKPOINT, where(c))
+        missing = [t for t in tasks if t not in (c.get("downstream") or {})]
+        if missing:
+            raise InvalidFileError(f'{where(c)}: field "downstream.{missing[0]}": missing (baseline.json has it)')
+    return checks
 
 
 def summarize(
@@ -56,20 +130,29 @@ def summarize(
 ) -> dict[str, Any]:
     """The run's figures per variant, from its files (methods not yet started are left out)."""
     out_dir = Path(results_dir)
-    cfg = _load(out_dir / RUN_FILE)
+    cfg = _load(out_dir / RUN_FILE, ANY)
     if isinstance(cfg, dict) and cfg.get("command") == "tune":
         raise RromeError(
             f"{out_dir} is an `rrome tune` folder: its table is {out_dir / 'table.md'} (rerunning the same "
             "`rrome tune` command prints it)"
         )
-    base = _load(out_dir / BASELINE_FILE)
+    check(cfg, _RUN, str(out_dir / RUN_FILE))
+    base = _load(out_dir / BASELINE_FILE, _BASELINE)
     mode = "sequential" if cfg["sequential"] else "single"
     base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
     variants: dict[str, Any] = {}
     # Variants are found by their folders: parallel processes may each have added one.
     for method in (m for m in METHODS if (out_dir / f"{mode}-{m}").is_dir()):
         folder = out_dir / f"{mode}-{method}"
-        v = _variant(folder, mode, cfg, base_entropy=base_entropy, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
+        v = _variant(
+            folder,
+            mode,
+            cfg,
+            tasks=list(base.get("downstream") or {}),
+            base_entropy=base_entropy,
+            flag_ratio=flag_ratio,
+            flag_entropy=flag_entropy,
+        )
         if v is not None:
             variants[method] = v
     return {
@@ -77,7 +160,7 @@ def summarize(
         "config": cfg,
         "unedited": {
             "metrics": base["metrics"],
-            "downstream": base.get("downstream", {}),
+            "downstream": base.get("downstream") or {},
             "diagnostics": base.get("diagnostics"),
         },
         "layer": base.get("layer"),
@@ -89,10 +172,17 @@ def summarize(
 
 
 def _variant(
-    folder: Path, mode: str, cfg: dict[str, Any], *, base_entropy: float | None, flag_ratio: float, flag_entropy: float
+    folder: Path,
+    mode: str,
+    cfg: dict[str, Any],
+    *,
+    tasks: list[str],
+    base_entropy: float | None,
+    flag_ratio: float,
+    flag_entropy: float,
 ) -> dict[str, Any] | None:
     """One variant's figures from its folder; ``None`` before its first edit."""
-    records = read_jsonl(folder / "edits.jsonl")
+    records = _edits(folder, mode)
     # A guarded sequential run records the edits its guards refused, with no update.
     refused = [e for e in records if "refused" in e]
     edits = [e for e in records if "refused" not in e]
@@ -104,8 +194,8 @@ def _variant(
     else:
         final = folder / "final.json"
         complete = final.exists()
-        cases = [CaseProbs.from_json(c) for c in _load(final)["cases"]] if complete else []
-    checks = read_jsonl(folder / "checkpoints.jsonl") if mode == "sequential" else []
+        cases = [CaseProbs.from_json(c) for c in _load(final, _FINAL)["cases"]] if complete else []
+    checks = _checkpoints(folder, tasks) if mode == "sequential" else []
     metrics_at = len(records) if complete else None
     if mode == "sequential" and not complete and checks:
         # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
@@ -146,7 +236,7 @@ def _large_edits(edits: list[dict[str, Any]], median: float, flag_ratio: float) 
             "case_id": e["case_id"],
             "subject": e["subject"],
             "norm_delta": e["norm_delta"],
-            "ratio_to_median": e["norm_delta"] / median,
+            "ratio_to_median": e["norm_delta"] / median if median else math.inf,
             "generation_entropy": e.get("generation_entropy"),
         }
         for e in edits
@@ -345,8 +435,7 @@ def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list
     summary = summary or summarize(out_dir)
     mode = summary["mode"]
     per_variant = {
-        m: [e for e in read_jsonl(out_dir / f"{mode}-{m}" / "edits.jsonl") if "refused" not in e]
-        for m in summary["variants"]
+        m: [e for e in _edits(out_dir / f"{mode}-{m}", mode) if "refused" not in e] for m in summary["variants"]
     }
     paths = [_plot_norms(per_variant, mode, out_dir)]
     if any("generation_entropy" in e for edits in per_variant.values() for e in edits):
@@ -479,21 +568,34 @@ def _plot_leak(leaks: dict[str, Any], per_variant: dict[str, list[dict[str, Any]
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """Renders ``fig`` as PNG and writes it by rename (never through a link at ``path``)."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, png.getvalue())
     return path
 
 
 def report(
     results_dir: str | Path, *, flag_ratio: float = FLAG_RATIO, flag_entropy: float = FLAG_ENTROPY
 ) -> tuple[str, list[Path]]:
-    """Writes summary.json, table.md and the PNG figures; returns the table and the figure paths."""
+    """Writes summary.json, table.md and the PNG figures; returns the table and the figure paths.
+
+    Every file is written by rename (:func:`rrome.files.fsutil.atomic_write`): a link of that
+    name in the folder is replaced, and the file it pointed to is left as it was.
+
+    Raises:
+        RromeError: not an ``rrome eval`` results folder (or a sweep's).
+        InvalidFileError: a file of the folder is not a regular file, not UTF-8, not JSON Python
+            can hold, or lacks a field the report reads or holds it with another type; the
+            message names ``FILE:LINE`` (``FILE`` for a whole JSON document) and the field.
+    """
     out_dir = Path(results_dir)
     summary = summarize(out_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
     table = markdown_table(summary)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / TABLE_FILE).write_text(table)
+    atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    atomic_write(out_dir / TABLE_FILE, table.encode("utf-8"))
     return table, plot(out_dir, summary)

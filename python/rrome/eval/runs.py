@@ -51,11 +51,11 @@ from rrome.eval.downstream import downstream_accuracy, few_shot_sets
 from rrome.eval.generation import Diagnostics, collapse_diagnostics
 from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.probabilities import case_probabilities, leak_fractions, neighbourhood_probabilities
-from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, write_json
+from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, read_object, write_json
 from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
-from rrome.files.fsutil import atomic_write
+from rrome.files.fsutil import atomic_write, read_regular, real_dir
 from rrome.files.hparams import HParams, HParamsError, check_overrides, describe_differences
 
 
@@ -97,7 +97,7 @@ def _check_config(out_dir: Path, cfg: RunConfig) -> None:
     path = out_dir / RUN_FILE
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    saved = read_object(path)
     new = cfg.to_json()
     # A folder collects variants (each has its own subfolder); the model folder and the data file
     # may move between machines (the data's sha256 must still match). The hyperparameters are
@@ -120,7 +120,7 @@ def _record_config(out_dir: Path, cfg: RunConfig) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, cfg.to_json())
         return
-    saved = json.loads(path.read_text())
+    saved = read_object(path)
     methods = [m for m in METHODS if m in set(saved.get("methods", ())) | set(cfg.methods)]
     if methods != saved.get("methods"):
         write_json(path, {**saved, "methods": methods})
@@ -135,7 +135,7 @@ def _check_hparams(out_dir: Path, used: HParams) -> None:
     path = out_dir / BASELINE_FILE
     if not path.exists():
         return
-    raw = json.loads(path.read_text()).get("hparams")
+    raw = read_object(path).get("hparams")
     if not isinstance(raw, dict):
         return
     try:
@@ -286,7 +286,7 @@ def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: 
     """The unedited model's figures (``baseline.json`` of ``out_dir``), computed once."""
     path = out_dir / BASELINE_FILE
     if path.exists():
-        return cast(dict[str, Any], json.loads(path.read_text()))
+        return read_object(path)
     probs = [s.probs(r) for r in cases]
     diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
     base = {
@@ -444,9 +444,9 @@ def rebuild_along(
     records = read_jsonl(folder / "edits.jsonl")
     if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
-    base = json.loads((folder.parent / BASELINE_FILE).read_text())
+    base = read_object(folder.parent / BASELINE_FILE)
     run_file = folder.parent / RUN_FILE
-    dtype = (json.loads(run_file.read_text()).get("dtype") if run_file.exists() else None) or RunConfig.dtype
+    dtype = (read_object(run_file).get("dtype") if run_file.exists() else None) or RunConfig.dtype
     editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
     done = 0
     for n in counts:
@@ -456,9 +456,9 @@ def rebuild_along(
 
 
 def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    t = load_file(str(path))
+    t = load(read_regular(path))  # never blocks on a FIFO, unlike load_file
     return t["u"], t["r"], t.get("k")
 
 
@@ -481,7 +481,7 @@ def _sequential(
     s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
 ) -> None:
     edits_path, checks_path, deltas = folder / "edits.jsonl", folder / "checkpoints.jsonl", folder / "deltas"
-    deltas.mkdir(parents=True, exist_ok=True)
+    real_dir(deltas)
     records = read_jsonl(edits_path, repair=True)
     checks = {c["edits"] for c in read_jsonl(checks_path, repair=True)}
     s.restore()
@@ -554,7 +554,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
         s.editor.method = cast(Method, method)
         bar.start(method)
         folder = out / f"{cfg.mode}-{method}"
-        folder.mkdir(parents=True, exist_ok=True)
+        real_dir(folder)
         if cfg.sequential:
             _sequential(s, cfg, method, cases, folder, bar.tick)
         else:

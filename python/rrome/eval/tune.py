@@ -42,11 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from rrome.eval.metrics import CaseProbs, metrics
-from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, write_json
+from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_json, read_jsonl, write_json
 from rrome.eval.runs import RunConfig, load_cases
 from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import NonFiniteUpdateError, RromeError
+from rrome.files.fsutil import atomic_write, open_lock_file, real_dir
 from rrome.files.hparams import HParams, describe_differences
 
 MIN_ES = 95.0
@@ -136,13 +137,6 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RromeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-
-
 def _check_config(out: Path, cfg: TuneConfig) -> None:
     """Writes run.json in a new folder; in an existing one, refuses other settings."""
     path = out / RUN_FILE
@@ -152,7 +146,7 @@ def _check_config(out: Path, cfg: TuneConfig) -> None:
             raise RromeError(f"{out}: not empty and holds no `rrome tune` sweep (no {RUN_FILE}); use another --out")
         write_json(path, new)
         return
-    saved = _read_json(path)
+    saved = read_json(path)
     if not isinstance(saved, dict) or saved.get("command") != COMMAND:
         raise RromeError(f"{path}: {out} holds an `rrome eval` run or something else, not a sweep; use another --out")
     diff = [k for k in new if k not in cfg.FREE and _canonical(saved.get(k)) != _canonical(new[k])]
@@ -169,15 +163,18 @@ def _check_config(out: Path, cfg: TuneConfig) -> None:
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """One process at a time per folder: two would edit the same trial twice."""
-    with open(out / LOCK_FILE, "a", encoding="utf-8") as f:
+    fd = open_lock_file(out / LOCK_FILE)  # never through a link
+    try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RromeError(f"{out}: another `rrome tune` is running in this folder") from None
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def read_trials(out_dir: str | os.PathLike[str], *, repair: bool = False) -> dict[int, dict[str, Any]]:
@@ -227,7 +224,7 @@ def _check_resolved(out: Path, resolved: Sequence[HParams], done: Mapping[int, d
     (the family's packaged defaults changed, say): their cases would mix two sets."""
     for i, hp in enumerate(resolved):
         hp_file = _trial_dir(out, i) / "hparams.json"
-        saved = done[i]["hparams"] if i in done else (_read_json(hp_file) if hp_file.exists() else None)
+        saved = done[i]["hparams"] if i in done else (read_json(hp_file) if hp_file.exists() else None)
         now = hp.to_json()
         if isinstance(saved, dict):
             # A field added to rrome after the trial was recorded, at its default, edits as before.
@@ -311,7 +308,8 @@ def _run(
         if i in done:
             continue
         folder = _trial_dir(out, i)
-        folder.mkdir(parents=True, exist_ok=True)
+        real_dir(folder.parent)
+        real_dir(folder)
         if not (folder / "hparams.json").exists():
             write_json(folder / "hparams.json", hp.to_json())
         bar.set_description(f"trial {i + 1}/{len(points)}")
@@ -445,7 +443,7 @@ def finish(out_dir: str | os.PathLike[str], min_es: float | None = None) -> Tune
     path = out / RUN_FILE
     if not path.exists():
         raise RromeError(f"{path}: missing; is {out} an `rrome tune` folder?")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if min_es is not None:
         cfg["min_es"] = min_es
     n_trials = math.prod(len(values) for _, values in cfg["grid"])
@@ -453,9 +451,9 @@ def finish(out_dir: str | os.PathLike[str], min_es: float | None = None) -> Tune
     if len(done) < n_trials:
         raise RromeError(f"{out}: {len(done)} of {n_trials} trials finished; rerun `rrome tune` to continue")
     ranked = rank(list(done.values()), float(cfg["min_es"]))
-    unedited = _read_json(out / BASELINE_FILE)["metrics"]
+    unedited = read_json(out / BASELINE_FILE)["metrics"]
     table = markdown_table(cfg, ranked, unedited)
-    (out / TABLE_FILE).write_text(table, encoding="utf-8")
+    atomic_write(out / TABLE_FILE, table.encode("utf-8"))
     best = None
     if ranked and ranked[0].get("metrics") is not None:
         best = out / BEST_FILE
