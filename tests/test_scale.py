@@ -126,7 +126,7 @@ def test_two_workers_equal_one_process(tiny_dir: Callable[..., Path], tmp_path: 
     assert "from 2 workers" in lines[0]
     cached = Path(lines[1])
     assert lines[2] == str(out)
-    assert files_under(cache) == [cached]
+    assert files_under(cache) == [cached, cached.with_name(cached.name + ".sha256")]  # the file and its checksum
 
     two = rrome.SecondMoment.load(out)
     one = single_process_moment(model_dir)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -320,7 +322,8 @@ def test_second_moment_caches_with_provenance(
         paths.add(p)
         assert not np.array_equal(m_other.sum(), m.sum())
     assert len(calls) == 4
-    assert len(list((private_cache / "stats" / key).iterdir())) == 4
+    files = sorted(p.name for p in (private_cache / "stats" / key).iterdir())
+    assert files == sorted([p.name for p in paths] + [p.name + ".sha256" for p in paths])
 
 
 def test_second_moment_short_corpus_and_default_corpus(
@@ -373,6 +376,109 @@ def test_second_moment_recomputes_an_unusable_cache_file(
     assert calls == [1] and path2 == path
     np.testing.assert_array_equal(again.sum(), good.sum())
     assert rrome.SecondMoment.load(path).count == 200
+
+
+# --- the cache's integrity: checksums and a private folder ------------------------------------
+
+
+def test_changed_statistics_are_recomputed(
+    checkpoint: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cached C0 whose numbers were changed (finite, metadata intact, so every other check
+    passes) fails its checksum: it is computed again, with a warning naming the file. So is a
+    file without a checksum (written by an older rrome, or by hand)."""
+    folder = checkpoint("gpt2", "plain")
+    model, tok, adapter = load(folder, device="cpu")
+    corpus = write_corpus(tmp_path / "c.txt", sample_texts())
+    good, path = stats.second_moment(folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=200, progress=False)
+    side = path.with_name(path.name + ".sha256")
+    for damage in ("numbers", "no-checksum"):
+        if damage == "numbers":
+            bad = rrome.SecondMoment.from_sum(good.sum() * 1.5, good.count)
+            bad.metadata = rrome.SecondMoment.load(path).metadata
+            bad.save(path)
+        else:
+            side.unlink(missing_ok=True)
+        caplog.clear()
+        with monkeypatch.context() as mp, caplog.at_level("WARNING", logger="rrome.engine.stats"):
+            calls = _count_collect(mp)
+            again, _ = stats.second_moment(
+                folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=200, progress=False
+            )
+        assert calls == [1], damage
+        assert str(path) in caplog.text and "computing it again" in caplog.text, damage
+        np.testing.assert_array_equal(again.sum(), good.sum())
+        np.testing.assert_array_equal(rrome.SecondMoment.load(path).sum(), good.sum())
+        assert side.read_text() == f"{sha256_file(path)}  {path.name}\n"
+
+
+def test_a_changed_cholesky_factor_is_recomputed(
+    checkpoint: Callable[[str, str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = checkpoint("gpt2", "plain")
+    model, tok, adapter = load(folder, device="cpu")
+    corpus = write_corpus(tmp_path / "c.txt", sample_texts())
+    moment, path = stats.second_moment(
+        folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=200, progress=False
+    )
+    chol, factor_path = stats.cached_cholesky(path, moment, ridge=1e-3)
+    original = chol.factor()
+    meta = rrome.Cholesky.load(factor_path).metadata
+    rrome.Cholesky.from_factor(original * 1.25, 1e-3).save(factor_path, meta)
+    with caplog.at_level("WARNING", logger="rrome.engine.stats"):
+        again, _ = stats.cached_cholesky(path, moment, ridge=1e-3)
+    assert str(factor_path) in caplog.text and "checksum" in caplog.text
+    np.testing.assert_array_equal(again.factor(), original)
+    np.testing.assert_array_equal(rrome.Cholesky.load(factor_path).factor(), original)
+
+
+def test_the_cache_is_private(checkpoint: Callable[[str, str], Path], tmp_path: Path, private_cache: Path) -> None:
+    """Folders 0700, files 0600, whatever the umask."""
+    folder = checkpoint("gpt2", "plain")
+    model, tok, adapter = load(folder, device="cpu")
+    corpus = write_corpus(tmp_path / "c.txt", sample_texts())
+    old = os.umask(0o002)
+    try:
+        moment, path = stats.second_moment(
+            folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=200, progress=False
+        )
+        _, factor_path = stats.cached_cholesky(path, moment)
+    finally:
+        os.umask(old)
+    for d in (private_cache, private_cache / "stats", path.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    files = sorted(path.parent.iterdir())
+    assert {p.name for p in files} == {p.name + s for p in (path, factor_path) for s in ("", ".sha256")}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+@pytest.mark.parametrize("which", ["root", "stats", "model", "group"])
+def test_a_cache_folder_others_may_write_is_refused(
+    checkpoint: Callable[[str, str], Path], tmp_path: Path, private_cache: Path, which: str
+) -> None:
+    folder = checkpoint("gpt2", "plain")
+    model, tok, adapter = load(folder, device="cpu")
+    corpus = write_corpus(tmp_path / "c.txt", sample_texts())
+    _, path = stats.second_moment(folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=50, progress=False)
+    shared = {"root": private_cache, "stats": private_cache / "stats", "model": path.parent, "group": path.parent}
+    target = shared[which]
+    target.chmod(0o770 if which == "group" else 0o777)
+    try:
+        with pytest.raises(rrome.CacheFolderError, match=r"chmod 700") as info:
+            stats.second_moment(folder, model, tok, adapter, LAYER, corpus=corpus, max_tokens=50, progress=False)
+        assert str(target) in str(info.value) and "\n" not in str(info.value)
+        from rrome.engine.keys import cached_templates
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("RROME_NO_TEMPLATE_CACHE", raising=False)
+            with pytest.raises(rrome.CacheFolderError):
+                cached_templates(path.parent.name, model, tok, lengths=((2, 5),))
+    finally:
+        target.chmod(0o700)
 
 
 # --- model_key ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from rrome._rust import Checkpoint, Cholesky, Inspection, SecondMoment
 from rrome.files.errors import (
+    CacheFolderError,
     CheckpointError,
     DeltaError,
     DeltasFileError,
@@ -67,6 +68,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ApplyReport",
+    "CacheFolderError",
     "Checkpoint",
     "CheckpointError",
     "Cholesky",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rrome.files.errors import RromeError
 from rrome.files.fsutil import atomic_write
-from rrome.files.paths import cache_root
+from rrome.files.paths import private_cache_root
 
 
 def _install(package: str, size: str, *extra: str) -> None:
@@ -121,7 +121,7 @@ def demo_model_dir(model: str = DEFAULT_DEMO_MODEL, *, refresh: bool = False) ->
     """
     if model not in DEMO_MODELS:
         raise RromeError(f"unknown demo model {model!r}; expected one of {', '.join(DEMO_MODELS)}")
-    dest = cache_root() / "models" / model
+    dest = private_cache_root() / "models" / model
     if not refresh and (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
         mark_control_tokens(dest)
         return dest

@@ -26,8 +26,9 @@ from rrome.engine.hooks import StopForward, trace
 from rrome.engine.models import input_device, model_dtype
 from rrome.engine.prompts import Row, context_rows, pad_rows
 from rrome.files.edits import EditRequest
-from rrome.files.fsutil import atomic_write
-from rrome.files.paths import model_cache_dir
+from rrome.files.errors import InvalidFileError, RromeError
+from rrome.files.fsutil import atomic_write, read_regular
+from rrome.files.paths import model_cache_dir, private_model_cache_dir, seal, unsealed
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -164,15 +165,26 @@ def templates_path(
     return model_cache_dir(key) / f"templates-{digest}.json"
 
 
+_TEMPLATES_LIMIT = 16 << 20
+"""The most bytes a templates cache file may hold (the default settings write about 4 kB)."""
+
+
 def _read_templates(path: Path, count: int) -> list[str] | None:
     """The cached templates at ``path``, or ``None`` when there are none or the file is not a
-    valid cache (a warning names it; it is then regenerated and overwritten)."""
+    valid cache: not a regular file, not the bytes its checksum says (:func:`rrome.files.paths.unsealed`),
+    not JSON Python can hold, or not a template list of this version (a warning names it; it is
+    then regenerated and overwritten)."""
     try:
-        record = json.loads(path.read_bytes())
+        data = read_regular(path, limit=_TEMPLATES_LIMIT)
+        problem = unsealed(path, sha256=hashlib.sha256(data).hexdigest())
+        if problem is not None:
+            raise InvalidFileError(problem)
+        record = json.loads(data)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        log.warning("ignoring the cached templates %s (%s); generating them again", path, e)
+    except (OSError, ValueError, RecursionError, RromeError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        log.warning("ignoring the cached templates %s (%s); generating them again", path, reason)
         return None
     templates = record.get("templates") if isinstance(record, dict) else None
     valid = (
@@ -206,12 +218,22 @@ def cached_templates(
     ``RROME_NO_TEMPLATE_CACHE=1`` in the environment) generates them every time.
 
     Like C0, the templates belong to the unedited model: a folder edited in place keeps its key
-    and so reads the templates of the model it was.
+    and so reads the templates of the model it was. The file is kept like the statistics: with
+    its checksum, readable by the user alone, in a private folder.
+
+    Raises:
+        CacheFolderError: the cache folder is not private (another user's, or writable by group
+            or others).
     """
     if key is None or os.environ.get("RROME_NO_TEMPLATE_CACHE") == "1":
         return generate_templates(model, tokenizer, seed=seed, lengths=lengths, top_k=top_k)
     dtype = model_dtype(model)
     path = templates_path(key, seed=seed, lengths=lengths, top_k=top_k, device=input_device(model).type, dtype=dtype)
+    try:
+        private_model_cache_dir(key)
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.warning("could not use the template cache at %s: %s", path.parent, e)
+        return generate_templates(model, tokenizer, seed=seed, lengths=lengths, top_k=top_k)
     cached = _read_templates(path, template_count(lengths))
     if cached is not None:
         return cached
@@ -219,8 +241,8 @@ def cached_templates(
     record = {"version": _TEMPLATES_VERSION, "seed": seed, "lengths": [list(x) for x in lengths], "top_k": top_k}
     record["templates"] = templates
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, (json.dumps(record, ensure_ascii=False, indent=1) + "\n").encode())
+        atomic_write(path, (json.dumps(record, ensure_ascii=False, indent=1) + "\n").encode(), mode=0o600)
+        seal(path)
     except OSError as e:  # a read-only cache costs time, not correctness
         log.warning("could not cache the templates at %s: %s", path, e)
     return templates

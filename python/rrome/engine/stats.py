@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from rrome.engine.models import context_length, model_dtype
 from rrome.files.corpus import corpus_texts, default_corpus
 from rrome.files.errors import InvalidFileError
 from rrome.files.fsutil import sha256_file
-from rrome.files.paths import model_cache_dir
+from rrome.files.paths import model_cache_dir, private_model_cache_dir, seal, unsealed
 
 if TYPE_CHECKING:
     from rrome.engine.distributed import DistInfo
@@ -39,6 +40,7 @@ STATS_FORMAT = "rrome-stats/1"
 """Value of the ``stats_format`` metadata field of the files :func:`second_moment` writes."""
 
 _MODEL_KEY_VERSION = b"rrome-model-key/1\n"
+log = logging.getLogger(__name__)
 
 
 # --- cache --------------------------------------------------------------------------------
@@ -129,8 +131,23 @@ def _key_width(model: Any, adapter: Adapter, layer: int) -> int:
     return int(weight.shape[0] if adapter.layout == "in_out" else weight.shape[1])
 
 
+def _verified(path: Path, what: str) -> bool:
+    """Whether the cache file at ``path`` (it exists) has the checksum written with it; when it
+    has not, a warning names it and says it is computed again (docs/design.md §3)."""
+    try:
+        problem = unsealed(path)
+    except (OSError, InvalidFileError) as e:
+        problem = f"it cannot be read ({e})"
+    if problem is not None:
+        log.warning("ignoring the cached %s %s: %s; computing it again", what, path, problem)
+    return problem is None
+
+
 def _load_valid(path: Path, expected: Mapping[str, str], *, d: int, max_tokens: int) -> SecondMoment | None:
-    """The cached moment at ``path`` if it is readable and says what we expect, else None."""
+    """The cached moment at ``path`` if its checksum holds, it is readable and it says what we
+    expect, else None."""
+    if not _verified(path, "statistics"):
+        return None
     try:
         moment = SecondMoment.load(path)
     except InvalidFileError:  # not a moments file, or a damaged one (MomentsFileError, SafetensorsHeaderError)
@@ -157,11 +174,14 @@ def second_moment(
 ) -> tuple[SecondMoment, Path]:
     """C0 statistics of the edited module at ``layer``, from the cache or computed and cached.
 
-    The cache file is :func:`stats_path`. It is reused only when its metadata (model key, layer,
+    The cache file is :func:`stats_path`. It is reused only when its bytes have the sha256
+    written beside it (:func:`rrome.files.paths.seal`) and its metadata (model key, layer,
     module, corpus sha256, token budget, window length, model dtype), width and count match
-    (docs/design.md §3); otherwise, or with ``refresh``, the statistics are computed with
+    (docs/design.md §3); otherwise (a warning says why when the checksum fails), or with
+    ``refresh``, the statistics are computed with
     :func:`~rrome.engine.collect.collect_second_moment` (windows of ``min(256, model positions)``
-    tokens) and saved atomically with their provenance.
+    tokens) and saved atomically with their provenance and checksum, readable by the user alone,
+    in a private folder (:func:`rrome.files.paths.private_model_cache_dir`).
 
     Inside an initialised torch.distributed process group of several processes (``rrome
     stats`` under torchrun, see :mod:`rrome.engine.distributed`) this is a collective call: every
@@ -195,6 +215,8 @@ def second_moment(
         SafetensorsHeaderError: see :func:`model_key`.
         InvalidFileError: the corpus is not UTF-8 text or is empty.
         ValueError: a non-positive ``max_tokens`` or ``batch_size``, or a corpus without tokens.
+        CacheFolderError: the cache folder is not private (another user's, or writable by group
+            or others).
         RromeError: see :func:`~rrome.engine.collect.collect_second_moment`.
     """
     from rrome.engine import distributed as dist
@@ -211,6 +233,7 @@ def second_moment(
     module = expected["module"]
     d = _key_width(model, adapter, layer)
     cached = None
+    private_model_cache_dir(key)  # every rank: a refusal on rank 0 alone would leave the others waiting
     if main and not refresh and path.is_file():
         cached = _load_valid(path, expected, d=d, max_tokens=max_tokens)
     if info is not None and dist.broadcast_flag(cached is not None, info):
@@ -221,8 +244,9 @@ def second_moment(
     moment = _collect(model, tokenizer, module, corpus_path, max_tokens, batch_size, seq_len, progress and main, info)
     moment.metadata = {**expected, **_provenance(model, model_dir, corpus_path, batch_size, info, moment, max_tokens)}
     if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_model_cache_dir(key)
         moment.save(path)
+        seal(path)
     if info is not None:
         dist.barrier(info)
     return moment, path
@@ -317,8 +341,9 @@ def cached_cholesky(stats_file: PathLike, moment: SecondMoment, *, ridge: float 
 
     ``moment`` must be the statistics stored in ``stats_file``. The factor is kept in
     :func:`cholesky_path` with the sha256 of the statistics file it was computed from; it is
-    reused only when that hash, the ridge and the width match (so recomputed or replaced
-    statistics never meet a stale factor), and rebuilt otherwise. Factoring costs d³/3 flops,
+    reused only when its own checksum holds (as for the statistics) and that hash, the ridge and
+    the width match (so recomputed or replaced statistics never meet a stale factor), and
+    rebuilt otherwise. Factoring costs d³/3 flops,
     reading the cached factor d² · 8 bytes.
 
     Returns:
@@ -331,7 +356,7 @@ def cached_cholesky(stats_file: PathLike, moment: SecondMoment, *, ridge: float 
     stats_file = Path(stats_file)
     path = cholesky_path(stats_file, ridge)
     sha = sha256_file(stats_file)
-    if path.is_file():
+    if path.is_file() and _verified(path, "Cholesky factor"):
         try:
             chol = Cholesky.load(path)
         except InvalidFileError:
@@ -340,4 +365,5 @@ def cached_cholesky(stats_file: PathLike, moment: SecondMoment, *, ridge: float 
             return chol, path
     chol = Cholesky(moment.moment(), ridge)
     chol.save(path, {"stats_file": stats_file.name, "stats_sha256": sha})
+    seal(path)
     return chol, path

@@ -128,7 +128,13 @@ class RevertError(RromeError):
     """There is nothing to revert, or the data needed to revert exactly is missing."""
 
 
+class CacheFolderError(RromeError):
+    """rrome's cache folder is not private: another user, or group or others, could change the
+    statistics and templates rrome reads from it. The message says how to make it private."""
+
+
 __all__ = [
+    "CacheFolderError",
     "CheckpointError",
     "DeltaError",
     "DeltasFileError",
