@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,18 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def format_time(seconds: float | None) -> str:
+    """A time in seconds since the epoch (an edit log's ``applied_at``) as local
+    ``YYYY-MM-DD HH:MM:SS``; ``-`` for none. The value is read from a folder, so one that is no
+    date the platform can show (1e300, NaN, before year 1) is printed as the number itself."""
+    if not seconds:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds!r} (not a date)"
 
 
 def echo_recovered(actions: list[str]) -> None:
