@@ -93,7 +93,7 @@ pub fn check_records(ckpt: &Checkpoint, edits: &Path, records: &[Record]) -> Vec
 pub fn check_bundle(model_dir: &Path, bundle: &Path) -> Result<Vec<Record>> {
     let records = read_bundle(bundle, false)?;
     let ckpt = Checkpoint::open(model_dir)?;
-    let (edits, _) = bundle_paths(bundle);
+    let (edits, _) = bundle_paths(bundle)?;
     match refusal(&ckpt, &check_records(&ckpt, &edits, &records)) {
         Some(e) => Err(e),
         None => Ok(records),
@@ -175,7 +175,7 @@ fn misfit(ckpt: &Checkpoint, d: &Delta) -> Option<(ProblemKind, String)> {
 /// `\xNN`, `\uNNNN` or `\UNNNNNNNN` for characters that are not printable (controls,
 /// separators, private use, the common format characters). A name read from a file can then
 /// neither break a message into lines nor send a terminal an escape sequence.
-fn py_repr(s: &str) -> String {
+pub fn py_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);

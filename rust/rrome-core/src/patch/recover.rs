@@ -10,6 +10,7 @@ use super::folder_mode;
 use super::in_place::finalize;
 use super::plan::check_undo;
 use super::revert::{finish_revert, read_marker, revert_marker};
+use crate::check::py_repr;
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{read_bundle, write_bundle_with, Order, Record, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
@@ -103,7 +104,7 @@ fn remove_tmp_files(dir: &Path) -> Result<Vec<String>> {
 pub(super) fn recover_locked(dir: &Path) -> Result<Vec<String>> {
     let mut actions = Vec::new();
     for name in remove_tmp_files(dir)?.into_iter().chain(remove_tmp_files(&dir.join(STATE_DIR))?) {
-        actions.push(format!("removed unfinished temporary file {name}"));
+        actions.push(format!("removed unfinished temporary file {}", py_repr(&name)));
     }
     let marker = revert_marker(dir);
     let journal = journal_path(dir);
