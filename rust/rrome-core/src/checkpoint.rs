@@ -1,7 +1,7 @@
 //! A Hugging Face model folder seen as a set of validated safetensors shards.
 //!
-//! The folder holds either `model.safetensors` or shards named by the `weight_map` of
-//! `model.safetensors.index.json`. Shard names must be plain file names inside the folder: an
+//! The folder holds either one safetensors file or shards named by the `weight_map` of an
+//! index, chosen as transformers chooses ([`weights_file`]). Shard names must be plain file names inside the folder: an
 //! index that points elsewhere (`..`, `/`, an absolute path) is refused before any file is
 //! opened. Every shard header is validated, and the index must agree with the headers.
 
@@ -19,6 +19,10 @@ use crate::safetensors_header::{Header, TensorInfo};
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// Name of the shard index.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The model's configuration, which may name its weights file.
+pub const CONFIG_FILE: &str = "config.json";
+/// The `config.json` field that names the weights file (transformers' `transformers_weights`).
+pub const EXPLICIT_WEIGHTS: &str = "transformers_weights";
 
 /// One shard: its file name inside the folder and its validated header.
 #[derive(Debug, Clone)]
@@ -93,6 +97,58 @@ pub fn check_shard_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The file that holds a folder's weights, and whether it is a shard index: chosen as
+/// transformers' `from_pretrained` chooses for a local folder (docs/design.md §3), so that rrome
+/// writes the file the model is loaded from, whatever else lies beside it:
+/// 1. the file `config.json` names in `"transformers_weights"` (a plain file name here; an index
+///    when it ends in `.safetensors.index.json`);
+/// 2. else `model.safetensors`, if it is a file, even when an index lies beside it (a stale
+///    index of an earlier sharded save is not what transformers loads);
+/// 3. else `model.safetensors.index.json`.
+///
+/// # Errors
+/// [`Error::Checkpoint`] for a `config.json` that is not JSON or names its weights file in a way
+/// rrome cannot follow, or a folder with neither file.
+pub fn weights_file(dir: &Path) -> Result<(String, bool)> {
+    let config = dir.join(CONFIG_FILE);
+    if config.is_file() {
+        let text = read_file(&config)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&config, format!("not valid JSON: {e}")))?;
+        if let Some(w) = v.get(EXPLICIT_WEIGHTS) {
+            let name = w.as_str().unwrap_or_default();
+            let plain = check_shard_name(&config, name).is_ok();
+            let kind = [(".safetensors.index.json", true), (".safetensors", false)]
+                .into_iter()
+                .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix));
+            return match kind {
+                Some((_, indexed)) if plain => Ok((name.to_string(), indexed)),
+                _ => Err(Error::checkpoint(
+                    &config,
+                    format!(
+                        "\"{EXPLICIT_WEIGHTS}\" is {w}; rrome edits a safetensors file or index named by a plain \
+                         file name inside the model folder"
+                    ),
+                )),
+            };
+        }
+    }
+    let (single, index) = (dir.join(SINGLE_FILE), dir.join(INDEX_FILE));
+    if single.is_file() {
+        Ok((SINGLE_FILE.to_string(), false))
+    } else if index.is_file() {
+        Ok((INDEX_FILE.to_string(), true))
+    } else {
+        // Something that is not a file (a FIFO, a folder) under either name: say what it is.
+        for p in [&single, &index] {
+            if fs::symlink_metadata(p).is_ok() {
+                open_read(p)?;
+            }
+        }
+        Err(Error::checkpoint(dir, format!("holds neither {SINGLE_FILE} nor {INDEX_FILE}")))
+    }
+}
+
 impl Checkpoint {
     /// Opens a model folder and validates its index and every shard header.
     ///
@@ -104,9 +160,9 @@ impl Checkpoint {
         if !meta.is_dir() {
             return Err(Error::checkpoint(dir, "is not a folder"));
         }
-        let index_path = dir.join(INDEX_FILE);
-        let single = dir.join(SINGLE_FILE);
-        let (files, weight_map, indexed) = if index_path.exists() {
+        let (weights, indexed) = weights_file(dir)?;
+        let index_path = dir.join(&weights);
+        let (files, weight_map) = if indexed {
             let text = read_file(&index_path)?;
             let v: serde_json::Value = serde_json::from_slice(&text)
                 .map_err(|e| Error::checkpoint(&index_path, format!("not valid JSON: {e}")))?;
@@ -124,11 +180,9 @@ impl Checkpoint {
                 files.insert(file.to_string());
                 wm.insert(tensor.clone(), file.to_string());
             }
-            (files.into_iter().collect::<Vec<_>>(), Some(wm), true)
-        } else if single.exists() {
-            (vec![SINGLE_FILE.to_string()], None, false)
+            (files.into_iter().collect::<Vec<_>>(), Some(wm))
         } else {
-            return Err(Error::checkpoint(dir, format!("holds neither {SINGLE_FILE} nor {INDEX_FILE}")));
+            (vec![weights], None)
         };
         let mut shards = Vec::with_capacity(files.len());
         let mut by_tensor = HashMap::new();
