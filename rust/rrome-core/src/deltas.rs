@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::fsutil::{atomic_write_mode, crash_point, read_file};
+use crate::fsutil::{atomic_write_mode, crash_point, open_read, read_file};
 use crate::safetensors_header::{self, TensorData};
 
 /// File name of the JSON-lines half of a bundle.
@@ -139,10 +139,28 @@ pub struct Record {
     pub delta: Delta,
 }
 
-/// Resolves a bundle argument: a folder holding both files, or the path of either file.
-pub fn bundle_paths(path: &Path) -> (PathBuf, PathBuf) {
-    let dir = if path.is_dir() { path.to_path_buf() } else { crate::fsutil::parent_of(path) };
-    (dir.join(EDITS_FILE), dir.join(DELTAS_FILE))
+/// Resolves a bundle argument: a folder holding both files, or the path of either file
+/// (named `rrome_edits.jsonl` or `rrome_deltas.safetensors`).
+///
+/// # Errors
+/// [`Error::Io`] (not found) for a path that is neither: a mistyped folder must not fall back
+/// to the bundle of the folder above it.
+pub fn bundle_paths(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let named = path.file_name().is_some_and(|n| n == EDITS_FILE || n == DELTAS_FILE);
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else if named {
+        crate::fsutil::parent_of(path)
+    } else {
+        let why = if path.exists() {
+            format!("is neither a deltas bundle folder nor a file named {EDITS_FILE} or {DELTAS_FILE}")
+        } else {
+            "no such deltas bundle (a folder holding rrome_edits.jsonl, or that file)".to_string()
+        };
+        let kind = if path.exists() { std::io::ErrorKind::InvalidInput } else { std::io::ErrorKind::NotFound };
+        return Err(Error::io(path, std::io::Error::new(kind, why)));
+    };
+    Ok((dir.join(EDITS_FILE), dir.join(DELTAS_FILE)))
 }
 
 /// Reads a bundle (folder or either file). With `allow_missing` (a model's edit log), a
@@ -150,7 +168,7 @@ pub fn bundle_paths(path: &Path) -> (PathBuf, PathBuf) {
 /// so a tensor file without them is the leftover of an interrupted first write. Otherwise a
 /// missing file is an I/O error naming it.
 pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
-    let (edits, tensors) = bundle_paths(path);
+    let (edits, tensors) = bundle_paths(path)?;
     if allow_missing && !edits.exists() {
         return Ok(Vec::new());
     }
@@ -171,16 +189,23 @@ pub fn read_bundle(path: &Path, allow_missing: bool) -> Result<Vec<Record>> {
     Ok(out)
 }
 
-/// The tensor half of a bundle, read whole and checked to be an rrome deltas file.
+/// Longest factor a record may declare (2^24 values, 64 MiB in F32): wider than any model's
+/// module, and small enough that a planted `d_in` cannot ask for more memory than a machine has.
+pub const MAX_FACTOR_LEN: usize = 1 << 24;
+
+/// The tensor half of a bundle: its validated header and the open file. Only the byte ranges
+/// that records name are read (a sparse file may claim any size; nothing else of it is read).
 struct Factors {
     path: PathBuf,
     header: safetensors_header::Header,
-    data: Vec<u8>,
+    file: std::fs::File,
 }
 
 impl Factors {
     fn read(path: &Path) -> Result<Factors> {
-        let (header, data) = safetensors_header::read_all(path)?;
+        let mut file = open_read(path)?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let header = safetensors_header::Header::read_from(&mut file, len, path)?;
         if header.meta("format") != Some(DELTAS_FORMAT) {
             return Err(Error::DeltasFile {
                 msg: format!(
@@ -190,7 +215,7 @@ impl Factors {
                 ),
             });
         }
-        Ok(Factors { path: path.to_path_buf(), header, data })
+        Ok(Factors { path: path.to_path_buf(), header, file })
     }
 
     /// The F32 vector `<id>.<suffix>`, which must have `len` values.
@@ -201,10 +226,9 @@ impl Factors {
         if t.dtype != Dtype::F32 || t.shape != [len] {
             return Err(format!("tensor {name:?} is {} {:?}; expected F32 [{len}]", t.dtype, t.shape));
         }
-        Ok(self.data[t.begin as usize..t.end as usize]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let bytes = safetensors_header::read_range(&self.file, &self.path, self.header.abs_offset(t), t.nbytes())
+            .map_err(|e| e.to_string())?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 }
 
@@ -236,8 +260,14 @@ fn parse_line(line: &str, at: &str, lineno: usize, factors: &Factors, ids: &mut 
         None => 1.0,
         Some(s) => s.as_f64().ok_or_else(|| fail("field \"scale\": expected a number".into()))?,
     };
-    let d_in = field_uint("d_in")? as usize;
-    let d_out = field_uint("d_out")? as usize;
+    let width = |k: &str| -> Result<usize> {
+        let n = field_uint(k)?;
+        usize::try_from(n).ok().filter(|&n| n <= MAX_FACTOR_LEN).ok_or_else(|| {
+            fail(format!("field {k:?}: {n} is wider than any module rrome edits (at most {MAX_FACTOR_LEN})"))
+        })
+    };
+    let d_in = width("d_in")?;
+    let d_out = width("d_out")?;
     let batch = match obj.get("batch") {
         None => None,
         Some(_) => Some(field_uint("batch")?),

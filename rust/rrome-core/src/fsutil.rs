@@ -120,11 +120,29 @@ pub fn open_read(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Reads a whole (small) file through [`open_read`].
+/// Largest file [`read_file`] reads whole (an index, an edit log's JSON lines, a marker): far
+/// above any real one (10,000 logged edits take tens of megabytes), far below a machine's memory.
+pub const MAX_WHOLE_FILE: u64 = 1 << 30;
+
+/// Reads a whole (small) file through [`open_read`]; a file above [`MAX_WHOLE_FILE`] (a sparse
+/// file may claim any size) is an error, and the buffer is allocated fallibly.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let mut f = open_read(path)?;
+    let f = open_read(path)?;
+    let len = f.metadata().at(path)?.len();
+    if len > MAX_WHOLE_FILE {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                ErrorKind::FileTooLarge,
+                format!("is {len} bytes, more than the {MAX_WHOLE_FILE} rrome reads from such a file"),
+            ),
+        ));
+    }
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).at(path)?;
+    buf.try_reserve_exact(len as usize).map_err(|_| {
+        Error::io(path, std::io::Error::new(ErrorKind::OutOfMemory, format!("cannot allocate {len} bytes")))
+    })?;
+    f.take(MAX_WHOLE_FILE + 1).read_to_end(&mut buf).at(path)?;
     Ok(buf)
 }
 

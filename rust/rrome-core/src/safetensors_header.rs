@@ -322,12 +322,33 @@ pub fn read_all(path: &Path) -> Result<(Header, Vec<u8>)> {
     let mut f = open_read(path)?;
     let len = f.metadata().at(path)?.len();
     let header = Header::read_from(&mut f, len, path)?;
-    let mut data = Vec::with_capacity((len - header.data_start) as usize);
+    let mut data = alloc_bytes(len - header.data_start, path)?;
     f.read_to_end(&mut data).at(path)?;
     if data.len() as u64 != len - header.data_start {
         return Err(Error::header(path, "file changed while it was read"));
     }
     Ok((header, data))
+}
+
+/// An empty buffer with room for `n` bytes, or a one-line error naming `path` when the memory
+/// cannot be had (a sparse file may claim any size: an infallible allocation would abort).
+pub fn alloc_bytes(n: u64, path: &Path) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    let fits = usize::try_from(n).ok().is_some_and(|n| v.try_reserve_exact(n).is_ok());
+    if !fits {
+        return Err(Error::header(path, format!("cannot allocate {n} bytes to read it")));
+    }
+    Ok(v)
+}
+
+/// Reads the `len` bytes at absolute offset `offset` of `f` (the file at `path`) into a new
+/// buffer, allocated fallibly ([`alloc_bytes`]).
+pub fn read_range(f: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = alloc_bytes(len, path)?;
+    buf.resize(len as usize, 0);
+    f.read_exact_at(&mut buf, offset).at(path)?;
+    Ok(buf)
 }
 
 #[cfg(test)]
