@@ -191,10 +191,14 @@ class Inspection:
     def to_dict(self) -> dict[str, Any]: ...
 
 def apply_deltas(
-    model_dir: _Path, deltas: Sequence[Delta], out_dir: _Path | None = None, link_untouched: bool = False
+    model_dir: _Path,
+    deltas: Sequence[Delta],
+    out_dir: _Path | None = None,
+    link_untouched: bool = False,
+    again: bool = False,
 ) -> ApplyReport: ...
 def apply_bundle(
-    model_dir: _Path, bundle: _Path, out_dir: _Path | None = None, link_untouched: bool = False
+    model_dir: _Path, bundle: _Path, out_dir: _Path | None = None, link_untouched: bool = False, again: bool = False
 ) -> ApplyReport: ...
 def check_bundle(model_dir: _Path, bundle: _Path) -> list[LoggedDelta]: ...
 def read_bundle(path: _Path) -> list[LoggedDelta]: ...

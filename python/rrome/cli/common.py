@@ -8,11 +8,14 @@ imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +67,38 @@ def format_time(seconds: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
     except (OverflowError, OSError, ValueError):
         return f"{seconds!r} (not a date)"
+
+
+@contextlib.contextmanager
+def finish_writes_on_interrupt() -> Iterator[list[int]]:
+    """Ctrl-C during a write into a model folder does not abandon it half-reported: the write
+    (one call into Rust, which commits or rolls back as a whole) runs to its end and the
+    command reports what it did, as for any other run; the interrupt is announced at once and
+    noted in the yielded list. Outside the main thread (where signals cannot be set) a no-op."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def note(signum: int, _frame: object) -> None:
+        got.append(signum)
+        click.echo("rrome: interrupt received; finishing the write, which cannot be stopped halfway", err=True)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def echo_committed_despite(interrupts: list[int], batch: int) -> None:
+    """After a write that committed: say so plainly if an interrupt arrived during it."""
+    if interrupts:
+        click.echo(
+            f"rrome: the interrupt came during the write; batch {batch} was committed and is applied "
+            "(do not apply it again; `rrome revert` undoes it)",
+            err=True,
+        )
 
 
 def echo_recovered(actions: list[str]) -> None:

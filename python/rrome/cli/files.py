@@ -12,7 +12,17 @@ from pathlib import Path
 
 import click
 
-from rrome.cli.common import DIR, LINK_UNTOUCHED, check_link_untouched, echo_recovered, expected_errors, main, printable
+from rrome.cli.common import (
+    DIR,
+    LINK_UNTOUCHED,
+    check_link_untouched,
+    echo_committed_despite,
+    echo_recovered,
+    expected_errors,
+    finish_writes_on_interrupt,
+    main,
+    printable,
+)
 
 
 @main.command("apply-deltas")
@@ -26,25 +36,34 @@ from rrome.cli.common import DIR, LINK_UNTOUCHED, check_link_untouched, echo_rec
     help="Write an edited copy to this new folder instead of editing in place.",
 )
 @LINK_UNTOUCHED
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Apply even if the edit log already holds these deltas (by default a bundle applied before "
+    "is refused, so a rerun cannot add it twice).",
+)
 @expected_errors
-def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_untouched: bool) -> None:
+def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_untouched: bool, again: bool) -> None:
     """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
 
     DELTAS is a folder holding rrome_edits.jsonl and rrome_deltas.safetensors, or the path of
     either file. In place (the default), the write is journaled and locked and can be undone
     with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
+    A bundle whose deltas the edit log already holds is refused unless --again is given.
     """
     from rrome.files.shards import apply_bundle
 
     check_link_untouched(link_untouched, out_dir)
     t0 = time.perf_counter()
-    rep = apply_bundle(model_dir, deltas, out_dir=out_dir, link_untouched=link_untouched)
+    with finish_writes_on_interrupt() as interrupts:
+        rep = apply_bundle(model_dir, deltas, out_dir=out_dir, link_untouched=link_untouched, again=again)
     dt = time.perf_counter() - t0
     echo_recovered(rep.recovered)
     click.echo(
         f"applied {rep.deltas} delta(s) to {len(rep.tensors)} tensor(s) in {len(rep.shards)} shard(s) "
         f"as batch {rep.batch} of {rep.model_dir} ({rep.tensor_bytes / 1e6:.1f} MB of tensors, {dt:.2f} s)"
     )
+    echo_committed_despite(interrupts, rep.batch)
 
 
 @main.command("revert")
@@ -55,7 +74,8 @@ def revert_cmd(model_dir: Path, all_: bool) -> None:
     """Restore the exact original bytes of the last applied batch (or of all batches)."""
     from rrome.files.shards import revert_with_report
 
-    batches, recovered = revert_with_report(model_dir, all=all_)
+    with finish_writes_on_interrupt():
+        batches, recovered = revert_with_report(model_dir, all=all_)
     echo_recovered(recovered)
     click.echo(f"reverted batch{'es' if len(batches) > 1 else ''} {', '.join(map(str, batches))} of {model_dir}")
 
@@ -67,7 +87,8 @@ def recover_cmd(model_dir: Path) -> None:
     """Finish or roll back an in-place write that was interrupted (crash, kill, power loss)."""
     from rrome.files.shards import recover
 
-    actions = recover(model_dir)
+    with finish_writes_on_interrupt():
+        actions = recover(model_dir)
     for a in actions:
         click.echo(a)
     if not actions:

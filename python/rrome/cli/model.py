@@ -19,8 +19,10 @@ from rrome.cli.common import (
     METHOD_CHOICE,
     check_link_untouched,
     cli_hparams,
+    echo_committed_despite,
     echo_recovered,
     expected_errors,
+    finish_writes_on_interrupt,
     hparams_options,
     main,
     model_options,
@@ -118,7 +120,8 @@ def apply_cmd(
     results = []
     for req in tqdm(requests, desc=f"{method} edits", unit="edit", disable=no_progress):
         results.append(editor.edit(req))
-    rep = editor.save(out_dir, link_untouched=link_untouched)
+    with finish_writes_on_interrupt() as interrupts:
+        rep = editor.save(out_dir, link_untouched=link_untouched)
     hp = editor.hparams
     click.echo(
         f"\nlayer {hp.layer}: v_lr {hp.v_lr:g} ({hp.v_lr_unit}), clamp {hp.clamp_norm_factor:g}·‖v_init‖, "
@@ -139,6 +142,7 @@ def apply_cmd(
     if rep is not None:
         echo_recovered(rep.recovered)
         click.echo(f"wrote {len(results)} edit(s) as batch {rep.batch} of {rep.model_dir} (layer {editor.layer})")
+        echo_committed_despite(interrupts, rep.batch)
 
 
 @main.command("screen")

@@ -123,6 +123,7 @@ def apply_deltas(
     *,
     out_dir: PathLike | None = None,
     link_untouched: bool = False,
+    again: bool = False,
 ) -> ApplyReport:
     """Writes a batch of deltas into the checkpoint in ``model_dir`` without loading the model.
 
@@ -143,13 +144,17 @@ def apply_deltas(
             in-place apply or revert un-shares a shard before writing it), but a tool other
             than rrome that rewrites a shared shard in place changes both folders. Off by
             default: the copy then shares nothing with ``model_dir``.
+        again: apply even when a delta is bit for bit one the folder's edit log already holds.
+            Off (the default), such a batch is refused before anything is written: it is
+            almost surely one that was applied before.
 
     Returns:
         The batch number, edited tensors and shards, byte counts, and ``recovered``: what the
         recovery that runs first did (an interrupted earlier write finished or rolled back).
 
     Raises:
-        TensorNotFoundError, UnsupportedDtypeError, DeltaError: a delta does not fit.
+        TensorNotFoundError, UnsupportedDtypeError, DeltaError: a delta does not fit, or
+            repeats one of the edit log (without ``again``).
         SafetensorsHeaderError, CheckpointError: the checkpoint is malformed or unsafe.
         LockedError: another rrome process is writing this folder.
         IntegrityError: the folder holds a journal, undo file or revert marker that does not
@@ -160,7 +165,7 @@ def apply_deltas(
     out = None if out_dir is None else os.fspath(out_dir)
     if link_untouched and out is None:
         raise DeltaError("link_untouched only applies to a copy (out_dir)")
-    return _rust.apply_deltas(os.fspath(model_dir), batch, out, link_untouched)
+    return _rust.apply_deltas(os.fspath(model_dir), batch, out, link_untouched, again)
 
 
 def apply_bundle(
@@ -169,10 +174,13 @@ def apply_bundle(
     *,
     out_dir: PathLike | None = None,
     link_untouched: bool = False,
+    again: bool = False,
 ) -> ApplyReport:
     """Reads the deltas bundle at ``bundle``, checks every delta against the checkpoint in
     ``model_dir`` as :func:`load_deltas_for` does, and applies them as one batch as
-    :func:`apply_deltas` does: what ``rrome apply-deltas`` runs, in one call into Rust.
+    :func:`apply_deltas` does (``again`` as there): what ``rrome apply-deltas`` runs, in one
+    call into Rust. ``bundle`` is a bundle folder or the path of one of its two files; any other
+    path is a FileNotFoundError.
 
     Raises:
         As :func:`load_deltas_for`, then as :func:`apply_deltas`.
@@ -180,7 +188,7 @@ def apply_bundle(
     out = None if out_dir is None else os.fspath(out_dir)
     if link_untouched and out is None:
         raise DeltaError("link_untouched only applies to a copy (out_dir)")
-    return _rust.apply_bundle(os.fspath(model_dir), os.fspath(bundle), out, link_untouched)
+    return _rust.apply_bundle(os.fspath(model_dir), os.fspath(bundle), out, link_untouched, again)
 
 
 def revert(model_dir: PathLike, *, all: bool = False) -> list[int]:  # noqa: A002 - mirrors the CLI flag

@@ -124,12 +124,9 @@ fn to_python_delta<'py>(py: Python<'py>, d: Delta) -> PyResult<Bound<'py, PyAny>
     DELTA.import(py, "rrome.files.shards", "Delta")?.call1((d.tensor, u, r, d.layout.as_str(), d.scale, meta))
 }
 
-fn untouched(link: bool) -> patch::Untouched {
-    if link {
-        patch::Untouched::HardLink
-    } else {
-        patch::Untouched::Copy
-    }
+fn options(link: bool, again: bool) -> patch::ApplyOptions {
+    let untouched = if link { patch::Untouched::HardLink } else { patch::Untouched::Copy };
+    patch::ApplyOptions { untouched, again }
 }
 
 // --- checkpoint ---------------------------------------------------------------------------
@@ -357,16 +354,17 @@ impl PyLoggedDelta {
 
 /// Applies deltas (``rrome.Delta`` objects) to a model folder, in place or into ``out_dir``.
 #[pyfunction]
-#[pyo3(signature = (model_dir, deltas, out_dir = None, link_untouched = false))]
+#[pyo3(signature = (model_dir, deltas, out_dir = None, link_untouched = false, again = false))]
 fn apply_deltas(
     py: Python<'_>,
     model_dir: PathBuf,
     deltas: Vec<DeltaArg<'_>>,
     out_dir: Option<PathBuf>,
     link_untouched: bool,
+    again: bool,
 ) -> PyResult<PyApplyReport> {
     let deltas = to_core(py, &deltas)?;
-    let how = untouched(link_untouched);
+    let how = options(link_untouched, again);
     let rep = py.detach(|| patch::apply_deltas_with(&model_dir, &deltas, out_dir.as_deref(), how)).map_err(to_py)?;
     Ok(rep.into())
 }
@@ -374,15 +372,16 @@ fn apply_deltas(
 /// Reads a deltas bundle, checks every record against the checkpoint (each misfit at its
 /// FILE:LINE) and applies them as one batch, in place or into ``out_dir``.
 #[pyfunction]
-#[pyo3(signature = (model_dir, bundle, out_dir = None, link_untouched = false))]
+#[pyo3(signature = (model_dir, bundle, out_dir = None, link_untouched = false, again = false))]
 fn apply_bundle(
     py: Python<'_>,
     model_dir: PathBuf,
     bundle: PathBuf,
     out_dir: Option<PathBuf>,
     link_untouched: bool,
+    again: bool,
 ) -> PyResult<PyApplyReport> {
-    let how = untouched(link_untouched);
+    let how = options(link_untouched, again);
     let rep = py.detach(|| patch::apply_bundle(&model_dir, &bundle, out_dir.as_deref(), how)).map_err(to_py)?;
     Ok(rep.into())
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::plan::{plan, region_slots, OpenShards, Plan};
 use super::revert::revert_marker;
-use super::{folder_mode, new_records, next_batch, report, ApplyReport, Untouched};
+use super::{folder_mode, new_records, next_batch, refuse_repeat, report, ApplyOptions, ApplyReport, Untouched};
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
@@ -18,6 +18,24 @@ use crate::fsutil::{
 };
 use crate::journal::{journal_path, read_region_into, undo_dir, undo_path, write_undo, Region};
 use crate::lock::{lock_exclusive, model_lock_path, DirLock, STATE_DIR};
+
+/// Ending of the hidden folder a copy is built in (`.NAME.rrome-partial` beside `NAME`).
+const PARTIAL_SUFFIX: &str = ".rrome-partial";
+
+/// Refuses a destination inside the source folder (or the folder itself): the copy would be
+/// built inside what it copies, and a later copy of the source would carry it along.
+fn refuse_nested(src: &Path, out: &Path) -> Result<()> {
+    let src_real = fs::canonicalize(src).at(src)?;
+    let parent = parent_of(out);
+    let parent_real = fs::canonicalize(&parent).at(&parent)?;
+    if parent_real.starts_with(&src_real) {
+        return Err(Error::checkpoint(
+            out,
+            format!("is inside the model folder {}; write the copy outside it", src.display()),
+        ));
+    }
+    Ok(())
+}
 
 /// Files of a model folder that a copy carries over (everything but locks, journals and
 /// temporary files), as paths relative to the folder. Links are never followed: a folder
@@ -31,8 +49,8 @@ fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
             let entry = entry.at(&abs)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let child = rel.join(&name);
-            if name.contains(".rrome-tmp-") {
-                continue;
+            if name.contains(".rrome-tmp-") || (name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)) {
+                continue; // leftovers of interrupted writes, never part of a model
             }
             if rel == Path::new(STATE_DIR) && matches!(name.as_str(), "lock" | "journal.safetensors" | "revert.json") {
                 continue;
@@ -61,12 +79,18 @@ fn claim_partial(out: &Path, mode: u32) -> Result<(PathBuf, DirLock)> {
         .ok_or_else(|| Error::checkpoint(out, "destination has no folder name"))?
         .to_string_lossy()
         .into_owned();
-    let partial = parent_of(out).join(format!(".{name}.rrome-partial"));
+    let partial = parent_of(out).join(format!(".{name}{PARTIAL_SUFFIX}"));
     for _ in 0..2 {
         match fs::create_dir(&partial) {
             Ok(()) => {
-                let lock = lock_exclusive(&model_lock_path(&partial), mode)?;
-                return Ok((partial, lock));
+                return match lock_exclusive(&model_lock_path(&partial), mode) {
+                    Ok(lock) => Ok((partial, lock)),
+                    Err(e) => {
+                        // Out of space or quota for the lock: leave nothing behind.
+                        let _ = fs::remove_dir_all(&partial);
+                        Err(e)
+                    }
+                };
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 // Held by a live writer: Locked. Otherwise a dead run's leftovers: remove.
@@ -200,11 +224,12 @@ fn publish(partial: &Path, out: &Path, files: &[PathBuf], mut dirs: HashSet<Path
     fsync_dir(&parent_of(out))
 }
 
-pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched: Untouched) -> Result<ApplyReport> {
+pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, options: ApplyOptions) -> Result<ApplyReport> {
     fs::metadata(src).at(src)?;
     if out.exists() {
         return Err(Error::io(out, std::io::Error::new(ErrorKind::AlreadyExists, "destination already exists")));
     }
+    refuse_nested(src, out)?;
     // Refuse links and special files before anything is created (checked again under the lock).
     files_to_copy(src)?;
     let _src_lock = lock_source(src, folder_mode(src))?;
@@ -212,9 +237,10 @@ pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, untouched:
     let mode = ckpt.file_mode();
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(src, true)?;
-    let batch = next_batch(&log);
+    let batch = next_batch(src, &log)?;
+    refuse_repeat(src, &log, deltas, options.again)?;
     let mut regions = region_slots(&ckpt, &plans);
-    let linkable = Linkable::new(&ckpt, &regions, untouched);
+    let linkable = Linkable::new(&ckpt, &regions, options.untouched);
 
     let (partial, part_lock) = claim_partial(out, mode)?;
     let result = (|| {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::plan::{own_shards, plan, region_slots, OpenShards, Plan};
 use super::recover::{recover_locked, rollback};
-use super::{new_records, next_batch, report, ApplyReport};
+use super::{new_records, next_batch, refuse_repeat, report, ApplyReport};
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
@@ -14,7 +14,7 @@ use crate::fsutil::{crash_point, dir_mode, ensure_dir, fsync_dir};
 use crate::journal::{journal_path, read_region_into, undo_dir, undo_path, write_undo, Region, Undo};
 use crate::lock::{lock_exclusive, model_lock_path, STATE_DIR};
 
-pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport> {
+pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta], again: bool) -> Result<ApplyReport> {
     if !dir.is_dir() {
         // Report a missing folder before creating any state inside it.
         fs::metadata(dir).at(dir)?;
@@ -31,7 +31,11 @@ pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport
     let mode = ckpt.file_mode();
     let plans = plan(&ckpt, deltas)?;
     let log = read_bundle(dir, true)?;
-    let batch = next_batch(&log);
+    let batch = next_batch(dir, &log)?;
+    refuse_repeat(dir, &log, deltas, again)?;
+    // Everything step 6 needs is made and checked now, before the journal: once the batch is
+    // committed nothing may fail for want of a folder.
+    prepare_undo(dir, batch, mode)?;
     own_shards(&ckpt, &plans)?;
 
     let journal = journal_path(dir);
@@ -53,7 +57,7 @@ pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta]) -> Result<ApplyReport
         });
     }
     crash_point("committed");
-    finalize(dir, batch, mode)?;
+    finalize(dir, batch, mode).map_err(|e| committed_but(dir, batch, e))?;
     let journal_bytes = fs::metadata(undo_path(dir, batch)).at(undo_path(dir, batch))?.len();
     let log_bytes = fs::metadata(dir.join(EDITS_FILE)).map(|m| m.len()).unwrap_or(0)
         + fs::metadata(dir.join(DELTAS_FILE)).map(|m| m.len()).unwrap_or(0);
@@ -99,6 +103,37 @@ fn patch_from_journal(dir: &Path, plans: &[Plan], regions: &[Region], journal: &
         crash_point("patch-region");
     }
     shards.sync_all()
+}
+
+/// Makes the undo folder and checks that batch `batch` has no undo file yet: a file there was
+/// not written by rrome (the batch is not in the log), and renaming the journal onto it after
+/// the commit could fail (a folder) or hide it.
+fn prepare_undo(dir: &Path, batch: u64, mode: u32) -> Result<()> {
+    ensure_dir(&undo_dir(dir), dir_mode(mode))?;
+    let dest = undo_path(dir, batch);
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Err(Error::Integrity {
+            msg: format!(
+                "{} exists, but batch {batch} is not in the edit log: rrome did not write it. Nothing was \
+                 written; remove it and run the command again",
+                dest.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The error for a step after the commit point that failed: the batch is applied and logged,
+/// and the next command (or `rrome recover`) finishes the step; applying it again would add it
+/// twice.
+fn committed_but(dir: &Path, batch: u64, e: Error) -> Error {
+    Error::Integrity {
+        msg: format!(
+            "batch {batch} was committed: the weights are edited and the edit log holds it (do not apply it \
+             again); moving its undo file into place then failed: {e}. `rrome recover {}` finishes that",
+            dir.display()
+        ),
+    }
 }
 
 /// Moves a committed journal to the undo folder.

@@ -47,10 +47,10 @@ mod revert;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::check::check_bundle;
+use crate::check::{check_bundle, py_repr};
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{Delta, Record};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fsutil::PRIVATE_MODE;
 use crate::journal::Region;
 
@@ -106,6 +106,24 @@ pub enum Untouched {
     HardLink,
 }
 
+/// How an apply runs: how a copy holds the files no delta changes, and whether a batch that
+/// repeats deltas already in the edit log may be applied again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// How a copy made with `out_dir` holds the files no delta changes (ignored in place).
+    pub untouched: Untouched,
+    /// Apply even when a delta is bit for bit one the edit log already holds. Off, such a batch
+    /// is refused before anything is written: it is almost surely the same bundle applied a
+    /// second time (after a command that committed but reported a failure, say).
+    pub again: bool,
+}
+
+impl From<Untouched> for ApplyOptions {
+    fn from(untouched: Untouched) -> ApplyOptions {
+        ApplyOptions { untouched, again: false }
+    }
+}
+
 /// Applies `deltas` to the checkpoint in `model_dir`, in place or into a new folder `out_dir`
 /// that shares no file with `model_dir` (see [`apply_deltas_with`]).
 ///
@@ -113,22 +131,24 @@ pub enum Untouched {
 /// Any [`Error`](crate::Error); on error the model folder is unchanged (in place: rolled back
 /// before returning, or by the next command after a crash) and `out_dir` does not exist.
 pub fn apply_deltas(model_dir: &Path, deltas: &[Delta], out_dir: Option<&Path>) -> Result<ApplyReport> {
-    apply_deltas_with(model_dir, deltas, out_dir, Untouched::Copy)
+    apply_deltas_with(model_dir, deltas, out_dir, ApplyOptions::default())
 }
 
-/// [`apply_deltas`], choosing how a copy holds the files no delta changes (ignored in place).
+/// [`apply_deltas`] with [`ApplyOptions`] (or just an [`Untouched`]).
 ///
 /// # Errors
-/// As [`apply_deltas`].
+/// As [`apply_deltas`]; [`Error::Delta`] when a delta repeats one of the edit log and
+/// `again` is off.
 pub fn apply_deltas_with(
     model_dir: &Path,
     deltas: &[Delta],
     out_dir: Option<&Path>,
-    untouched: Untouched,
+    options: impl Into<ApplyOptions>,
 ) -> Result<ApplyReport> {
+    let options = options.into();
     match out_dir {
-        None => in_place::apply_in_place(model_dir, deltas),
-        Some(out) => copy::apply_to_copy(model_dir, deltas, out, untouched),
+        None => in_place::apply_in_place(model_dir, deltas, options.again),
+        Some(out) => copy::apply_to_copy(model_dir, deltas, out, options),
     }
 }
 
@@ -138,15 +158,55 @@ pub fn apply_deltas_with(
 /// `rrome apply-deltas` command in one call.
 ///
 /// # Errors
-/// As [`check_bundle`], then as [`apply_deltas`].
+/// As [`check_bundle`], then as [`apply_deltas_with`].
 pub fn apply_bundle(
     model_dir: &Path,
     bundle: &Path,
     out_dir: Option<&Path>,
-    untouched: Untouched,
+    options: impl Into<ApplyOptions>,
 ) -> Result<ApplyReport> {
     let deltas: Vec<Delta> = check_bundle(model_dir, bundle)?.into_iter().map(|r| r.delta).collect();
-    apply_deltas_with(model_dir, &deltas, out_dir, untouched)
+    apply_deltas_with(model_dir, &deltas, out_dir, options)
+}
+
+/// Refuses a batch holding a delta that is bit for bit one the edit log `log` of `dir` already
+/// holds (same tensor, layout, scale and factors), unless `again`.
+pub(super) fn refuse_repeat(dir: &Path, log: &[Record], deltas: &[Delta], again: bool) -> Result<()> {
+    if again {
+        return Ok(());
+    }
+    let same = |a: &Delta, b: &Delta| {
+        a.tensor == b.tensor
+            && a.layout == b.layout
+            && a.scale.to_bits() == b.scale.to_bits()
+            && a.u.len() == b.u.len()
+            && a.r.len() == b.r.len()
+            && a.u.iter().zip(&b.u).all(|(x, y)| x.to_bits() == y.to_bits())
+            && a.r.iter().zip(&b.r).all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    let repeats: Vec<String> = deltas
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let r = log.iter().find(|r| same(&r.delta, d))?;
+            let batch = r.batch.map(|b| format!(" of batch {b}")).unwrap_or_default();
+            Some(format!("delta {i} ({}) is {}{batch}", py_repr(&d.tensor), py_repr(&r.id)))
+        })
+        .collect();
+    if repeats.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = repeats.iter().take(5).map(String::as_str).collect();
+    let more = if repeats.len() > 5 { format!(" (and {} more)", repeats.len() - 5) } else { String::new() };
+    Err(Error::Delta {
+        msg: format!(
+            "{}: the edit log already holds {} of these deltas: {}{more}; this batch was applied before. \
+             Nothing was written; to apply it a second time on purpose, pass --again (again=True)",
+            dir.display(),
+            repeats.len(),
+            shown.join("; ")
+        ),
+    })
 }
 
 /// The mode of files rrome creates in `dir`: its shards' bits, or owner-only when the
@@ -159,8 +219,16 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-pub(super) fn next_batch(log: &[Record]) -> u64 {
-    log.iter().filter_map(|r| r.batch).max().unwrap_or(0) + 1
+/// The number of the batch after the log's last. A log whose last batch is `u64::MAX` is
+/// corrupt (no folder takes 2^64 batches); wrapping to 0 would reuse a number.
+pub(super) fn next_batch(dir: &Path, log: &[Record]) -> Result<u64> {
+    let last = log.iter().filter_map(|r| r.batch).max().unwrap_or(0);
+    last.checked_add(1).ok_or_else(|| Error::DeltasFile {
+        msg: format!(
+            "{}: batch {last} is the largest batch number there can be; the edit log is corrupt",
+            dir.join(crate::deltas::EDITS_FILE).display()
+        ),
+    })
 }
 
 pub(super) fn new_records(deltas: &[Delta], batch: u64) -> Vec<Record> {
