@@ -19,6 +19,10 @@ Where tests/test_crash.py aborts at named steps (``RROME_CRASH_AT``), this harne
    the source unchanged, and a reader polling the destination during the write never sees it
    incomplete.
 
+Every trial applies the same bundle again (the oracle's states are 0, 1, 2, ... applications of
+it), so every apply passes ``--again`` / ``again=True``: the refusal of a repeated batch is
+tested in tests/test_untrusted_folder_2.py.
+
 Nothing here imports torch.
 """
 
@@ -216,7 +220,7 @@ def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
     shards, tensors = [], []
     for k in range(4):
         if k:
-            rrome.apply_deltas(scratch, deltas)
+            rrome.apply_deltas(scratch, deltas, again=True)
         shards.append(shard_hashes(scratch))
         tensors.append({t: region_sha(scratch, t) for t in SYNTHETIC_EDITED})
     for k in range(1, 4):
@@ -232,9 +236,9 @@ def build_oracle(root: Path, *, calibrate: bool = True) -> Oracle:
     undo = scratch / STATE_DIR / "undo"
     copy = root / "oracle-copy"
     for name, args, done in [
-        ("apply", ["apply-deltas", bundle, scratch], lambda: (undo / "batch-000001.safetensors").exists()),
+        ("apply", ["apply-deltas", "--again", bundle, scratch], lambda: (undo / "batch-000001.safetensors").exists()),
         ("revert", ["revert", scratch], lambda: not (undo / "batch-000001.safetensors").exists()),
-        ("copy", ["apply-deltas", "--out", copy, bundle, scratch], copy.exists),
+        ("copy", ["apply-deltas", "--again", "--out", copy, bundle, scratch], copy.exists),
     ]:
         run = run_and_kill(list(args), scratch, None, done=done)
         assert run.returncode == 0, run.stderr
@@ -347,14 +351,16 @@ def trial(rng: random.Random, model: Path, oracle: Oracle, k: int, stats: Stats,
 
     if op == "copy":
         run = run_and_kill(
-            ["apply-deltas", "--out", out, oracle.bundle, model],
+            ["apply-deltas", "--again", "--out", out, oracle.bundle, model],
             model,
             kill_after,
             before_lock=before_lock,
             reader=(out, oracle.shards[k + 1]),
         )
     elif op == "apply":
-        run = run_and_kill(["apply-deltas", oracle.bundle, model], model, kill_after, before_lock=before_lock)
+        run = run_and_kill(
+            ["apply-deltas", "--again", oracle.bundle, model], model, kill_after, before_lock=before_lock
+        )
     else:
         run = run_and_kill(["revert", model], model, kill_after, before_lock=before_lock)
     if not run.killed:
@@ -380,7 +386,7 @@ def trial(rng: random.Random, model: Path, oracle: Oracle, k: int, stats: Stats,
         else:
             stats.outcomes["copy:absent"] += 1
             if rng.random() < 0.5:  # the next run clears the dead run's partial folder
-                rrome.apply_deltas(model, oracle.deltas, out_dir=out)
+                rrome.apply_deltas(model, oracle.deltas, out_dir=out, again=True)
                 state_of(out, oracle, {k + 1})
                 assert not (out.parent / f".{out.name}.rrome-partial").exists()
                 stats.recoveries["copy:rerun"] += 1
@@ -406,7 +412,7 @@ def trial(rng: random.Random, model: Path, oracle: Oracle, k: int, stats: Stats,
         end = state_of(model, oracle, {before, after})
     else:  # the next command recovers first, then does its own work
         if op == "apply":
-            rrome.apply_deltas(model, oracle.deltas)
+            rrome.apply_deltas(model, oracle.deltas, again=True)
             end = state_of(model, oracle, {before + 1, after + 1})
             stats.outcomes[f"apply:{'old' if end == before + 1 else 'new'}"] += 1
             return end

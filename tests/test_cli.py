@@ -119,7 +119,7 @@ def test_apply_then_inspect_then_revert(gpt2: Path, bundle: Path, exe: bool) -> 
 
 def test_apply_accepts_either_bundle_file(gpt2: Path, bundle: Path) -> None:
     assert run_cli("apply-deltas", bundle / EDITS_FILE, gpt2).returncode == 0
-    assert run_cli("apply-deltas", bundle / DELTAS_FILE, gpt2).returncode == 0
+    assert run_cli("apply-deltas", bundle / DELTAS_FILE, gpt2, "--again").returncode == 0
     assert sorted({r.batch for r in rrome.load_deltas(gpt2)}) == [1, 2]
     proc = run_cli("revert", "--all", gpt2)
     assert proc.returncode == 0, proc.stderr

@@ -82,10 +82,10 @@ def case(
     tensors = [t1, t0]
     old = {t: region_sha(oracle, t) for t in tensors}
     shards_old = shard_hashes(oracle)
-    rrome.apply_deltas(oracle, deltas)
+    rrome.apply_deltas(oracle, deltas, again=True)
     new = {t: region_sha(oracle, t) for t in tensors}
     shards_new = shard_hashes(oracle)
-    rrome.apply_deltas(oracle, deltas)
+    rrome.apply_deltas(oracle, deltas, again=True)
     new2 = {t: region_sha(oracle, t) for t in tensors}
     shards_new2 = shard_hashes(oracle)
     shutil.rmtree(oracle)
@@ -128,7 +128,7 @@ def assert_log(model: Path, batches: list[int]) -> None:
 
 @pytest.mark.parametrize("step", IN_PLACE_STEPS)
 def test_crash_then_recover(case: Case, step: str) -> None:
-    crash("apply-deltas", case.bundle, case.model, step=step)
+    crash("apply-deltas", "--again", case.bundle, case.model, step=step)
 
     # The state the crash left: every step here comes before the journal is finalised.
     info = rrome.inspect(case.model)
@@ -172,8 +172,8 @@ def test_crash_then_recover(case: Case, step: str) -> None:
 
 @pytest.mark.parametrize("step", IN_PLACE_STEPS)
 def test_crash_then_next_apply_recovers_first(case: Case, step: str) -> None:
-    crash("apply-deltas", case.bundle, case.model, step=step)
-    proc = run_cli("apply-deltas", case.bundle, case.model)
+    crash("apply-deltas", "--again", case.bundle, case.model, step=step)
+    proc = run_cli("apply-deltas", "--again", case.bundle, case.model)
     assert proc.returncode == 0, proc.stderr
     if step == "committed":
         # The crashed batch was committed: it is rolled forward and this run is batch 2.
@@ -196,13 +196,13 @@ def test_crash_then_next_apply_recovers_first(case: Case, step: str) -> None:
 
 def test_crash_then_api_call_recovers_first(case: Case) -> None:
     # revert() recovers before it looks for batches: an uncommitted crash leaves nothing to revert.
-    crash("apply-deltas", case.bundle, case.model, step="patched")
+    crash("apply-deltas", "--again", case.bundle, case.model, step="patched")
     with pytest.raises(rrome.RevertError):
         rrome.revert(case.model)
     assert shard_hashes(case.model) == case.shards_old
     assert leftovers(case.model) == []
     # recover() through the API reports what it did.
-    crash("apply-deltas", case.bundle, case.model, step="committed")
+    crash("apply-deltas", "--again", case.bundle, case.model, step="committed")
     actions = rrome.recover(case.model)
     assert len(actions) == 1 and "completed batch 1" in actions[0]
     assert rrome.recover(case.model) == []
@@ -220,7 +220,7 @@ REVERT_STEPS = ["revert-marked", "restore-region", "log-shrunk"]
 
 @pytest.mark.parametrize("step", REVERT_STEPS)
 def test_crash_during_revert(case: Case, step: str) -> None:
-    rrome.apply_deltas(case.model, case.deltas)
+    rrome.apply_deltas(case.model, case.deltas, again=True)
     assert shard_hashes(case.model) == case.shards_new
     crash("revert", case.model, step=step)
 
@@ -243,8 +243,8 @@ def test_crash_during_revert(case: Case, step: str) -> None:
 
 @pytest.mark.parametrize("step", REVERT_STEPS)
 def test_crash_during_revert_of_second_batch(case: Case, step: str) -> None:
-    rrome.apply_deltas(case.model, case.deltas)
-    rrome.apply_deltas(case.model, case.deltas)
+    rrome.apply_deltas(case.model, case.deltas, again=True)
+    rrome.apply_deltas(case.model, case.deltas, again=True)
     assert shard_hashes(case.model) == case.shards_new2
     crash("revert", case.model, step=step)
     assert rrome.inspect(case.model).pending
@@ -265,18 +265,18 @@ def test_crash_during_revert_of_second_batch(case: Case, step: str) -> None:
 def test_crash_during_copy(case: Case, tmp_path: Path, step: str, source: str) -> None:
     if source == "edited":
         # A source that already carries an in-place batch (and so its undo data).
-        rrome.apply_deltas(case.model, case.deltas)
+        rrome.apply_deltas(case.model, case.deltas, again=True)
     before = without_lock(file_hashes(case.model))
     out = tmp_path / "edited-copy"
     partial = tmp_path / ".edited-copy.rrome-partial"
 
-    crash("apply-deltas", "--out", out, case.bundle, case.model, step=step)
+    crash("apply-deltas", "--again", "--out", out, case.bundle, case.model, step=step)
     assert not out.exists()
     assert partial.is_dir(), "the crashed run's hidden build folder is left behind"
     assert without_lock(file_hashes(case.model)) == before, "the source changed"
     assert rrome.inspect(case.model).pending == []
 
-    proc = run_cli("apply-deltas", "--out", out, case.bundle, case.model)
+    proc = run_cli("apply-deltas", "--again", "--out", out, case.bundle, case.model)
     assert proc.returncode == 0, proc.stderr
     assert not partial.exists(), "the stale partial folder must be cleared"
     assert out.is_dir()
@@ -305,7 +305,7 @@ def _shared_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A synthetic source and a copy of it made with --out that shares two of its three shards."""
     src = build_synthetic_checkpoint(tmp_path / "src")
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)
+    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True, again=True)
     shared = [s for s in shard_hashes(src) if s != COPY_SHARD]
     assert shared and all((src / s).samefile(out / s) for s in shared)
     return src, out
@@ -321,7 +321,7 @@ def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str
     before_edited = without_lock(file_hashes(edited))
     before_other = without_lock(file_hashes(other))
 
-    crash("apply-deltas", bundle, edited, step=step)
+    crash("apply-deltas", "--again", bundle, edited, step=step)
     tmp_left = [p.name for p in edited.iterdir() if ".rrome-tmp-" in p.name]
     assert bool(tmp_left) == (step == "unshare-copied"), tmp_left
     # Nothing but the inode of one shard may have changed: the bytes are all as they were.
@@ -336,7 +336,7 @@ def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str
     assert rrome.inspect(edited).pending == []
 
     # The next apply un-shares what is still shared and edits only its own folder.
-    proc = run_cli("apply-deltas", bundle, edited)
+    proc = run_cli("apply-deltas", "--again", bundle, edited)
     assert proc.returncode == 0, proc.stderr
     assert without_lock(file_hashes(other)) == before_other
     assert shard_hashes(edited) != {k: before_edited[k] for k in shard_hashes(edited)}
@@ -347,9 +347,11 @@ def test_crash_while_unsharing_before_apply(tmp_path: Path, step: str, edit: str
 def test_crash_while_unsharing_during_revert(tmp_path: Path, step: str) -> None:
     src = build_synthetic_checkpoint(tmp_path / "src")
     pristine = shard_hashes(src)
-    rrome.apply_deltas(src, make_deltas())  # batch 1 in place
+    rrome.apply_deltas(src, make_deltas(), again=True)  # batch 1 in place
     out = tmp_path / "copy"
-    rrome.apply_deltas(src, [copy_delta()], out_dir=out, link_untouched=True)  # shares the shards batch 1 changed
+    rrome.apply_deltas(
+        src, [copy_delta()], out_dir=out, link_untouched=True, again=True
+    )  # shares the shards batch 1 changed
     assert any((src / s).samefile(out / s) for s in pristine if s != COPY_SHARD)
     before_out = without_lock(file_hashes(out))
 

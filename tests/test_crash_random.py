@@ -50,7 +50,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path: Path, oracle: O
     for attempt in range(10):
         model = tmp_path / f"model-{attempt}"
         shutil.copytree(oracle.pristine, model)
-        holder = spawn("apply-deltas", oracle.bundle, model)
+        holder = spawn("apply-deltas", "--again", oracle.bundle, model)
         t0 = time.perf_counter()
         while holder.poll() is None and not lock_names(model, holder.pid) and time.perf_counter() - t0 < 30:
             time.sleep(0.0002)
@@ -65,8 +65,8 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path: Path, oracle: O
     try:
         assert lock_names(model, holder.pid)
         for args in (
-            ["apply-deltas", oracle.bundle, model],
-            ["apply-deltas", "--out", tmp_path / "copy", oracle.bundle, model],
+            ["apply-deltas", "--again", oracle.bundle, model],
+            ["apply-deltas", "--again", "--out", tmp_path / "copy", oracle.bundle, model],
             ["revert", model],
             ["recover", model],
         ):
@@ -87,7 +87,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path: Path, oracle: O
     # The kernel dropped the dead holder's lock: the next writer recovers and proceeds.
     rrome.recover(model)
     k = state_of(model, oracle, {0, 1})
-    rrome.apply_deltas(model, oracle.deltas)
+    rrome.apply_deltas(model, oracle.deltas, again=True)
     assert state_of(model, oracle, {k + 1}) == k + 1
 
 
@@ -147,7 +147,7 @@ def test_rrome_apply_killed_while_writing(tmp_path: Path, tiny_dir: Callable[...
         assert [r.delta.meta["request"]["subject"] for r in log if r.delta.meta] == [s for s, _ in facts]
         oracle = tmp_path / "oracle"
         shutil.copytree(pristine, oracle)
-        rrome.apply_deltas(oracle, [r.delta for r in log])
+        rrome.apply_deltas(oracle, [r.delta for r in log], again=True)
         assert shard_hashes(model) == shard_hashes(oracle)
         assert rrome.revert(model) == [1]
         assert shard_hashes(model) == shard_hashes(pristine)

@@ -223,12 +223,12 @@ def test_recovery_that_runs_first_is_reported(model: Path, bundle: Path) -> None
     proc = run_cli("apply-deltas", bundle, model)
     assert proc.returncode == 0, proc.stderr
     assert "recovered: rolled back uncommitted batch 1" in proc.stdout
-    proc = run_cli("apply-deltas", bundle, model, crash_at="committed")
+    proc = run_cli("apply-deltas", bundle, model, "--again", crash_at="committed")
     assert proc.returncode < 0
-    rep = rrome.apply_deltas(model, [DELTA])
+    rep = rrome.apply_deltas(model, [DELTA], again=True)
     assert rep.batch == 3 and any("completed batch 2" in a for a in rep.recovered)
-    assert rrome.apply_deltas(model, [DELTA]).recovered == []
-    proc = run_cli("apply-deltas", bundle, model, crash_at="committed")
+    assert rrome.apply_deltas(model, [DELTA], again=True).recovered == []
+    proc = run_cli("apply-deltas", bundle, model, "--again", crash_at="committed")
     proc = run_cli("revert", model)
     assert proc.returncode == 0, proc.stderr
     assert "recovered: completed batch 5" in proc.stdout and "reverted batch 5" in proc.stdout
@@ -278,7 +278,7 @@ def test_copy_refuses_special_files(model: Path, bundle: Path, tmp_path: Path) -
 
 def test_kill_between_the_renames_of_a_shrinking_revert(model: Path, bundle: Path) -> None:
     rrome.apply_deltas(model, [DELTA])
-    rrome.apply_deltas(model, [DELTA, DELTA])
+    rrome.apply_deltas(model, [DELTA, DELTA], again=True)
     proc = run_cli("revert", model, crash_at="log-shrunk")
     assert proc.returncode < 0, (proc.returncode, proc.stderr)
     # The folder stays readable and the interrupted revert finishes.
@@ -293,7 +293,7 @@ def test_kill_between_the_renames_of_a_shrinking_revert(model: Path, bundle: Pat
 def test_kill_between_the_renames_of_a_rollback(model: Path, bundle: Path) -> None:
     rrome.apply_deltas(model, [DELTA, DELTA])
     first = (model / "model.safetensors").read_bytes()
-    proc = run_cli("apply-deltas", bundle, model, crash_at="patched")
+    proc = run_cli("apply-deltas", bundle, model, "--again", crash_at="patched")
     assert proc.returncode < 0
     proc = run_cli("recover", model, crash_at="log-shrunk")
     assert proc.returncode < 0, (proc.returncode, proc.stderr)
@@ -388,8 +388,8 @@ def test_created_files_inherit_the_shard_mode(shard_mode: int, model: Path, bund
     old = os.umask(0o022)
     try:
         rrome.apply_deltas(model, [DELTA])
-        rrome.apply_deltas(model, [DELTA], out_dir=tmp_path / "copy")
-        proc = run_cli("apply-deltas", bundle, model, crash_at="journal-written")
+        rrome.apply_deltas(model, [DELTA], out_dir=tmp_path / "copy", again=True)
+        proc = run_cli("apply-deltas", bundle, model, "--again", crash_at="journal-written")
         assert proc.returncode < 0
         journal_mode = stat.S_IMODE((model / STATE_DIR / "journal.safetensors").stat().st_mode)
         rrome.recover(model)
