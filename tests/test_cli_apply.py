@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from _helpers import file_hashes, files_under, run_cli, sha256_file, without_lock
+from _helpers import file_hashes, files_under, rel_error, run_cli, sha256_file, without_lock
 from engine_reference import saved_weight, stored_delta
 from safetensors.torch import load_file
 
@@ -115,3 +116,37 @@ def test_cli_apply_unknown_method_is_a_usage_error(tiny_dir: Callable[..., Path]
     _write_jsonl(tmp_path / "edits.jsonl", CLI_EDITS)
     proc = run_rrome("apply", "edits.jsonl", tiny_dir("gpt2"), "--method", "memit", cwd=tmp_path, cache=tmp_path)
     assert proc.returncode == 2 and "memit" in proc.stderr
+
+
+RELATION = [
+    {"prompt": "The capital of {} is", "subject": s, "target_new": new, "target_true": true}
+    for s, new, true in (("France", "London", "Paris"), ("England", "Rome", "London"), ("Germany", "Madrid", "Berlin"))
+]
+
+
+def test_cli_two_apply_calls_write_what_one_call_writes(
+    tiny_copy: Callable[..., Path], tmp_path: Path, private_cache: Path
+) -> None:
+    """With retention, the second call on a folder retains the first call's keys from its edit
+    log: the factors and weights are those of one call with all the edits, to a relative 1e-6
+    (measured: equal, bit for bit), the keys exactly."""
+    one, two = tiny_copy("gpt2", name="one"), tiny_copy("gpt2", name="two")
+    _write_jsonl(tmp_path / "all.jsonl", RELATION)
+    _write_jsonl(tmp_path / "a.jsonl", RELATION[:1])
+    _write_jsonl(tmp_path / "b.jsonl", RELATION[1:])
+    # The templates are cached as users have them, so both calls use the unedited model's.
+    env = {"RROME_CACHE_DIR": str(private_cache), "OMP_NUM_THREADS": "1", "RROME_NO_TEMPLATE_CACHE": "0"}
+    options = ["--no-progress", "--allow-large-updates", "--set", "retain_edit_keys=true"]
+    options += ["--set", "stats_max_tokens=2000", "--set", "v_num_grad_steps=5"]
+    for edits, folder in (("all.jsonl", one), ("a.jsonl", two), ("b.jsonl", two)):
+        proc = run_cli("apply", edits, folder.name, *options, exe=False, cwd=tmp_path, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    whole, split = rrome.load_deltas(one), rrome.load_deltas(two)
+    assert [x.batch for x in whole] == [1, 1, 1] and [x.batch for x in split] == [1, 2, 2]
+    assert [x.delta.meta["retained_keys"] for x in split] == [0, 1, 2]
+    for a, b in zip(whole, split, strict=True):
+        assert a.delta.key is not None and b.delta.key is not None and np.array_equal(a.delta.key, b.delta.key)
+        for name in ("u", "r"):
+            assert rel_error(getattr(b.delta, name), getattr(a.delta, name)) <= 1e-6, name
+    tensor = "transformer.h.0.mlp.c_proj.weight"
+    assert rel_error(saved_weight(two, tensor).numpy(), saved_weight(one, tensor).numpy()) <= 1e-6

@@ -8,7 +8,11 @@
   edit, and every edit with the option off (the default and ``reference``), are bit for bit
   those of C0 alone; the edit log records the set and the count of keys solved against;
 * a sequential ``rrome eval`` with the option resumes to the same numbers (its saved factors
-  hold the keys), and a sweep recorded before the fields existed still continues.
+  hold the keys), and a sweep recorded before the fields existed still continues;
+* across sessions: each applied edit's key travels with its factors (bundles, the edit log, a
+  copy; a revert takes its batch's keys away), an editor opened on a folder retains the log's
+  keys of its tensor (records without one are skipped with a warning), and two apply sessions
+  of N edits each make the Δ of one session with all 2N.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import math_shape, random_delta, rel_error
 from engine_reference import PUSH_HP
 
 import rrome
@@ -317,3 +322,155 @@ def test_sweep_recorded_before_the_fields_existed_continues(tmp_path: Path) -> N
     on = resolve_hparams("gpt2", None, n_layers=2, overrides={"retain_edit_keys": True})
     with pytest.raises(RromeError, match="retain_edit_keys: saved null, now true"):
         _check_resolved(tmp_path, [on], {})
+
+
+# --------------------------------------------------------------------------------------------
+# 5. across sessions: the keys in the edit log
+
+TENSOR = "transformer.h.0.mlp.c_proj.weight"  # the tiny GPT-2's edited tensor at LAYER (Conv1D)
+
+
+def _keyed(rng: np.random.Generator, d_out: int, d_in: int, key: bool = True) -> rrome.Delta:
+    base = random_delta(rng, TENSOR, d_out, d_in, "in_out", 1.0)
+    k = rng.standard_normal(d_in).astype(np.float32) if key else None
+    return rrome.Delta(base.tensor, base.u, base.r, base.layout, base.scale, {"note": "test"}, key=k)
+
+
+def test_the_key_round_trips_through_a_bundle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    deltas = [_keyed(rng, 4, 6), _keyed(rng, 4, 6, key=False), _keyed(rng, 4, 6)]
+    assert deltas[0].key is not None and deltas[0].key.dtype == np.float32 and not deltas[0].key.flags.writeable
+    rrome.save_deltas(tmp_path / "bundle", deltas)
+    back = [x.delta for x in rrome.load_deltas(tmp_path / "bundle")]
+    for a, b in zip(deltas, back, strict=True):
+        assert np.array_equal(a.u, b.u) and np.array_equal(a.r, b.r)
+        assert (a.key is None and b.key is None) or np.array_equal(a.key, b.key)  # type: ignore[arg-type]
+    assert back[1].key is None
+    # A float64 key is stored as float32 (the editor's keys are float32 values already).
+    k64 = rng.standard_normal(6)
+    assert np.array_equal(rrome.Delta(TENSOR, np.ones(6), np.ones(4), key=k64).key, k64.astype(np.float32))
+    for bad, needle in ((np.ones(5), "key has 5 values; expected d_in = 6"), (np.full(6, np.inf), r"key\[0\] is inf")):
+        with pytest.raises(rrome.DeltaError, match=needle):
+            rrome.Delta(TENSOR, np.ones(6), np.ones(4), key=bad)
+
+
+def test_the_edit_log_keeps_the_keys_and_a_revert_takes_its_batch_keys_away(
+    tiny_copy: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """apply appends each delta's key to the log, a copy carries them, a revert removes its
+    batch's; what an editor opened on the folder retains follows the log."""
+    folder = tiny_copy("gpt2")
+    d_out, d_in = math_shape(folder, TENSOR, "in_out")
+    rng = np.random.default_rng(12)
+    # Batch 1: a delta of another tensor (not retained by this layer's editor), one logged
+    # before keys were recorded, one with its key; batch 2: two with keys.
+    other = random_delta(rng, "transformer.h.1.mlp.c_proj.weight", d_out, d_in, "in_out", 1.0)
+    batch1 = [
+        rrome.Delta(other.tensor, other.u, other.r, "in_out", key=rng.standard_normal(d_in)),
+        _keyed(rng, d_out, d_in, key=False),
+        _keyed(rng, d_out, d_in),
+    ]
+    batch2 = [_keyed(rng, d_out, d_in), _keyed(rng, d_out, d_in)]
+    rrome.apply_deltas(folder, batch1)
+    rrome.apply_deltas(folder, batch2)
+    logged = rrome.load_deltas(folder)
+    assert [x.batch for x in logged] == [1, 1, 1, 2, 2]
+    for x, d in zip(logged, batch1 + batch2, strict=True):
+        assert (x.delta.key is None) == (d.key is None)
+        assert d.key is None or np.array_equal(x.delta.key, d.key)  # type: ignore[arg-type]
+    rrome.apply_deltas(folder, [_keyed(rng, d_out, d_in)], out_dir=tmp_path / "copy")
+    copied = rrome.load_deltas(tmp_path / "copy")
+    assert all(
+        (a.delta.key is None and b.delta.key is None) or np.array_equal(a.delta.key, b.delta.key)  # type: ignore[arg-type]
+        for a, b in zip(logged, copied[:5], strict=True)
+    )
+
+    def opened() -> Editor:
+        return Editor.from_pretrained(folder, layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False)
+
+    want = [d.key for d in (batch1[2], *batch2)]
+    with caplog.at_level("WARNING", logger="rrome"):
+        editor = opened()
+    warned = [r.getMessage() for r in caplog.records if "hold no key" in r.getMessage()]
+    assert len(warned) == 1 and "1 of the 4 logged edit(s)" in warned[0] and "re-applying them" in warned[0]
+    assert len(editor.retained_keys) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(editor.retained_keys, want, strict=True))  # type: ignore[arg-type]
+    assert len(editor.solver()) == 3  # type: ignore[arg-type]
+    extra = _keyed(rng, d_out, d_in)
+    editor.replay(extra.u, extra.r, extra.key)
+    assert len(editor.solver()) == 4  # type: ignore[arg-type]
+    editor.forget_edit_keys()  # back to the log's keys, not to none
+    assert len(editor.solver()) == 3  # type: ignore[arg-type]
+
+    assert rrome.revert(folder) == [2]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rrome"):
+        after = opened()
+    assert len(after.retained_keys) == 1 and np.array_equal(after.retained_keys[0], want[0].astype(np.float64))  # type: ignore[union-attr]
+    warned = [r.getMessage() for r in caplog.records if "hold no key" in r.getMessage()]
+    assert len(warned) == 1 and "1 of the 2 logged edit(s)" in warned[0]
+    # With the option off the log is not read for keys at all.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rrome"):
+        plain = Editor.from_pretrained(folder, layer=LAYER, hparams=HP, progress=False)
+    assert plain.retained_keys == [] and not [r for r in caplog.records if "hold no key" in r.getMessage()]
+    # A logged key that cannot be retained (zero under C0⁻¹) is named at its line.
+    zero = _keyed(rng, d_out, d_in)
+    rrome.apply_deltas(folder, [rrome.Delta(zero.tensor, zero.u, zero.r, "in_out", key=np.zeros(d_in))])
+    with pytest.raises(RromeError, match=r"rrome_edits\.jsonl:4: the logged key of this edit cannot be retained"):
+        opened().solver()
+
+
+# Four facts of one relation: two sessions of two, or one of four.
+MORE = [
+    FIRST,
+    SECOND,
+    EditRequest(prompt="The capital of {} is", subject="Germany", target_new="Madrid", target_true="Berlin"),
+    EditRequest(prompt="The capital of {} is", subject="Spain", target_new="Berlin", target_true="Madrid"),
+]
+SESSION_TOL = 1e-6  # relative, on u, r and the written weight; measured: 0 (the same operations, bit for bit)
+
+
+def _apply_session(folder: Path, requests: list[EditRequest]) -> tuple[Editor, list[Any]]:
+    """What ``rrome apply`` does: open an editor on the folder, check, edit, write in place.
+    Large updates are allowed: the guard compares with the session's own edits, which two
+    sessions do not share (docs/design.md §1, Guards)."""
+    editor = Editor.from_pretrained(
+        folder, layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False, allow_large_updates=True
+    )
+    editor.check_requests(requests)
+    results = [editor.edit(r) for r in requests]
+    editor.save()
+    return editor, results
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_two_apply_sessions_make_the_deltas_of_one(
+    family: str, tiny_copy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second session retains the first one's keys from the edit log, so it solves against
+    the same C0 + Σ w_p k_p k_pᵀ as one session with all the edits, and writes the same Δ."""
+    from safetensors.numpy import load_file
+
+    # The templates come from the unedited model in both sessions, as users get them (cached
+    # beside C0; the cache is private to this test).
+    monkeypatch.delenv("RROME_NO_TEMPLATE_CACHE")
+    one, two = tiny_copy(family, name="one"), tiny_copy(family, name="two")
+    whole_editor, whole = _apply_session(one, MORE)
+    _, first = _apply_session(two, MORE[:2])
+    second_editor, second = _apply_session(two, MORE[2:])
+    for i, (a, b) in enumerate(zip(whole, first + second, strict=True)):
+        for name in ("u", "r"):
+            x, y = getattr(a.delta, name), getattr(b.delta, name)
+            assert rel_error(y, x) <= SESSION_TOL, (i, name, rel_error(y, x))
+    tensor = whole[0].delta.tensor
+    shard = "model.safetensors"
+    w_one, w_two = load_file(str(one / shard))[tensor], load_file(str(two / shard))[tensor]
+    assert rel_error(w_two, w_one) <= SESSION_TOL
+    assert [x.batch for x in rrome.load_deltas(two)] == [1, 1, 2, 2]
+    # The edits were solved against the same keys: the log's, then the session's own.
+    assert [r.delta.meta["retained_keys"] for r in whole] == [0, 1, 2, 3]
+    assert [r.delta.meta["retained_keys"] for r in first + second] == [0, 1, 2, 3]
+    assert len(second_editor.retained_keys) == len(whole_editor.retained_keys) == 4
+    for a, b in zip(whole_editor.retained_keys, second_editor.retained_keys, strict=True):
+        assert np.array_equal(a, b)

@@ -38,7 +38,7 @@ from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
-from rrome.files.shards import ApplyReport, Delta, apply_deltas
+from rrome.files.shards import EDITS_FILE, ApplyReport, Delta, apply_deltas, load_deltas
 
 LARGE_UPDATE_RATIO = 20.0
 """Default of ``large_update_ratio``: an edit whose |Δ| exceeds this many times the median |Δ|
@@ -115,7 +115,9 @@ class Editor:
     """Sequential ROME / r-ROME / p-ROME editing of one checkpoint.
 
     Create with :meth:`from_pretrained`; :meth:`edit` one request at a time (each edit sees the
-    previous ones), then :meth:`save` to write every pending update into the shards.
+    previous ones), then :meth:`save` to write every pending update into the shards. Every edit
+    records its key (k_den) with its factors; with ``retain_edit_keys`` the editor reads the keys
+    of the folder's edit log as it opens and solves against them too (docs/design.md §1).
     """
 
     def __init__(
@@ -156,6 +158,10 @@ class Editor:
         self._chol: Cholesky | None = None
         self._retained: RetainedKeys | None = None
         self.stats_path: Path | None = None
+        # The keys of the folder's edit log, read as the editor opens (retain_edit_keys only).
+        self._logged: list[tuple[str, npt.NDArray[np.float32]]] = (
+            self._logged_keys() if hparams.retain_edit_keys else []
+        )
 
     @classmethod
     def from_pretrained(
@@ -204,6 +210,7 @@ class Editor:
         Raises:
             HParamsError: an unknown preset or field, or a bad value (before the model is loaded).
             HParamsFileError: a malformed hyperparameters file.
+            DeltasFileError: with ``retain_edit_keys``, a malformed edit log in ``model_dir``.
         """
         path = Path(model_dir)
         if not isinstance(hparams, HParams):
@@ -269,26 +276,65 @@ class Editor:
             self._chol, _ = stats.cached_cholesky(self.stats_path, moment)
         return self._chol
 
+    def _logged_keys(self) -> list[tuple[str, npt.NDArray[np.float32]]]:
+        """The keys (k_den) of the edits of the edited tensor in the model folder's edit log,
+        oldest first, each with where it was read (``FILE:LINE``). Records without a key (logged
+        before keys were recorded) are skipped, with one warning."""
+        if not (self.model_dir / EDITS_FILE).is_file():
+            return []
+        tensor = self.adapter.tensor_name(self.layer)
+        found = [x for x in load_deltas(self.model_dir) if x.delta.tensor == tensor]
+        keys: list[tuple[str, npt.NDArray[np.float32]]] = []
+        for x in found:
+            if x.delta.key is not None:
+                keys.append((f"{self.model_dir / EDITS_FILE}:{x.line}", x.delta.key))
+        missing = len(found) - len(keys)
+        if missing:
+            _log.warning(
+                "%s: %d of the %d logged edit(s) of %s hold no key (they were applied before rrome recorded "
+                "keys), so later edits cannot retain them; re-applying them (rrome revert, then rrome apply "
+                "with this version) is the only way to retain them",
+                self.model_dir,
+                missing,
+                len(found),
+                tensor,
+            )
+        return keys
+
     def solver(self) -> Solver:
         """What the next edit's u is solved against: C0's factor, or, with ``retain_edit_keys``,
-        C0 plus the keys of this editor's earlier edits (:mod:`rrome.engine.retain`)."""
+        C0 plus the keys of the edits in the folder's edit log (read when the editor opened) and
+        of this editor's earlier edits (:mod:`rrome.engine.retain`)."""
         if not self.hparams.retain_edit_keys:
             return self.cholesky()
         if self._retained is None:
             self._retained = RetainedKeys(self.cholesky(), self.hparams.retain_weight)
+            self._retain_logged()
         return self._retained
+
+    def _retain_logged(self) -> None:
+        assert self._retained is not None
+        for where, key in self._logged:
+            try:
+                self._retained.add(key)
+            except ValueError as e:
+                self._retained.clear()
+                raise RromeError(f"{where}: the logged key of this edit cannot be retained: {e}") from None
 
     @property
     def retained_keys(self) -> list[npt.NDArray[np.float64]]:
-        """The keys later edits are solved against (``retain_edit_keys``), oldest first: each
-        edit's k_den, and those :meth:`replay` was given."""
-        return list(self._retained.raw) if self._retained is not None else []
+        """The keys later edits are solved against (``retain_edit_keys``), oldest first: those
+        of the folder's edit log, then each edit's k_den, and those :meth:`replay` was given."""
+        if self._retained is None:  # not solved yet: the logged keys, as they will be retained
+            return [np.asarray(k, dtype=np.float64) for _, k in self._logged]
+        return list(self._retained.raw)
 
     def forget_edit_keys(self) -> None:
-        """Solves later edits against C0 alone again, until new edits are retained (after the
-        weight was restored to the unedited one, say)."""
+        """Solves later edits against C0 plus the folder's logged keys alone again, until new
+        edits are retained (after the weight was restored to the one loaded, say)."""
         if self._retained is not None:
             self._retained.clear()
+            self._retain_logged()
 
     def screen(self, request: EditRequest | Mapping[str, Any]) -> ScreenResult:
         """The disabling-edit screen of a request (:mod:`rrome.engine.screen`): forward passes and one
@@ -466,7 +512,9 @@ class Editor:
         }
         if retained is not None:
             meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
-        return Delta(self.adapter.tensor_name(self.layer), update.u, update.r, self.adapter.layout, 1.0, meta)
+        tensor = self.adapter.tensor_name(self.layer)
+        key = None if update.key is None else update.key.astype(np.float32)  # float32 values already
+        return Delta(tensor, update.u, update.r, self.adapter.layout, 1.0, meta, key=key)
 
     def check_requests(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
         """Tokenises every request's subject and targets as the edits will, before any edit.

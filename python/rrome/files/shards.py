@@ -61,9 +61,13 @@ class Delta:
             Never inferred from the shape.
         scale: scalar factor, applied in float32 as ``(scale · r) uᵀ``.
         meta: JSON-serialisable mapping recorded with the delta in the edit log.
+        key: the key the edit wrote at (k_den, length ``d_in``; stored as float32 as ``<id>.k``
+            beside the factors), or ``None``. With ``retain_edit_keys`` an editor opened on the
+            folder later retains the keys of its edit log (docs/design.md §1).
 
     Raises:
-        DeltaError: for a bad layout, empty or non-float factors, or non-finite numbers.
+        DeltaError: for a bad layout, empty or non-float factors, a key whose length is not
+            ``d_in``, or non-finite numbers.
     """
 
     tensor: str
@@ -72,6 +76,7 @@ class Delta:
     layout: Layout = "out_in"
     scale: float = 1.0
     meta: Mapping[str, Any] | None = field(default=None)
+    key: npt.NDArray[np.float32] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, str) or not self.tensor:
@@ -80,11 +85,17 @@ class Delta:
             raise DeltaError(f'layout must be "out_in" or "in_out", got {self.layout!r}')
         object.__setattr__(self, "u", _vector("u", self.u))
         object.__setattr__(self, "r", _vector("r", self.r))
+        if self.key is not None:
+            object.__setattr__(self, "key", _vector("key", self.key))
+            if self.key.shape != self.u.shape:
+                raise DeltaError(f"{self.tensor}: key has {self.key.shape[0]} values; expected d_in = {self.d_in}")
         object.__setattr__(self, "scale", float(self.scale))
         if not np.isfinite(self.scale):
             raise DeltaError(f"scale must be finite, got {self.scale}")
-        for name in ("u", "r"):
+        for name in ("u", "r", "key"):
             vec = getattr(self, name)
+            if vec is None:
+                continue
             bad = np.flatnonzero(~np.isfinite(vec))
             if bad.size:
                 raise DeltaError(f"{self.tensor}: {name}[{bad[0]}] is {vec[bad[0]]}")

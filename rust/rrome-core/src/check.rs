@@ -251,7 +251,15 @@ mod tests {
     }
 
     fn delta(tensor: &str, d_in: usize, d_out: usize, layout: Layout) -> Delta {
-        Delta { tensor: tensor.into(), u: vec![1.0; d_in], r: vec![1.0; d_out], layout, scale: 1.0, meta: None }
+        Delta {
+            tensor: tensor.into(),
+            u: vec![1.0; d_in],
+            r: vec![1.0; d_out],
+            layout,
+            scale: 1.0,
+            meta: None,
+            key: None,
+        }
     }
 
     fn record(i: usize, line: usize, delta: Delta) -> Record {

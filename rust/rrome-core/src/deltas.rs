@@ -9,7 +9,11 @@
 //!   `{"id", "tensor", "layout", "scale", "d_in", "d_out"}` plus optional `"batch"`,
 //!   `"applied_at"` (set in a model's edit log) and `"meta"` (any JSON object: the edit
 //!   request, method, diagnostics).
-//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` (shape `[d_in]`) and `<id>.r` (`[d_out]`).
+//! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` (shape `[d_in]`) and `<id>.r` (`[d_out]`),
+//!   and, for a record that has one, `<id>.k` (`[d_in]`): the key the edit wrote at (k_den), which
+//!   later edits of the same tensor retain. Files without keys (written before keys were
+//!   recorded) read as deltas without keys; readers that predate keys ignore the extra tensors,
+//!   so the format tag is unchanged.
 //!
 //! A model folder's edit log is a bundle of the same format kept inside the model folder: every
 //! applied batch appends its records there, which is what `revert` and `inspect` read.
@@ -83,6 +87,8 @@ pub struct Delta {
     pub scale: f64,
     /// Free-form JSON object carried into the edit log (edit request, method, diagnostics).
     pub meta: Option<Map<String, Value>>,
+    /// The key the edit wrote at (k_den), length d_in, if recorded: what later edits retain.
+    pub key: Option<Vec<f32>>,
 }
 
 impl Delta {
@@ -105,7 +111,8 @@ impl Delta {
     }
 
     /// What [`Delta::check_finite`] refuses, in words: an empty factor, a scale that is not
-    /// finite in f32, or the first number of `u` or `r` that is not finite.
+    /// finite in f32, the first number of `u` or `r` that is not finite, or a key whose length
+    /// is not d_in or that holds a number that is not finite.
     pub fn not_finite(&self) -> Option<String> {
         if self.u.is_empty() || self.r.is_empty() {
             return Some("u and r must not be empty".into());
@@ -118,6 +125,14 @@ impl Delta {
         }
         if let Some(i) = self.r.iter().position(|v| !v.is_finite()) {
             return Some(format!("r[{i}] is {}", self.r[i]));
+        }
+        if let Some(k) = &self.key {
+            if k.len() != self.u.len() {
+                return Some(format!("key has {} values; expected d_in = {}", k.len(), self.u.len()));
+            }
+            if let Some(i) = k.iter().position(|v| !v.is_finite()) {
+                return Some(format!("key[{i}] is {}", k[i]));
+            }
         }
         None
     }
@@ -218,6 +233,11 @@ impl Factors {
         Ok(Factors { path: path.to_path_buf(), header, file })
     }
 
+    /// Whether the file holds a tensor `<id>.<suffix>`.
+    fn has(&self, id: &str, suffix: &str) -> bool {
+        self.header.get(&format!("{id}.{suffix}")).is_some()
+    }
+
     /// The F32 vector `<id>.<suffix>`, which must have `len` values.
     fn vector(&self, id: &str, suffix: &str, len: usize) -> std::result::Result<Vec<f32>, String> {
         let name = format!("{id}.{suffix}");
@@ -280,7 +300,8 @@ fn parse_line(line: &str, at: &str, lineno: usize, factors: &Factors, ids: &mut 
     };
     let u = factors.vector(&id, "u", d_in).map_err(fail)?;
     let r = factors.vector(&id, "r", d_out).map_err(fail)?;
-    let delta = Delta { tensor, u, r, layout, scale, meta };
+    let key = if factors.has(&id, "k") { Some(factors.vector(&id, "k", d_in).map_err(fail)?) } else { None };
+    let delta = Delta { tensor, u, r, layout, scale, meta, key };
     delta.check_finite(at)?;
     Ok(Record { id, batch, applied_at, line: lineno, delta })
 }
@@ -330,15 +351,36 @@ pub fn write_bundle_with(dir: &Path, records: &[Record], mode: Option<u32>, orde
         if !seen.insert(r.id.as_str()) {
             return Err(Error::Delta { msg: format!("delta id {:?} appears twice", r.id) });
         }
+        if let Some(k) = &r.delta.key {
+            // A key that could not be read back must not be written (the factors are the
+            // caller's to check; a key has no other check on the way in).
+            if k.len() != r.delta.d_in() || !k.iter().all(|v| v.is_finite()) {
+                return Err(Error::Delta {
+                    msg: format!("delta {:?}: its key must be d_in = {} finite numbers", r.id, r.delta.d_in()),
+                });
+            }
+        }
     }
-    let names: Vec<(String, String)> = records.iter().map(|r| (format!("{}.u", r.id), format!("{}.r", r.id))).collect();
-    let bytes: Vec<(Vec<u8>, Vec<u8>)> =
-        records.iter().map(|r| (f32_bytes(&r.delta.u), f32_bytes(&r.delta.r))).collect();
-    let mut tensors = Vec::with_capacity(records.len() * 2);
-    for ((r, (un, rn)), (ub, rb)) in records.iter().zip(&names).zip(&bytes) {
-        tensors.push(TensorData { name: un, dtype: Dtype::F32, shape: vec![r.delta.d_in()], data: ub });
-        tensors.push(TensorData { name: rn, dtype: Dtype::F32, shape: vec![r.delta.d_out()], data: rb });
-    }
+    // Each record's vectors as (name, length, bytes): u, r, and the key where there is one.
+    let vectors: Vec<Vec<(String, usize, Vec<u8>)>> = records
+        .iter()
+        .map(|r| {
+            let d = &r.delta;
+            let mut v = vec![
+                (format!("{}.u", r.id), d.d_in(), f32_bytes(&d.u)),
+                (format!("{}.r", r.id), d.d_out(), f32_bytes(&d.r)),
+            ];
+            if let Some(k) = &d.key {
+                v.push((format!("{}.k", r.id), k.len(), f32_bytes(k)));
+            }
+            v
+        })
+        .collect();
+    let tensors: Vec<TensorData<'_>> = vectors
+        .iter()
+        .flatten()
+        .map(|(name, len, data)| TensorData { name, dtype: Dtype::F32, shape: vec![*len], data })
+        .collect();
     let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
     let write_tensors =
         || atomic_write_mode(&dir.join(DELTAS_FILE), mode, |w| safetensors_header::write(w, &tensors, &meta));
@@ -381,6 +423,7 @@ mod tests {
             layout: Layout::InOut,
             scale: 2.0,
             meta: None,
+            key: None,
         }
     }
 
@@ -426,6 +469,89 @@ mod tests {
             let err = read_bundle(dir.path(), false).unwrap_err().to_string();
             assert!(err.contains(want), "{bad}: {err}");
             assert!(err.contains("rrome_edits.jsonl:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_where_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyed = Delta { key: Some(vec![0.25, -4.0, 1e-3]), ..delta("w") };
+        let recs = vec![
+            Record { id: "a".into(), batch: Some(1), applied_at: None, line: 1, delta: keyed.clone() },
+            Record { id: "b".into(), batch: Some(1), applied_at: None, line: 2, delta: delta("w") },
+            Record { id: "c".into(), batch: Some(2), applied_at: None, line: 3, delta: keyed },
+        ];
+        write_bundle(dir.path(), &recs).unwrap();
+        let back = read_bundle(dir.path(), false).unwrap();
+        assert_eq!(back, recs);
+        assert_eq!(back[0].delta.key.as_deref(), Some(&[0.25, -4.0, 1e-3][..]));
+        assert_eq!(back[1].delta.key, None);
+        let (header, _) = safetensors_header::read_all(&dir.path().join(DELTAS_FILE)).unwrap();
+        assert_eq!(header.meta("format"), Some(DELTAS_FORMAT));
+        assert!(header.get("a.k").is_some() && header.get("b.k").is_none());
+    }
+
+    #[test]
+    fn a_file_without_keys_reads_as_deltas_without_keys() {
+        // The tensor half as rrome wrote it before keys were recorded: u and r only.
+        let dir = tempfile::tempdir().unwrap();
+        let (u, r) = (f32_bytes(&[1.0, 2.0, 3.0]), f32_bytes(&[0.5, -1.0]));
+        let tensors = [
+            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
+            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
+        ];
+        let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
+        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
+        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        fs::write(
+            dir.path().join(EDITS_FILE),
+            r#"{"id":"a","tensor":"w","layout":"in_out","scale":2.0,"d_in":3,"d_out":2}"#.to_string() + "\n",
+        )
+        .unwrap();
+        let back = read_bundle(dir.path(), false).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].delta, delta("w"));
+    }
+
+    #[test]
+    fn bad_keys_are_refused_when_read_and_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // A key of another length in the file: the record's line and the tensor are named.
+        let (u, r, k) = (f32_bytes(&[1.0, 2.0, 3.0]), f32_bytes(&[0.5, -1.0]), f32_bytes(&[1.0, 2.0]));
+        let tensors = [
+            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
+            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
+            TensorData { name: "a.k", dtype: Dtype::F32, shape: vec![2], data: &k },
+        ];
+        let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
+        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
+        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        fs::write(
+            dir.path().join(EDITS_FILE),
+            "{\"id\":\"a\",\"tensor\":\"w\",\"layout\":\"in_out\",\"d_in\":3,\"d_out\":2}\n",
+        )
+        .unwrap();
+        let err = read_bundle(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("\"a.k\"") && err.contains("[3]"), "{err}");
+        // A key that is not finite, in the file or in memory.
+        let k = f32_bytes(&[1.0, f32::NAN, 3.0]);
+        let tensors = [
+            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
+            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
+            TensorData { name: "a.k", dtype: Dtype::F32, shape: vec![3], data: &k },
+        ];
+        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
+        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        let err = read_bundle(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("key[1] is NaN"), "{err}");
+        for key in [vec![1.0, 2.0], vec![1.0, f32::INFINITY, 3.0]] {
+            let d = Delta { key: Some(key), ..delta("w") };
+            assert!(d.check_finite("x").unwrap_err().to_string().contains("key"));
+            let rec = Record { id: "a".into(), batch: None, applied_at: None, line: 0, delta: d };
+            let other = tempfile::tempdir().unwrap();
+            let err = write_bundle(other.path(), &[rec]).unwrap_err().to_string();
+            assert!(err.contains("key must be d_in = 3 finite numbers"), "{err}");
+            assert!(!other.path().join(DELTAS_FILE).exists());
         }
     }
 

@@ -82,6 +82,7 @@ struct DeltaArg<'py> {
     layout: String,
     scale: f64,
     meta: Option<Bound<'py, PyAny>>,
+    key: Option<PyReadonlyArray1<'py, f32>>,
 }
 
 impl DeltaArg<'_> {
@@ -108,6 +109,7 @@ impl DeltaArg<'_> {
             layout,
             scale: self.scale,
             meta,
+            key: self.key.as_ref().map(|k| k.as_array().to_vec()),
         })
     }
 }
@@ -121,7 +123,8 @@ fn to_python_delta<'py>(py: Python<'py>, d: Delta) -> PyResult<Bound<'py, PyAny>
     static DELTA: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     let meta = d.meta.map(|m| json_to_py(py, &Value::Object(m))).transpose()?;
     let (u, r) = (PyArray1::from_vec(py, d.u), PyArray1::from_vec(py, d.r));
-    DELTA.import(py, "rrome.files.shards", "Delta")?.call1((d.tensor, u, r, d.layout.as_str(), d.scale, meta))
+    let key = d.key.map(|k| PyArray1::from_vec(py, k));
+    DELTA.import(py, "rrome.files.shards", "Delta")?.call1((d.tensor, u, r, d.layout.as_str(), d.scale, meta, key))
 }
 
 fn options(link: bool, again: bool) -> patch::ApplyOptions {

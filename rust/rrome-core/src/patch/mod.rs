@@ -298,6 +298,7 @@ mod tests {
             layout: Layout::OutIn,
             scale: 1.0,
             meta: None,
+            key: None,
         };
         let state = dir.join(STATE_DIR);
         synced();
