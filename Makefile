@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(abspath .venv)
 PY := $(VENV)/bin/python
-DEPS_STAMP := $(VENV)/.rrome-deps-v3
+DEPS_STAMP := $(VENV)/.rrome-deps-v4
 EXT_STAMP := $(VENV)/.rrome-ext
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 export HF_HUB_OFFLINE := 1
@@ -22,14 +22,18 @@ $(PY):
 $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.7,<2" "numpy>=1.26" "click>=8.1" "tqdm>=4.66" "safetensors>=0.4" \
-		"torch>=2.2" "transformers>=4.45" "matplotlib>=3.7" accelerate gguf "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+		"torch>=2.2" "transformers>=4.45" "matplotlib>=3.7" accelerate gguf "peft>=0.13" "pytest>=8" "ruff>=0.6" "mypy>=1.11"
 	touch $@
 
 setup: $(DEPS_STAMP)
 
-# The release build of the extension, installed editable into the venv.
+# The release build of the extension, installed editable into the venv. maturin develop runs
+# pip install on the package's dependencies without -q; $(DEPS_STAMP) installed them already, so
+# pip's "Requirement already satisfied" lines (about 70) are dropped. (PIP_QUIET would also
+# silence the `pip show` whose output maturin reads to mark the install editable.)
 $(EXT_STAMP): $(DEPS_STAMP) $(RUST_SRC)
-	VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+	set -o pipefail; VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin develop --release -q 2>&1 \
+		| { grep -v '^Requirement already satisfied: ' || true; }
 	touch $@
 
 build: $(EXT_STAMP)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rrome._rust import Checkpoint, Cholesky, Inspection, SecondMoment
+from rrome.files.adapters import AdapterReport, export_lora
 from rrome.files.errors import (
     CacheFolderError,
     CheckpointError,
@@ -23,6 +24,7 @@ from rrome.files.errors import (
     DeltasFileError,
     DisablingEditError,
     EditFileError,
+    ExportError,
     IntegrityError,
     InvalidFileError,
     LargeUpdateError,
@@ -67,6 +69,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AdapterReport",
     "ApplyReport",
     "CacheFolderError",
     "Checkpoint",
@@ -78,6 +81,7 @@ __all__ = [
     "DisablingEditError",
     "EditFileError",
     "Editor",
+    "ExportError",
     "HParamsError",
     "HParamsFileError",
     "Inspection",
@@ -98,6 +102,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "UnsupportedModelError",
     "apply_deltas",
+    "export_lora",
     "inspect",
     "load_deltas",
     "recover",

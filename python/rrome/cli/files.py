@@ -1,4 +1,4 @@
-"""The file commands: ``apply-deltas``, ``revert``, ``recover``, ``inspect``.
+"""The file commands: ``apply-deltas``, ``revert``, ``recover``, ``inspect``, ``export-lora``.
 
 They work on a checkpoint's files through the Rust shard writer and never load the model: they
 import neither torch nor transformers, so they start in a fraction of a second.
@@ -20,6 +20,7 @@ from rrome.cli.common import (
     echo_recovered,
     expected_errors,
     finish_writes_on_interrupt,
+    format_time,
     main,
     printable,
 )
@@ -129,10 +130,53 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
     else:
         click.echo(f"edit log: {len(edits)} delta(s)")
         for e in edits:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.applied_at)) if e.applied_at else "-"
+            when = format_time(e.applied_at)
             undo = "revertible" if e.undo else "no undo data"
             fields = [f"batch {e.batch}", printable(e.id), printable(e.tensor), e.layout]
             fields += [f"scale={e.scale:g}", when, undo]
             click.echo("  " + "  ".join(fields))
     for p in info.pending:
         click.echo(f"pending: {p}")
+
+
+@main.command("export-lora")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "gguf"]),
+    default="peft",
+    show_default=True,
+    help="peft: a folder for PEFT and vLLM (adapter_config.json, adapter_model.safetensors); "
+    "gguf: one file for llama.cpp (--lora) and Ollama (ADAPTER).",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rank of every module, padded with zeros (vLLM serves 1, 8, 16, 32, 64, 128, 256, 320, 512). "
+    "Default: the most edits on one module.",
+)
+@click.option(
+    "--base",
+    type=DIR,
+    default=None,
+    help="The unedited model folder the adapter is for: recorded in the adapter, and read for the "
+    "architecture when SOURCE is a bundle (needed for --format gguf).",
+)
+@expected_errors
+def export_lora_cmd(source: Path, out: Path, fmt: str, rank: int | None, base: Path | None) -> None:
+    """Write the edits of SOURCE as a LoRA adapter at OUT (a folder for peft, a file for gguf).
+
+    SOURCE is an edited model folder (every batch of its edit log) or a deltas bundle. Each edit
+    is one rank of the adapter; only the edited modules are targeted. Load the adapter over the
+    unedited model, never over the edited folder, which already holds the edits.
+    """
+    from rrome.files.adapters import export_lora
+
+    rep = export_lora(source, out, format=fmt, rank=rank, base=base)  # type: ignore[arg-type]
+    click.echo(
+        f"wrote {rep.edits} edit(s) on {len(rep.modules)} module(s) as a rank-{rep.rank} {rep.format} adapter: "
+        f"{rep.path} ({rep.bytes / 1e3:.1f} kB)"
+    )

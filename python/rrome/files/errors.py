@@ -54,6 +54,11 @@ class DeltaError(RromeError, ValueError):
     """A delta does not fit its tensor, holds NaN/Inf, or would overflow the storage dtype."""
 
 
+class ExportError(RromeError):
+    """Edits cannot be written as the adapter asked for (a rank too small for a module, mixed
+    layouts, an architecture llama.cpp does not run)."""
+
+
 class ShapeError(RromeError, ValueError):
     """Array shapes that do not agree (keys of the wrong width, a non-square matrix, ...)."""
 
