@@ -11,9 +11,9 @@ Resumable: a budget whose results are complete is not recomputed.
 Example (the run behind that table):
 
     python scripts/stats_budget.py "$(rrome demo-model)" \\
-        --data /work/shared/data/counterfact/counterfact-val.json --n 50 \\
+        --data ../shared/data/counterfact/counterfact-val.json --n 50 \\
         --corpus python/rrome/data/wikitext2/wiki.test.raw \\
-        --corpus /work/shared/data/wikitext2/pytorch_examples_valid.tokens.txt \\
+        --corpus ../shared/data/wikitext2/pytorch_examples_valid.tokens.txt \\
         --budgets 10000,100000,all --out budget-results
 """
 

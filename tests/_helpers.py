@@ -29,6 +29,10 @@ CRASH_ENV = "RROME_CRASH_AT"
 # The console script installed beside the interpreter of the virtual environment.
 RROME_EXE = Path(sys.executable).parent / "rrome"
 
+# The shared data folder (CounterFact, zsRE, ...): $RROME_SHARED_DATA, else ../shared/data beside
+# the checkout.
+SHARED_DATA = Path(os.environ.get("RROME_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
 V = TypeVar("V")
 
 # Edited tensors per family of the tiny checkpoints (tests/tiny_models.py) that the file tests

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import SHARED_DATA
 
 from rrome.files.edits import EditRequest, dump_requests, load_requests, parse_record
 from rrome.files.errors import EditFileError, InvalidFileError, RromeError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():  # a checkout beside /work/shared
-    DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 COUNTERFACT_VAL = DATA / "counterfact" / "counterfact-val.json"
 ZSRE = DATA / "zsre" / "zsre_mend_train-1k.json"
 

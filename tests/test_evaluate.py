@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _helpers import SHARED_DATA
 
 from rrome.engine.editor import Editor
 from rrome.engine.probabilities import continuation_logprob, target_probabilities
@@ -28,10 +29,7 @@ from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 from rrome.files.fsutil import sha256_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():  # a checkout beside /work/shared
-    SHARED = Path("/work/shared/data")
-DATA = SHARED / "counterfact" / "counterfact-val.json"
+DATA = SHARED_DATA / "counterfact" / "counterfact-val.json"
 
 # --------------------------------------------------------------------------------------------
 # metrics on hand-computed cases

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _helpers import math_shape, random_delta, rel_error
+from _helpers import SHARED_DATA, math_shape, random_delta, rel_error
 from engine_reference import PUSH_HP
 
 import rrome
@@ -262,10 +262,7 @@ def test_replay_retains_the_given_keys(tiny_dir: Callable[..., Path]) -> None:
 # 4. runs and sweeps
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
-DATA = SHARED / "counterfact" / "counterfact-val.json"
+DATA = SHARED_DATA / "counterfact" / "counterfact-val.json"
 
 
 def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
