@@ -18,9 +18,12 @@ from _helpers import (
     file_hashes,
     math_shape,
     random_delta,
+    region_sha,
     run_cli,
     run_cli_without,
     shard_hashes,
+    shard_of,
+    tensor_region,
     without_lock,
 )
 
@@ -220,6 +223,46 @@ def test_revert_with_nothing_to_revert(gpt2: Path) -> None:
     assert_one_line_error(run_cli("revert", gpt2), "revert")
     assert_one_line_error(run_cli("revert", "--all", gpt2))
     assert without_lock(file_hashes(gpt2)) == before
+
+
+def flip_byte(model: Path, tensor: str) -> None:
+    """Changes one byte in the middle of ``tensor``'s stored bytes, in place, as another tool would."""
+    shard = model / shard_of(model, tensor)
+    start, end = tensor_region(shard, tensor)
+    at = (start + end) // 2
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        old = f.read(1)
+        f.seek(at)
+        f.write(bytes([old[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("args", [[], ["--all"]], ids=["last", "all"])
+def test_revert_refuses_a_tensor_changed_after_its_batch(gpt2: Path, bundle: Path, args: list[str]) -> None:
+    """docs/design.md §4: revert writes back the stored original bytes only after checking that each
+    tensor still holds exactly what the batch wrote; a tensor changed since is refused, and nothing
+    in the folder changes (the edit log, the undo file and the changed byte stay)."""
+    assert run_cli("apply-deltas", bundle, gpt2).returncode == 0
+    edited = TARGETS["gpt2"][0]
+    flip_byte(gpt2, edited)
+    before = without_lock(file_hashes(gpt2))
+    assert_one_line_error(run_cli("revert", *args, gpt2), edited, "changed after batch 1", "refusing to revert")
+    assert without_lock(file_hashes(gpt2)) == before
+    assert [r.batch for r in rrome.load_deltas(gpt2)] == [1, 1]
+
+
+def test_revert_ignores_a_change_outside_the_batch(gpt2: Path, bundle: Path) -> None:
+    """The check reads the batch's regions only: a change elsewhere does not block the revert, and
+    the revert leaves it in place."""
+    original = shard_hashes(gpt2)
+    assert run_cli("apply-deltas", bundle, gpt2).returncode == 0
+    flip_byte(gpt2, "transformer.wte.weight")
+    changed = region_sha(gpt2, "transformer.wte.weight")
+    proc = run_cli("revert", gpt2)
+    assert proc.returncode == 0, proc.stderr
+    assert region_sha(gpt2, "transformer.wte.weight") == changed
+    flip_byte(gpt2, "transformer.wte.weight")  # the byte flipped back: the unedited checkpoint
+    assert shard_hashes(gpt2) == original
 
 
 def test_apply_deltas_does_not_import_torch(gpt2: Path, bundle: Path) -> None:
