@@ -186,11 +186,15 @@ def test_editor_hparams_overrides(tiny_dir: Callable[..., Path]) -> None:
 
 
 def test_editor_layer_in_hparams(tiny_dir: Callable[..., Path]) -> None:
-    try:
-        editor = Editor.from_pretrained(tiny_dir("gpt2"), hparams={"layer": 1}, progress=False)
-    except RromeError:
-        return  # a clear refusal would do too
-    assert editor.layer == 1
+    """``layer`` is a field like any other: a dict of fields sets it over the family's default
+    (layer 0 on this two-layer model), ``layer=`` overrides it, and a layer the model lacks is refused."""
+    folder = tiny_dir("gpt2")
+    editor = Editor.from_pretrained(folder, hparams={"layer": 1}, progress=False)
+    assert editor.layer == 1 and editor.hparams.layer == 1
+    assert editor.module_name == "transformer.h.1.mlp.c_proj"
+    assert Editor.from_pretrained(folder, layer=0, hparams={"layer": 1}, progress=False).layer == 0
+    with pytest.raises(RromeError, match="layer 2 is out of range"):
+        Editor.from_pretrained(folder, hparams={"layer": 2}, progress=False)
 
 
 def test_editor_method_selection(tiny_dir: Callable[..., Path]) -> None:
