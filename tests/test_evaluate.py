@@ -7,6 +7,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -420,6 +423,66 @@ def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
     again = run_cli("report", out)
     assert again.returncode == 0 and (out / "table.md").read_text() in again.stdout
     assert (out / "norm_delta-single.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # three sequential runs of rrome eval in subprocesses, one of them killed
+def test_cli_eval_killed_with_sigkill_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Path) -> None:
+    """A real ``rrome eval --sequential`` killed with SIGKILL after its first edit; the same command
+    run again continues it, replaying the saved factors, to the numbers of an uninterrupted run."""
+    from _helpers import RROME_EXE, run_cli
+
+    def args(out: Path) -> list[str]:
+        return [
+            "eval", str(gpt2_dir), "--data", str(DATA), "--n", "4", "--layer", "0", "--sequential",
+            "--every", "2", "--glue-n", "2", "--set", "v_num_grad_steps=4", "--set", "stats_max_tokens=2000",
+            "--set", "context_template_lengths=[[3,4]]", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+
+    # One thread in every run: the same sums in the same order, so the same bits.
+    threads = {"OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    r = run_cli(*args(whole), env=threads, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    part = tmp_path / "part"
+    env = {**{k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}, **threads}
+    proc = subprocess.Popen(
+        [str(RROME_EXE), *args(part)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    lines = part / "sequential-r-rome" / "edits.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (lines.exists() and lines.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no edit finished"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (part / "sequential-r-rome" / "final.json").exists()
+    assert len(read_jsonl(lines)) < 4
+
+    r = run_cli(*args(part), env=threads, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    def untimed(path: Path) -> list[dict[str, Any]]:
+        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in read_jsonl(path)]
+
+    a, b = whole / "sequential-r-rome", part / "sequential-r-rome"
+    assert [rec["index"] for rec in read_jsonl(b / "edits.jsonl")] == [0, 1, 2, 3]  # each edit once
+    assert untimed(a / "edits.jsonl") == untimed(b / "edits.jsonl")
+    assert read_jsonl(a / "checkpoints.jsonl") == read_jsonl(b / "checkpoints.jsonl")
+    assert json.loads((a / "final.json").read_text()) == json.loads((b / "final.json").read_text())
+    assert json.loads((whole / "baseline.json").read_text()) == json.loads((part / "baseline.json").read_text())
+    assert (whole / "table.md").read_text() == (part / "table.md").read_text()
 
 
 @pytest.mark.slow  # rrome eval and report in subprocesses
