@@ -1,4 +1,4 @@
-"""A model folder is untrusted input (docs/design.md §7; README, "Threat model").
+"""A model folder is untrusted input (docs/design.md §7, "Threat model").
 
 A folder from a clone, a tarball or a colleague's disk keeps its symbolic links and its
 ``.rrome/`` folder. Each test plants what an attacker could ship (a lock that is a link, a
