@@ -2,6 +2,7 @@
 
 from collections.abc import Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, Literal, final
 
 import numpy as np
@@ -25,9 +26,11 @@ __all__ = [
     "apply_bundle",
     "apply_deltas",
     "check_bundle",
+    "hf_cache_repo",
     "inspect",
     "read_bundle",
     "recover",
+    "refuse_cache_snapshot",
     "revert",
     "write_bundle",
 ]
@@ -205,4 +208,6 @@ def read_bundle(path: _Path) -> list[LoggedDelta]: ...
 def write_bundle(dir: _Path, deltas: Sequence[Delta]) -> None: ...
 def revert(model_dir: _Path, all: bool = False) -> tuple[list[int], list[str]]: ...
 def recover(model_dir: _Path) -> list[str]: ...
+def hf_cache_repo(model_dir: _Path) -> Path | None: ...
+def refuse_cache_snapshot(model_dir: _Path) -> None: ...
 def inspect(model_dir: _Path, tensors: bool = True) -> Inspection: ...

@@ -48,13 +48,17 @@ def apply_deltas_cmd(deltas: Path, model_dir: Path, out_dir: Path | None, link_u
     """Apply a deltas bundle to the checkpoint in MODEL_DIR, without loading the model.
 
     DELTAS is a folder holding rrome_edits.jsonl and rrome_deltas.safetensors, or the path of
-    either file. In place (the default), the write is journaled and locked and can be undone
-    with `rrome revert`; with --out, a complete edited copy appears at DIR or nothing does.
+    either file. MODEL_DIR is a folder or a model id in the local Hugging Face cache (a cache
+    snapshot is never written in place: use --out). In place (the default), the write is
+    journaled and locked and can be undone with `rrome revert`; with --out, a complete edited
+    copy appears at DIR or nothing does.
     A bundle whose deltas the edit log already holds is refused unless --again is given.
     """
+    from rrome.files.locate import resolve_model
     from rrome.files.shards import apply_bundle
 
     check_link_untouched(link_untouched, out_dir)
+    model_dir = resolve_model(model_dir)
     t0 = time.perf_counter()
     with finish_writes_on_interrupt() as interrupts:
         rep = apply_bundle(model_dir, deltas, out_dir=out_dir, link_untouched=link_untouched, again=again)
@@ -111,9 +115,10 @@ def _fmt_bytes(n: int) -> str:
 @expected_errors
 def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
     """Show a checkpoint's shards, tensors and dtypes, and its rrome edit log."""
+    from rrome.files.locate import resolve_model
     from rrome.files.shards import inspect
 
-    info = inspect(model_dir, tensors=show_tensors or as_json)
+    info = inspect(resolve_model(model_dir), tensors=show_tensors or as_json)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=2))
         return
@@ -174,8 +179,10 @@ def export_lora_cmd(source: Path, out: Path, fmt: str, rank: int | None, base: P
     unedited model, never over the edited folder, which already holds the edits.
     """
     from rrome.files.adapters import export_lora
+    from rrome.files.locate import resolve_model
 
-    rep = export_lora(source, out, format=fmt, rank=rank, base=base)  # type: ignore[arg-type]
+    base = None if base is None else resolve_model(base)
+    rep = export_lora(resolve_model(source), out, format=fmt, rank=rank, base=base)  # type: ignore[arg-type]
     click.echo(
         f"wrote {rep.edits} edit(s) on {len(rep.modules)} module(s) as a rank-{rep.rank} {rep.format} adapter: "
         f"{rep.path} ({rep.bytes / 1e3:.1f} kB)"

@@ -97,6 +97,33 @@ pub fn check_shard_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The Hugging Face cache repository (`<cache>/models--org--name`) of which `dir` is a snapshot
+/// (`<repo>/snapshots/<revision>`, its files links into `<repo>/blobs/`), or `None`.
+///
+/// Such a folder is read through its links like any other, but never written in place (its
+/// blobs are shared by every snapshot and by every program that uses the cache), and a copy
+/// takes the blobs its links name as regular files.
+pub fn hf_cache_repo(dir: &Path) -> Option<PathBuf> {
+    let real = fs::canonicalize(dir).ok()?;
+    let snapshots = real.parent()?;
+    let repo = snapshots.parent()?;
+    let is_repo = repo.file_name()?.to_str()?.starts_with("models--");
+    (snapshots.file_name()? == "snapshots" && is_repo && repo.join("blobs").is_dir()).then(|| repo.to_path_buf())
+}
+
+/// Refuses to write in place into a Hugging Face cache snapshot ([`hf_cache_repo`]).
+pub fn refuse_cache_snapshot(dir: &Path) -> Result<()> {
+    match hf_cache_repo(dir) {
+        Some(_) => Err(Error::checkpoint(
+            dir,
+            "is a snapshot of the Hugging Face cache, whose files are blobs shared with every other \
+             snapshot and program using the cache; rrome never writes one in place. Write an edited copy \
+             with --out DIR (out_dir=...)",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The file that holds a folder's weights, and whether it is a shard index: chosen as
 /// transformers' `from_pretrained` chooses for a local folder (docs/design.md §3), so that rrome
 /// writes the file the model is loaded from, whatever else lies beside it:

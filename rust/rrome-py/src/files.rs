@@ -38,6 +38,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_bundle, m)?)?;
     m.add_function(wrap_pyfunction!(revert, m)?)?;
     m.add_function(wrap_pyfunction!(recover, m)?)?;
+    m.add_function(wrap_pyfunction!(hf_cache_repo, m)?)?;
+    m.add_function(wrap_pyfunction!(refuse_cache_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     Ok(())
 }
@@ -431,6 +433,19 @@ fn revert(py: Python<'_>, model_dir: PathBuf, all: bool) -> PyResult<(Vec<u64>, 
 #[pyfunction]
 fn recover(py: Python<'_>, model_dir: PathBuf) -> PyResult<Vec<String>> {
     py.detach(|| patch::recover(&model_dir)).map_err(to_py)
+}
+
+/// The Hugging Face cache repository of which ``model_dir`` is a snapshot, or None.
+#[pyfunction]
+fn hf_cache_repo(model_dir: PathBuf) -> Option<PathBuf> {
+    rrome_core::checkpoint::hf_cache_repo(&model_dir)
+}
+
+/// Raises CheckpointError (pointing to ``--out``) if ``model_dir`` is a Hugging Face cache
+/// snapshot: what an in-place write would refuse, checked before any work is done.
+#[pyfunction]
+fn refuse_cache_snapshot(model_dir: PathBuf) -> PyResult<()> {
+    rrome_core::checkpoint::refuse_cache_snapshot(&model_dir).map_err(to_py)
 }
 
 // --- inspect ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::plan::{plan, region_slots, OpenShards, Plan};
 use super::revert::revert_marker;
 use super::{folder_mode, new_records, next_batch, refuse_repeat, report, ApplyOptions, ApplyReport, Untouched};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{hf_cache_repo, Checkpoint};
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{
@@ -37,10 +37,28 @@ fn refuse_nested(src: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One file a copy carries over: where it goes (relative to the folder) and where its bytes are
+/// read (the entry itself, or for a link of a Hugging Face cache snapshot, the blob it names).
+struct SourceFile {
+    rel: PathBuf,
+    from: PathBuf,
+}
+
+/// The blob a link of a cache snapshot names, if it is a regular file inside the snapshot's own
+/// cache repository `repo` (`<repo>/blobs/...`); `None` for any other link.
+fn cache_blob(link: &Path, repo: &Path) -> Option<PathBuf> {
+    let target = fs::canonicalize(link).ok()?;
+    let regular = fs::metadata(&target).ok()?.is_file();
+    (regular && target.starts_with(repo.join("blobs"))).then_some(target)
+}
+
 /// Files of a model folder that a copy carries over (everything but locks, journals and
-/// temporary files), as paths relative to the folder. Links are never followed: a folder
-/// holding one (`docs -> ../secret`, `loop -> .`) is refused, as is a FIFO, socket or device.
-fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
+/// temporary files). Links are never followed: a folder holding one (`docs -> ../secret`,
+/// `loop -> .`) is refused, as is a FIFO, socket or device; the one exception is a snapshot of
+/// the Hugging Face cache ([`hf_cache_repo`]), whose links into its own repository's blobs are
+/// copied as the blobs they name (any other link there is refused too).
+fn files_to_copy(src: &Path) -> Result<Vec<SourceFile>> {
+    let repo = hf_cache_repo(src);
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -58,17 +76,20 @@ fn files_to_copy(src: &Path) -> Result<Vec<PathBuf>> {
             // The entry itself, not what a link points to.
             let ft = entry.file_type().at(entry.path())?;
             if ft.is_symlink() {
-                return Err(link_refused(&entry.path()));
+                match repo.as_deref().and_then(|r| cache_blob(&entry.path(), r)) {
+                    Some(blob) => out.push(SourceFile { rel: child, from: blob }),
+                    None => return Err(link_refused(&entry.path())),
+                }
             } else if ft.is_dir() {
                 stack.push(child);
             } else if ft.is_file() {
-                out.push(child);
+                out.push(SourceFile { from: src.join(&child), rel: child });
             } else {
                 return Err(not_regular(&entry.path(), &ft));
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
 
@@ -108,15 +129,9 @@ fn claim_partial(out: &Path, mode: u32) -> Result<(PathBuf, DirLock)> {
 /// read-only source cannot be written in place anyway), and refuses a source with an
 /// unfinished in-place operation.
 fn lock_source(src: &Path, mode: u32) -> Result<Option<DirLock>> {
-    let lock = match lock_exclusive(&model_lock_path(src), mode) {
-        Ok(l) => Some(l),
-        Err(Error::Io { source, .. })
-            if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) =>
-        {
-            None
-        }
-        Err(e) => return Err(e),
-    };
+    // A cache snapshot is never written in place, so it needs no lock, and rrome creates nothing
+    // inside the cache.
+    let lock = if hf_cache_repo(src).is_some() { None } else { lock_source_folder(src, mode)? };
     if journal_path(src).exists() || revert_marker(src).exists() {
         return Err(Error::Integrity {
             msg: format!(
@@ -127,6 +142,19 @@ fn lock_source(src: &Path, mode: u32) -> Result<Option<DirLock>> {
         });
     }
     Ok(lock)
+}
+
+/// The source's lock, or `None` where it cannot be taken because the folder is read-only.
+fn lock_source_folder(src: &Path, mode: u32) -> Result<Option<DirLock>> {
+    match lock_exclusive(&model_lock_path(src), mode) {
+        Ok(l) => Ok(Some(l)),
+        Err(Error::Io { source, .. })
+            if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Which files the copy may share with the source by hard link: shards no delta touches, and
@@ -157,17 +185,16 @@ impl Linkable {
 
 /// Copies (or links, where `linkable` allows) `files` of `src` into `partial`; returns the
 /// folders whose entries changed.
-fn copy_files(src: &Path, partial: &Path, files: &[PathBuf], linkable: &Linkable) -> Result<HashSet<PathBuf>> {
+fn copy_files(partial: &Path, files: &[SourceFile], linkable: &Linkable) -> Result<HashSet<PathBuf>> {
     let mut dirs = HashSet::new();
-    for rel in files {
-        let from = src.join(rel);
+    for SourceFile { rel, from } in files {
         let to = partial.join(rel);
         let parent = parent_of(&to);
         fs::create_dir_all(&parent).at(&parent)?;
         if linkable.allows(rel) {
-            link_or_copy(&from, &to)?;
+            link_or_copy(from, &to)?;
         } else {
-            copy_file(&from, &to)?;
+            copy_file(from, &to)?;
         }
         dirs.insert(parent);
     }
@@ -202,9 +229,9 @@ fn patch_copy(
 }
 
 /// Flushes the copied `files` and every folder of the build, then renames it to `out`.
-fn publish(partial: &Path, out: &Path, files: &[PathBuf], mut dirs: HashSet<PathBuf>) -> Result<()> {
-    for rel in files {
-        let p = partial.join(rel);
+fn publish(partial: &Path, out: &Path, files: &[SourceFile], mut dirs: HashSet<PathBuf>) -> Result<()> {
+    for f in files {
+        let p = partial.join(&f.rel);
         File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
     }
     dirs.insert(undo_dir(partial));
@@ -246,7 +273,7 @@ pub(super) fn apply_to_copy(src: &Path, deltas: &[Delta], out: &Path, options: A
     let result = (|| {
         let files = files_to_copy(src)?;
         ensure_dir(&undo_dir(&partial), dir_mode(mode))?;
-        let dirs = copy_files(src, &partial, &files, &linkable)?;
+        let dirs = copy_files(&partial, &files, &linkable)?;
         crash_point("copied");
         patch_copy(&partial, &ckpt, &plans, &mut regions, batch, mode)?;
         let mut records = log.clone();

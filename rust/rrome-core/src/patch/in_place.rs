@@ -7,7 +7,7 @@ use std::path::Path;
 use super::plan::{own_shards, plan, region_slots, OpenShards, Plan};
 use super::recover::{recover_locked, rollback};
 use super::{new_records, next_batch, refuse_repeat, report, ApplyReport};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{refuse_cache_snapshot, Checkpoint};
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{crash_point, dir_mode, ensure_dir, fsync_dir};
@@ -20,6 +20,7 @@ pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta], again: bool) -> Resul
         fs::metadata(dir).at(dir)?;
         return Err(Error::checkpoint(dir, "is not a folder"));
     }
+    refuse_cache_snapshot(dir)?;
     // Refuse a folder that is not a checkpoint, or deltas that do not fit it, before the lock
     // creates any state inside it (headers are never rewritten, so this read is valid even
     // with a crashed batch pending); the checks are repeated under the lock.

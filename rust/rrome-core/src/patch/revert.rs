@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::plan::check_undo;
 use super::recover::{recover_locked, restore, write_log};
 use super::{folder_mode, Reverted};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{refuse_cache_snapshot, Checkpoint};
 use crate::deltas::{read_bundle, Record};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{atomic_write_mode, crash_point, fsync_dir, read_file, remove_if_exists};
@@ -81,6 +81,7 @@ pub(super) fn finish_revert(dir: &Path, ckpt: &Checkpoint, batch: u64, mode: u32
 /// undo file does not fit the checkpoint.
 pub fn revert(dir: &Path, all: bool) -> Result<Reverted> {
     fs::metadata(dir).at(dir)?;
+    refuse_cache_snapshot(dir)?;
     if fs::symlink_metadata(dir.join(STATE_DIR)).is_err() {
         // No lock, journal or undo file was ever made here: check it is a checkpoint at all
         // before creating the lock.
