@@ -101,3 +101,46 @@ def test_stats_cache_paths_do_not_import_torch() -> None:
     )
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- the Rust patch module -------------------------------------------------------------------
+
+PATCH = Path(__file__).resolve().parents[1] / "rust" / "rrome-core" / "src" / "patch"
+
+
+def _patch_edges() -> dict[str, set[str]]:
+    """Submodule -> the sibling submodules its code (tests excluded) names through ``super::``.
+    ``use super::*`` and ``super::Name`` (an item of mod.rs) count as edges to ``mod``."""
+    import re
+
+    edges: dict[str, set[str]] = {}
+    for path in sorted(PATCH.glob("*.rs")):
+        code = path.read_text().split("#[cfg(test)]")[0]
+        names = set()
+        for m in re.finditer(r"\bsuper::(\*|\{|[A-Za-z_][A-Za-z0-9_]*)", code):
+            target = m.group(1)
+            is_module = (PATCH / f"{target}.rs").exists()
+            names.add(target if is_module else "mod")
+        edges[path.stem] = names
+    return edges
+
+
+def test_the_patch_module_has_no_import_cycle() -> None:
+    # docs/design.md §8: the writers point at `batch`, `plan` and `undo`, never at each other's
+    # helpers, and mod.rs is only the public face (nothing below it imports from it).
+    edges = _patch_edges()
+    assert set(edges) >= {"mod", "batch", "undo", "in_place", "recover", "revert", "copy", "plan"}
+    assert not any("mod" in targets for name, targets in edges.items() if name != "mod"), edges
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in edges.get(node, ()):
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])

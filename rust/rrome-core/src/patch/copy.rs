@@ -7,9 +7,9 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::batch::{folder_mode, new_records, next_batch, refuse_repeat, report, ApplyOptions, ApplyReport, Untouched};
 use super::plan::{plan, region_slots, OpenShards, Plan};
-use super::revert::revert_marker;
-use super::{folder_mode, new_records, next_batch, refuse_repeat, report, ApplyOptions, ApplyReport, Untouched};
+use super::undo::revert_marker;
 use crate::checkpoint::{hf_cache_repo, Checkpoint};
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};

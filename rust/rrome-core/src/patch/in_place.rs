@@ -4,15 +4,16 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::batch::{new_records, next_batch, refuse_repeat, report, ApplyReport};
 use super::plan::{own_shards, plan, region_slots, OpenShards, Plan};
-use super::recover::{recover_locked, rollback};
-use super::{new_records, next_batch, refuse_repeat, report, ApplyReport};
+use super::recover::recover_locked;
+use super::undo::{finalize, rollback};
 use crate::checkpoint::{refuse_cache_snapshot, Checkpoint};
 use crate::deltas::{read_bundle, write_bundle_with, Delta, Order, DELTAS_FILE, EDITS_FILE};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{crash_point, dir_mode, ensure_dir, fsync_dir};
+use crate::fsutil::{crash_point, dir_mode, ensure_dir};
 use crate::journal::{journal_path, read_region_into, undo_dir, undo_path, write_undo, Region, Undo};
-use crate::lock::{lock_exclusive, model_lock_path, STATE_DIR};
+use crate::lock::{lock_exclusive, model_lock_path};
 
 pub(super) fn apply_in_place(dir: &Path, deltas: &[Delta], again: bool) -> Result<ApplyReport> {
     if !dir.is_dir() {
@@ -135,14 +136,4 @@ fn committed_but(dir: &Path, batch: u64, e: Error) -> Error {
             dir.display()
         ),
     }
-}
-
-/// Moves a committed journal to the undo folder.
-pub(super) fn finalize(dir: &Path, batch: u64, mode: u32) -> Result<()> {
-    let udir = undo_dir(dir);
-    ensure_dir(&udir, dir_mode(mode))?;
-    let dest = undo_path(dir, batch);
-    fs::rename(journal_path(dir), &dest).at(&dest)?;
-    fsync_dir(&udir)?;
-    fsync_dir(&dir.join(STATE_DIR))
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::revert::revert_marker;
+use super::undo::revert_marker;
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::deltas::{read_bundle, Record};
 use crate::error::Result;

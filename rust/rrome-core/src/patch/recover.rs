@@ -1,82 +1,20 @@
 //! Finishing or rolling back what an interrupted run left in a model folder, and the restore
 //! and rollback steps that revert shares.
 
-use std::fs::{self, File};
+use std::fs::{self};
 use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::folder_mode;
-use super::in_place::finalize;
+use super::batch::folder_mode;
 use super::plan::check_undo;
-use super::revert::{finish_revert, read_marker, revert_marker};
+use super::undo::{finalize, finish_revert, read_marker, revert_marker, rollback, verify};
 use crate::check::py_repr;
 use crate::checkpoint::Checkpoint;
-use crate::deltas::{read_bundle, write_bundle_with, Order, Record, DELTAS_FILE, EDITS_FILE};
+use crate::deltas::read_bundle;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{crash_point, fsync_dir, open_write_nofollow, remove_if_exists, unshare};
-use crate::journal::{journal_path, read_region, sha256_hex, undo_path, Region, Undo};
+use crate::fsutil::remove_if_exists;
+use crate::journal::{journal_path, undo_path, Undo};
 use crate::lock::{lock_exclusive, model_lock_path, STATE_DIR};
-
-/// Re-reads every region of `dir` and checks its hash (`after` or `before`).
-fn verify(dir: &Path, regions: &[Region], after: bool) -> Result<()> {
-    for r in regions {
-        let got = sha256_hex(&read_region(&dir.join(&r.shard), r.offset, r.len)?);
-        let want = if after { &r.sha_after } else { &r.sha_before };
-        if &got != want {
-            return Err(Error::Integrity {
-                msg: format!("{} in {}: sha256 {got} after writing, expected {want}", r.tensor, r.shard),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Restores every region of `undo` whose bytes are not already the originals, then verifies.
-/// The caller has checked `undo` against the checkpoint ([`check_undo`]).
-pub(super) fn restore(dir: &Path, undo: &Undo) -> Result<()> {
-    let mut touched: Vec<PathBuf> = Vec::new();
-    for (i, r) in undo.regions.iter().enumerate() {
-        let path = dir.join(&r.shard);
-        if sha256_hex(&read_region(&path, r.offset, r.len)?) == r.sha_before {
-            continue;
-        }
-        let orig = undo.original(i)?;
-        if !touched.contains(&path) {
-            unshare(&path)?;
-            touched.push(path.clone());
-        }
-        let f = open_write_nofollow(&path)?;
-        f.write_all_at(&orig, r.offset).at(&path)?;
-        crash_point("restore-region");
-    }
-    for p in &touched {
-        File::open(p).and_then(|f| f.sync_all()).at(p)?;
-    }
-    verify(dir, &undo.regions, false)
-}
-
-/// Rewrites the edit log as `records` (a subset of the current log), removing both files when
-/// none remain. The JSON lines go first, so every listed record keeps its tensors throughout.
-pub(super) fn write_log(dir: &Path, records: &[Record], mode: u32) -> Result<()> {
-    if records.is_empty() {
-        remove_if_exists(&dir.join(EDITS_FILE))?;
-        crash_point("log-shrunk");
-        remove_if_exists(&dir.join(DELTAS_FILE))?;
-        fsync_dir(dir)
-    } else {
-        write_bundle_with(dir, records, Some(mode), Order::Shrinking)
-    }
-}
-
-/// Rolls an uncommitted journal back: original bytes, a log without the batch, no journal.
-pub(super) fn rollback(dir: &Path, undo: &Undo, log: &[Record], mode: u32) -> Result<()> {
-    restore(dir, undo)?;
-    let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(undo.batch)).cloned().collect();
-    write_log(dir, &kept, mode)?;
-    remove_if_exists(&undo.path)?;
-    fsync_dir(&dir.join(STATE_DIR))
-}
 
 /// Removes leftovers of interrupted atomic writes (`.<name>.rrome-tmp-<pid>`) from `dir`.
 fn remove_tmp_files(dir: &Path) -> Result<Vec<String>> {

@@ -2,75 +2,26 @@
 //! that makes an interrupted revert finish on the next command.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde_json::{json, Value};
-
+use super::batch::folder_mode;
 use super::plan::check_undo;
-use super::recover::{recover_locked, restore, write_log};
-use super::{folder_mode, Reverted};
+use super::recover::recover_locked;
+use super::undo::{finish_revert, read_marker, revert_marker, write_marker};
 use crate::checkpoint::{refuse_cache_snapshot, Checkpoint};
-use crate::deltas::{read_bundle, Record};
+use crate::deltas::read_bundle;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{atomic_write_mode, crash_point, fsync_dir, read_file, remove_if_exists};
-use crate::journal::{read_region, sha256_hex, undo_dir, undo_path, Undo};
+use crate::fsutil::crash_point;
+use crate::journal::{read_region, sha256_hex, undo_path, Undo};
 use crate::lock::{lock_exclusive, model_lock_path, STATE_DIR};
 
-pub(super) fn revert_marker(dir: &Path) -> PathBuf {
-    dir.join(STATE_DIR).join("revert.json")
-}
-
-/// The batch a revert marker names (the marker is read without blocking, through no FIFO).
-pub(super) fn read_marker(marker: &Path) -> Result<u64> {
-    let text = read_file(marker)?;
-    serde_json::from_slice::<Value>(&text)
-        .ok()
-        .and_then(|v| v.get("batch").and_then(Value::as_u64))
-        .ok_or_else(|| Error::Integrity { msg: format!("{}: unreadable revert marker", marker.display()) })
-}
-
-/// Completes the revert of `batch` that a marker records: restores its undo file's bytes
-/// (checked against the checkpoint first), drops the batch from the log, removes the undo file
-/// and the marker.
-pub(super) fn finish_revert(dir: &Path, ckpt: &Checkpoint, batch: u64, mode: u32) -> Result<()> {
-    let marker = revert_marker(dir);
-    let upath = undo_path(dir, batch);
-    let log = read_bundle(dir, true)?;
-    let last = log.iter().filter_map(|r| r.batch).max();
-    let logged = log.iter().any(|r| r.batch == Some(batch));
-    let refuse = |why: String| Error::Integrity {
-        msg: format!(
-            "{}: names batch {batch}, {why}; nothing was written. If you did not expect it, delete it and run the \
-             command again",
-            marker.display()
-        ),
-    };
-    // A revert removes the newest batch: once it has left the log it may only be newer than
-    // what remains; while it is logged it must be the last batch and have its undo data.
-    if logged && last != Some(batch) {
-        return Err(refuse(format!("but the last batch in the edit log is {}", last.unwrap_or(0))));
-    }
-    if !logged && last.is_some_and(|l| l >= batch) {
-        return Err(refuse(format!("which is older than the last batch in the edit log ({})", last.unwrap_or(0))));
-    }
-    if fs::symlink_metadata(&upath).is_ok() {
-        let undo = Undo::read(&upath)?;
-        if undo.batch != batch {
-            return Err(refuse(format!("but {} holds batch {}", upath.display(), undo.batch)));
-        }
-        check_undo(ckpt, &undo)?;
-        restore(dir, &undo)?;
-    } else if logged {
-        return Err(refuse(format!("which has no undo data ({} is missing)", upath.display())));
-    }
-    let kept: Vec<Record> = log.iter().filter(|r| r.batch != Some(batch)).cloned().collect();
-    write_log(dir, &kept, mode)?;
-    remove_if_exists(&upath)?;
-    if undo_dir(dir).is_dir() {
-        fsync_dir(&undo_dir(dir))?;
-    }
-    remove_if_exists(&marker)?;
-    fsync_dir(&dir.join(STATE_DIR))
+/// What a revert did.
+#[derive(Debug, Clone, Default)]
+pub struct Reverted {
+    /// The reverted batches, newest first.
+    pub batches: Vec<u64>,
+    /// What the recovery that runs first did (see [`ApplyReport::recovered`]).
+    pub recovered: Vec<String>,
 }
 
 /// Reverts the last applied batch (or all batches) by restoring the original bytes.
@@ -126,10 +77,7 @@ pub fn revert(dir: &Path, all: bool) -> Result<Reverted> {
                 });
             }
         }
-        atomic_write_mode(&revert_marker(dir), Some(ckpt.file_mode()), |w| {
-            use std::io::Write;
-            write!(w, "{}", json!({"batch": batch}))
-        })?;
+        write_marker(dir, batch, ckpt.file_mode())?;
         crash_point("revert-marked");
         finish_revert(dir, &ckpt, batch, ckpt.file_mode())?;
         reverted.push(batch);
