@@ -12,6 +12,8 @@
 5. The edits are written into an edited copy of the checkpoint with the Rust shard writer (the
    original stays untouched), and the copy is reloaded from disk to show that it states the new
    facts.
+6. The same edits are exported as LoRA adapters (``rrome export-lora``): a PEFT folder and a
+   GGUF file, to load over the unedited model in PEFT, vLLM, llama.cpp or Ollama.
 
 ``--hparams`` and ``--set`` choose the hyperparameters as on ``rrome apply``.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from rrome.demo import demo_model_dir
 from rrome.engine.editor import Editor
 from rrome.eval.probabilities import case_probabilities
+from rrome.files.adapters import export_lora
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import RromeError
 from rrome.files.hparams import parse_assignments, spec_overrides
@@ -133,6 +136,18 @@ def main() -> None:
     print("reloading the edited checkpoint from disk:")
     cmd = [sys.executable, "-m", "rrome.cli", "generate", str(args.out), "--max-new-tokens", "10"]
     subprocess.run([*cmd, *(group[0] for group in shown)], check=True)
+
+    # The same edits as LoRA adapters over the unedited model: PEFT / vLLM, and llama.cpp / Ollama.
+    peft_dir = args.out.with_name(args.out.name + "-lora")
+    gguf_file = args.out.with_name(args.out.name + "-lora.gguf")
+    shutil.rmtree(peft_dir, ignore_errors=True)
+    gguf_file.unlink(missing_ok=True)
+    peft = export_lora(args.out, peft_dir, base=model_dir)
+    gguf = export_lora(args.out, gguf_file, format="gguf", base=model_dir)
+    print(
+        f"\nthe edits as LoRA adapters of rank {peft.rank} for the unedited model: {peft.path} (PEFT, vLLM; "
+        f"{peft.bytes / 1e3:.0f} kB) and {gguf.path} (llama.cpp --lora, Ollama ADAPTER; {gguf.bytes / 1e3:.0f} kB)"
+    )
 
 
 if __name__ == "__main__":
