@@ -29,7 +29,7 @@ from rrome.engine.hooks import get_module
 from rrome.engine.keys import Keys, cached_templates, keys_at
 from rrome.engine.models import Adapter, load, num_layers
 from rrome.engine.probabilities import request_probabilities
-from rrome.engine.prompts import EditPrompts, RequestTokens, Row, context_rows
+from rrome.engine.prompts import EditPrompts, PromptFormat, RequestTokens, Row, context_rows
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.engine.update import Solver, Update, compute_update
@@ -61,7 +61,8 @@ class EditResult:
         norm_delta: |Δ| = ‖Δ‖_F / (d_out·d_in).
         norm_u, norm_r: norms of the two factors (u has unit norm; r carries the scale).
         denominator: uᵀ k_den of the variant.
-        p_new_before, p_true_before, p_new_after, p_true_after: P(target | prompt).
+        p_new_before, p_true_before, p_new_after, p_true_after: P(target | prompt), the prompt
+            read as the edit read it (plain, or inside the chat template).
         steps: Adam steps taken by the value optimisation.
         losses: its loss per iteration.
         seconds: wall time of the edit.
@@ -118,6 +119,8 @@ class Editor:
     previous ones), then :meth:`save` to write every pending update into the shards. Every edit
     records its key (k_den) with its factors; with ``retain_edit_keys`` the editor reads the keys
     of the folder's edit log as it opens and solves against them too (docs/design.md §1).
+    ``edit_prompts`` says where the keys and the value see each prompt: as plain text, or inside
+    the tokenizer's chat template, opening the assistant's reply (:attr:`prompt_format`).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Editor:
         allow_large_updates: bool = False,
         large_update_ratio: float = LARGE_UPDATE_RATIO,
         screen_ratio: float = SCREEN_RATIO,
+        edit_prompts: str = "plain",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -147,6 +151,8 @@ class Editor:
         self.model_dir = model_dir
         self.model = model
         self.tokenizer = tokenizer
+        # Raises ChatTemplateError for chat prompts on a tokenizer without a chat template.
+        self.prompt_format = PromptFormat.for_tokenizer(tokenizer, edit_prompts)
         self.adapter = adapter
         self.hparams = hparams
         self.method: Method = method
@@ -179,6 +185,7 @@ class Editor:
         allow_large_updates: bool = False,
         large_update_ratio: float = LARGE_UPDATE_RATIO,
         screen_ratio: float = SCREEN_RATIO,
+        edit_prompts: str = "plain",
     ) -> Editor:
         """Loads a checkpoint folder for editing.
 
@@ -206,9 +213,15 @@ class Editor:
             screen_ratio: the disabling-edit screen's threshold on ρ = uᵀk_e / uᵀk_e^o
                 (:mod:`rrome.engine.screen`): ``rome`` refuses a request at or above it, ``r-rome`` and
                 ``p-rome`` warn.
+            edit_prompts: ``"plain"`` (the default): the keys and the value optimisation read
+                each prompt as plain text; ``"chat"``: inside the tokenizer's chat template,
+                as the opening of the assistant's reply to a fixed user turn
+                (:class:`~rrome.engine.prompts.PromptFormat`, docs/design.md §1). Recorded in
+                every edit's record (``meta["edit_prompts"]``).
 
         Raises:
             HParamsError: an unknown preset or field, or a bad value (before the model is loaded).
+            ChatTemplateError: ``edit_prompts="chat"`` and the tokenizer has no chat template.
             HParamsFileError: a malformed hyperparameters file.
             DeltasFileError: with ``retain_edit_keys``, a malformed edit log in ``model_dir``.
         """
@@ -232,7 +245,13 @@ class Editor:
             allow_large_updates=allow_large_updates,
             large_update_ratio=large_update_ratio,
             screen_ratio=screen_ratio,
+            edit_prompts=edit_prompts,
         )
+
+    @property
+    def edit_prompts(self) -> str:
+        """``"plain"`` or ``"chat"``: where the edits see their prompts."""
+        return self.prompt_format.style
 
     @property
     def layer(self) -> int:
@@ -341,7 +360,7 @@ class Editor:
         solve, no optimisation, the model unchanged."""
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
-        context = context_rows(self.tokenizer, request, self.templates())
+        context = context_rows(self.tokenizer, request, self.templates(), fmt=self.prompt_format)
         keys = keys_at(self.model, self.tokenizer, self.module_name, context)
         return self._screen(request, context[0], keys)
 
@@ -424,7 +443,7 @@ class Editor:
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
         # Tokenised once, before any work (an empty target fails here), and handed to every pass.
-        return self._edit(RequestTokens.build(self.tokenizer, request), t0)
+        return self._edit(RequestTokens.build(self.tokenizer, request, self.prompt_format), t0)
 
     def _edit(self, tokens: RequestTokens, t0: float) -> EditResult:
         p_before = request_probabilities(self.model, self.tokenizer, tokens)
@@ -509,7 +528,10 @@ class Editor:
             "templates": list(prompts.templates),
             "stats": str(self.stats_path) if self.stats_path else None,
             "screen": screen.to_json(),
+            "edit_prompts": self.prompt_format.style,
         }
+        if self.prompt_format.style != "plain":
+            meta["chat_prefix"] = self.prompt_format.prefix  # the exact text before every prompt
         if retained is not None:
             meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
         tensor = self.adapter.tensor_name(self.layer)
@@ -536,7 +558,7 @@ class Editor:
         checked: list[RequestTokens] = []
         for i, req in enumerate(out, 1):
             where = req.source if req.source and req.source != "request" else f"request {i}"
-            tokens, found = RequestTokens.check(self.tokenizer, req)
+            tokens, found = RequestTokens.check(self.tokenizer, req, self.prompt_format)
             problems += [f"{where}: {p}" for p in found]
             if tokens is not None:
                 checked.append(tokens)

@@ -24,7 +24,7 @@ import torch
 
 from rrome.engine.hooks import StopForward, trace
 from rrome.engine.models import input_device, model_dtype
-from rrome.engine.prompts import Row, context_rows, pad_rows
+from rrome.engine.prompts import PLAIN, PromptFormat, Row, context_rows, pad_rows
 from rrome.files.edits import EditRequest
 from rrome.files.errors import InvalidFileError, RromeError
 from rrome.files.fsutil import atomic_write, read_regular
@@ -54,14 +54,20 @@ def module_io_at(
 
 
 def keys_at_every_token(
-    model: torch.nn.Module, tokenizer: object, module_name: str, texts: Sequence[str], *, batch_size: int = 32
+    model: torch.nn.Module,
+    tokenizer: object,
+    module_name: str,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    fmt: PromptFormat = PLAIN,
 ) -> list[tuple[list[int], torch.Tensor]]:
-    """Each text's token ids (special tokens as the model sees them) and the input of
-    ``module_name`` at every one of them, float32 ``(n_tokens, d)`` on the CPU."""
+    """Each text's token ids (read in ``fmt``, special tokens as the model sees them) and the
+    input of ``module_name`` at every one of them, float32 ``(n_tokens, d)`` on the CPU."""
     device = input_device(model)
     out: list[tuple[list[int], torch.Tensor]] = []
     for at in range(0, len(texts), batch_size):
-        rows = [Row(list(tokenizer(t)["input_ids"]), 0) for t in texts[at : at + batch_size]]  # type: ignore[operator]
+        rows = [Row(fmt.ids(tokenizer, t), 0) for t in texts[at : at + batch_size]]
         batch = pad_rows(tokenizer, rows, device)
         watch = trace(model, [module_name], inputs=True, stop_after=module_name)
         with torch.no_grad(), watch as rec, contextlib.suppress(StopForward):
@@ -94,11 +100,16 @@ def keys_at(model: torch.nn.Module, tokenizer: object, module_name: str, context
 
 
 def compute_keys(
-    model: torch.nn.Module, tokenizer: object, module_name: str, request: EditRequest, templates: Sequence[str]
+    model: torch.nn.Module,
+    tokenizer: object,
+    module_name: str,
+    request: EditRequest,
+    templates: Sequence[str],
+    fmt: PromptFormat = PLAIN,
 ) -> Keys:
-    """Keys of a request in ``templates`` (``templates[0]`` must be ``"{}"``, the plain prompt):
-    :func:`keys_at` of its :func:`~rrome.engine.prompts.context_rows`."""
-    return keys_at(model, tokenizer, module_name, context_rows(tokenizer, request, templates))
+    """Keys of a request in ``templates`` (``templates[0]`` must be ``"{}"``, the plain prompt),
+    each wrapped in ``fmt``: :func:`keys_at` of its :func:`~rrome.engine.prompts.context_rows`."""
+    return keys_at(model, tokenizer, module_name, context_rows(tokenizer, request, templates, fmt=fmt))
 
 
 def _per_seed(n: int) -> int:

@@ -4,7 +4,9 @@ what the evaluation's metrics are built from.
 P(x | prompt) = exp(−mean NLL of x's tokens after the prompt) (docs/design.md §2). The prompt and
 the target are tokenised as the edit tokenises them (:func:`rrome.engine.prompts.target_ids`; an
 edit hands over its :class:`~rrome.engine.prompts.RequestTokens`), batched with padding on the
-tokenizer's side and explicit position ids. Everything here only reads the model.
+tokenizer's side and explicit position ids. A :class:`~rrome.engine.prompts.PromptFormat` says
+whether each prompt is read as plain text or inside the chat template. Everything here only
+reads the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from rrome.engine.models import context_length, input_device, logits_at
-from rrome.engine.prompts import RequestTokens, Row, pad_rows, target_ids
+from rrome.engine.prompts import PLAIN, PromptFormat, RequestTokens, Row, pad_rows, target_ids
 
 
 def _log_probs_of(
@@ -48,11 +50,17 @@ def _log_probs_of(
 
 
 def _log_probs(
-    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int,
+    fmt: PromptFormat = PLAIN,
 ) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each target as a continuation of its prompt."""
+    """Per-token log-probabilities of each target as a continuation of its prompt (in ``fmt``)."""
     pairs = [
-        (list(tokenizer(prompt)["input_ids"]), target_ids(tokenizer, prompt, target))
+        (fmt.ids(tokenizer, prompt), target_ids(tokenizer, prompt, target, fmt))
         for prompt, target in zip(prompts, targets, strict=True)
     ]
     return _log_probs_of(model, tokenizer, pairs, batch_size=batch_size)
@@ -68,12 +76,20 @@ def request_probabilities(model: Any, tokenizer: Any, tokens: RequestTokens) -> 
 
 
 def target_probabilities(
-    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    fmt: PromptFormat = PLAIN,
 ) -> list[float]:
-    """exp(−mean NLL) of each target's tokens as a continuation of its prompt (batched)."""
+    """exp(−mean NLL) of each target's tokens as a continuation of its prompt (batched; each
+    prompt read in ``fmt``)."""
     if not prompts:
         return []
-    return [float(lp.mean().exp()) for lp in _log_probs(model, tokenizer, prompts, targets, batch_size=batch_size)]
+    lps = _log_probs(model, tokenizer, prompts, targets, batch_size=batch_size, fmt=fmt)
+    return [float(lp.mean().exp()) for lp in lps]
 
 
 def continuation_logprob(

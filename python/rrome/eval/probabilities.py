@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from rrome.engine.probabilities import target_probabilities
+from rrome.engine.prompts import PLAIN, PromptFormat
 from rrome.eval.metrics import CaseProbs
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 
 
-def case_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> CaseProbs:
-    """The probabilities behind a case's metrics, in one batched pass.
+def case_probabilities(model: Any, tokenizer: Any, request: EditRequest, fmt: PromptFormat = PLAIN) -> CaseProbs:
+    """The probabilities behind a case's metrics, in one batched pass, every prompt read in
+    ``fmt`` (plain, or inside the chat template).
 
     Raises:
         RromeError: the case has no ``target_true`` (the metrics compare against it).
@@ -44,7 +46,7 @@ def case_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> Case
         for p in g:
             prompts += [p, p]
             targets += [request.target_new, trues]
-    probs = target_probabilities(model, tokenizer, prompts, targets)
+    probs = target_probabilities(model, tokenizer, prompts, targets, fmt=fmt)
     out: list[list[tuple[float, float]]] = []
     at = 0
     for g in groups:
@@ -53,9 +55,11 @@ def case_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> Case
     return CaseProbs(*out)
 
 
-def neighbourhood_probabilities(model: Any, tokenizer: Any, request: EditRequest) -> list[tuple[float, float]]:
+def neighbourhood_probabilities(
+    model: Any, tokenizer: Any, request: EditRequest, fmt: PromptFormat = PLAIN
+) -> list[tuple[float, float]]:
     """``(p_new, p_true)`` for each neighbourhood prompt, as :func:`case_probabilities` computes
-    them (P(new target) and P(the neighbourhood's own true answer)).
+    them in ``fmt`` (P(new target) and P(the neighbourhood's own true answer)).
 
     Raises:
         RromeError: the case has no true answer for its neighbourhood prompts.
@@ -65,7 +69,7 @@ def neighbourhood_probabilities(model: Any, tokenizer: Any, request: EditRequest
         raise RromeError(f"case {request.case_id or request.subject!r} has no target_true; the metrics need one")
     prompts = [p for p in request.neighborhood_prompts for _ in (0, 1)]
     targets = [request.target_new, true_n] * len(request.neighborhood_prompts)
-    probs = target_probabilities(model, tokenizer, prompts, targets)
+    probs = target_probabilities(model, tokenizer, prompts, targets, fmt=fmt)
     return [(probs[2 * i], probs[2 * i + 1]) for i in range(len(request.neighborhood_prompts))]
 
 
@@ -86,10 +90,18 @@ class LeakFraction:
 
 
 def leak_fractions(
-    model: Any, tokenizer: Any, module_name: str, prompts: Sequence[str], u: Any, denominator: float
+    model: Any,
+    tokenizer: Any,
+    module_name: str,
+    prompts: Sequence[str],
+    u: Any,
+    denominator: float,
+    fmt: PromptFormat = PLAIN,
 ) -> list[LeakFraction]:
-    """The leak fractions of ``prompts`` under the update with input factor ``u`` (as stored in
-    the delta) and denominator ``uᵀk_den`` (:class:`rrome.engine.editor.EditResult.denominator`).
+    """The leak fractions of ``prompts`` (read in ``fmt``: with a chat prefix, its tokens are
+    counted too, and ``at`` indexes the wrapped text) under the update with input factor ``u``
+    (as stored in the delta) and denominator ``uᵀk_den``
+    (:class:`rrome.engine.editor.EditResult.denominator`).
 
     The keys of the edited layer do not depend on that layer's weight, so they are the same
     before and after the edit.
@@ -101,7 +113,7 @@ def leak_fractions(
     special = set(getattr(tokenizer, "all_special_ids", []))
     u64 = torch.tensor(np.array(u, dtype=np.float64).reshape(-1))  # a copy: the delta's factor may be read-only
     out = []
-    for ids, k in keys_at_every_token(model, tokenizer, module_name, prompts):
+    for ids, k in keys_at_every_token(model, tokenizer, module_name, prompts, fmt=fmt):
         s = (k.double() @ u64) / denominator
         ordinary = [t for t, i in enumerate(ids) if i not in special] or [len(ids) - 1]
         at = max(ordinary, key=lambda t: abs(float(s[t])))
