@@ -50,11 +50,12 @@ DIR = click.Path(file_okay=False, dir_okay=True, path_type=Path)
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped: names read from a model folder are untrusted
-    and must not forge output lines or terminal escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\n``, ...):
+    names read from a model folder are untrusted and must not forge output lines or terminal
+    escapes. The escaping itself lives in the Rust core, rrome's one home for it."""
+    from rrome._rust import escape_unprintable
+
+    return escape_unprintable(text)
 
 
 def format_time(seconds: float | None) -> str:
@@ -164,6 +165,36 @@ def hparams_options(fn: F) -> F:
         help="Hyperparameters over the family's defaults: a preset (reference: the reference ROME code's "
         "constants and stopping rule; default: the family's) or a JSON file of fields.",
     )(fn)
+
+
+EDIT_PROMPTS = click.option(
+    "--edit-prompts",
+    type=click.Choice(["plain", "chat"]),
+    default="plain",
+    show_default=True,
+    help="Where the edit sees each prompt: plain text, or chat: inside the tokenizer's chat template as the "
+    'opening of the assistant\'s reply to the user turn "Complete the sentence." (keys and value '
+    "optimisation alike; docs/design.md §1). Use chat for an instruct model that is asked through its template.",
+)
+
+
+def _eval_prompts(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    styles = tuple(x.strip() for x in value.split(",") if x.strip())
+    if not styles or len(set(styles)) != len(styles) or any(x not in ("plain", "chat") for x in styles):
+        raise click.BadParameter(f"plain, chat or plain,chat; got {value!r}")
+    return styles
+
+
+EVAL_PROMPTS = click.option(
+    "--eval-prompts",
+    default="plain",
+    show_default=True,
+    callback=_eval_prompts,
+    metavar="plain|chat|plain,chat",
+    help="Where every rewrite, paraphrase and neighbourhood prompt is measured: plain text, or chat (inside the "
+    "chat template, as --edit-prompts chat wraps it); plain,chat measures each edit both ways (the first "
+    "style fills the usual fields and table rows, the second its own).",
+)
 
 
 def model_options(fn: F) -> F:

@@ -13,6 +13,8 @@ import click
 
 from rrome.cli.common import (
     DIR,
+    EDIT_PROMPTS,
+    EVAL_PROMPTS,
     METHOD_CHOICE,
     cli_hparams,
     expected_errors,
@@ -61,6 +63,8 @@ from rrome.cli.common import (
     "large-update guard) and go on, recording them as refused; without it every edit is applied (to show "
     "collapse).",
 )
+@EDIT_PROMPTS
+@EVAL_PROMPTS
 @expected_errors
 def eval_cmd(
     model_dir: Path,
@@ -83,6 +87,8 @@ def eval_cmd(
     out_dir: Path,
     no_progress: bool,
     guard: bool,
+    edit_prompts: str,
+    eval_prompts: tuple[str, ...],
 ) -> None:
     """Edit N cases of DATA into MODEL_DIR with each variant and measure them (docs/design.md §2).
 
@@ -90,7 +96,9 @@ def eval_cmd(
     plots; a killed run continues where it stopped when started again with the same --out.
     The fields --hparams and --set give are saved in the folder's run.json and the resolved set
     in baseline.json; a resumed run must resolve to the same set (after a change of the packaged
-    defaults, say it with --hparams/--set).
+    defaults, say it with --hparams/--set). --edit-prompts and --eval-prompts (run.json records
+    both) say whether the edits and the measurements read the prompts as plain text or inside
+    the chat template; --eval-prompts plain,chat measures every edit both ways.
     """
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
     if stats_tokens:
@@ -119,6 +127,8 @@ def eval_cmd(
         hparams=fields,
         device=device,
         guard=guard,
+        edit_prompts=edit_prompts,
+        eval_prompts=eval_prompts,
     )
     run(cfg, out_dir, progress=not no_progress)
     table, figures = report(out_dir)
@@ -164,6 +174,8 @@ def eval_cmd(
     help="Also sample the generation entropies after each edit (slow; the objective does not read them).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the entropy samples.")
+@EDIT_PROMPTS
+@EVAL_PROMPTS
 @model_options
 @click.option(
     "--out",
@@ -186,6 +198,8 @@ def tune_cmd(
     min_es: float,
     diagnostics: bool,
     seed: int,
+    edit_prompts: str,
+    eval_prompts: tuple[str, ...],
     corpus: Path | None,
     device: str | None,
     dtype: str,
@@ -201,7 +215,8 @@ def tune_cmd(
     line per trial to --out/trials.jsonl, prints the table (best first; also table.md) and
     writes the best set to --out/best.json, a file for --hparams. A killed sweep continues
     where it stopped when the same command runs again; other settings into the same folder
-    are refused.
+    are refused. With --eval-prompts plain,chat the objective reads the first style; each
+    trial's line in trials.jsonl also holds the second's metrics.
     """
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
     from rrome.files.hparams import HParamsError, parse_grids
@@ -230,6 +245,8 @@ def tune_cmd(
         dtype=dtype,
         corpus=str(corpus.resolve()) if corpus else None,
         device=device,
+        edit_prompts=edit_prompts,
+        eval_prompts=eval_prompts,
     )
     result = tune(cfg, out_dir, progress=not no_progress)
     click.echo(result.table, nl=False)

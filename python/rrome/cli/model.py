@@ -15,6 +15,7 @@ import click
 from rrome.cli.common import (
     DIR,
     DTYPE_CHOICE,
+    EDIT_PROMPTS,
     LINK_UNTOUCHED,
     METHOD_CHOICE,
     check_link_untouched,
@@ -60,6 +61,7 @@ from rrome.files.constants import Method
     help="The disabling-edit screen's limit on rho = uᵀk_e / uᵀk_e^o (see `rrome screen`): rome refuses a "
     "request at or above it unless --allow-large-updates; r-rome and p-rome warn [default: 10].",
 )
+@EDIT_PROMPTS
 @expected_errors
 def apply_cmd(
     edits: Path,
@@ -78,6 +80,7 @@ def apply_cmd(
     allow_large_updates: bool,
     large_update_ratio: float | None,
     screen_ratio: float | None,
+    edit_prompts: str,
 ) -> None:
     """Edit the facts in EDITS (JSONL or JSON) into the checkpoint in MODEL_DIR.
 
@@ -90,7 +93,8 @@ def apply_cmd(
     as a disabling edit stops the run, unless --allow-large-updates; r-rome and p-rome warn.
 
     Hyperparameters: the family's defaults, then --hparams, then each --set, then --layer; the
-    resolved set is recorded with every edit in the edit log.
+    resolved set is recorded with every edit in the edit log. --edit-prompts chat edits the
+    facts as the model reads them inside its chat template (recorded in each edit's record).
     """
     check_link_untouched(link_untouched, out_dir)
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
@@ -115,6 +119,7 @@ def apply_cmd(
         allow_large_updates=allow_large_updates,
         large_update_ratio=large_update_ratio or LARGE_UPDATE_RATIO,
         screen_ratio=screen_ratio or SCREEN_RATIO,
+        edit_prompts=edit_prompts,
     )
     editor.check_requests(requests)  # every subject and target tokenises, before the first edit
     results = []

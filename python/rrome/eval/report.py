@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,16 @@ _FINAL = {"cases": ListOf(_CASE)}
 _CHECKPOINT = {"edits": COUNT, "metrics": _METRICS, "downstream": Optional(MapOf(NUMBER))}
 
 
+def _styles(cfg: dict[str, Any], where: str) -> list[str]:
+    """The run's measuring styles (``eval_prompts``; plain for a folder older than the field)."""
+    styles = cfg.get("eval_prompts", ["plain"])
+    if not (isinstance(styles, list) and styles and all(x in ("plain", "chat") for x in styles)):
+        raise InvalidFileError(f'{where}: field "eval_prompts": expected a list of "plain" and "chat"')
+    if not isinstance(cfg.get("edit_prompts", "plain"), str):
+        raise InvalidFileError(f'{where}: field "edit_prompts": expected "plain" or "chat"')
+    return styles
+
+
 def _load(path: Path, spec: Any) -> Any:
     try:
         return read_checked(path, spec)
@@ -99,14 +110,16 @@ def _load(path: Path, spec: Any) -> Any:
         raise RromeError(f"{path}: missing; is {path.parent} an `rrome eval` results folder?") from None
 
 
-def _edits(folder: Path, mode: str) -> list[dict[str, Any]]:
-    """The lines of a variant's ``edits.jsonl``, each checked (an edit's or a refusal's fields)."""
+def _edits(folder: Path, mode: str, more: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The lines of a variant's ``edits.jsonl``, each checked (an edit's or a refusal's fields;
+    ``more``: the further measuring styles, whose ``case_<style>`` a one-at-a-time line holds)."""
     records = read_jsonl(folder / "edits.jsonl")
+    cases = {"case": _CASE, **{f"case_{x}": _CASE for x in more}}
     for rec in records:
         if "refused" in rec:
             check(rec, _REFUSED, where(rec))
             continue
-        check(rec, {**_EDIT, "case": _CASE} if mode == "single" else _EDIT, where(rec))
+        check(rec, {**_EDIT, **cases} if mode == "single" else _EDIT, where(rec))
         leak = rec.get("leak")
         if leak and any(len(leak[k]) != len(leak["s"]) for k in _LEAK):
             raise InvalidFileError(f'{where(rec)}: field "leak": its arrays differ in length')
@@ -137,7 +150,8 @@ def summarize(
             "`rrome tune` command prints it)"
         )
     check(cfg, _RUN, str(out_dir / RUN_FILE))
-    base = _load(out_dir / BASELINE_FILE, _BASELINE)
+    styles = _styles(cfg, str(out_dir / RUN_FILE))
+    base = _load(out_dir / BASELINE_FILE, {**_BASELINE, **{f"metrics_{x}": _METRICS for x in styles[1:]}})
     mode = "sequential" if cfg["sequential"] else "single"
     base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
     variants: dict[str, Any] = {}
@@ -158,7 +172,9 @@ def summarize(
     return {
         "mode": mode,
         "config": cfg,
+        "prompts": {"edit": cfg.get("edit_prompts", "plain"), "eval": styles},
         "unedited": {
+            **{f"metrics_{x}": base[f"metrics_{x}"] for x in styles[1:]},
             "metrics": base["metrics"],
             "downstream": base.get("downstream") or {},
             "diagnostics": base.get("diagnostics"),
@@ -182,19 +198,25 @@ def _variant(
     flag_entropy: float,
 ) -> dict[str, Any] | None:
     """One variant's figures from its folder; ``None`` before its first edit."""
-    records = _edits(folder, mode)
+    more = _styles(cfg, "run.json")[1:]
+    records = _edits(folder, mode, more)
     # A guarded sequential run records the edits its guards refused, with no update.
     refused = [e for e in records if "refused" in e]
     edits = [e for e in records if "refused" not in e]
     if not edits:
         return None
+    others: dict[str, list[CaseProbs]] = {}
     if mode == "single":
         cases = [CaseProbs.from_json(e["case"]) for e in edits]
+        others = {x: [CaseProbs.from_json(e[f"case_{x}"]) for e in edits] for x in more}
         complete = len(edits) == cfg["n"]
     else:
         final = folder / "final.json"
         complete = final.exists()
-        cases = [CaseProbs.from_json(c) for c in _load(final, _FINAL)["cases"]] if complete else []
+        spec = {**_FINAL, **{f"cases_{x}": ListOf(_CASE) for x in more}}
+        last = _load(final, spec) if complete else {}
+        cases = [CaseProbs.from_json(c) for c in last["cases"]] if complete else []
+        others = {x: [CaseProbs.from_json(c) for c in last[f"cases_{x}"]] for x in more} if complete else {}
     checks = _checkpoints(folder, tasks) if mode == "sequential" else []
     metrics_at = len(records) if complete else None
     if mode == "sequential" and not complete and checks:
@@ -215,6 +237,9 @@ def _variant(
         "steps_mean": statistics.fmean(e["steps"] for e in edits),
         "seconds_mean": statistics.fmean(e["seconds"] for e in edits),
     }
+    for x in more:
+        at_check = (checks[-1].get(f"metrics_{x}") if checks else None) if mode == "sequential" else None
+        v[f"metrics_{x}"] = metrics(others[x]) if others.get(x) else at_check
     ents = [e["generation_entropy"] for e in edits if "generation_entropy" in e]
     if ents:
         v["generation_entropy_mean"] = statistics.fmean(ents)
@@ -327,9 +352,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
     """The variants side by side (percent), with the unedited model as the first row."""
     mode = "sequential" if summary["mode"] == "sequential" else "one edit at a time (non-sequential)"
     cfg = summary["config"]
+    prompts = summary.get("prompts") or {"edit": "plain", "eval": ["plain"]}
+    styles = prompts["eval"]
+    note = ""
+    if prompts["edit"] != "plain" or styles != ["plain"]:
+        note = f"; edits on {prompts['edit']} prompts, measured on {styles[0]} prompts"
     lines = [
         f"{cfg['n']} cases from `{Path(cfg['data']).name}` (records {cfg['offset'] + 1}–{cfg['offset'] + cfg['n']}), "
-        f"{mode}, layer {summary['layer']}",
+        f"{mode}, layer {summary['layer']}{note}",
         "",
         "| variant | " + " | ".join(METRICS) + " | median abs Δ | max abs Δ"
         f" | abs Δ > {summary['flag_ratio']:g}× median | disabling edits |",
@@ -350,6 +380,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
             + f" | {_fmt(v['norm_delta']['median'], '.3g')} | {_fmt(v['norm_delta']['max'], '.3g')}"
             + f" | {len(v['large_edits'])} | {len(v['disabling_edits'])} |"
         )
+    for x in styles[1:]:
+        lines += ["", f"The same edits measured on {x} prompts:", ""]
+        lines += ["| variant | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        lines.append("| unedited | " + " | ".join(_fmt(summary["unedited"][f"metrics_{x}"][k]) for k in METRICS) + " |")
+        for name, v in summary["variants"].items():
+            m = v.get(f"metrics_{x}") or {}
+            lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRICS) + " |")
     down = {k: v.get("downstream_final") for k, v in summary["variants"].items() if v.get("downstream_final")}
     if summary["unedited"]["downstream"] and down:
         tasks = list(summary["unedited"]["downstream"])

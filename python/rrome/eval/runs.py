@@ -15,6 +15,13 @@ A run lives in a results folder::
     sequential-<method>/checkpoints.jsonl
                                   every K edits: running metrics, downstream accuracy, |Δ|, entropy
 
+Where the prompts sit (docs/design.md §1): ``edit_prompts`` is where the edits see them (plain
+text, or inside the chat template), ``eval_prompts`` where they are measured, one style or both.
+The first measuring style fills the records' usual fields (``case``, ``cases``, ``metrics``,
+the leak, the sequential checkpoints' metrics); each further style ``S`` adds ``case_S`` to an
+edit's line, ``cases_S`` and ``metrics_S`` to ``baseline.json``, ``metrics_S`` to a checkpoint
+and ``cases_S`` to ``final.json``: the same edit, measured both ways.
+
 Non-sequential mode edits each case on the unedited model and restores the edited weight from a
 copy afterwards (exactly, not by subtracting Δ). Sequential mode lets edits accumulate; a killed
 run resumes by replaying the saved factors of the finished edits, which rebuilds the same weights
@@ -47,6 +54,7 @@ import numpy as np
 import torch
 
 from rrome.engine.editor import Editor
+from rrome.engine.prompts import PROMPT_STYLES, PromptFormat
 from rrome.eval.downstream import downstream_accuracy, few_shot_sets
 from rrome.eval.generation import Diagnostics, collapse_diagnostics
 from rrome.eval.metrics import CaseProbs, metrics
@@ -83,6 +91,11 @@ class RunConfig:
     guard: bool = False
     """Sequential runs: refuse the edits the guards flag (the disabling-edit screen under rome,
     the large-update guard), record them as refused and go on; off: apply every edit."""
+    edit_prompts: str = "plain"
+    """Where the edits see their prompts: ``plain`` text or inside the ``chat`` template."""
+    eval_prompts: tuple[str, ...] = ("plain",)
+    """Where every prompt of a case is measured, in order: the first style fills the usual
+    fields, a second one its own (the module docstring)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +103,31 @@ class RunConfig:
     @property
     def mode(self) -> str:
         return "sequential" if self.sequential else "single"
+
+    def check_prompts(self) -> None:
+        """Refuses unknown or repeated prompt styles.
+
+        Raises:
+            RromeError: an unknown style, no measuring style, or one given twice.
+        """
+        check_prompt_styles(self.edit_prompts, self.eval_prompts)
+
+
+def check_prompt_styles(edit_prompts: str, eval_prompts: Sequence[str]) -> None:
+    """Refuses an unknown edit style, or measuring styles that are empty, unknown or repeated."""
+    known = ", ".join(PROMPT_STYLES)
+    if edit_prompts not in PROMPT_STYLES:
+        raise RromeError(f"--edit-prompts must be one of {known}; got {edit_prompts!r}")
+    bad = [x for x in eval_prompts if x not in PROMPT_STYLES]
+    if bad or not eval_prompts or len(set(eval_prompts)) != len(eval_prompts):
+        given = ",".join(eval_prompts)
+        raise RromeError(f"--eval-prompts must name {known} or both, each once; got {given!r}")
+
+
+def style_suffix(index: int, style: str) -> str:
+    """The suffix of the fields that hold the measurements in the ``index``-th measuring style:
+    none for the first, ``_<style>`` for the others."""
+    return "" if index == 0 else f"_{style}"
 
 
 def _check_config(out_dir: Path, cfg: RunConfig) -> None:
@@ -177,7 +215,12 @@ class Session:
             hparams=overrides,
             progress=progress,
             allow_large_updates=not cfg.guard,
+            edit_prompts=cfg.edit_prompts,
         )
+        tokenizer = self.editor.tokenizer
+        # Where each case is measured; raises ChatTemplateError before any work for "chat" on a
+        # model without a chat template.
+        self.formats = [PromptFormat.for_tokenizer(tokenizer, style) for style in cfg.eval_prompts]
         # Templates and statistics come from the unedited model; fix them before any edit.
         self.editor.templates()
         self.editor.cholesky()
@@ -212,6 +255,7 @@ class Session:
             corpus=old.corpus,
             progress=old.progress,
             allow_large_updates=True,
+            edit_prompts=old.edit_prompts,
         )
         key = (hparams.template_seed, hparams.context_template_lengths)
         if key in self._templates:
@@ -223,10 +267,21 @@ class Session:
         self.original = self.weight.detach().clone()
 
     def probs(self, request: EditRequest) -> CaseProbs:
-        return case_probabilities(self.editor.model, self.editor.tokenizer, request)
+        """The case's probabilities in the first measuring style."""
+        return case_probabilities(self.editor.model, self.editor.tokenizer, request, self.formats[0])
+
+    def more_probs(self, request: EditRequest) -> dict[str, CaseProbs]:
+        """The case's probabilities in each further measuring style, by field suffix
+        (:func:`style_suffix`)."""
+        ed = self.editor
+        return {
+            style_suffix(i, f.style): case_probabilities(ed.model, ed.tokenizer, request, f)
+            for i, f in enumerate(self.formats)
+            if i
+        }
 
     def neighbours(self, request: EditRequest) -> list[tuple[float, float]]:
-        return neighbourhood_probabilities(self.editor.model, self.editor.tokenizer, request)
+        return neighbourhood_probabilities(self.editor.model, self.editor.tokenizer, request, self.formats[0])
 
     def leak(
         self,
@@ -239,7 +294,13 @@ class Session:
         the neighbourhood prompts' (P(new), P(true)) around it."""
         ed = self.editor
         fr = leak_fractions(
-            ed.model, ed.tokenizer, ed.module_name, request.neighborhood_prompts, result.delta.u, result.denominator
+            ed.model,
+            ed.tokenizer,
+            ed.module_name,
+            request.neighborhood_prompts,
+            result.delta.u,
+            result.denominator,
+            self.formats[0],
         )
 
         def log(p: float) -> float:
@@ -288,8 +349,9 @@ def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: 
     if path.exists():
         return read_object(path)
     probs = [s.probs(r) for r in cases]
+    more = [s.more_probs(r) for r in cases]
     diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
-    base = {
+    base: dict[str, Any] = {
         "cases": [p.to_json() for p in probs],
         "metrics": metrics(probs),
         "diagnostics": dataclasses.asdict(diag) if diag else None,
@@ -300,6 +362,9 @@ def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: 
         "templates": s.editor.templates(),
         "stats": str(s.editor.stats_path) if s.editor.stats_path else None,
     }
+    for suffix in more[0] if more else {}:
+        base["cases" + suffix] = [m[suffix].to_json() for m in more]
+        base["metrics" + suffix] = metrics(m[suffix] for m in more)
     write_json(path, base)
     return base
 
@@ -380,6 +445,8 @@ def edit_one_at_a_time(
         rec = _edit_record(i, request, result)
         probs = s.probs(request)
         rec["case"] = probs.to_json()
+        for suffix, other in s.more_probs(request).items():
+            rec["case" + suffix] = other.to_json()
         rec["leak"] = s.leak(request, result, before, probs.neighborhood)
         if diagnostics:
             rec.update(dataclasses.asdict(s.diagnostics(request, seed + i)))
@@ -466,10 +533,13 @@ def _checkpoint(
     s: Session, cfg: RunConfig, cases: Sequence[EditRequest], n_done: int, norms: list[float]
 ) -> dict[str, Any]:
     probs = [s.probs(r) for r in cases[:n_done]]
+    more = [s.more_probs(r) for r in cases[:n_done]]
     diag = s.diagnostics(None, cfg.seed) if cfg.diagnostics else None
+    extra = {"metrics" + k: metrics(m[k] for m in more) for k in (more[0] if more else {})}
     return {
         "edits": n_done,
         "metrics": metrics(probs),
+        **extra,
         "downstream": s.downstream(),
         "median_norm_delta": float(np.median(norms)) if norms else None,
         "max_norm_delta": max(norms) if norms else None,
@@ -521,7 +591,11 @@ def _sequential(
         tick(method, n_done, len(cases))
     final = folder / "final.json"
     if not final.exists():
-        write_json(final, {"cases": [s.probs(r).to_json() for r in cases]})
+        last: dict[str, Any] = {"cases": [s.probs(r).to_json() for r in cases]}
+        more = [s.more_probs(r) for r in cases]
+        for suffix in more[0] if more else {}:
+            last["cases" + suffix] = [m[suffix].to_json() for m in more]
+        write_json(final, last)
     s.restore()
 
 
@@ -536,6 +610,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
             raise RromeError(f"unknown method {m!r}; expected one of {', '.join(METHODS)}")
     if cfg.every < 1:
         raise RromeError(f"--every must be at least 1, got {cfg.every}")
+    cfg.check_prompts()
     if cfg.guard and not cfg.sequential:
         raise RromeError(
             "--guard applies to --sequential runs (one at a time, every edit starts from the unedited model)"

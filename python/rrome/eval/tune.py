@@ -43,7 +43,7 @@ from typing import Any
 
 from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_json, read_jsonl, write_json
-from rrome.eval.runs import RunConfig, load_cases
+from rrome.eval.runs import RunConfig, load_cases, style_suffix
 from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
 from rrome.files.errors import NonFiniteUpdateError, RromeError
@@ -83,12 +83,19 @@ class TuneConfig:
     dtype: str = "float32"
     corpus: str | None = None
     device: str | None = None
+    edit_prompts: str = "plain"
+    eval_prompts: tuple[str, ...] = ("plain",)
+    """As ``rrome eval``'s (:class:`~rrome.eval.runs.RunConfig`): the objective reads the first
+    measuring style; a trial's line adds ``metrics_<style>`` for a second."""
 
     FREE = ("model_dir", "data", "device", "min_es")
+    ADDED_LATER = ("edit_prompts", "eval_prompts")
+    """Fields newer than sweeps that may still be continued: a folder without one ran at its default."""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["grid"] = [[key, list(values)] for key, values in self.grid]
+        d["eval_prompts"] = list(self.eval_prompts)
         return {"command": COMMAND, **d}
 
     def points(self) -> list[dict[str, Any]]:
@@ -113,6 +120,8 @@ class TuneConfig:
             corpus=self.corpus,
             hparams=dict(self.hparams),
             device=self.device,
+            edit_prompts=self.edit_prompts,
+            eval_prompts=tuple(self.eval_prompts),
         )
 
 
@@ -149,6 +158,8 @@ def _check_config(out: Path, cfg: TuneConfig) -> None:
     saved = read_json(path)
     if not isinstance(saved, dict) or saved.get("command") != COMMAND:
         raise RromeError(f"{path}: {out} holds an `rrome eval` run or something else, not a sweep; use another --out")
+    defaults = TuneConfig(model_dir="", data="", data_sha256="").to_json()
+    saved = {**{k: defaults[k] for k in cfg.ADDED_LATER if k not in saved}, **saved}
     diff = [k for k in new if k not in cfg.FREE and _canonical(saved.get(k)) != _canonical(new[k])]
     if diff:
         detail = "; ".join(f"{k}: saved {json.dumps(saved.get(k))}, now {json.dumps(new[k])}" for k in diff)
@@ -190,8 +201,15 @@ def _trial_dir(out: Path, trial: int) -> Path:
     return out / "trials" / f"{trial:03d}"
 
 
-def _trial_line(trial: int, point: Mapping[str, Any], hp: HParams, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A finished trial's line of trials.jsonl, from its per-case records alone."""
+def _trial_line(
+    trial: int,
+    point: Mapping[str, Any],
+    hp: HParams,
+    records: Sequence[dict[str, Any]],
+    eval_prompts: Sequence[str] = ("plain",),
+) -> dict[str, Any]:
+    """A finished trial's line of trials.jsonl, from its per-case records alone (``metrics``
+    in the first measuring style, ``metrics_<style>`` in a further one)."""
     line: dict[str, Any] = {
         "trial": trial,
         "grid": dict(point),
@@ -204,6 +222,10 @@ def _trial_line(trial: int, point: Mapping[str, Any], hp: HParams, records: Sequ
         "delta_ratio_median": statistics.median(r["delta_ratio"] for r in records),
         "seconds_per_edit": statistics.fmean(r["seconds"] for r in records),
     }
+    for i, style in enumerate(eval_prompts):
+        suffix = style_suffix(i, style)
+        if suffix:
+            line["metrics" + suffix] = metrics(CaseProbs.from_json(r["case" + suffix]) for r in records)
     entropies = [r["generation_entropy"] for r in records if "generation_entropy" in r]
     if entropies:
         line["generation_entropy_mean"] = statistics.fmean(entropies)
@@ -253,6 +275,7 @@ def tune(cfg: TuneConfig, out_dir: str | os.PathLike[str], *, progress: bool = T
         raise RromeError(f"--min-es is a percentage, 0 to 100; got {cfg.min_es:g}")
     out = Path(out_dir)
     rcfg = cfg.run_config()
+    rcfg.check_prompts()
     cases = load_cases(rcfg)  # before anything is written or loaded
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
@@ -319,7 +342,7 @@ def _run(
             records = edit_one_at_a_time(
                 s, cases, edits, diagnostics=cfg.diagnostics, seed=cfg.seed, tick=lambda _: bar.update()
             )
-            line = _trial_line(i, point, hp, records)
+            line = _trial_line(i, point, hp, records, cfg.eval_prompts)
         except NonFiniteUpdateError as e:
             # The update was refused before it touched the model: a property of this set and
             # this case, recorded so that a rerun does not try it again.
@@ -376,6 +399,15 @@ def _value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
 
 
+def _prompts_note(cfg: Mapping[str, Any]) -> str:
+    """Where the sweep's prompts sat, when not plain throughout ('' otherwise)."""
+    edit, measured = cfg.get("edit_prompts", "plain"), list(cfg.get("eval_prompts", ["plain"]))
+    if edit == "plain" and measured == ["plain"]:
+        return ""
+    more = f" (also {', '.join(measured[1:])}: trials.jsonl)" if len(measured) > 1 else ""
+    return f"; prompts: edited {edit}, measured {measured[0]}{more}"
+
+
 def markdown_table(cfg: Mapping[str, Any], ranked: Sequence[dict[str, Any]], unedited: Mapping[str, float]) -> str:
     """The trials best first, with the unedited model's metrics as the first row."""
     keys = [key for key, _ in cfg["grid"]]
@@ -384,7 +416,7 @@ def markdown_table(cfg: Mapping[str, Any], ranked: Sequence[dict[str, Any]], une
     base = " ".join(f"{k}={_value(v)}" for k, v in cfg["hparams"].items() if k != "note") or "the family's defaults"
     lines = [
         f"{len(ranked)} trial(s) over {n} cases from `{Path(cfg['data']).name}` (records {offset + 1}–{offset + n}), "
-        f"{cfg['method']}, one edit at a time; base set: {base}",
+        f"{cfg['method']}, one edit at a time; base set: {base}" + _prompts_note(cfg),
         f"Objective: Score subject to ES ≥ {min_es:g} (trials that miss it are ranked after those that meet it; "
         "equal Scores by fewer steps).",
         "",
