@@ -11,12 +11,13 @@
 //!
 //! Only headers are read: a batch whose sum overflows the dtype is found while it is written.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::Checkpoint;
 use crate::deltas::{bundle_paths, read_bundle, Delta, Layout, Record};
 use crate::error::{Error, Result};
+pub use crate::text::py_repr;
 
 /// Problems a refusal lists one by one; more are counted in a last line.
 pub const SHOWN: usize = 20;
@@ -167,65 +168,6 @@ fn misfit(ckpt: &Checkpoint, d: &Delta) -> Option<(ProblemKind, String)> {
     }
     let msg = format!("{}: {name} has shape {:?}, layout {}", bad.join("; "), t.shape, d.layout.as_str());
     Some((ProblemKind::Shape, msg))
-}
-
-/// `s` quoted as Python's `repr` quotes a string, so that a message reads the same whichever
-/// side wrote it: in single quotes (double ones where `s` holds a single quote and no double
-/// one), with backslash escapes for the quote, `\`, tab, newline and carriage return, and
-/// `\xNN`, `\uNNNN` or `\UNNNNNNNN` for characters that are not printable (controls,
-/// separators, private use, the common format characters). A name read from a file can then
-/// neither break a message into lines nor send a terminal an escape sequence.
-pub fn py_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if !printable(c) => {
-                let n = u32::from(c);
-                let _ = match n {
-                    0..=0xff => write!(out, "\\x{n:02x}"),
-                    0x100..=0xffff => write!(out, "\\u{n:04x}"),
-                    _ => write!(out, "\\U{n:08x}"),
-                };
-            }
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
-}
-
-/// Python's `str.isprintable` for one character, as far as the standard library can tell
-/// Unicode categories apart (unassigned code points count as printable here).
-fn printable(c: char) -> bool {
-    c == ' '
-        || !(c.is_control()
-            || c.is_whitespace()
-            || matches!(
-                c,
-                '\u{ad}'
-                    | '\u{600}'..='\u{605}'
-                    | '\u{61c}'
-                    | '\u{6dd}'
-                    | '\u{70f}'
-                    | '\u{180e}'
-                    | '\u{200b}'..='\u{200f}'
-                    | '\u{202a}'..='\u{202e}'
-                    | '\u{2060}'..='\u{206f}'
-                    | '\u{e000}'..='\u{f8ff}'
-                    | '\u{feff}'
-                    | '\u{fff9}'..='\u{fffb}'
-                    | '\u{f0000}'..
-            ))
 }
 
 #[cfg(test)]
@@ -403,23 +345,6 @@ mod tests {
                     format!("{}:5: field \"tensor\": 'x' is not in {}", edits.display(), tmp.path().display()),
                 ]
             );
-        }
-    }
-
-    #[test]
-    fn names_are_quoted_as_python_quotes_them() {
-        for (name, want) in [
-            ("model.layers.0.mlp.down_proj.weight", "'model.layers.0.mlp.down_proj.weight'"),
-            ("it's", "\"it's\""),
-            ("both ' and \"", "'both \\' and \"'"),
-            ("a\\b", "'a\\\\b'"),
-            ("line\nbreak\r\t", "'line\\nbreak\\r\\t'"),
-            ("\u{1b}[31mred", "'\\x1b[31mred'"),
-            ("nb\u{a0}sp\u{2028}", "'nb\\xa0sp\\u2028'"),
-            ("zero\u{200b}width", "'zero\\u200bwidth'"),
-            ("ünïcödé 名前", "'ünïcödé 名前'"),
-        ] {
-            assert_eq!(py_repr(name), want, "{name:?}");
         }
     }
 }

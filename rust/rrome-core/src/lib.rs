@@ -22,5 +22,6 @@ pub mod moments;
 pub mod patch;
 pub mod rank_one;
 pub mod safetensors_header;
+pub mod text;
 
 pub use error::{Error, Result};

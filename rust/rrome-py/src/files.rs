@@ -39,6 +39,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(revert, m)?)?;
     m.add_function(wrap_pyfunction!(recover, m)?)?;
     m.add_function(wrap_pyfunction!(hf_cache_repo, m)?)?;
+    m.add_function(wrap_pyfunction!(escape_unprintable, m)?)?;
     m.add_function(wrap_pyfunction!(refuse_cache_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     Ok(())
@@ -70,9 +71,10 @@ fn json_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     })
 }
 
-/// Python's `repr` of a string (for the `__repr__` of the classes below).
-fn py_repr(py: Python<'_>, s: &str) -> PyResult<String> {
-    Ok(PyString::new(py, s).repr()?.to_string())
+/// Python's `repr` of a string (for the `__repr__` of the classes below), from the core's one
+/// home of escaping.
+fn py_repr(_py: Python<'_>, s: &str) -> PyResult<String> {
+    Ok(rrome_core::text::py_repr(s))
 }
 
 /// An `rrome.Delta` (the Python dataclass, validated there), read by its attributes.
@@ -433,6 +435,13 @@ fn revert(py: Python<'_>, model_dir: PathBuf, all: bool) -> PyResult<(Vec<u64>, 
 #[pyfunction]
 fn recover(py: Python<'_>, model_dir: PathBuf) -> PyResult<Vec<String>> {
     py.detach(|| patch::recover(&model_dir)).map_err(to_py)
+}
+
+/// ``text`` with every character that is not printable escaped as ``ascii()`` writes it (for
+/// printing names read from untrusted files; rrome's one home of escaping is the core's).
+#[pyfunction]
+fn escape_unprintable(text: &str) -> String {
+    rrome_core::text::escape_unprintable(text)
 }
 
 /// The Hugging Face cache repository of which ``model_dir`` is a snapshot, or None.
