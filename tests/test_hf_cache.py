@@ -10,6 +10,7 @@ resolves a model id through it offline.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -131,3 +132,24 @@ def test_model_id_shapes() -> None:
     assert is_model_id("google/gemma-3-270m") and is_model_id("HuggingFaceTB/SmolLM2-135M-Instruct")
     for text in ("gemma", "a/b/c", "../x", "/abs/path", "a/..", "./m", "a b/c"):
         assert not is_model_id(text), text
+
+
+@pytest.mark.slow  # rrome apply in a subprocess that loads a model
+def test_rrome_apply_takes_a_model_id_and_refuses_the_snapshot_in_place(cache, tmp_path: Path) -> None:
+    hub, _ = cache
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}))
+    env = {
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "RROME_CACHE_DIR": str(tmp_path / "rrome-cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    before = tree(hub)
+    line = assert_one_line_error(run_cli("apply", edits, REPO_ID, "--no-progress", env=env), "--out")
+    assert "Hugging Face cache" in line and not (tmp_path / "rrome-cache").exists()  # refused before any work
+    out = tmp_path / "edited"
+    proc = run_cli("apply", edits, REPO_ID, "--out", out, "--no-progress", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1 edit(s) as batch 1" in proc.stdout and tree(hub) == before
+    assert not any(p.is_symlink() for p in out.rglob("*"))

@@ -22,6 +22,7 @@ from rrome.cli.common import (
     main,
     model_options,
 )
+from rrome.files.locate import resolve_model
 
 
 @main.command("eval")
@@ -100,6 +101,7 @@ def eval_cmd(
     both) say whether the edits and the measurements read the prompts as plain text or inside
     the chat template; --eval-prompts plain,chat measures every edit both ways.
     """
+    model_dir = resolve_model(model_dir)
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
     if stats_tokens:
         fields["stats_max_tokens"] = stats_tokens
@@ -218,6 +220,7 @@ def tune_cmd(
     are refused. With --eval-prompts plain,chat the objective reads the first style; each
     trial's line in trials.jsonl also holds the second's metrics.
     """
+    model_dir = resolve_model(model_dir)
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
     from rrome.files.hparams import HParamsError, parse_grids
 

@@ -30,6 +30,7 @@ from rrome.cli.common import (
     printable,
 )
 from rrome.files.constants import Method
+from rrome.files.locate import refuse_in_place, resolve_model
 
 
 @main.command("apply")
@@ -96,6 +97,9 @@ def apply_cmd(
     resolved set is recorded with every edit in the edit log. --edit-prompts chat edits the
     facts as the model reads them inside its chat template (recorded in each edit's record).
     """
+    model_dir = resolve_model(model_dir)
+    if out_dir is None:
+        refuse_in_place(model_dir)  # before minutes of work the writer would refuse
     check_link_untouched(link_untouched, out_dir)
     fields = cli_hparams(hparams_spec, assignments)  # before the (slow) imports of torch
 
@@ -188,6 +192,7 @@ def screen_cmd(
     adds no BOS when the subject opens the prompt (its last token at position 0). Exit status 0
     either way; nothing is written.
     """
+    model_dir = resolve_model(model_dir)
     fields = cli_hparams(hparams_spec, assignments)
 
     from tqdm import tqdm
@@ -244,6 +249,7 @@ def generate_cmd(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int,
     One line per prompt, "PROMPT → CONTINUATION"; a line break inside a continuation is printed
     as \\n (and a backslash as \\\\), so the output stays one line per prompt.
     """
+    model_dir = resolve_model(model_dir)
     from rrome.engine.editor import Editor
 
     editor = Editor.from_pretrained(model_dir, device=device, progress=False)
@@ -294,6 +300,7 @@ def stats_cmd(
     corpus; the partial sums are all-reduced and rank 0 alone writes the cache file and prints
     its path. If a worker dies, the run fails and no statistics file is written.
     """
+    model_dir = resolve_model(model_dir)
     from rrome.engine import distributed, stats
     from rrome.engine.models import load, num_layers
     from rrome.files.hparams import load_hparams

@@ -38,6 +38,7 @@ from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
+from rrome.files.locate import resolve_model
 from rrome.files.shards import EDITS_FILE, ApplyReport, Delta, apply_deltas, load_deltas
 
 LARGE_UPDATE_RATIO = 20.0
@@ -190,7 +191,9 @@ class Editor:
         """Loads a checkpoint folder for editing.
 
         Args:
-            model_dir: a local Hugging Face checkpoint (safetensors + fast tokenizer).
+            model_dir: a local Hugging Face checkpoint (safetensors + fast tokenizer), or the id
+                of a model in the local Hugging Face cache (``"google/gemma-3-270m"``), found
+                offline (:func:`rrome.files.locate.resolve_model`).
             method: ``"r-rome"`` (default), ``"rome"`` or ``"p-rome"``.
             device: torch device; CUDA when available, else CPU.
             dtype: the dtype the model runs in (``float32``, ``bfloat16``, ``float16``).
@@ -225,7 +228,7 @@ class Editor:
             HParamsFileError: a malformed hyperparameters file.
             DeltasFileError: with ``retain_edit_keys``, a malformed edit log in ``model_dir``.
         """
-        path = Path(model_dir)
+        path = resolve_model(model_dir)  # a folder, or a model id in the local Hugging Face cache
         if not isinstance(hparams, HParams):
             hparams = spec_overrides(hparams)  # fail on a bad name, file or value before loading
         model, tokenizer, adapter = load(path, device=device, dtype=dtype, device_map=device_map)
