@@ -290,3 +290,41 @@ def test_cli_apply_chat_without_a_template_is_one_line(tiny_copy: Callable[..., 
     edits.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}))
     proc = run_cli("apply", edits, folder, "--layer", "0", "--edit-prompts", "chat", "--no-progress", timeout=300)
     assert_one_line_error(proc, "no chat template", "use plain prompts")
+
+
+def test_chat_table_script_reads_the_common_cases(tmp_path: Path) -> None:
+    """scripts/chat_table.py, as docs/results.md runs it: the cases both runs finished, each
+    combination's metrics and the paired counts."""
+    import subprocess
+    import sys
+
+    def case(new: float, true: float) -> dict[str, Any]:
+        return {"rewrite": [[new, true]], "paraphrase": [[new, true]], "neighborhood": [[new / 2, true]]}
+
+    for edit, n_done in (("plain", 3), ("chat", 2)):
+        folder = tmp_path / edit
+        (folder / "single-r-rome").mkdir(parents=True)
+        run_json = {"edit_prompts": edit, "eval_prompts": ["plain", "chat"]}
+        (folder / "run.json").write_text(json.dumps(run_json))
+        base = {"cases": [case(0.1, 0.5)] * 3, "cases_chat": [case(0.6, 0.5)] * 3}
+        (folder / "baseline.json").write_text(json.dumps(base))
+        lines = []
+        for i in range(n_done):
+            # Plain edits hold on plain prompts only from the second case on; chat edits everywhere.
+            plain_holds = edit == "chat" or i > 0
+            rec = {"index": i, "case": case(0.9 if plain_holds else 0.1, 0.2), "case_chat": case(0.8, 0.1)}
+            lines.append(json.dumps(rec) + "\n")
+        (folder / "single-r-rome" / "edits.jsonl").write_text("".join(lines) + '{"index": 2, "ca')
+    script = Path(__file__).resolve().parents[1] / "scripts" / "chat_table.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "plain"), str(tmp_path / "chat")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("2 cases (records 1–2), r-rome")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in out.splitlines() if " → " in line}
+    assert rows["unedited → plain"][:2] == ["2", "0.0"] and rows["unedited → chat"][:2] == ["2", "100.0"]
+    assert rows["plain → plain"][1] == "50.0" and rows["plain → chat"][1] == "100.0"
+    assert rows["chat → plain"][1] == "100.0" and rows["chat → chat"][1] == "100.0"
+    assert "| plain | 1 | 2 | 1 | 0 | 1 |" in out and "| chat | 2 | 2 | 2 | 0 | 0 |" in out
