@@ -10,7 +10,9 @@ records go to ``bench-results.json``.
     python benches/run.py --quick         # smaller sizes, for a smoke run
 
 Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f32),
-``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``apply-gpt2m-*``
+``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``retain-d*-m*``
+(retaining m earlier edits' keys and one later edit's solve: rank-one updates of C0's factor vs
+the Woodbury solve rrome used before), ``apply-gpt2m-*``
 (``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy / to a copy with
 ``--link-untouched``, and in place spread over 10 tensors, vs transformers load + W += Δ + save),
 ``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model: C0 collection, and
@@ -152,6 +154,65 @@ def bench_solve(d: int, n_rhs: int, repeats: int) -> None:
         solves_s=statistics.median(s for _, s in o),
         inverse_s=statistics.median(f for f, _ in b),
         matvecs_s=statistics.median(s for _, s in b),
+    )
+
+
+def bench_retain(d: int, m: int, repeats: int) -> None:
+    """Retention of m earlier edits' keys at width d (rrome.engine.retain): what retaining them
+    costs and what one later edit's solve costs, rank-one updates of a copy of C0's factor
+    (ours) against the Woodbury solve on C0's factor that rrome used before (baseline: each key
+    solved once, each edit an m × m system built from all of them)."""
+    from rrome.engine.retain import RetainedKeys
+
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((d, d // 4))
+    c0 = (b @ b.T) / d + np.eye(d)
+    chol = rrome.Cholesky(c0)
+    keys = rng.standard_normal((m, d))
+    k = rng.standard_normal(d)
+    lam = 10.0
+
+    def ours() -> tuple[float, float, np.ndarray]:
+        t0 = time.perf_counter()
+        rk = RetainedKeys(chol, lam)
+        for key in keys:
+            rk.add(key)
+        t1 = time.perf_counter()
+        x = rk.solve(k)
+        return t1 - t0, time.perf_counter() - t1, x
+
+    def woodbury() -> tuple[float, float, np.ndarray]:
+        t0 = time.perf_counter()
+        scaled, solved = [], []
+        for key in keys:
+            z = chol.solve(key)
+            s = 1.0 / math.sqrt(float(key @ z))
+            scaled.append(key * s)
+            solved.append(z * s)
+        t1 = time.perf_counter()
+        y = chol.solve(k)
+        K, Z = np.stack(scaled, axis=1), np.stack(solved, axis=1)
+        gram = K.T @ Z
+        coef = np.linalg.solve((gram + gram.T) / 2 + np.eye(m) / lam, K.T @ y)
+        return t1 - t0, time.perf_counter() - t1, y - Z @ coef
+
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
+    xs: dict[str, np.ndarray] = {}
+    for _ in range(repeats):
+        for label, fn in (("ours", ours), ("base", woodbury)):
+            add, solve, xs[label] = fn()
+            runs[label].append((add, solve))
+    o, w = runs["ours"], runs["base"]
+    report(
+        f"retain-d{d}-m{m}",
+        statistics.median(a + s for a, s in o),
+        statistics.median(a + s for a, s in w),
+        add_ours_s=statistics.median(a for a, _ in o),
+        add_base_s=statistics.median(a for a, _ in w),
+        solve_ours_s=statistics.median(s for _, s in o),
+        solve_base_s=statistics.median(s for _, s in w),
+        rel_diff=rel_err(xs["ours"], xs["base"]),
+        extra_memory_mb=(d * d * 8 + m * d * 8) / 2**20,
     )
 
 
@@ -464,6 +525,9 @@ def main() -> None:
         jobs.append((f"moments-d{d}", lambda d=d, reps=reps: bench_moments(d, 2 if args.quick else 16, reps)))
     for d in dims:
         jobs.append((f"solve-d{d}", lambda d=d: bench_solve(d, 100, args.repeats)))
+    retain_sizes = ((256, 100), (256, 500)) if args.quick else ((2048, 100), (2048, 1000), (2048, 4000))
+    for d, m in retain_sizes:
+        jobs.append((f"retain-d{d}-m{m}", lambda d=d, m=m: bench_retain(d, m, 1 if m > 1000 else args.repeats)))
     work = Path(tempfile.mkdtemp(prefix="bench_rrome-"))
     try:
         for dtype in ("f32", "bf16"):

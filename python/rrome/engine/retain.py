@@ -23,12 +23,13 @@ the same on every model, whatever the width and the scale of its keys. For compa
 count of corpus tokens: C0 averages N tokens (``stats_max_tokens``), so the weight w_p is that
 of λ·N / (k_pᵀ C0⁻¹ k_p) tokens; keys of ordinary text have k C0⁻¹ k ≈ d on average.
 
-Nothing is refactored: the solve uses C0's cached Cholesky factor and the Woodbury identity,
-
-    C⁻¹ k = C0⁻¹ k − Ẑ (I/λ + Ĝ)⁻¹ Ẑᵀ k,   Ẑ = C0⁻¹ K̂,  Ĝ = K̂ᵀ C0⁻¹ K̂,
-
-with K̂ the earlier keys scaled to unit length under C0⁻¹ (Ĝ has a unit diagonal). Each earlier
-key costs one solve with C0's factor, once; each edit a small m × m system (m earlier keys).
+Nothing is refactored. The editor keeps a copy of C0's cached Cholesky factor and folds each
+retained key into it with one rank-one update (``Cholesky.rank_one_update``, O(d²): L Lᵀ +
+w_p k_p k_pᵀ, one plane rotation per column), so that every later edit costs one ordinary solve
+with the updated factor, O(d²), however many keys are retained. Memory: one more d × d float64
+factor (32 MiB at d = 2048) and the raw keys (d floats each). A Woodbury solve against C0's
+factor, which this replaced, cost each edit O(d m² + m³) for m retained keys: minutes per edit
+at m = 10,000 (benches/retain.py measures both).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class RetainedKeys:
     :meth:`rrome.Cholesky.solve` does, against C0 + Σ_p w_p k_p k_pᵀ.
 
     Args:
-        chol: C0's Cholesky factor.
+        chol: C0's Cholesky factor (never changed: the updates go to a copy).
         weight: λ > 0 (``retain_weight``), see the module docstring.
     """
 
@@ -55,15 +56,14 @@ class RetainedKeys:
             raise ValueError(f"retain_weight must be a finite number > 0; got {weight!r}")
         self.chol = chol
         self.weight = float(weight)
-        self._keys: list[npt.NDArray[np.float64]] = []  # k_p / √(k_pᵀ C0⁻¹ k_p)
-        self._solved: list[npt.NDArray[np.float64]] = []  # C0⁻¹ of the same
+        self._updated: Cholesky | None = None  # C0 plus the retained keys, once there is one
         self.raw: list[npt.NDArray[np.float64]] = []  # the keys as added
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.raw)
 
     def add(self, key: npt.ArrayLike) -> None:
-        """Retains one more key (an earlier edit's, float64 copy).
+        """Retains one more key (an earlier edit's, float64 copy): one rank-one update, O(d²).
 
         Raises:
             ValueError: the key has the wrong width, is not finite, or is zero under C0⁻¹.
@@ -71,31 +71,19 @@ class RetainedKeys:
         k = np.array(key, dtype=np.float64).reshape(-1)
         if k.shape != (self.chol.d,) or not np.isfinite(k).all():
             raise ValueError(f"a retained key must be {self.chol.d} finite numbers; got shape {k.shape}")
-        z = self.chol.solve(k)
-        q = float(k @ z)
+        q = float(k @ self.chol.solve(k))
         if not (math.isfinite(q) and q > 0):
             raise ValueError(f"a retained key has kᵀC0⁻¹k = {q}; it must be positive")
-        scale = 1.0 / math.sqrt(q)
+        if self._updated is None:
+            self._updated = Cholesky.from_factor(self.chol.factor(), self.chol.ridge)
+        self._updated.rank_one_update(k, self.weight / q)
         self.raw.append(k)
-        self._keys.append(k * scale)
-        self._solved.append(z * scale)
 
     def clear(self) -> None:
-        self._keys.clear()
-        self._solved.clear()
+        self._updated = None
         self.raw.clear()
 
     def solve(self, k: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """(C0 + Σ_p w_p k_p k_pᵀ)⁻¹ k for a vector (d,) or the columns of a (d, m) array; with no
         key retained, C0⁻¹ k exactly as the factor computes it."""
-        y = self.chol.solve(k)
-        if not self._keys:
-            return y
-        K = np.stack(self._keys, axis=1)  # (d, m)
-        Z = np.stack(self._solved, axis=1)
-        gram = K.T @ Z
-        gram = (gram + gram.T) / 2  # symmetric up to rounding; make it exactly so
-        system = gram + np.eye(len(self._keys)) / self.weight
-        coef = np.linalg.solve(system, K.T @ y)
-        out: npt.NDArray[np.float64] = y - Z @ coef
-        return out
+        return (self._updated or self.chol).solve(k)

@@ -205,6 +205,44 @@ impl Cholesky {
         Ok((chol, meta))
     }
 
+    /// Turns this factor of A into the factor of A + `weight`·v vᵀ (`weight` > 0) in place, in
+    /// O(d²), without refactoring: the classic rank-one update, one plane rotation per column
+    /// (column k of L and the running vector x = √weight·v, below the diagonal), reading and
+    /// writing each column once, contiguously. The diagonal stays positive, so the result is a
+    /// factor whatever the sequence of updates. [`Cholesky::ridge`] keeps the ridge the factor
+    /// was made with; the matrix it factors is then C0 + ridge·I + Σ weightᵢ vᵢ vᵢᵀ.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `v` is not `d` finite values or `weight` is not finite and positive.
+    pub fn rank_one_update(&mut self, v: &[f64], weight: f64) -> Result<()> {
+        let d = self.dim();
+        if v.len() != d || !v.iter().all(|x| x.is_finite()) {
+            return Err(Error::Shape { msg: format!("a rank-one update needs {d} finite values; got {}", v.len()) });
+        }
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::Shape { msg: format!("a rank-one update's weight must be finite and > 0, got {weight}") });
+        }
+        let root = weight.sqrt();
+        let mut x: Vec<f64> = v.iter().map(|a| a * root).collect();
+        for k in 0..d {
+            let xk = x[k];
+            if xk == 0.0 {
+                continue; // the identity rotation
+            }
+            let col = self.l.col_as_slice_mut(k);
+            let lkk = col[k];
+            let r = lkk.hypot(xk);
+            let (c, s) = (r / lkk, xk / lkk);
+            col[k] = r;
+            for (li, xi) in col[k + 1..].iter_mut().zip(&mut x[k + 1..]) {
+                let new = (*li + s * *xi) / c;
+                *xi = c * *xi - s * new;
+                *li = new;
+            }
+        }
+        Ok(())
+    }
+
     /// Matrix dimension.
     pub fn dim(&self) -> usize {
         self.l.nrows()
@@ -367,6 +405,34 @@ mod tests {
             a[i * d + i] += d as f64;
         }
         a
+    }
+
+    #[test]
+    fn rank_one_updates_match_a_refactored_sum() {
+        // Against the naive way: add every w v vᵀ to A, then factor it again.
+        let d = 57;
+        let mut a = spd(d);
+        let mut c = Cholesky::new(&a, d, 0.5).unwrap();
+        for (t, w) in [0.3, 7.0, 1e-3, 42.0].into_iter().enumerate() {
+            let v: Vec<f64> = (0..d).map(|i| ((i * (t + 3)) as f64 * 0.7).cos() * (1.0 + i as f64 / 10.0)).collect();
+            c.rank_one_update(&v, w).unwrap();
+            for i in 0..d {
+                for j in 0..d {
+                    a[i * d + j] += w * v[i] * v[j];
+                }
+            }
+        }
+        let want = Cholesky::new(&a, d, 0.5).unwrap();
+        let scale = want.factor().iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (x, y) in c.factor().iter().zip(want.factor()) {
+            assert!((x - y).abs() <= 1e-12 * scale, "{x} vs {y}");
+        }
+        assert_eq!(c.ridge(), 0.5);
+        // A zero entry is skipped exactly; bad input is refused.
+        assert!(c.rank_one_update(&vec![0.0; d], 1.0).is_ok());
+        assert!(c.rank_one_update(&vec![1.0; d - 1], 1.0).is_err());
+        assert!(c.rank_one_update(&vec![1.0; d], 0.0).is_err());
+        assert!(c.rank_one_update(&vec![f64::NAN; d], 1.0).is_err());
     }
 
     #[test]

@@ -231,6 +231,16 @@ impl PyCholesky {
         Ok(out.reshape(shape)?.into_any())
     }
 
+    /// Makes this the factor of (the matrix it factors) + weight·v vᵀ, in place, in O(d²)
+    /// (``weight`` > 0; no refactoring).
+    fn rank_one_update(&mut self, py: Python<'_>, v: &Bound<'_, PyAny>, weight: f64) -> PyResult<()> {
+        let arr = as_f64(v)?;
+        let ro = arr.readonly();
+        let slice = ro.as_slice().expect("contiguous");
+        let inner = &mut self.inner;
+        py.detach(|| inner.rank_one_update(slice, weight)).map_err(to_py)
+    }
+
     /// Matrix dimension.
     #[getter]
     fn d(&self) -> usize {
