@@ -68,16 +68,29 @@ class RetainedKeys:
         Raises:
             ValueError: the key has the wrong width, is not finite, or is zero under C0⁻¹.
         """
-        k = np.array(key, dtype=np.float64).reshape(-1)
-        if k.shape != (self.chol.d,) or not np.isfinite(k).all():
-            raise ValueError(f"a retained key must be {self.chol.d} finite numbers; got shape {k.shape}")
-        q = float(k @ self.chol.solve(k))
-        if not (math.isfinite(q) and q > 0):
-            raise ValueError(f"a retained key has kᵀC0⁻¹k = {q}; it must be positive")
+        self.add_many(np.array(key, dtype=np.float64).reshape(1, -1))
+
+    def add_many(self, keys: npt.ArrayLike) -> None:
+        """Retains the rows of ``keys`` (m, d), in order, as :meth:`add` would one by one; their
+        kᵀC0⁻¹k come from one solve with m right-hand sides. Nothing is retained if any is bad.
+
+        Raises:
+            ValueError: a key has the wrong width, is not finite, or is zero under C0⁻¹.
+        """
+        ks = np.array(keys, dtype=np.float64, ndmin=2)
+        if ks.ndim != 2 or ks.shape[1] != self.chol.d or not np.isfinite(ks).all():
+            raise ValueError(f"a retained key must be {self.chol.d} finite numbers; got shape {ks.shape[1:]}")
+        if len(ks) == 0:
+            return
+        qs = np.einsum("ij,ji->i", ks, self.chol.solve(np.ascontiguousarray(ks.T)))
+        bad = [i for i, q in enumerate(qs) if not (math.isfinite(q) and q > 0)]
+        if bad:
+            raise ValueError(f"a retained key has kᵀC0⁻¹k = {qs[bad[0]]}; it must be positive")
         if self._updated is None:
             self._updated = Cholesky.from_factor(self.chol.factor(), self.chol.ridge)
-        self._updated.rank_one_update(k, self.weight / q)
-        self.raw.append(k)
+        for k, q in zip(ks, qs, strict=True):
+            self._updated.rank_one_update(k, self.weight / float(q))
+            self.raw.append(k.copy())
 
     def clear(self) -> None:
         self._updated = None

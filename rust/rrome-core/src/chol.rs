@@ -233,9 +233,12 @@ impl Cholesky {
             let lkk = col[k];
             let r = lkk.hypot(xk);
             let (c, s) = (r / lkk, xk / lkk);
+            let inv_c = lkk / r;
             col[k] = r;
+            // Multiplications only (no division per entry), so the loop vectorises; it is bound
+            // by reading and writing the column.
             for (li, xi) in col[k + 1..].iter_mut().zip(&mut x[k + 1..]) {
-                let new = (*li + s * *xi) / c;
+                let new = (*li + s * *xi) * inv_c;
                 *xi = c * *xi - s * new;
                 *li = new;
             }
