@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rrome.eval.metrics import METRICS, CaseProbs, metrics
-from rrome.eval.results import read_jsonl
+from rrome.eval.results import BASELINE_FILE, RUN_FILE, Variant, read_jsonl
 
 STYLES = ("plain", "chat")
 
@@ -33,11 +33,11 @@ def _fields(run: dict[str, Any], where: Path) -> dict[str, str]:
 
 
 def _load(folder: Path, method: str, edit: str) -> tuple[dict[str, str], dict[str, Any], dict[int, dict[str, Any]]]:
-    run = json.loads((folder / "run.json").read_text())
+    run = json.loads((folder / RUN_FILE).read_text())
     if run.get("edit_prompts", "plain") != edit:
         raise SystemExit(f"{folder}: its edits are on {run.get('edit_prompts', 'plain')} prompts, not {edit}")
-    base = json.loads((folder / "baseline.json").read_text())
-    records = {int(r["index"]): r for r in read_jsonl(folder / f"single-{method}" / "edits.jsonl")}
+    base = json.loads((folder / BASELINE_FILE).read_text())
+    records = {int(r["index"]): r for r in read_jsonl(Variant(folder, "single", method).edits)}
     return _fields(run, folder), base, records
 
 

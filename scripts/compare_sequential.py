@@ -15,13 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rrome.eval.results import read_jsonl
+from rrome.eval.results import Variant, read_jsonl
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 
 
 def _checkpoints(folder: str) -> dict[int, dict[str, Any]]:
-    path = Path(folder) / "checkpoints.jsonl"
+    path = Variant.of(Path(folder)).checkpoints
     if not path.is_file():
         raise SystemExit(f"{path}: no such file (expected a sequential run's variant folder)")
     return {int(c["edits"]): c for c in read_jsonl(path)}

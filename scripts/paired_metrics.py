@@ -16,14 +16,14 @@ import argparse
 from pathlib import Path
 
 from rrome.eval.metrics import CaseProbs, metrics
-from rrome.eval.results import read_jsonl
+from rrome.eval.results import edits_path, read_jsonl
 
 
 def _cases(folders: str) -> dict[str, CaseProbs]:
     out: dict[str, CaseProbs] = {}
     for folder in folders.split(","):
         # read_jsonl leaves out a torn last line, so a folder still being written can be read.
-        for rec in read_jsonl(Path(folder) / "edits.jsonl"):
+        for rec in read_jsonl(edits_path(Path(folder))):
             key = str(rec["case_id"])
             if key in out:
                 raise SystemExit(f"case {key} is in two folders of {folders}")

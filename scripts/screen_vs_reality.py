@@ -19,6 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from rrome.eval.results import Variant
+
 
 def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -40,12 +42,12 @@ def main() -> None:
     screen = {str(r["case_id"]): r for r in _lines(args.screen)}
     runs = {}
     for method in ("rome", "r-rome", "p-rome"):
-        path = args.eval_dir / f"single-{method}" / "edits.jsonl"
+        path = Variant(args.eval_dir, "single", method).edits
         if path.exists():
             runs[method] = {str(e["case_id"]): e for e in _lines(path) if "norm_delta" in e}
     rome = runs.get("rome", {})
     if not rome:
-        raise SystemExit(f"{args.eval_dir}: no single-rome/edits.jsonl")
+        raise SystemExit(f"{Variant(args.eval_dir, 'single', 'rome').edits}: missing")
     ids = [c for c in rome if c in screen]
     median = statistics.median(float(rome[c]["norm_delta"]) for c in ids)
     real = {c: float(rome[c]["norm_delta"]) > args.factor * median for c in ids}

@@ -40,15 +40,20 @@ from rrome.eval.results import (
     NUMBER,
     PAIR,
     RUN_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
     TEXT,
     ListOf,
     MapOf,
     Optional,
+    Variant,
     check,
     read_checked,
     read_jsonl,
     where,
 )
+from rrome.eval.results import mode as run_mode
+from rrome.eval.results import variants as find_variants
 from rrome.files.constants import METHODS
 from rrome.files.errors import InvalidFileError, RromeError
 from rrome.files.fsutil import atomic_write
@@ -57,8 +62,6 @@ FLAG_RATIO = 10.0
 FLAG_ENTROPY = 0.5
 LEAK_BINS = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
 """Edges of the |s| bins of the neighbour-leak summary."""
-SUMMARY_FILE = "summary.json"
-TABLE_FILE = "table.md"
 
 # The fields the report reads from each file of a results folder, checked before any is used
 # (rrome.eval.results.check): a hand-edited or damaged folder is a one-line error naming the
@@ -110,10 +113,11 @@ def _load(path: Path, spec: Any) -> Any:
         raise RromeError(f"{path}: missing; is {path.parent} an `rrome eval` results folder?") from None
 
 
-def _edits(folder: Path, mode: str, more: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The lines of a variant's ``edits.jsonl``, each checked (an edit's or a refusal's fields;
-    ``more``: the further measuring styles, whose ``case_<style>`` a one-at-a-time line holds)."""
-    records = read_jsonl(folder / "edits.jsonl")
+def _edits(variant: Variant, more: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The lines of a variant's edits, each checked (an edit's or a refusal's fields; ``more``:
+    the further measuring styles, whose ``case_<style>`` a one-at-a-time line holds)."""
+    mode = variant.mode
+    records = read_jsonl(variant.edits)
     cases = {"case": _CASE, **{f"case_{x}": _CASE for x in more}}
     for rec in records:
         if "refused" in rec:
@@ -126,10 +130,10 @@ def _edits(folder: Path, mode: str, more: Sequence[str] = ()) -> list[dict[str, 
     return records
 
 
-def _checkpoints(folder: Path, tasks: list[str]) -> list[dict[str, Any]]:
-    """The lines of a sequential variant's ``checkpoints.jsonl``, each checked; each needs the
-    accuracy of every downstream task of ``baseline.json``."""
-    checks = read_jsonl(folder / "checkpoints.jsonl")
+def _checkpoints(variant: Variant, tasks: list[str]) -> list[dict[str, Any]]:
+    """The lines of a sequential variant's checkpoints, each checked; each needs the accuracy
+    of every downstream task of the baseline."""
+    checks = read_jsonl(variant.checkpoints)
     for c in checks:
         check(c, _CHECKPOINT, where(c))
         missing = [t for t in tasks if t not in (c.get("downstream") or {})]
@@ -142,25 +146,32 @@ def summarize(
     results_dir: str | Path, *, flag_ratio: float = FLAG_RATIO, flag_entropy: float = FLAG_ENTROPY
 ) -> dict[str, Any]:
     """The run's figures per variant, from its files (methods not yet started are left out)."""
-    out_dir = Path(results_dir)
+    return _read(Path(results_dir), flag_ratio=flag_ratio, flag_entropy=flag_entropy)[0]
+
+
+def _read(
+    out_dir: Path, *, flag_ratio: float, flag_entropy: float
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """:func:`summarize`, and each variant's edits (refusals left out), read once for the plots."""
     cfg = _load(out_dir / RUN_FILE, ANY)
     if isinstance(cfg, dict) and cfg.get("command") == "tune":
         raise RromeError(
-            f"{out_dir} is an `rrome tune` folder: its table is {out_dir / 'table.md'} (rerunning the same "
+            f"{out_dir} is an `rrome tune` folder: its table is {out_dir / TABLE_FILE} (rerunning the same "
             "`rrome tune` command prints it)"
         )
     check(cfg, _RUN, str(out_dir / RUN_FILE))
     styles = _styles(cfg, str(out_dir / RUN_FILE))
     base = _load(out_dir / BASELINE_FILE, {**_BASELINE, **{f"metrics_{x}": _METRICS for x in styles[1:]}})
-    mode = "sequential" if cfg["sequential"] else "single"
+    mode = run_mode(cfg["sequential"])
     base_entropy = (base.get("diagnostics") or {}).get("generation_entropy")
     variants: dict[str, Any] = {}
+    per_variant: dict[str, list[dict[str, Any]]] = {}
     # Variants are found by their folders: parallel processes may each have added one.
-    for method in (m for m in METHODS if (out_dir / f"{mode}-{m}").is_dir()):
-        folder = out_dir / f"{mode}-{method}"
+    for variant in find_variants(out_dir, mode, METHODS):
+        records = _edits(variant, _styles(cfg, RUN_FILE)[1:])
         v = _variant(
-            folder,
-            mode,
+            variant,
+            records,
             cfg,
             tasks=list(base.get("downstream") or {}),
             base_entropy=base_entropy,
@@ -168,8 +179,9 @@ def summarize(
             flag_entropy=flag_entropy,
         )
         if v is not None:
-            variants[method] = v
-    return {
+            variants[variant.method] = v
+            per_variant[variant.method] = [e for e in records if "refused" not in e]
+    summary = {
         "mode": mode,
         "config": cfg,
         "prompts": {"edit": cfg.get("edit_prompts", "plain"), "eval": styles},
@@ -185,11 +197,12 @@ def summarize(
         "flag_entropy": flag_entropy,
         "variants": variants,
     }
+    return summary, per_variant
 
 
 def _variant(
-    folder: Path,
-    mode: str,
+    variant: Variant,
+    records: list[dict[str, Any]],
     cfg: dict[str, Any],
     *,
     tasks: list[str],
@@ -197,9 +210,9 @@ def _variant(
     flag_ratio: float,
     flag_entropy: float,
 ) -> dict[str, Any] | None:
-    """One variant's figures from its folder; ``None`` before its first edit."""
-    more = _styles(cfg, "run.json")[1:]
-    records = _edits(folder, mode, more)
+    """One variant's figures from its folder and its checked edits; ``None`` before its first edit."""
+    mode = variant.mode
+    more = _styles(cfg, RUN_FILE)[1:]
     # A guarded sequential run records the edits its guards refused, with no update.
     refused = [e for e in records if "refused" in e]
     edits = [e for e in records if "refused" not in e]
@@ -211,13 +224,13 @@ def _variant(
         others = {x: [CaseProbs.from_json(e[f"case_{x}"]) for e in edits] for x in more}
         complete = len(edits) == cfg["n"]
     else:
-        final = folder / "final.json"
+        final = variant.final
         complete = final.exists()
         spec = {**_FINAL, **{f"cases_{x}": ListOf(_CASE) for x in more}}
         last = _load(final, spec) if complete else {}
         cases = [CaseProbs.from_json(c) for c in last["cases"]] if complete else []
         others = {x: [CaseProbs.from_json(c) for c in last[f"cases_{x}"]] for x in more} if complete else {}
-    checks = _checkpoints(folder, tasks) if mode == "sequential" else []
+    checks = _checkpoints(variant, tasks) if mode == "sequential" else []
     metrics_at = len(records) if complete else None
     if mode == "sequential" and not complete and checks:
         # An unfinished sequential run: the last checkpoint's metrics over the edits made by then.
@@ -462,18 +475,22 @@ def _leak_lines(leaks: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(results_dir: str | Path, summary: dict[str, Any] | None = None) -> list[Path]:
-    """Writes the run's figures as PNG files into the results folder and returns their paths."""
+def plot(
+    results_dir: str | Path,
+    summary: dict[str, Any] | None = None,
+    per_variant: dict[str, list[dict[str, Any]]] | None = None,
+) -> list[Path]:
+    """Writes the run's figures as PNG files into the results folder and returns their paths
+    (``summary`` and ``per_variant``, each variant's edits: as :func:`report` read them; read
+    again when not given)."""
     import matplotlib
 
     matplotlib.use("Agg")
 
     out_dir = Path(results_dir)
-    summary = summary or summarize(out_dir)
+    if summary is None or per_variant is None:
+        summary, per_variant = _read(out_dir, flag_ratio=FLAG_RATIO, flag_entropy=FLAG_ENTROPY)
     mode = summary["mode"]
-    per_variant = {
-        m: [e for e in _edits(out_dir / f"{mode}-{m}", mode) if "refused" not in e] for m in summary["variants"]
-    }
     paths = [_plot_norms(per_variant, mode, out_dir)]
     if any("generation_entropy" in e for edits in per_variant.values() for e in edits):
         paths.append(_plot_entropy(per_variant, summary, out_dir))
@@ -631,8 +648,8 @@ def report(
             message names ``FILE:LINE`` (``FILE`` for a whole JSON document) and the field.
     """
     out_dir = Path(results_dir)
-    summary = summarize(out_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
+    summary, per_variant = _read(out_dir, flag_ratio=flag_ratio, flag_entropy=flag_entropy)
     table = markdown_table(summary)
     atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
     atomic_write(out_dir / TABLE_FILE, table.encode("utf-8"))
-    return table, plot(out_dir, summary)
+    return table, plot(out_dir, summary, per_variant)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,98 @@ from rrome.files.errors import InvalidFileError
 from rrome.files.fsutil import append_durably, atomic_write, read_regular
 from rrome.files.shapes import json_type
 
+# --- the layout of a results folder ---------------------------------------------------------
+#
+# Every name of a results folder is here; the modules that write and read one ask for paths
+# instead of spelling names.
+#
+#     run.json, baseline.json           the run's settings and the unedited model
+#     <mode>-<method>/                  one variant (:class:`Variant`): edits.jsonl, and for a
+#                                       sequential run checkpoints.jsonl, final.json, deltas/
+#     summary.json, table.md, *.png     what ``rrome report`` writes
+#
+# and of a sweep's (``rrome tune``): run.json, baseline.json, trials/NNN/ (hparams.json,
+# edits.jsonl), trials.jsonl, table.md, best.json, and the lock file tune.lock.
+
 RUN_FILE = "run.json"
 BASELINE_FILE = "baseline.json"
+EDITS_FILE = "edits.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+FINAL_FILE = "final.json"
+DELTAS_DIR = "deltas"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "table.md"
+TRIALS_FILE = "trials.jsonl"
+BEST_FILE = "best.json"
+LOCK_FILE = "tune.lock"
+TRIAL_HPARAMS_FILE = "hparams.json"
+MODES = ("single", "sequential")
+"""The two kinds of run: one edit at a time on the unedited model, or edits that accumulate."""
+
+
+def mode(sequential: bool) -> str:
+    """The name of a run's mode (:data:`MODES`) from its ``sequential`` setting."""
+    return MODES[1] if sequential else MODES[0]
+
+
+def edits_path(folder: Path) -> Path:
+    """The one-line-per-edit file of a variant folder or a sweep's trial folder."""
+    return folder / EDITS_FILE
+
+
+def trial_dir(out_dir: Path, trial: int) -> Path:
+    """The folder of trial ``trial`` of a sweep."""
+    return Path(out_dir) / "trials" / f"{trial:03d}"
+
+
+class Variant:
+    """The folder of one variant of a run, ``<mode>-<method>``, and the paths inside it."""
+
+    def __init__(self, out_dir: Path, mode: str, method: str) -> None:
+        self.mode = mode
+        self.method = method
+        self.folder = Path(out_dir) / f"{mode}-{method}"
+
+    @classmethod
+    def of(cls, folder: Path) -> Variant:
+        """The variant whose folder is ``folder`` (``…/sequential-rome``)."""
+        folder = Path(folder)
+        mode, _, method = folder.name.partition("-")
+        return cls(folder.parent, mode, method)
+
+    @property
+    def run_dir(self) -> Path:
+        """The results folder that holds the variant."""
+        return self.folder.parent
+
+    @property
+    def edits(self) -> Path:
+        return edits_path(self.folder)
+
+    @property
+    def checkpoints(self) -> Path:
+        """Sequential runs: the running figures every K edits."""
+        return self.folder / CHECKPOINTS_FILE
+
+    @property
+    def final(self) -> Path:
+        """Sequential runs: every case measured after the last edit."""
+        return self.folder / FINAL_FILE
+
+    @property
+    def deltas(self) -> Path:
+        """Sequential runs: the factors of every edit (:meth:`factors`)."""
+        return self.folder / DELTAS_DIR
+
+    def factors(self, index: int) -> Path:
+        """The file that holds the factors of edit ``index`` of a sequential run."""
+        return self.deltas / f"{index:05d}.safetensors"
+
+
+def variants(out_dir: Path, mode: str, methods: Iterable[str]) -> list[Variant]:
+    """The variants of ``methods`` (in that order) that have a folder in ``out_dir``."""
+    found = [Variant(out_dir, mode, m) for m in methods]
+    return [v for v in found if v.folder.is_dir()]
 
 
 class _Record(dict[str, Any]):

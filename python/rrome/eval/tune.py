@@ -42,7 +42,21 @@ from pathlib import Path
 from typing import Any
 
 from rrome.eval.metrics import CaseProbs, metrics
-from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_json, read_jsonl, write_json
+from rrome.eval.results import (
+    BASELINE_FILE,
+    BEST_FILE,
+    LOCK_FILE,
+    RUN_FILE,
+    TABLE_FILE,
+    TRIAL_HPARAMS_FILE,
+    TRIALS_FILE,
+    edits_path,
+    fsync_append,
+    read_json,
+    read_jsonl,
+    trial_dir,
+    write_json,
+)
 from rrome.eval.runs import RunConfig, load_cases, style_suffix
 from rrome.files.constants import METHODS
 from rrome.files.edits import EditRequest
@@ -53,10 +67,6 @@ from rrome.files.hparams import HParams, describe_differences
 MIN_ES = 95.0
 """Default of ``min_es``: the efficacy (percent) a set must reach to be ranked by its Score."""
 
-TRIALS_FILE = "trials.jsonl"
-BEST_FILE = "best.json"
-TABLE_FILE = "table.md"
-LOCK_FILE = "tune.lock"
 COMMAND = "tune"
 
 Grid = tuple[tuple[str, tuple[Any, ...]], ...]
@@ -197,10 +207,6 @@ def read_trials(out_dir: str | os.PathLike[str], *, repair: bool = False) -> dic
     return done
 
 
-def _trial_dir(out: Path, trial: int) -> Path:
-    return out / "trials" / f"{trial:03d}"
-
-
 def _trial_line(
     trial: int,
     point: Mapping[str, Any],
@@ -245,7 +251,7 @@ def _check_resolved(out: Path, resolved: Sequence[HParams], done: Mapping[int, d
     """Refuses to continue trials recorded with another resolved set than the command now gives
     (the family's packaged defaults changed, say): their cases would mix two sets."""
     for i, hp in enumerate(resolved):
-        hp_file = _trial_dir(out, i) / "hparams.json"
+        hp_file = trial_dir(out, i) / TRIAL_HPARAMS_FILE
         saved = done[i]["hparams"] if i in done else (read_json(hp_file) if hp_file.exists() else None)
         now = hp.to_json()
         if isinstance(saved, dict):
@@ -320,7 +326,7 @@ def _run(
     _check_resolved(out, resolved, done)
 
     started = sum(
-        len({r["index"] for r in read_jsonl(_trial_dir(out, i) / "edits.jsonl")})
+        len({r["index"] for r in read_jsonl(edits_path(trial_dir(out, i)))})
         for i in range(len(points))
         if i not in done
     )
@@ -330,14 +336,14 @@ def _run(
     for i, (point, hp) in enumerate(zip(points, resolved, strict=True)):
         if i in done:
             continue
-        folder = _trial_dir(out, i)
+        folder = trial_dir(out, i)
         real_dir(folder.parent)
         real_dir(folder)
-        if not (folder / "hparams.json").exists():
-            write_json(folder / "hparams.json", hp.to_json())
+        if not (folder / TRIAL_HPARAMS_FILE).exists():
+            write_json(folder / TRIAL_HPARAMS_FILE, hp.to_json())
         bar.set_description(f"trial {i + 1}/{len(points)}")
         s.use(hp)
-        edits = folder / "edits.jsonl"
+        edits = edits_path(folder)
         try:
             records = edit_one_at_a_time(
                 s, cases, edits, diagnostics=cfg.diagnostics, seed=cfg.seed, tick=lambda _: bar.update()
