@@ -45,6 +45,10 @@ want = (w.astype(np.float32) + np.outer(np.float32(0.5) * r, u)).astype(np.float
 assert np.array_equal(got, want), "edited tensor differs from the reference"
 out = subprocess.run([rrome_bin, "inspect", str(model)], check=True, capture_output=True, text=True).stdout
 assert "batch 1" in out, out
+subprocess.run([rrome_bin, "export-lora", str(model), "adapter"], check=True)
+lora = load_file("adapter/adapter_model.safetensors")
+delta = lora["base_model.model.mlp.lora_B.weight"] @ lora["base_model.model.mlp.lora_A.weight"]
+assert np.allclose(delta, np.outer(np.float32(0.5) * r, u), rtol=1e-6, atol=1e-7), "adapter differs from the delta"
 subprocess.run([rrome_bin, "revert", str(model)], check=True)
 assert hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest() == before
 bad = subprocess.run([rrome_bin, "inspect", "missing-dir"], capture_output=True, text=True)
