@@ -10,11 +10,13 @@ through the Rust shard writer: the checkpoint is never re-saved with ``save_pret
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from rrome.engine.prompts import EditPrompts, PromptFormat, RequestTokens, Row, 
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
 from rrome.engine.update import Solver, Update, compute_update
-from rrome.engine.values import ValueResult, compute_value
+from rrome.engine.values import compute_value
 from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
@@ -95,6 +97,28 @@ class EditResult:
     delta_ratio: float = math.nan
     value: dict[str, Any] = field(default_factory=dict)
     screen: ScreenResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The edit's record: the one serialiser of what an edit did, written into the edit log
+        (``meta``, with the session's settings beside it) and into each line of ``rrome eval``'s
+        ``edits.jsonl`` (with the case's measurements beside it)."""
+        return {
+            "request": self.request.to_json(),
+            "method": self.method,
+            "layer": self.layer,
+            "norm_delta": self.norm_delta,
+            "norm_u": self.norm_u,
+            "norm_r": self.norm_r,
+            "denominator": self.denominator,
+            "steps": self.steps,
+            "stop": self.stop,
+            "delta_ratio": self.delta_ratio,
+            "value": self.value,  # the loss terms per forward pass, the argmax hit rate, the lr
+            "seconds": self.seconds,
+            "p_new": [self.p_new_before, self.p_new_after],
+            "p_true": [self.p_true_before, self.p_true_after],
+            "screen": self.screen.to_json() if self.screen is not None else None,
+        }
 
 
 def _resident_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -161,7 +185,8 @@ class Editor:
         self.progress = progress
         self.pending: list[Delta] = []
         self.results: list[EditResult] = []
-        self._templates: list[str] | None = None
+        # The context templates by (seed, lengths); copies share it (:meth:`copy`).
+        self._templates: dict[tuple[int, tuple[tuple[int, int], ...]], list[str]] = {}
         self._chol: Cholesky | None = None
         self._retained: RetainedKeys | None = None
         self.stats_path: Path | None = None
@@ -272,15 +297,16 @@ class Editor:
     def templates(self) -> list[str]:
         """The context templates (generated once per model, seeded, from the unedited model, and
         cached next to its statistics: :func:`~rrome.engine.keys.cached_templates`)."""
-        if self._templates is None:
-            self._templates = cached_templates(
+        key = (self.hparams.template_seed, self.hparams.context_template_lengths)
+        if key not in self._templates:
+            self._templates[key] = cached_templates(
                 stats.model_key(self.model_dir),
                 self.model,
                 self.tokenizer,
                 seed=self.hparams.template_seed,
                 lengths=self.hparams.context_template_lengths,
             )
-        return self._templates
+        return self._templates[key]
 
     def cholesky(self) -> Cholesky:
         """The Cholesky factor of C0 for the edited layer (statistics and factor cached on disk)."""
@@ -422,8 +448,9 @@ class Editor:
             w32 = w32 + (outer.T if self.adapter.layout == "in_out" else outer)
             weight.copy_(w32.to(weight.dtype))
 
-    def edit(self, request: EditRequest | Mapping[str, Any]) -> EditResult:
-        """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`.
+    def edit(self, request: EditRequest | Mapping[str, Any], *, queue: bool = True) -> EditResult:
+        """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`
+        (``queue=False``: applied and recorded in :attr:`results`, but never saved).
 
         The update is checked before it touches the model: one holding NaN or Inf is always
         refused (:class:`~rrome.files.errors.NonFiniteUpdateError`), and once this editor has
@@ -446,9 +473,71 @@ class Editor:
         if not isinstance(request, EditRequest):
             request = parse_record(dict(request), where="request")
         # Tokenised once, before any work (an empty target fails here), and handed to every pass.
-        return self._edit(RequestTokens.build(self.tokenizer, request, self.prompt_format), t0)
+        return self._edit(RequestTokens.build(self.tokenizer, request, self.prompt_format), t0, queue=queue)
 
-    def _edit(self, tokens: RequestTokens, t0: float) -> EditResult:
+    @contextlib.contextmanager
+    def tentative(self, request: EditRequest | Mapping[str, Any]) -> Iterator[EditResult]:
+        """An edit to measure and undo: applied as :meth:`edit` applies it (never queued for
+        :meth:`save`), the result handed to the ``with`` block while the model holds it, then
+        undone exactly: the weight is set back from a copy taken before the edit (bit for bit,
+        not by subtracting Δ), and :attr:`results` and the retained keys are as they were. A
+        refused edit raises as :meth:`edit` does, before the block, with nothing to undo.
+        """
+        weight = self.edited_weight()
+        saved = weight.detach().clone()
+        n_results = len(self.results)
+        kept = None if self._retained is None else list(self._retained.raw)
+        try:
+            yield self.edit(request, queue=False)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+            del self.results[n_results:]
+            if self._retained is not None and (kept is None or len(self._retained) != len(kept)):
+                self._retained.clear()
+                if kept is None:
+                    self._retain_logged()
+                for key in kept or ():
+                    self._retained.add(key)
+
+    def restore(self, weight: torch.Tensor) -> None:
+        """Sets the edited weight back to ``weight`` (a copy taken earlier, e.g. of the unedited
+        one) and forgets every edit since the editor opened: nothing pending, no results, only
+        the folder's logged keys retained (:meth:`forget_edit_keys`)."""
+        with torch.no_grad():
+            self.edited_weight().copy_(weight)
+        self.pending.clear()
+        self.results.clear()
+        self.forget_edit_keys()
+
+    def copy(self, *, hparams: HParams | None = None, method: Method | None = None) -> Editor:
+        """An editor over the same in-memory model (its weights as they are now) with other
+        hyperparameters or another method: its own pending edits and results (none yet),
+        every other setting this one's. The copies share the context templates, which depend
+        on the unedited model and the template settings alone (generate them here first, on the
+        unedited model), and C0's factor when the layer and the statistics budget are this one's.
+        """
+        other = Editor(
+            self.model_dir,
+            self.model,
+            self.tokenizer,
+            self.adapter,
+            self.hparams if hparams is None else hparams,
+            method=self.method if method is None else method,
+            corpus=self.corpus,
+            progress=self.progress,
+            allow_large_updates=self.allow_large_updates,
+            large_update_ratio=self.large_update_ratio,
+            screen_ratio=self.screen_ratio,
+            edit_prompts=self.edit_prompts,
+        )
+        other._templates = self._templates  # one cache, shared by every copy
+        same = (other.layer, other.hparams.stats_max_tokens) == (self.layer, self.hparams.stats_max_tokens)
+        if same:  # the same statistics: the factor already read
+            other._chol, other.stats_path = self._chol, self.stats_path
+        return other
+
+    def _edit(self, tokens: RequestTokens, t0: float, *, queue: bool = True) -> EditResult:
         p_before = request_probabilities(self.model, self.tokenizer, tokens)
         templates = self.templates()
         solver = self.solver()  # C0 (computed or read once), with the retained keys if any
@@ -478,14 +567,13 @@ class Editor:
         if isinstance(solver, RetainedKeys) and update.key is not None:
             solver.add(update.key)
         p_after = request_probabilities(self.model, self.tokenizer, tokens)
-        diagnostics = value.record()
-        delta = self._delta(prompts, update, value, diagnostics, screen, (p_before, p_after), retained)
-        self.pending.append(delta)
-        result = EditResult(
+        tensor = self.adapter.tensor_name(self.layer)
+        key = None if update.key is None else update.key.astype(np.float32)  # float32 values already
+        unlogged = EditResult(
             request=tokens.request,
             method=self.method,
             layer=self.layer,
-            delta=delta,
+            delta=Delta(tensor, update.u, update.r, self.adapter.layout, 1.0, None, key=key),
             norm_delta=update.norm_delta,
             norm_u=update.norm_u,
             norm_r=update.norm_r,
@@ -499,47 +587,31 @@ class Editor:
             seconds=time.perf_counter() - t0,
             stop=value.stop,
             delta_ratio=value.delta_ratio,
-            value=diagnostics,
+            value=value.record(),
             screen=screen,
         )
+        delta = dataclasses.replace(unlogged.delta, meta=self._meta(unlogged, prompts, retained))
+        result = dataclasses.replace(unlogged, delta=delta)
+        if queue:
+            self.pending.append(delta)
         self.results.append(result)
         return result
 
-    def _delta(
-        self,
-        prompts: EditPrompts,
-        update: Update,
-        value: ValueResult,
-        diagnostics: dict[str, Any],
-        screen: ScreenResult,
-        probs: tuple[tuple[float, float | None], tuple[float, float | None]],
-        retained: int | None,
-    ) -> Delta:
-        """The update as written to the checkpoint, with the edit log's metadata."""
-        (p_new0, p_true0), (p_new1, p_true1) = probs
+    def _meta(self, result: EditResult, prompts: EditPrompts, retained: int | None) -> dict[str, Any]:
+        """The edit log's record of an edit: :meth:`EditResult.to_json` and the settings it was
+        made with."""
         meta = {
-            "request": prompts.request.to_json(),
-            "method": self.method,
-            "layer": self.layer,
-            "norm_delta": update.norm_delta,
-            "denominator": update.denominator,
-            "steps": value.steps,
-            "value": diagnostics,
-            "p_new": [p_new0, p_new1],
-            "p_true": [p_true0, p_true1],
+            **result.to_json(),
             "hparams": self.hparams.to_json(),
             "templates": list(prompts.templates),
             "stats": str(self.stats_path) if self.stats_path else None,
-            "screen": screen.to_json(),
             "edit_prompts": self.prompt_format.style,
         }
         if self.prompt_format.style != "plain":
             meta["chat_prefix"] = self.prompt_format.prefix  # the exact text before every prompt
         if retained is not None:
             meta["retained_keys"] = retained  # earlier edits' keys this one was solved against
-        tensor = self.adapter.tensor_name(self.layer)
-        key = None if update.key is None else update.key.astype(np.float32)  # float32 values already
-        return Delta(tensor, update.u, update.r, self.adapter.layout, 1.0, meta, key=key)
+        return meta
 
     def check_requests(self, requests: Iterable[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
         """Tokenises every request's subject and targets as the edits will, before any edit.

@@ -53,13 +53,22 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from rrome.engine.editor import Editor
+from rrome.engine.editor import Editor, EditResult
 from rrome.engine.prompts import PROMPT_STYLES, PromptFormat
 from rrome.eval.downstream import downstream_accuracy, few_shot_sets
 from rrome.eval.generation import Diagnostics, collapse_diagnostics
 from rrome.eval.metrics import CaseProbs, metrics
 from rrome.eval.probabilities import case_probabilities, leak_fractions, neighbourhood_probabilities
-from rrome.eval.results import BASELINE_FILE, RUN_FILE, fsync_append, read_jsonl, read_object, write_json
+from rrome.eval.results import (
+    BASELINE_FILE,
+    RUN_FILE,
+    Variant,
+    fsync_append,
+    mode,
+    read_jsonl,
+    read_object,
+    write_json,
+)
 from rrome.files.constants import METHODS, Method
 from rrome.files.edits import EditRequest, load_requests
 from rrome.files.errors import DisablingEditError, LargeUpdateError, RromeError
@@ -102,7 +111,7 @@ class RunConfig:
 
     @property
     def mode(self) -> str:
-        return "sequential" if self.sequential else "single"
+        return mode(self.sequential)
 
     def check_prompts(self) -> None:
         """Refuses unknown or repeated prompt styles.
@@ -224,47 +233,31 @@ class Session:
         # Templates and statistics come from the unedited model; fix them before any edit.
         self.editor.templates()
         self.editor.cholesky()
-        self.weight = self.editor.edited_weight()
-        self.original = self.weight.detach().clone()
+        self.original = self.editor.edited_weight().detach().clone()
         self.sets = few_shot_sets(cfg.glue_n, seed=cfg.seed) if cfg.glue_n > 0 else []
-        hp = self.editor.hparams
-        # The templates depend on the seed, the lengths and the unedited model alone
-        # (keys.generate_templates): each list is generated once, whatever set edits with it.
-        self._templates = {(hp.template_seed, hp.context_template_lengths): self.editor.templates()}
 
     def restore(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.original)
-        self.editor.pending.clear()
-        self.editor.results.clear()
-        self.editor.forget_edit_keys()
+        """The unedited weight back, and no edit remembered (:meth:`Editor.restore`)."""
+        self.editor.restore(self.original)
+
+    def edit_with(self, method: str) -> None:
+        """Edits with ``method`` from now on, starting from the unedited model."""
+        self.restore()
+        self.editor = self.editor.copy(method=cast(Method, method))
 
     def use(self, hparams: HParams) -> None:
-        """Edits with ``hparams`` from now on (``rrome tune``): a new editor over the same model,
-        its templates and statistics fixed from the unedited model as at the start, so that its
-        edits are those of a run started with ``hparams``. The current weight is restored first."""
+        """Edits with ``hparams`` from now on (``rrome tune``): a copy of the editor over the same
+        model, its templates and statistics fixed from the unedited model as at the start, so
+        that its edits are those of a run started with ``hparams``. The current weight is
+        restored first."""
         self.restore()
-        old = self.editor
-        editor = Editor(
-            old.model_dir,
-            old.model,
-            old.tokenizer,
-            old.adapter,
-            hparams,
-            method=old.method,
-            corpus=old.corpus,
-            progress=old.progress,
-            allow_large_updates=True,
-            edit_prompts=old.edit_prompts,
-        )
-        key = (hparams.template_seed, hparams.context_template_lengths)
-        if key in self._templates:
-            editor._templates = self._templates[key]
-        self._templates[key] = editor.templates()
+        editor = self.editor.copy(hparams=hparams)
+        # The templates depend on the seed, the lengths and the unedited model alone
+        # (keys.generate_templates): each list is generated once, whatever set edits with it.
+        editor.templates()
         editor.cholesky()
         self.editor = editor
-        self.weight = editor.edited_weight()
-        self.original = self.weight.detach().clone()
+        self.original = editor.edited_weight().detach().clone()
 
     def probs(self, request: EditRequest) -> CaseProbs:
         """The case's probabilities in the first measuring style."""
@@ -322,25 +315,15 @@ class Session:
         return downstream_accuracy(self.editor.model, self.editor.tokenizer, self.sets) if self.sets else {}
 
 
-def _edit_record(index: int, request: EditRequest, result: Any) -> dict[str, Any]:
-    return {
-        "index": index,
-        "case_id": request.case_id,
-        "subject": request.subject,
-        "target_new": request.target_new,
-        "norm_delta": result.norm_delta,
-        "norm_u": result.norm_u,
-        "norm_r": result.norm_r,
-        "denominator": result.denominator,
-        "steps": result.steps,
-        "stop": result.stop,
-        "delta_ratio": result.delta_ratio,
-        "value": result.value,  # the loss terms per forward pass, the argmax hit rate, the lr
-        "seconds": result.seconds,
-        "p_new": [result.p_new_before, result.p_new_after],
-        "p_true": [result.p_true_before, result.p_true_after],
-        "screen": result.screen.to_json() if getattr(result, "screen", None) is not None else None,
-    }
+def _case_fields(index: int, request: EditRequest) -> dict[str, Any]:
+    """The fields that open every line of ``edits.jsonl``, an edit's or a refusal's."""
+    return {"index": index, "case_id": request.case_id, "subject": request.subject, "target_new": request.target_new}
+
+
+def _edit_record(index: int, request: EditRequest, result: EditResult) -> dict[str, Any]:
+    """An edit's line: the case, then the edit's record (:meth:`EditResult.to_json`, as the
+    edit log holds it)."""
+    return {**_case_fields(index, request), **result.to_json()}
 
 
 def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: Path) -> dict[str, Any]:
@@ -441,16 +424,15 @@ def edit_one_at_a_time(
             continue
         s.restore()
         before = s.neighbours(request)
-        result = s.editor.edit(request)
-        rec = _edit_record(i, request, result)
-        probs = s.probs(request)
-        rec["case"] = probs.to_json()
-        for suffix, other in s.more_probs(request).items():
-            rec["case" + suffix] = other.to_json()
-        rec["leak"] = s.leak(request, result, before, probs.neighborhood)
-        if diagnostics:
-            rec.update(dataclasses.asdict(s.diagnostics(request, seed + i)))
-        s.restore()
+        with s.editor.tentative(request) as result:
+            rec = _edit_record(i, request, result)
+            probs = s.probs(request)
+            rec["case"] = probs.to_json()
+            for suffix, other in s.more_probs(request).items():
+                rec["case" + suffix] = other.to_json()
+            rec["leak"] = s.leak(request, result, before, probs.neighborhood)
+            if diagnostics:
+                rec.update(dataclasses.asdict(s.diagnostics(request, seed + i)))
         fsync_append(edits, rec)
         records[i] = rec
         if tick is not None:
@@ -459,12 +441,12 @@ def edit_one_at_a_time(
 
 
 def _single(
-    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], variant: Variant, tick: Progress
 ) -> None:
     edit_one_at_a_time(
         s,
         cases,
-        folder / "edits.jsonl",
+        variant.edits,
         diagnostics=cfg.diagnostics,
         seed=cfg.seed,
         tick=lambda i: tick(method, i + 1, len(cases)),
@@ -482,19 +464,14 @@ def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None
     atomic_write(path, save(tensors))
 
 
-def factors_path(deltas: Path, index: int) -> Path:
-    """The file that holds the factors of edit ``index`` of a sequential run (its ``deltas/``)."""
-    return deltas / f"{index:05d}.safetensors"
-
-
-def replay_edits(editor: Editor, deltas: Path, records: Sequence[dict[str, Any]], *, retain: bool = False) -> None:
-    """Adds the stored updates of ``records`` (lines of a sequential run's ``edits.jsonl``,
-    refused ones skipped) to ``editor``'s in-memory model in order: the same weights, bit for
-    bit, as the run had after them. ``retain``: each file must hold the edit's key to retain."""
+def replay_edits(editor: Editor, variant: Variant, records: Sequence[dict[str, Any]], *, retain: bool = False) -> None:
+    """Adds the stored updates of ``records`` (lines of a sequential variant's edits, refused
+    ones skipped) to ``editor``'s in-memory model in order: the same weights, bit for bit, as
+    the run had after them. ``retain``: each file must hold the edit's key to retain."""
     for rec in records:
         if "refused" in rec:
             continue
-        path = factors_path(deltas, int(rec["index"]))
+        path = variant.factors(int(rec["index"]))
         u, r, k = _load_factors(path)
         if retain and k is None:
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
@@ -508,16 +485,17 @@ def rebuild_along(
     of edits in ``counts`` (ascending; 0: unedited), rebuilt from ``model_dir`` and the folder's
     factors as a resumed run rebuilds it (in the run's dtype). Yields (count, the count-th edit's record or None, an
     editor whose in-memory model holds those edits); the editor is the same object each time."""
-    records = read_jsonl(folder / "edits.jsonl")
+    variant = Variant.of(folder)
+    records = read_jsonl(variant.edits)
     if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
-    base = read_object(folder.parent / BASELINE_FILE)
-    run_file = folder.parent / RUN_FILE
+    base = read_object(variant.run_dir / BASELINE_FILE)
+    run_file = variant.run_dir / RUN_FILE
     dtype = (read_object(run_file).get("dtype") if run_file.exists() else None) or RunConfig.dtype
     editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
     done = 0
     for n in counts:
-        replay_edits(editor, folder / "deltas", records[done:n])
+        replay_edits(editor, variant, records[done:n])
         done = n
         yield n, (records[n - 1] if n else None), editor
 
@@ -548,15 +526,15 @@ def _checkpoint(
 
 
 def _sequential(
-    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], folder: Path, tick: Progress
+    s: Session, cfg: RunConfig, method: str, cases: Sequence[EditRequest], variant: Variant, tick: Progress
 ) -> None:
-    edits_path, checks_path, deltas = folder / "edits.jsonl", folder / "checkpoints.jsonl", folder / "deltas"
-    real_dir(deltas)
+    edits_path, checks_path = variant.edits, variant.checkpoints
+    real_dir(variant.deltas)
     records = read_jsonl(edits_path, repair=True)
     checks = {c["edits"] for c in read_jsonl(checks_path, repair=True)}
     s.restore()
     retain = s.editor.hparams.retain_edit_keys
-    replay_edits(s.editor, deltas, records, retain=retain)
+    replay_edits(s.editor, variant, records, retain=retain)
     norms = [float(rec["norm_delta"]) for rec in records if "refused" not in rec]
 
     def checkpoint_if_due(n_done: int) -> None:
@@ -570,26 +548,24 @@ def _sequential(
         n_done = i + 1
         before = s.neighbours(request)
         try:
-            result = s.editor.edit(request)
+            result = s.editor.edit(request, queue=False)
         except (DisablingEditError, LargeUpdateError) as e:  # only with cfg.guard: the model is unchanged
-            refused: dict[str, Any] = {"index": i, "case_id": request.case_id, "subject": request.subject}
-            refused |= {"target_new": request.target_new, "refused": type(e).__name__, "message": str(e)}
+            refused = {**_case_fields(i, request), "refused": type(e).__name__, "message": str(e)}
             if isinstance(e, DisablingEditError):
                 refused["screen_ratio"] = e.ratio
             fsync_append(edits_path, refused)
         else:
-            s.editor.pending.clear()
             rec = _edit_record(i, request, result)
             rec["leak"] = s.leak(request, result, before, s.neighbours(request))
             if cfg.diagnostics:
                 rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
             key = s.editor.retained_keys[-1] if retain else None
-            _save_factors(factors_path(deltas, i), result.delta.u, result.delta.r, key)
+            _save_factors(variant.factors(i), result.delta.u, result.delta.r, key)
             fsync_append(edits_path, rec)
             norms.append(result.norm_delta)
         checkpoint_if_due(n_done)
         tick(method, n_done, len(cases))
-    final = folder / "final.json"
+    final = variant.final
     if not final.exists():
         last: dict[str, Any] = {"cases": [s.probs(r).to_json() for r in cases]}
         more = [s.more_probs(r) for r in cases]
@@ -626,14 +602,14 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike[str], *, progress: bool = Tru
 
     bar = RunProgress(len(cases) * len(cfg.methods), cfg.mode, enabled=progress)
     for method in cfg.methods:
-        s.editor.method = cast(Method, method)
+        s.edit_with(method)
         bar.start(method)
-        folder = out / f"{cfg.mode}-{method}"
-        real_dir(folder)
+        variant = Variant(out, cfg.mode, method)
+        real_dir(variant.folder)
         if cfg.sequential:
-            _sequential(s, cfg, method, cases, folder, bar.tick)
+            _sequential(s, cfg, method, cases, variant, bar.tick)
         else:
-            _single(s, cfg, method, cases, folder, bar.tick)
+            _single(s, cfg, method, cases, variant, bar.tick)
         bar.finish(method, len(cases))
     bar.close()
     return out
