@@ -200,9 +200,14 @@ def test_reference_preset_is_the_reference_code() -> None:
 
 
 @pytest.mark.parametrize("path", FAMILY_FILES, ids=lambda p: p.stem)
-def test_family_files_are_complete_and_say_whether_they_are_tuned(path: Path) -> None:
+def test_family_files_hold_what_differs_and_say_whether_they_are_tuned(path: Path) -> None:
     raw = json.loads(path.read_text())
-    assert set(raw) == set(FIELDS), set(FIELDS) ^ set(raw)
+    assert {"family", "layer", "note"} <= set(raw) <= set(FIELDS), set(raw) - set(FIELDS)
+    # The reference recipe is written once (HParams' defaults): a family file names a field
+    # only where its value differs from it.
+    plain = HParams(family=raw["family"], layer=raw["layer"]).to_json()
+    same = [k for k in raw if k not in ("family", "layer", "note") and HParams(**raw).to_json()[k] == plain[k]]
+    assert not same, f"{path.name} repeats the reference values of {same}"
     hp = load_hparams(path.stem)
     assert hp.family == path.stem
     reference = resolve_hparams(path.stem, "reference")
@@ -213,6 +218,26 @@ def test_family_files_are_complete_and_say_whether_they_are_tuned(path: Path) ->
     measured, untried = "Measured" in hp.note, "not yet tuned" in hp.note
     assert measured != untried, hp.note
     assert same or measured, hp.note
+
+
+RESOLVED = json.loads((Path(__file__).parent / "data" / "hparams_resolved.json").read_text())
+"""Every family's resolved set, alone and under each preset, at its own depth and at 4 layers,
+as the packaged files resolved before the reference recipe moved into one place (captured
+from the commit before; key ``family/preset/n_layers``, ``-`` for none)."""
+
+
+@pytest.mark.parametrize("key", sorted(RESOLVED))
+def test_packaged_sets_resolve_as_they_did(key: str) -> None:
+    family, preset, depth = key.split("/")
+    spec = None if preset == "-" else preset
+    n_layers = None if depth == "-" else int(depth)
+    assert resolve_hparams(family, spec, n_layers=n_layers).to_json() == RESOLVED[key]
+
+
+def test_every_family_and_preset_is_captured() -> None:
+    families = {path.stem for path in FAMILY_FILES}
+    assert {key.split("/")[0] for key in RESOLVED} == families
+    assert {key.split("/")[1] for key in RESOLVED} == {"-", *PRESETS}
 
 
 def test_resolution_order(tmp_path: Path) -> None:

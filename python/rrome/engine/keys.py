@@ -28,6 +28,7 @@ from rrome.engine.prompts import PLAIN, PromptFormat, Row, context_rows, pad_row
 from rrome.files.edits import EditRequest
 from rrome.files.errors import InvalidFileError, RromeError
 from rrome.files.fsutil import atomic_write, read_regular
+from rrome.files.hparams import HParams
 from rrome.files.paths import model_cache_dir, private_model_cache_dir, seal, unsealed
 
 TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -121,8 +122,8 @@ def generate_templates(
     model: torch.nn.Module,
     tokenizer: object,
     *,
-    seed: int = 0,
-    lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
+    seed: int = HParams.template_seed,
+    lengths: Sequence[tuple[int, int]] = HParams.context_template_lengths,
     top_k: int = 5,
 ) -> list[str]:
     """Context templates: ``"{}"`` plus text the model writes from fixed seed words.
@@ -219,8 +220,8 @@ def cached_templates(
     model: torch.nn.Module,
     tokenizer: object,
     *,
-    seed: int = 0,
-    lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
+    seed: int = HParams.template_seed,
+    lengths: Sequence[tuple[int, int]] = HParams.context_template_lengths,
     top_k: int = 5,
 ) -> list[str]:
     """:func:`generate_templates`, read from the cache when this model (``key``, its

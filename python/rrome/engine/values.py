@@ -44,9 +44,6 @@ from rrome.engine.prompts import Batch, EditPrompts, pad_rows
 from rrome.files.hparams import HParams
 from rrome.files.shards import Layout
 
-EARLY_STOP_LOSS = 5e-2
-"""The reference code's loss threshold (the default of ``HParams.v_stop_loss``)."""
-
 STOP_REASONS = ("most-probable", "loss", "max-steps")
 
 

@@ -96,6 +96,8 @@ class HParams:
     Every field is checked on construction; a bad value raises :class:`HParamsError`.
     """
 
+    # The defaults are the reference recipe (the preset ``reference``, :data:`REFERENCE_FIELDS`),
+    # defined here and nowhere else, and the defaults of the settings outside it.
     family: str
     layer: int
     v_num_grad_steps: int = 20
@@ -376,22 +378,30 @@ def parse_grids(texts: Iterable[str]) -> tuple[tuple[str, tuple[Any, ...]], ...]
 # --------------------------------------------------------------------------------------------
 # presets, files, family defaults
 
+REFERENCE_FIELDS = (
+    "v_num_grad_steps",
+    "v_lr",
+    "v_lr_unit",
+    "v_weight_decay",
+    "v_weight_decay_unit",
+    "clamp_norm_factor",
+    "kl_factor",
+    "v_stop_loss",
+    "v_stop_most_probable",
+    "context_template_lengths",
+    "retain_edit_keys",
+)
+"""The fields of the reference recipe: the reference ROME code (Meng et al. 2022; kept by r-ROME,
+Gupta et al. 2024) for GPT-2 XL and GPT-J, rome/compute_v.py with hparams/ROME/*.json. Their
+values are :class:`HParams`' defaults. The layer and the statistics budget stay the family's."""
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(HParams) if f.default is not dataclasses.MISSING
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference ROME code (Meng et al. 2022; kept by r-ROME, Gupta et al. 2024) for GPT-2 XL
-    # and GPT-J: rome/compute_v.py with hparams/ROME/*.json. The layer and the statistics budget
-    # stay the family's.
     "reference": {
-        "v_num_grad_steps": 20,
-        "v_lr": 0.5,
-        "v_lr_unit": "absolute",
-        "v_weight_decay": 0.5,
-        "v_weight_decay_unit": "reference",
-        "clamp_norm_factor": 4.0,
-        "kl_factor": 0.0625,
-        "v_stop_loss": 0.05,
-        "v_stop_most_probable": 0,
-        "context_template_lengths": ((5, 10), (10, 10)),
-        "retain_edit_keys": False,
+        **{key: _DEFAULTS[key] for key in REFERENCE_FIELDS},
         "note": "preset reference: the reference ROME code's constants and stopping rule",
     },
     "default": {},
@@ -449,6 +459,10 @@ def spec_overrides(spec: str | os.PathLike[str] | Mapping[str, Any] | None) -> d
 def load_hparams(family: str, *, n_layers: int | None = None) -> HParams:
     """The packaged defaults of a family; the layer is clamped into ``[0, n_layers)``.
 
+    A family's file holds its ``family``, its ``layer``, a ``note`` on where its values come
+    from, and only the fields whose values differ from :class:`HParams`' defaults (the
+    reference recipe): the fields it leaves out are the reference's.
+
     Raises:
         RromeError: no defaults for the family.
     """
@@ -457,7 +471,7 @@ def load_hparams(family: str, *, n_layers: int | None = None) -> HParams:
         raise RromeError(f"no default hyperparameters for model family {family!r}")
     raw = json.loads(path.read_text())
     try:
-        hp = HParams(**check_overrides(raw))
+        hp = HParams(**raw)  # every field checked once, as the set is built
     except (HParamsError, TypeError) as e:
         raise RromeError(f"packaged hyperparameters of {family!r} are invalid: {e}") from e
     if n_layers is not None and not 0 <= hp.layer < n_layers:
@@ -483,10 +497,14 @@ def resolve_hparams(
     """
     if isinstance(spec, HParams):
         base, fields = spec, {}
-    else:
+    elif isinstance(spec, Mapping):
+        base, fields = load_hparams(family, n_layers=n_layers), dict(spec)
+    else:  # a preset, or a file (checked as it is read, so that a problem names the file)
         base, fields = load_hparams(family, n_layers=n_layers), spec_overrides(spec)
-    fields.update(check_overrides(overrides or {}))
+    fields.update(overrides or {})
+    for key in fields:
+        _spec(key)  # an unknown name, with the closest known one
     other = fields.pop("family", base.family)
     if other != base.family:
         raise HParamsError(f"family: these hyperparameters are for {other!r}, the model is {base.family!r}")
-    return base.with_overrides(**fields)
+    return dataclasses.replace(base, **fields)  # every value checked here, as the set is built
