@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rrome._rust import Checkpoint, Cholesky, Inspection, SecondMoment
+from rrome._rust import VERSION, Checkpoint, Cholesky, Inspection, SecondMoment
 from rrome.files.adapters import AdapterReport, export_lora
 from rrome.files.errors import (
     CacheFolderError,
@@ -56,7 +56,7 @@ from rrome.files.shards import (
 if TYPE_CHECKING:
     from rrome.engine.editor import Editor
 
-__version__ = "0.1.0"
+__version__ = VERSION  # the workspace version in Cargo.toml, the one source
 
 
 def __getattr__(name: str) -> object:

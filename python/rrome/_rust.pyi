@@ -14,6 +14,9 @@ _Path = str | PathLike[str]
 
 __all__ = [
     "CRASH_ENV",
+    "DELTAS_FILE",
+    "EDITS_FILE",
+    "VERSION",
     "ApplyReport",
     "Checkpoint",
     "Cholesky",
@@ -37,6 +40,9 @@ __all__ = [
 ]
 
 CRASH_ENV: str
+EDITS_FILE: str
+DELTAS_FILE: str
+VERSION: str
 
 @final
 class SecondMoment:

@@ -314,7 +314,7 @@ def _provenance(
     max_tokens: int,
 ) -> dict[str, str]:
     """The metadata a statistics file records beside the fields its reuse is checked on."""
-    from rrome import __version__
+    from rrome._rust import VERSION
 
     return {
         "model_type": str(getattr(model.config, "model_type", "")),
@@ -325,7 +325,7 @@ def _provenance(
         "workers": str(1 if info is None else info.world_size),
         "tokens_available": str(moment.count) if moment.count < max_tokens else f">={max_tokens}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rrome_version": __version__,
+        "rrome_version": VERSION,
     }
 
 

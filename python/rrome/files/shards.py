@@ -21,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from rrome import _rust
+from rrome._rust import DELTAS_FILE as DELTAS_FILE
+from rrome._rust import EDITS_FILE as EDITS_FILE
 from rrome._rust import ApplyReport as ApplyReport
 from rrome._rust import Inspection as Inspection
 from rrome._rust import LoggedDelta as LoggedDelta
@@ -28,9 +30,6 @@ from rrome.files.errors import DeltaError
 
 Layout = Literal["out_in", "in_out"]
 PathLike = str | os.PathLike[str]
-
-EDITS_FILE = "rrome_edits.jsonl"
-DELTAS_FILE = "rrome_deltas.safetensors"
 
 _log = logging.getLogger("rrome")
 

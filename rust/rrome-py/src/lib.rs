@@ -10,7 +10,7 @@
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
-use rrome_core::{patch, Error};
+use rrome_core::{deltas, patch, Error};
 
 mod files;
 mod linalg;
@@ -82,5 +82,11 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<linalg::PyCholesky>()?;
     files::register(m)?;
     m.add("CRASH_ENV", patch::CRASH_ENV)?;
+    // The names of a deltas bundle's two files, defined in the core alone.
+    m.add("EDITS_FILE", deltas::EDITS_FILE)?;
+    m.add("DELTAS_FILE", deltas::DELTAS_FILE)?;
+    // The package's version: the workspace's Cargo.toml is its one source (pyproject.toml reads
+    // it through maturin, `rrome.__version__` through this constant).
+    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
