@@ -5,15 +5,20 @@ use std::path::Path;
 
 use super::{layout, SecondMoment};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fsutil::atomic_write;
 use crate::safetensors_header::{self, TensorData};
+use crate::square_file::{Kind, SquareFile};
 
 /// Format tag written into statistics files.
 pub const MOMENTS_FORMAT: &str = "rrome-moments/1";
 
 /// Metadata keys the file format owns; user metadata cannot override them.
 const RESERVED: [&str; 4] = ["format", "count", "d", "writer"];
+
+/// A statistics file, as [`SquareFile::read`] reads it.
+const MOMENTS_FILE: Kind<'static> =
+    Kind { format: MOMENTS_FORMAT, what: "an rrome statistics file", tensor: "sum", reserved: &RESERVED };
 
 impl SecondMoment {
     /// Writes the sum, count, width and metadata to a safetensors file, atomically.
@@ -38,32 +43,13 @@ impl SecondMoment {
 
     /// Reads a file written by [`SecondMoment::save`], validating it.
     pub fn load(path: &Path) -> Result<SecondMoment> {
-        let (header, data) = safetensors_header::read_all(path)?;
-        let bad = |msg: String| Error::Moments { path: path.to_path_buf(), msg };
-        if header.meta("format") != Some(MOMENTS_FORMAT) {
-            return Err(bad(format!(
-                "not an rrome statistics file (format {:?}, expected {MOMENTS_FORMAT:?})",
-                header.meta("format")
-            )));
-        }
-        let d: usize = header
-            .meta("d")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("metadata \"d\" missing or not an integer".into()))?;
-        let count: u64 = header
-            .meta("count")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("metadata \"count\" missing or not an integer".into()))?;
-        let t = header.get("sum").ok_or_else(|| bad("tensor \"sum\" missing".into()))?;
-        if t.dtype != Dtype::F64 || t.shape != [d, d] {
-            return Err(bad(format!("tensor \"sum\" is {} {:?}, expected F64 [{d}, {d}]", t.dtype, t.shape)));
-        }
-        let mut m = SecondMoment::new(d).map_err(|e| bad(e.to_string()))?;
-        let raw = &data[t.begin as usize..t.end as usize];
-        for (idx, c) in raw.chunks_exact(8).enumerate() {
-            let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+        let file = SquareFile::read(path, &MOMENTS_FILE)?;
+        let d = file.d;
+        let count: u64 = file.parse("count", "an integer")?;
+        let mut m = SecondMoment::new(d).map_err(|e| file.error(e.to_string()))?;
+        for (idx, v) in file.values().enumerate() {
             if !v.is_finite() {
-                return Err(bad(format!("sum holds a non-finite value at index {idx}")));
+                return Err(file.error(format!("sum holds a non-finite value at index {idx}")));
             }
             let (i, j) = (idx / d, idx % d);
             if i >= j {
@@ -71,7 +57,7 @@ impl SecondMoment {
             }
         }
         m.count = count;
-        m.metadata = header.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned().collect();
+        m.metadata = file.user_metadata();
         Ok(m)
     }
 }
