@@ -222,3 +222,30 @@ def test_methods_give_different_updates(tiny_copy: Callable[..., Path]) -> None:
     # Same keys, same value (the optimisation does not depend on the method): only the variant differs.
     assert rel_diff(mats["rome"], mats["r-rome"]) > 1e-3
     assert rel_diff(mats["p-rome"], mats["r-rome"]) > 1e-3
+
+
+def test_tentative_edit_is_measured_then_undone_exactly(tiny_copy: Callable[..., Path]) -> None:
+    """What rrome eval does with each case: the edit is in the model inside the block, and after
+    it the weight is the one before bit for bit, nothing is queued and no result is kept; the
+    edit's record is the one the edit log would hold."""
+    editor = Editor.from_pretrained(tiny_copy("gpt2"), layer=EDIT_LAYER, hparams=QUICK_HP, progress=False)
+    before = editor.edited_weight().detach().clone()
+    with editor.tentative(FRANCE) as result:
+        assert not torch.equal(editor.edited_weight(), before)
+        record = result.to_json()
+    assert torch.equal(editor.edited_weight(), before)
+    assert editor.pending == [] and editor.results == []
+    meta = dict(result.delta.meta or {})
+    assert {k: meta[k] for k in record} == record and record["request"] == FRANCE.to_json()
+    assert meta["hparams"] == editor.hparams.to_json()
+
+
+def test_copy_edits_with_its_own_settings_on_the_same_model(tiny_copy: Callable[..., Path]) -> None:
+    editor = Editor.from_pretrained(tiny_copy("gpt2"), layer=EDIT_LAYER, hparams=QUICK_HP, progress=False)
+    templates = editor.templates()
+    other = editor.copy(method="p-rome", hparams=editor.hparams.with_overrides(v_num_grad_steps=2))
+    assert other.model is editor.model and other.method == "p-rome" and editor.method == "r-rome"
+    assert other.hparams.v_num_grad_steps == 2 and other.templates() is templates
+    result = other.edit(FRANCE, queue=False)
+    assert result.method == "p-rome" and other.pending == [] and other.results == [result]
+    assert editor.results == [] and result.steps <= 2
