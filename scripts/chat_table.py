@@ -8,7 +8,8 @@ plain,chat`` (docs/design.md §2). The table is over the cases both runs have fi
 still being written can be read; its torn last line is left out): the metrics (ES, PS, NS,
 Score, EM, PM, NM, in percent) for each of the four combinations and for the unedited model in
 both styles, then, paired by case, how often an edit that holds on one style's rewrite prompt
-also holds on the other's. No torch.
+also holds on the other's, and how often the same edit gives P(new) a higher value in chat than
+plain (rewrite and first paraphrase prompt). No torch.
 """
 
 from __future__ import annotations
@@ -72,14 +73,28 @@ def table(edit_plain: Path, edit_chat: Path, method: str = "r-rome") -> str:
         for measured in STYLES:
             probs = [CaseProbs.from_json(records[i]["case" + fields[measured]]) for i in common]
             lines.append(_row(f"{edit} → {measured}", n, metrics(probs)))
-    lines += ["", "| edited on | rewrite holds plain | holds chat | holds both | plain only | chat only |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "| edited on | rewrite holds plain | holds chat | holds both | plain only | chat only "
+        "| P(new) higher in chat: rewrite | paraphrase |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for edit in STYLES:
         fields, _, records = runs[edit]
         plain = [_holds(records[i]["case" + fields["plain"]]) for i in common]
         chat = [_holds(records[i]["case" + fields["chat"]]) for i in common]
         both = sum(a and b for a, b in zip(plain, chat, strict=True))
-        lines.append(f"| {edit} | {sum(plain)} | {sum(chat)} | {both} | {sum(plain) - both} | {sum(chat) - both} |")
+        higher = {
+            group: sum(
+                records[i]["case" + fields["chat"]][group][0][0] > records[i]["case" + fields["plain"]][group][0][0]
+                for i in common
+            )
+            for group in ("rewrite", "paraphrase")
+        }
+        lines.append(
+            f"| {edit} | {sum(plain)} | {sum(chat)} | {both} | {sum(plain) - both} | {sum(chat) - both} "
+            f"| {higher['rewrite']} of {n} | {higher['paraphrase']} of {n} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -327,4 +327,5 @@ def test_chat_table_script_reads_the_common_cases(tmp_path: Path) -> None:
     assert rows["unedited → plain"][:2] == ["2", "0.0"] and rows["unedited → chat"][:2] == ["2", "100.0"]
     assert rows["plain → plain"][1] == "50.0" and rows["plain → chat"][1] == "100.0"
     assert rows["chat → plain"][1] == "100.0" and rows["chat → chat"][1] == "100.0"
-    assert "| plain | 1 | 2 | 1 | 0 | 1 |" in out and "| chat | 2 | 2 | 2 | 0 | 0 |" in out
+    assert "| plain | 1 | 2 | 1 | 0 | 1 | 1 of 2 | 1 of 2 |" in out
+    assert "| chat | 2 | 2 | 2 | 0 | 0 | 0 of 2 | 0 of 2 |" in out
