@@ -403,11 +403,11 @@ def test_resume_after_an_injected_failure(sweep: Sweep, tmp_path: Path, monkeypa
     fail_at = [5]  # the second case of the second trial, in the first run only
     real_edit = Editor.edit
 
-    def edit(self: Editor, request: Any) -> Any:
+    def edit(self: Editor, request: Any, **options: Any) -> Any:
         calls.append(1)
         if len(calls) == fail_at[0]:
             raise RuntimeError("injected failure")
-        return real_edit(self, request)
+        return real_edit(self, request, **options)
 
     monkeypatch.setattr(Editor, "edit", edit)
     part = tmp_path / "part"
@@ -450,7 +450,7 @@ def test_finished_trial_without_its_line_is_not_edited_again(
     (part / "best.json").unlink()
     calls: list[int] = []
     real_edit = Editor.edit
-    monkeypatch.setattr(Editor, "edit", lambda self, r: calls.append(1) or real_edit(self, r))
+    monkeypatch.setattr(Editor, "edit", lambda self, r, **kw: calls.append(1) or real_edit(self, r, **kw))
     tune(sweep.config(), part, progress=False)
     assert calls == []
     assert _untimed(read_jsonl(part / "trials.jsonl")) == _untimed(read_jsonl(sweep.whole / "trials.jsonl"))
@@ -460,10 +460,10 @@ def test_finished_trial_without_its_line_is_not_edited_again(
 def test_a_failed_edit_fails_its_trial_only(sweep: Sweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_edit = Editor.edit
 
-    def edit(self: Editor, request: Any) -> Any:
+    def edit(self: Editor, request: Any, **options: Any) -> Any:
         if self.hparams.layer == 1 and self.hparams.clamp_norm_factor == 0.5 and request.case_id == "2":
             raise NonFiniteUpdateError("refused the edit: its update holds NaN")
-        return real_edit(self, request)
+        return real_edit(self, request, **options)
 
     monkeypatch.setattr(Editor, "edit", edit)
     result = tune(sweep.config(), tmp_path / "f", progress=False)

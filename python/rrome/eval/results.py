@@ -79,10 +79,13 @@ class Variant:
 
     @classmethod
     def of(cls, folder: Path) -> Variant:
-        """The variant whose folder is ``folder`` (``…/sequential-rome``)."""
+        """The variant whose folder is ``folder`` (``…/sequential-rome``; a folder of another
+        name is taken as it is, its mode and method read up to and after the first ``-``)."""
         folder = Path(folder)
         mode, _, method = folder.name.partition("-")
-        return cls(folder.parent, mode, method)
+        variant = cls(folder.parent, mode, method)
+        variant.folder = folder
+        return variant
 
     @property
     def run_dir(self) -> Path:
