@@ -34,6 +34,7 @@ from rrome.files.edits import EditRequest
 from rrome.files.hparams import (
     FIELDS,
     PRESETS,
+    REFERENCE_FIELDS,
     HParams,
     HParamsError,
     HParamsFileError,
@@ -527,3 +528,27 @@ def test_cli_help_lists_hparams_and_set(command: str) -> None:
     assert res.exit_code == 0
     assert "--hparams FILE|PRESET" in res.stdout and "--set KEY=VALUE" in res.stdout
     assert "reference" in res.stdout
+
+
+def _as_written(value: Any) -> str:
+    """A default as docs/hparams.md writes it: JSON for booleans and lists, %g for floats."""
+    if isinstance(value, bool | tuple):
+        return json.dumps(value, separators=(",", ":")).replace("(", "[").replace(")", "]")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_the_docs_table_states_the_reference_recipe_as_defined() -> None:
+    """docs/hparams.md's "reference" column restates the recipe, which is defined once (HParams'
+    defaults, REFERENCE_FIELDS): every field of the recipe is in the table, with that value."""
+    docs = (Path(__file__).parents[1] / "docs" / "hparams.md").read_text()
+    stated: dict[str, str] = {}
+    for row in docs.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        names = [n.strip(" `") for n in cells[0].split(",")]
+        values = [cells[1]] if "[[" in cells[1] else cells[1].split(", ")
+        stated.update(zip(names, (v.strip(" `").removesuffix(" (off)") for v in values), strict=False))
+    defaults = HParams(family="any", layer=0)
+    for key in REFERENCE_FIELDS:
+        assert stated[key] == _as_written(getattr(defaults, key)), key
