@@ -65,10 +65,9 @@ def check_gguf(base_gguf: Path, adapter: Path, prompts: list[str]) -> bool:
     base, lora = gguf.GGUFReader(base_gguf), gguf.GGUFReader(adapter)
     arch = {n: f.contents() for n, f in base.fields.items() if n == "general.architecture"}
     lora_fields = {n: f.contents() for n, f in lora.fields.items() if not n.startswith("GGUF.")}
-    ok = lora_fields.get("general.architecture") == arch.get("general.architecture")
-    print(
-        f"GGUF: architecture base {arch.get('general.architecture')!r}, adapter {lora_fields.get('general.architecture')!r}"
-    )
+    base_arch, lora_arch = arch.get("general.architecture"), lora_fields.get("general.architecture")
+    ok = lora_arch == base_arch
+    print(f"GGUF: architecture base {base_arch!r}, adapter {lora_arch!r}")
     print(f"  adapter fields: { {k: v for k, v in lora_fields.items() if k.startswith(('general.type', 'adapter.'))} }")
     shapes = {t.name: [int(x) for x in t.shape] for t in base.tensors}
     pairs = {t.name.rsplit(".", 1)[0] for t in lora.tensors}

@@ -220,7 +220,9 @@ impl Cholesky {
             return Err(Error::Shape { msg: format!("a rank-one update needs {d} finite values; got {}", v.len()) });
         }
         if !(weight.is_finite() && weight > 0.0) {
-            return Err(Error::Shape { msg: format!("a rank-one update's weight must be finite and > 0, got {weight}") });
+            return Err(Error::Shape {
+                msg: format!("a rank-one update's weight must be finite and > 0, got {weight}"),
+            });
         }
         let root = weight.sqrt();
         let mut x: Vec<f64> = v.iter().map(|a| a * root).collect();
