@@ -16,12 +16,17 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::fsutil::atomic_write;
 use crate::safetensors_header::{self, TensorData};
+use crate::square_file::{Kind, SquareFile};
 
 /// Format tag written into factor files.
 pub const CHOLESKY_FORMAT: &str = "rrome-cholesky/1";
 
 /// Metadata keys the factor file format owns; user metadata cannot override them.
 const RESERVED: [&str; 4] = ["format", "d", "ridge", "writer"];
+
+/// A factor file, as [`SquareFile::read`] reads it.
+const FACTOR_FILE: Kind<'static> =
+    Kind { format: CHOLESKY_FORMAT, what: "an rrome Cholesky factor file", tensor: "factor", reserved: &RESERVED };
 
 /// Tile width of the copy-and-check transposition in [`Cholesky::new`].
 const TILE: usize = 64;
@@ -178,31 +183,11 @@ impl Cholesky {
     /// [`Error::Moments`] for a file that is not a valid factor file (a statistics-side file);
     /// [`Error::Header`] / [`Error::Io`] as the safetensors reader reports them.
     pub fn load(path: &Path) -> Result<(Cholesky, Vec<(String, String)>)> {
-        let (header, data) = safetensors_header::read_all(path)?;
-        let bad = |msg: String| Error::Moments { path: path.to_path_buf(), msg };
-        if header.meta("format") != Some(CHOLESKY_FORMAT) {
-            return Err(bad(format!(
-                "not an rrome Cholesky factor file (format {:?}, expected {CHOLESKY_FORMAT:?})",
-                header.meta("format")
-            )));
-        }
-        let d: usize = header
-            .meta("d")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("metadata \"d\" missing or not an integer".into()))?;
-        let ridge: f64 = header
-            .meta("ridge")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("metadata \"ridge\" missing or not a number".into()))?;
-        let t = header.get("factor").ok_or_else(|| bad("tensor \"factor\" missing".into()))?;
-        if t.dtype != Dtype::F64 || t.shape != [d, d] {
-            return Err(bad(format!("tensor \"factor\" is {} {:?}, expected F64 [{d}, {d}]", t.dtype, t.shape)));
-        }
-        let raw = &data[t.begin as usize..t.end as usize];
-        let l: Vec<f64> = raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        let chol = Cholesky::from_factor(&l, d, ridge).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata.iter().filter(|(k, _)| !RESERVED.contains(&k.as_str())).cloned().collect();
-        Ok((chol, meta))
+        let file = SquareFile::read(path, &FACTOR_FILE)?;
+        let ridge: f64 = file.parse("ridge", "a number")?;
+        let l: Vec<f64> = file.values().collect();
+        let chol = Cholesky::from_factor(&l, file.d, ridge).map_err(|e| file.error(e.to_string()))?;
+        Ok((chol, file.user_metadata()))
     }
 
     /// Turns this factor of A into the factor of A + `weight`·v vᵀ (`weight` > 0) in place, in
