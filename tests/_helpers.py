@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -255,6 +257,35 @@ def run_cli(
         preexec_fn=before_exec,
         check=False,
     )
+
+
+def kill_after_first_line(
+    args: Iterable[str | os.PathLike[str]], watched: Path, env: Mapping[str, str], *, timeout: float, what: str
+) -> subprocess.Popen[bytes]:
+    """Starts ``rrome *args`` with exactly ``env`` in a session of its own, waits until
+    ``watched`` holds a first complete line (failing with ``what`` after ``timeout`` seconds, or
+    with the child's stderr if it exits first), then SIGKILLs the session: a real run killed in
+    the middle of its work. Returns the reaped process."""
+    proc = subprocess.Popen(
+        [str(RROME_EXE), *map(str, args)],
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not (watched.exists() and watched.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    return proc
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -429,7 +427,7 @@ def test_cli_eval_then_report(gpt2_dir: Path, tmp_path: Path) -> None:
 def test_cli_eval_killed_with_sigkill_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Path) -> None:
     """A real ``rrome eval --sequential`` killed with SIGKILL after its first edit; the same command
     run again continues it, replaying the saved factors, to the numbers of an uninterrupted run."""
-    from _helpers import RROME_EXE, run_cli
+    from _helpers import kill_after_first_line, run_cli
 
     def args(out: Path) -> list[str]:
         return [
@@ -446,26 +444,8 @@ def test_cli_eval_killed_with_sigkill_resumes_to_the_same_numbers(gpt2_dir: Path
 
     part = tmp_path / "part"
     env = {**{k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}, **threads}
-    proc = subprocess.Popen(
-        [str(RROME_EXE), *args(part)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
     lines = part / "sequential-r-rome" / "edits.jsonl"
-    deadline = time.monotonic() + 300
-    try:
-        while not (lines.exists() and lines.read_bytes().count(b"\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no edit finished"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    proc = kill_after_first_line(args(part), lines, env, timeout=300, what="no edit finished")
     assert proc.returncode == -signal.SIGKILL
     assert not (part / "sequential-r-rome" / "final.json").exists()
     assert len(read_jsonl(lines)) < 4

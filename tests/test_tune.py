@@ -7,15 +7,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import RROME_EXE
+from _helpers import kill_after_first_line
 from click.testing import CliRunner
 
 import rrome
@@ -479,26 +477,8 @@ def test_resume_after_sigkill(sweep: Sweep, tmp_path: Path) -> None:
     part = tmp_path / "part"
     env = {k: v for k, v in os.environ.items() if k != "RROME_CRASH_AT"}
     env.update(OMP_NUM_THREADS="1", RROME_CACHE_DIR=str(sweep.root / "cache"))
-    proc = subprocess.Popen(
-        [str(RROME_EXE), *sweep.cli_args(part)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
     records = part / "trials" / "001" / "edits.jsonl"
-    deadline = time.monotonic() + 120
-    try:
-        while not (records.exists() and records.read_bytes().count(b"\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no trial started"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    proc = kill_after_first_line(sweep.cli_args(part), records, env, timeout=120, what="no trial started")
     assert proc.returncode == -signal.SIGKILL
     assert len(read_jsonl(part / "trials.jsonl")) < 4
     result = tune(sweep.config(), part, progress=False)

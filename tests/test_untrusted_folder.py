@@ -47,8 +47,8 @@ def tree(root: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
+def make_model(tmp_path: Path) -> Path:
+    """A small model folder ``tmp_path/m``: ``w`` F32 [4, 8], ``b`` F32 [8] and a config.json."""
     m = tmp_path / "m"
     m.mkdir()
     write_safetensors(m / "model.safetensors", {"w": W, "b": B})
@@ -56,11 +56,21 @@ def model(tmp_path: Path) -> Path:
     return m
 
 
-@pytest.fixture
-def bundle(tmp_path: Path) -> Path:
+def make_bundle(tmp_path: Path) -> Path:
+    """A bundle ``tmp_path/bundle`` holding DELTA."""
     b = tmp_path / "bundle"
     rrome.save_deltas(b, [DELTA])
     return b
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_model(tmp_path)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    return make_bundle(tmp_path)
 
 
 def w_region(model: Path) -> tuple[int, int]:

@@ -29,30 +29,19 @@ from _helpers import (
     run_python,
     without_lock,
 )
-from test_untrusted_folder import DELTA, tree
-from tiny_models import write_safetensors
+from test_untrusted_folder import DELTA, make_bundle, make_model, tree
 
 import rrome
-
-W = ("F32", (4, 8), np.arange(32, dtype=np.float32).tobytes())
-B = ("F32", (8,), np.ones(8, dtype=np.float32).tobytes())
-CONFIG = b'{"model_type": "llama"}'
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    m = tmp_path / "m"
-    m.mkdir()
-    write_safetensors(m / "model.safetensors", {"w": W, "b": B})
-    (m / "config.json").write_bytes(CONFIG)
-    return m
+    return make_model(tmp_path)
 
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
-    b = tmp_path / "bundle"
-    rrome.save_deltas(b, [DELTA])
-    return b
+    return make_bundle(tmp_path)
 
 
 def w_values(model: Path) -> np.ndarray:
