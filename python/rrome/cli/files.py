@@ -24,6 +24,7 @@ from rrome.cli.common import (
     main,
     printable,
 )
+from rrome.files.adapters import FORMATS
 
 
 @main.command("apply-deltas")
@@ -150,7 +151,7 @@ def inspect_cmd(model_dir: Path, show_tensors: bool, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["peft", "gguf"]),
+    type=click.Choice(FORMATS),
     default="peft",
     show_default=True,
     help="peft: a folder for PEFT and vLLM (adapter_config.json, adapter_model.safetensors); "

@@ -19,11 +19,11 @@ rank per adapter. Nothing here imports torch; the ``gguf`` package is imported f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +180,13 @@ def _peft_files(loras: list[ModuleLora], rank: int, base: str | None, meta: dict
     }
 
 
-def _write_gguf(loras: list[ModuleLora], rank: int, arch: str, tmp: Path) -> None:
+def _write_gguf(loras: list[ModuleLora], rank: int, arch: str, path: Path) -> None:
     import gguf
 
     arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
     blocks = 1 + max(int(part) for m in loras for part in m.module.split(".") if part.isdigit())
     names = gguf.get_tensor_name_map(arch_ids[arch], blocks)
-    writer = gguf.GGUFWriter(os.fspath(tmp), arch)
+    writer = gguf.GGUFWriter(os.fspath(path), arch)
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(rank))
@@ -243,10 +243,9 @@ def export_lora(
     loras = lora_factors([r.delta for r in logged], rank)
     rank = loras[0].a.shape[0]
     meta = {"rrome_source": os.fspath(src), "rrome_edits": str(len(logged))}
-    parent = dest.parent if str(dest.parent) else Path(".")
-    tmp = parent / f".{dest.name}.rrome-partial-{secrets.token_hex(4)}"
     if format == "peft":
         files = _peft_files(loras, rank, None if base is None else os.fspath(base), meta)
+        tmp = dest.parent / f".{dest.name}.rrome-partial-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             for name, data in files.items():
@@ -266,16 +265,14 @@ def export_lora(
         arch = GGUF_ARCH.get(model_type)
         if arch is None:
             raise ExportError(f"model_type {model_type!r} has no llama.cpp architecture rrome knows")
-        try:
-            _write_gguf(loras, rank, arch, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.rename(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        size = dest.stat().st_size
+        # The gguf writer wants a path: it writes a private scratch file, whose few kilobytes
+        # then go to the destination the way every rrome file does (atomic_write).
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch_file = Path(scratch) / "adapter.gguf"
+            _write_gguf(loras, rank, arch, scratch_file)
+            data = scratch_file.read_bytes()
+        atomic_write(dest, data)
+        size = len(data)
     return AdapterReport(
         path=os.fspath(dest),
         format=format,

@@ -58,6 +58,16 @@ def _require_regular(fd: int, name: str) -> os.stat_result:
     return st
 
 
+def _regular_or_close(fd: int, name: str) -> int:
+    """``fd`` if it is a regular file; otherwise it is closed and the error raised."""
+    try:
+        _require_regular(fd, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_regular(path: PathLike) -> int:
     """A descriptor open for reading on the regular file at ``path`` (links followed).
 
@@ -69,13 +79,7 @@ def open_regular(path: PathLike) -> int:
         OSError: it cannot be opened (``FileNotFoundError`` when missing).
     """
     name = os.fspath(path)
-    fd = os.open(name, os.O_RDONLY | _NONBLOCK | _CLOEXEC | _BINARY)
-    try:
-        _require_regular(fd, name)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _regular_or_close(os.open(name, os.O_RDONLY | _NONBLOCK | _CLOEXEC | _BINARY), name)
 
 
 def read_regular(path: PathLike, *, limit: int | None = None) -> bytes:
@@ -187,13 +191,7 @@ def open_lock_file(path: PathLike) -> int:
         OSError: the file cannot be opened.
     """
     name = os.fspath(path)
-    fd = _open_append(name)
-    try:
-        _require_regular(fd, name)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _regular_or_close(_open_append(name), name)
 
 
 def real_dir(path: PathLike) -> None:
