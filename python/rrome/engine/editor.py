@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -438,6 +439,12 @@ class Editor:
                 median,
             )
 
+    def _factors(self, solver: Solver, keys: Keys, v_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors (u, r) of the update this editor would write for ``v_e``: what the value
+        optimisation's ``v_check_update`` applies (:func:`~rrome.engine.values.compute_value`)."""
+        update = compute_update(self.method, solver, keys, v_e)
+        return torch.from_numpy(update.u), torch.from_numpy(update.r)
+
     def _apply_in_memory(self, update: Update) -> None:
         weight = self.edited_weight()
         r = torch.from_numpy(update.r.copy()).to(weight.device)
@@ -545,18 +552,19 @@ class Editor:
         keys = keys_at(self.model, self.tokenizer, self.module_name, prompts.context)
         screen = self._screen(tokens.request, tokens.plain, keys)
         self._check_screen(screen)
-        value = compute_value(
-            self.model,
-            self.tokenizer,
-            self.module_name,
-            self.adapter.blocks,
-            self.layer,
-            prompts,
-            self.hparams,
-            layout=self.adapter.layout,
-        )
         retained = len(solver) if isinstance(solver, RetainedKeys) else None
         try:
+            value = compute_value(
+                self.model,
+                self.tokenizer,
+                self.module_name,
+                self.adapter.blocks,
+                self.layer,
+                prompts,
+                self.hparams,
+                layout=self.adapter.layout,
+                factors=functools.partial(self._factors, solver, keys),
+            )
             update = compute_update(self.method, solver, keys, value.v_e)
         except FloatingPointError as e:
             raise NonFiniteUpdateError(

@@ -105,6 +105,28 @@ def edit_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.
         handle.remove()
 
 
+@contextmanager
+def add_rank_one(model: nn.Module, name: str, u: torch.Tensor, r: torch.Tensor) -> Iterator[None]:
+    """Adds ``r · (uᵀx)`` to the output of module ``name`` at every position, ``x`` being the
+    module's input there: the forward pass of the weight W + r uᵀ (a rank-one update as
+    :mod:`rrome.engine.update` writes it, u over the input, r over the output, whatever the
+    weight's layout), without writing the weight."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        x = args[0]
+        y = output[0] if isinstance(output, tuple) else output
+        uu = u.to(device=x.device, dtype=x.dtype)
+        rr = r.to(device=y.device, dtype=y.dtype)
+        y = y + (x @ uu).to(y.device)[..., None] * rr
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """The hidden states a block is called with: its first positional argument, or the
     ``hidden_states`` keyword (transformers passes them either way, depending on the version)."""

@@ -16,6 +16,15 @@ target has been the argmax at every target position of every rewriting prompt fo
 ``v_num_grad_steps`` passes (:mod:`rrome.files.hparams` describes the units). With the ``reference``
 preset this is the reference code's loop, step for step.
 
+With ``v_check_update`` the stop rule also asks the update itself: δ is added at the subject
+alone, but the rank-one Δ the editor will write changes the module's output by r·uᵀk/uᵀk_den at
+every key k, and r-rome writes v_e at the template-averaged key k_e, not at each prompt's own
+key. So once the rule would stop, the caller's ``factors`` turn v_e into Δ's factors, the
+rewriting prompts run once more with Δ applied and no δ (:func:`_passes_update`), and the
+optimisation stops only if the new target is then the argmax at every target position of every
+rewriting prompt (the plain prompt among them); otherwise it takes another step, within the same
+``v_num_grad_steps`` bound (docs/design.md §1).
+
 The fast path gives the same result with less work (docs/design.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
 logits are computed only at the positions the loss reads.
@@ -30,6 +39,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +48,17 @@ import torch
 from torch import nn
 
 from rrome.engine import models
-from rrome.engine.hooks import Trace, edit_output, get_module, record_input, replay_below, trace
+from rrome.engine.hooks import Trace, add_rank_one, edit_output, get_module, record_input, replay_below, trace
 from rrome.engine.models import input_device, logits_at
 from rrome.engine.prompts import Batch, EditPrompts, pad_rows
 from rrome.files.hparams import HParams
 from rrome.files.shards import Layout
 
 STOP_REASONS = ("most-probable", "loss", "max-steps")
+
+UpdateFactors = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""v_e ↦ the factors (u, r) of the rank-one update Δ = r uᵀ the editor would write for it
+(``v_check_update``: :func:`compute_value` checks the rewriting prompts under that Δ)."""
 
 
 @dataclass
@@ -61,6 +75,9 @@ class ValueResult:
         stop: why it stopped, one of :data:`STOP_REASONS`.
         lr: Adam's learning rate as used (absolute).
         target_ids: the new object's tokens.
+        update_top1: ``v_check_update``: per check, the pass it followed (0-based) and the
+            fraction of target positions at which the new target was the argmax with the rank-one
+            update applied instead of δ; the optimisation stopped at a check that reached 1.0.
     """
 
     v_e: torch.Tensor
@@ -75,6 +92,7 @@ class ValueResult:
     top1: list[float] = field(default_factory=list)
     stop: str = "max-steps"
     lr: float = math.nan
+    update_top1: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def v_init_norm(self) -> float:
@@ -99,6 +117,7 @@ class ValueResult:
             "kl": self.kl,
             "weight_decay": self.weight_decay,
             "top1": self.top1,
+            "update_top1": [list(x) for x in self.update_top1],
         }
 
 
@@ -240,6 +259,8 @@ class _Run:
     kl_init: torch.Tensor | None = None  # the KL prompt's log-probabilities at the first pass
     held: int = 0  # consecutive passes at which every target token was the argmax
     steps: int = 0
+    factors: UpdateFactors | None = None  # v_check_update: v_e ↦ the update's (u, r)
+    checks: list[tuple[int, float]] = field(default_factory=list)  # (pass, argmax share under Δ)
     trace: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("loss", "nll", "kl", "wd", "top1")})
 
     @classmethod
@@ -253,6 +274,7 @@ class _Run:
         prompts: EditPrompts,
         hp: HParams,
         layout: Layout,
+        factors: UpdateFactors | None = None,
     ) -> _Run:
         device = input_device(model)
         weight = get_module(model, module_name).weight
@@ -261,7 +283,7 @@ class _Run:
         delta = torch.zeros(d_out, dtype=torch.float32, device=device, requires_grad=True)
         inputs = _Inputs.build(tokenizer, prompts, device)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        return cls(model, module_name, blocks_name, layer, hp, inputs, delta, opt)
+        return cls(model, module_name, blocks_name, layer, hp, inputs, delta, opt, factors=factors)
 
 
 @dataclass(frozen=True)
@@ -404,6 +426,26 @@ def _stop_reason(run: _Run, terms: _Terms) -> str | None:
     return None
 
 
+def _passes_update(run: _Run) -> bool:
+    """``v_check_update``: whether the new target is the argmax at every target position of every
+    rewriting prompt when the model runs with the rank-one update of the current v_e applied (at
+    every position, :func:`~rrome.engine.hooks.add_rank_one`) and no δ. Recorded in
+    ``run.checks``."""
+    assert run.factors is not None and run.v_init is not None
+    x = run.inputs
+    u, r = run.factors((run.v_init + run.delta).detach())
+    n = x.n_rewrite
+    keep = x.keep.clone()
+    keep[n:] = False  # the rewriting prompts only
+    inputs = {k: v[:n] for k, v in x.batch.model_inputs().items()}
+    with torch.no_grad(), add_rank_one(run.model, run.module_name, u, r):
+        logits = logits_at(run.model, inputs, keep[:n])
+    hit = logits.argmax(-1).to(x.target.device) == x.target
+    share = float(hit.float().mean())
+    run.checks.append((len(run.trace["loss"]) - 1, share))
+    return bool(hit.all())
+
+
 def _step(run: _Run, loss: torch.Tensor) -> None:
     """One Adam step on δ, then ‖δ‖ clamped to clamp_norm_factor · ‖v_init‖."""
     assert run.v_init is not None
@@ -438,6 +480,7 @@ def _result(run: _Run, stop: str) -> ValueResult:
         top1=run.trace["top1"],
         stop=stop,
         lr=float(run.opt.param_groups[0]["lr"]),
+        update_top1=list(run.checks),
     )
 
 
@@ -452,6 +495,7 @@ def compute_value(
     *,
     layout: Layout,
     fast: bool = True,
+    factors: UpdateFactors | None = None,
 ) -> ValueResult:
     """Optimises δ and returns v_e = v_init + δ with the loss trajectory.
 
@@ -460,8 +504,17 @@ def compute_value(
             prompts, the KL prompt and the target ids.
         fast: replay the blocks below the edited layer and compute only the needed logits
             (same result as the plain loop; the tests check the loss trajectory).
+        factors: with ``hp.v_check_update``, v_e ↦ the factors (u, r) of the update the caller
+            will write (:data:`UpdateFactors`); the stop rule then also requires the rewriting
+            prompts to pass under that update (module docstring). Ignored otherwise.
+
+    Raises:
+        ValueError: ``hp.v_check_update`` without ``factors``.
     """
-    run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout)
+    if hp.v_check_update and factors is None:
+        raise ValueError("v_check_update needs the update's factors (factors=...)")
+    check = factors if hp.v_check_update else None
+    run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, check)
     stop = "max-steps"
     for it in range(hp.v_num_grad_steps):
         first = it == 0
@@ -472,6 +525,8 @@ def compute_value(
             run.opt.param_groups[0]["lr"] = hp.v_lr * float(run.v_init.norm()) / math.sqrt(run.delta.numel())
         terms = _loss(run, logits)
         reason = _stop_reason(run, terms)
+        if reason is not None and run.factors is not None and not _passes_update(run):
+            reason = None  # δ makes the edit, the update does not yet: another step
         if reason is not None:
             stop = reason
             break

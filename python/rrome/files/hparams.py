@@ -40,6 +40,10 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.v
   ``v_stop_most_probable`` = k ≥ 1, once the new target has been the argmax at every target
   position of every rewriting prompt at k consecutive forward passes (most-probable early
   stopping, ENCORE: Gupta et al. 2025); ``v_num_grad_steps`` bounds both.
+* ``v_check_update`` (off in ``reference``): the stop rule is also checked with the rank-one
+  update itself applied instead of δ (r-rome writes v_e at the template-averaged key, so a prompt
+  that flips under δ may not flip under Δ); while it fails, the optimisation goes on, within
+  ``v_num_grad_steps`` (:mod:`rrome.engine.values`).
 
 Sequential retention
 --------------------
@@ -109,6 +113,7 @@ class HParams:
     kl_factor: float = 0.0625
     v_stop_loss: float = 0.05
     v_stop_most_probable: int = 0
+    v_check_update: bool = False
     context_template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
     stats_max_tokens: int = 100_000
@@ -186,6 +191,7 @@ _SPECS: dict[str, _Spec] = {
     "kl_factor": _float("a number >= 0", lambda v: v >= 0),
     "v_stop_loss": _float("a number >= 0", lambda v: v >= 0),
     "v_stop_most_probable": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
+    "v_check_update": _Spec("true or false", lambda v: isinstance(v, bool), "bool"),
     "context_template_lengths": _Spec(
         "a non-empty list of [count, length] pairs of integers >= 1, e.g. [[5,10],[10,10]]", _lengths_ok, "lengths"
     ),
