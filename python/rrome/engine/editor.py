@@ -35,6 +35,7 @@ from rrome.engine.probabilities import request_probabilities
 from rrome.engine.prompts import EditPrompts, PromptFormat, RequestTokens, Row, context_rows
 from rrome.engine.retain import RetainedKeys
 from rrome.engine.screen import SCREEN_RATIO, ScreenResult, screen_keys
+from rrome.engine.shield import Shield, choose_subjects, shield_keys
 from rrome.engine.update import Solver, Update, compute_update
 from rrome.engine.values import compute_value
 from rrome.files.constants import METHODS, Method
@@ -75,6 +76,8 @@ class EditResult:
         value: the optimisation's diagnostics (:meth:`rrome.engine.values.ValueResult.record`: the loss
             terms nll, kl and weight decay per forward pass, the argmax hit rate, the lr used),
             also in the edit log as ``meta["value"]``.
+        shield: with ``shield_subjects``, the subjects whose keys the edit was solved against
+            and their weight (:meth:`rrome.engine.shield.Shield.to_json`), else ``None``.
         screen: the disabling-edit screen of the request (:mod:`rrome.engine.screen`), also in the
             edit log as ``meta["screen"]``.
     """
@@ -98,6 +101,7 @@ class EditResult:
     delta_ratio: float = math.nan
     value: dict[str, Any] = field(default_factory=dict)
     screen: ScreenResult | None = None
+    shield: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The edit's record: the one serialiser of what an edit did, written into the edit log
@@ -119,6 +123,7 @@ class EditResult:
             "p_new": [self.p_new_before, self.p_new_after],
             "p_true": [self.p_true_before, self.p_true_after],
             "screen": self.screen.to_json() if self.screen is not None else None,
+            "shield": self.shield,
         }
 
 
@@ -439,6 +444,31 @@ class Editor:
                 median,
             )
 
+    def _shield(self, request: EditRequest) -> Shield | None:
+        """The neighbour shield of ``request`` (``shield_subjects``; :mod:`rrome.engine.shield`),
+        read from the model as it is now, or ``None`` when off."""
+        n = self.hparams.shield_subjects
+        if not n:
+            return None
+        subjects = choose_subjects(request, n)
+        fmt = self.prompt_format
+        return shield_keys(
+            self.model, self.tokenizer, self.module_name, request, subjects, self.hparams.shield_weight, fmt
+        )
+
+    def _shielded(self, solver: Solver, shield: Shield) -> Solver:
+        """``solver`` (C0, or C0 and the retained keys) with the shield's keys added, for one edit:
+        a copy, so that they are not retained."""
+        if not shield.subjects:
+            return solver
+        base = (
+            solver.copy()
+            if isinstance(solver, RetainedKeys)
+            else RetainedKeys(self.cholesky(), self.hparams.retain_weight)
+        )
+        base.add_many(shield.keys, weight=shield.weight)
+        return base
+
     def _factors(self, solver: Solver, keys: Keys, v_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors (u, r) of the update this editor would write for ``v_e``: what the value
         optimisation's ``v_check_update`` applies (:func:`~rrome.engine.values.compute_value`)."""
@@ -553,6 +583,8 @@ class Editor:
         screen = self._screen(tokens.request, tokens.plain, keys)
         self._check_screen(screen)
         retained = len(solver) if isinstance(solver, RetainedKeys) else None
+        shield = self._shield(tokens.request)
+        writes = solver if shield is None else self._shielded(solver, shield)  # u is solved against this
         try:
             value = compute_value(
                 self.model,
@@ -563,9 +595,9 @@ class Editor:
                 prompts,
                 self.hparams,
                 layout=self.adapter.layout,
-                factors=functools.partial(self._factors, solver, keys),
+                factors=functools.partial(self._factors, writes, keys),
             )
-            update = compute_update(self.method, solver, keys, value.v_e)
+            update = compute_update(self.method, writes, keys, value.v_e)
         except FloatingPointError as e:
             raise NonFiniteUpdateError(
                 f"refused the edit of {tokens.request.subject!r}: {e}; the model is unchanged"
@@ -597,6 +629,7 @@ class Editor:
             delta_ratio=value.delta_ratio,
             value=value.record(),
             screen=screen,
+            shield=None if shield is None else shield.to_json(),
         )
         delta = dataclasses.replace(unlogged.delta, meta=self._meta(unlogged, prompts, retained))
         result = dataclasses.replace(unlogged, delta=delta)

@@ -70,9 +70,11 @@ class RetainedKeys:
         """
         self.add_many(np.array(key, dtype=np.float64).reshape(1, -1))
 
-    def add_many(self, keys: npt.ArrayLike) -> None:
+    def add_many(self, keys: npt.ArrayLike, weight: float | None = None) -> None:
         """Retains the rows of ``keys`` (m, d), in order, as :meth:`add` would one by one; their
         kᵀC0⁻¹k come from one solve with m right-hand sides. Nothing is retained if any is bad.
+        ``weight``: their λ, if not :attr:`weight` (the neighbour shield's keys,
+        :mod:`rrome.engine.shield`).
 
         Raises:
             ValueError: a key has the wrong width, is not finite, or is zero under C0⁻¹.
@@ -86,11 +88,23 @@ class RetainedKeys:
         bad = [i for i, q in enumerate(qs) if not (math.isfinite(q) and q > 0)]
         if bad:
             raise ValueError(f"a retained key has kᵀC0⁻¹k = {qs[bad[0]]}; it must be positive")
+        lam = self.weight if weight is None else float(weight)
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"a key's weight must be a finite number > 0; got {weight!r}")
         if self._updated is None:
             self._updated = Cholesky.from_factor(self.chol.factor(), self.chol.ridge)
         for k, q in zip(ks, qs, strict=True):
-            self._updated.rank_one_update(k, self.weight / float(q))
+            self._updated.rank_one_update(k, lam / float(q))
             self.raw.append(k.copy())
+
+    def copy(self) -> RetainedKeys:
+        """A copy that further keys can be added to without changing this one (the factor is
+        copied, C0's is shared)."""
+        other = RetainedKeys(self.chol, self.weight)
+        if self._updated is not None:
+            other._updated = Cholesky.from_factor(self._updated.factor(), self._updated.ridge)
+        other.raw = [k.copy() for k in self.raw]
+        return other
 
     def clear(self) -> None:
         self._updated = None

@@ -56,6 +56,13 @@ Sequential retention
   cuts what the new edit does at it by the factor 1 + λ·(1 − cos²) (cos: the two keys' cosine
   under C0⁻¹), whatever the width or the scale of the keys.
 
+Neighbour shield
+----------------
+* ``shield_subjects`` (0, off, in ``reference``): that many other subjects (a packaged bank of
+  CounterFact train names, those asked in the edit's own prompt first) are put into the edit's
+  prompt and their keys added to what this edit is solved against, with weight
+  ``shield_weight`` in ``retain_weight``'s units (:mod:`rrome.engine.shield`).
+
 Presets: ``reference`` is the reference ROME code's constants and stopping rule exactly (it
 leaves the layer and the statistics budget to the family); ``default`` is the family's packaged
 set unchanged. Gemma 3's packaged set is measured on CounterFact (most-probable stop, relative
@@ -119,6 +126,8 @@ class HParams:
     stats_max_tokens: int = 100_000
     retain_edit_keys: bool = False
     retain_weight: float = 10.0
+    shield_subjects: int = 0
+    shield_weight: float = 1.0
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -199,6 +208,8 @@ _SPECS: dict[str, _Spec] = {
     "stats_max_tokens": _int("an integer >= 1", lambda v: v >= 1),
     "retain_edit_keys": _Spec("true or false", lambda v: isinstance(v, bool), "bool"),
     "retain_weight": _float("a number > 0", lambda v: v > 0),
+    "shield_subjects": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
+    "shield_weight": _float("a number > 0", lambda v: v > 0),
     "note": _Spec("a string", lambda v: isinstance(v, str), "str"),
 }
 assert set(_SPECS) == {f.name for f in dataclasses.fields(HParams)}
