@@ -19,8 +19,9 @@ the Woodbury solve rrome used before), ``apply-gpt2m-*``
 one edit with the packaged defaults against the ``reference`` preset; skipped with a message
 where the model cannot be installed; ``--only value-gemma270m`` adds the fast value
 optimisation against the plain loop), and ``stats-workers`` when ``benches/stats_workers.py``
-exists. Each record also carries the 1-minute load average at the time it was measured: on
-a shared machine, a high one means noisy figures.
+exists, and ``seq-gemma270m-n100`` (100 sequential edits with retention against the same
+edits one at a time; ``--seq-n`` sets the count). Each record also carries the 1-minute load
+average at the time it was measured: on a shared machine, a high one means noisy figures.
 
 Not part of ``make test``: timings belong here, never in unit tests.
 """
@@ -490,6 +491,72 @@ def bench_edits(model_dir: Path, default: Any, repeats: int, quick: bool, only: 
         )
 
 
+SEQ_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-val.json"
+"""The sequential bench's edits: CounterFact val records from 1,001 on (no run in docs/results
+reads them), beside the checkout as ``../shared/data``; ``$RROME_SHARED_DATA`` overrides."""
+
+PHASES = ("before", "setup", "keys", "shield", "value", "update", "after")
+
+
+def bench_sequential(n: int) -> None:
+    """``seq-gemma270m-n<N>``: N edits of the demo model made one after another with retention
+    (the packaged defaults and ``retain_edit_keys``: each edit solved against C0 and every
+    earlier key), against the same N edits made one at a time, each into the unedited weight
+    (``Editor.tentative``). Both with C0 and the templates cached. The extra fields give edits
+    per minute and, per mode, the share of the time each phase of an edit took
+    (``EditResult.timings``)."""
+    from rrome.demo import demo_model_dir
+    from rrome.engine.editor import Editor
+    from rrome.files.edits import load_requests
+
+    root = os.environ.get("RROME_SHARED_DATA")
+    data = Path(root) / "counterfact" / "counterfact-val.json" if root else SEQ_DATA
+    if not data.is_file():
+        print(f"seq-gemma270m-n{n}: skipped ({data} is not here)")
+        return
+    try:
+        model_dir = demo_model_dir()
+    except Exception as e:  # any failure to install the model skips the line
+        print(f"seq-gemma270m-n{n}: skipped (demo model unavailable: {e})")
+        return
+    requests = load_requests(data)[1000 : 1000 + n]
+    editor = Editor.from_pretrained(model_dir, progress=False, hparams={"retain_edit_keys": True})
+    editor.templates()
+    editor.cholesky()
+    one = editor.copy(hparams=editor.hparams.with_overrides(retain_edit_keys=False))
+    weight = editor.edited_weight().detach().clone()
+
+    t0 = time.perf_counter()
+    singles = []
+    for request in requests:
+        with one.tentative(request) as result:
+            singles.append(result)
+    t_single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sequential = [editor.edit(request, queue=False) for request in requests]
+    t_seq = time.perf_counter() - t0
+    retained = len(editor.retained_keys)
+    editor.restore(weight)
+
+    def shares(results: list[Any]) -> dict[str, float]:
+        total = sum(sum(r.timings.values()) for r in results)
+        return {f"{p}_share": sum(r.timings.get(p, 0.0) for r in results) / total for p in PHASES}
+
+    report(
+        f"seq-gemma270m-n{n}",
+        t_seq,
+        t_single,
+        baseline_is="the same edits one at a time",
+        edits_per_min_seq=60 * n / t_seq,
+        edits_per_min_single=60 * n / t_single,
+        steps_seq=statistics.mean(r.steps for r in sequential),
+        steps_single=statistics.mean(r.steps for r in singles),
+        retained_at_end=retained,
+        **{f"seq_{k}": v for k, v in shares(sequential).items()},
+        **{f"single_{k}": v for k, v in shares(singles).items()},
+    )
+
+
 def bench_stats_workers(path: Path, quick: bool) -> None:
     """The optional ``stats-workers`` line (1 vs 2 torchrun workers), from its own script."""
     import importlib.util
@@ -518,6 +585,7 @@ def main() -> None:
         help="runs of moments-d6400 (one run of its three variants takes about 10 minutes on 2 cores)",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the reported figures)")
+    ap.add_argument("--seq-n", type=int, default=100, help="edits of the seq-gemma270m line")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -543,6 +611,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if args.only in "stats-gemma270m" or args.only in "edit-gemma270m" or args.only == "value-gemma270m":
         bench_gemma(args.repeats, args.quick, args.only)
+    seq_n = 5 if args.quick else args.seq_n
+    if args.only in f"seq-gemma270m-n{seq_n}":
+        bench_sequential(seq_n)
     workers = Path(__file__).with_name("stats_workers.py")
     if workers.is_file() and args.only in "stats-workers":
         bench_stats_workers(workers, args.quick)

@@ -73,6 +73,11 @@ def test_editor_edit(family: str, method: str, tiny_copy: Callable[..., Path]) -
     torch.testing.assert_close(weight.double(), expected, rtol=1e-6, atol=1e-7)
     assert not torch.equal(weight, w0)
     assert editor.pending == [result.delta] and editor.results == [result]
+    # The phases' seconds, in order, add up to the edit's (the last lap ends where seconds is read).
+    assert list(result.timings) == ["before", "setup", "keys", "shield", "value", "update", "after"]
+    assert all(t >= 0 for t in result.timings.values())
+    assert sum(result.timings.values()) == pytest.approx(result.seconds, abs=1e-2)
+    assert meta["timings"] == result.timings
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _helpers import SHARED_DATA
 
-from rrome.engine.editor import Editor
+from rrome.engine.editor import TIMING_FIELDS, Editor
 from rrome.engine.probabilities import continuation_logprob, target_probabilities
 from rrome.eval.downstream import TASKS, downstream_accuracy, few_shot_sets
 from rrome.eval.generation import entropy, generation_entropy, ngram_entropy
@@ -301,9 +301,8 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
 
     a = read_jsonl(whole / "sequential-r-rome" / "edits.jsonl")
     b = read_jsonl(folder / "edits.jsonl")
-    strip = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in a] == [
-        {k: v for k, v in r.items() if k not in strip} for r in b
+    assert [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in a] == [
+        {k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in b
     ]
     assert json.loads((folder / "final.json").read_text()) == json.loads(
         (whole / "sequential-r-rome" / "final.json").read_text()
@@ -454,7 +453,7 @@ def test_cli_eval_killed_with_sigkill_resumes_to_the_same_numbers(gpt2_dir: Path
     assert r.returncode == 0, r.stderr
 
     def untimed(path: Path) -> list[dict[str, Any]]:
-        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in read_jsonl(path)]
+        return [{k: v for k, v in rec.items() if k not in TIMING_FIELDS} for rec in read_jsonl(path)]
 
     a, b = whole / "sequential-r-rome", part / "sequential-r-rome"
     assert [rec["index"] for rec in read_jsonl(b / "edits.jsonl")] == [0, 1, 2, 3]  # each edit once

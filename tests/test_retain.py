@@ -31,7 +31,7 @@ from engine_reference import PUSH_HP
 
 import rrome
 from rrome import Cholesky
-from rrome.engine.editor import Editor
+from rrome.engine.editor import TIMING_FIELDS, Editor
 from rrome.engine.keys import compute_keys
 from rrome.engine.retain import RetainedKeys
 from rrome.files.edits import EditRequest
@@ -294,8 +294,8 @@ def test_sequential_eval_with_retention_resumes_to_the_same_numbers(
     (pf / "checkpoints.jsonl").unlink()
     (pf / "final.json").unlink()
     run(cfg, part, progress=False)
-    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(folder / "edits.jsonl")]
-    assert untimed == [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(pf / "edits.jsonl")]
+    untimed = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_jsonl(folder / "edits.jsonl")]
+    assert untimed == [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_jsonl(pf / "edits.jsonl")]
     assert json.loads((pf / "final.json").read_text()) == json.loads((folder / "final.json").read_text())
 
     # Without the option the factor files hold u and r only, as before.

@@ -54,6 +54,10 @@ LARGE_UPDATE_MIN_EDITS = 3
 
 _log = logging.getLogger("rrome")
 
+TIMING_FIELDS = frozenset({"seconds", "timings"})
+"""The fields of :meth:`EditResult.to_json` that measure time: the only ones a rerun of the same
+edit on the same machine may change."""
+
 
 @dataclass(frozen=True)
 class EditResult:
@@ -78,6 +82,10 @@ class EditResult:
             also in the edit log as ``meta["value"]``.
         shield: with ``shield_subjects``, the subjects whose keys the edit was solved against
             and their weight (:meth:`rrome.engine.shield.Shield.to_json`), else ``None``.
+        timings: seconds per phase of the edit: ``before`` (P(target) before), ``setup`` (the
+            templates and C0's factor, once per editor, and the retained keys), ``keys`` (keys
+            and screen), ``shield``, ``value`` (the optimisation, with its checks), ``update``
+            (solve, guards, the in-memory write, retaining the key), ``after`` (P(target) after).
         screen: the disabling-edit screen of the request (:mod:`rrome.engine.screen`), also in the
             edit log as ``meta["screen"]``.
     """
@@ -102,6 +110,7 @@ class EditResult:
     value: dict[str, Any] = field(default_factory=dict)
     screen: ScreenResult | None = None
     shield: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The edit's record: the one serialiser of what an edit did, written into the edit log
@@ -124,7 +133,21 @@ class EditResult:
             "p_true": [self.p_true_before, self.p_true_after],
             "screen": self.screen.to_json() if self.screen is not None else None,
             "shield": self.shield,
+            "timings": self.timings,
         }
+
+
+class _Laps:
+    """Seconds per phase, each from the end of the one before (the first from ``t0``)."""
+
+    def __init__(self, t0: float) -> None:
+        self.last = t0
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
 
 
 def _resident_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -575,16 +598,21 @@ class Editor:
         return other
 
     def _edit(self, tokens: RequestTokens, t0: float, *, queue: bool = True) -> EditResult:
+        clock = _Laps(t0)
         p_before = request_probabilities(self.model, self.tokenizer, tokens)
+        clock.lap("before")
         templates = self.templates()
         solver = self.solver()  # C0 (computed or read once), with the retained keys if any
+        clock.lap("setup")
         prompts = EditPrompts.build(self.tokenizer, tokens, templates)
         keys = keys_at(self.model, self.tokenizer, self.module_name, prompts.context)
         screen = self._screen(tokens.request, tokens.plain, keys)
         self._check_screen(screen)
         retained = len(solver) if isinstance(solver, RetainedKeys) else None
+        clock.lap("keys")
         shield = self._shield(tokens.request)
         writes = solver if shield is None else self._shielded(solver, shield)  # u is solved against this
+        clock.lap("shield")
         try:
             value = compute_value(
                 self.model,
@@ -597,6 +625,7 @@ class Editor:
                 layout=self.adapter.layout,
                 factors=functools.partial(self._factors, writes, keys),
             )
+            clock.lap("value")
             update = compute_update(self.method, writes, keys, value.v_e)
         except FloatingPointError as e:
             raise NonFiniteUpdateError(
@@ -606,7 +635,9 @@ class Editor:
         self._apply_in_memory(update)
         if isinstance(solver, RetainedKeys) and update.key is not None:
             solver.add(update.key)
+        clock.lap("update")
         p_after = request_probabilities(self.model, self.tokenizer, tokens)
+        clock.lap("after")
         tensor = self.adapter.tensor_name(self.layer)
         key = None if update.key is None else update.key.astype(np.float32)  # float32 values already
         unlogged = EditResult(
@@ -630,6 +661,7 @@ class Editor:
             value=value.record(),
             screen=screen,
             shield=None if shield is None else shield.to_json(),
+            timings=clock.laps,
         )
         delta = dataclasses.replace(unlogged.delta, meta=self._meta(unlogged, prompts, retained))
         result = dataclasses.replace(unlogged, delta=delta)
