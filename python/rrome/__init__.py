@@ -19,6 +19,7 @@ from rrome._rust import VERSION, Checkpoint, Cholesky, Inspection, SecondMoment
 from rrome.files.adapters import AdapterReport, export_lora
 from rrome.files.errors import (
     CacheFolderError,
+    ChatTemplateError,
     CheckpointError,
     DeltaError,
     DeltasFileError,
@@ -37,6 +38,7 @@ from rrome.files.errors import (
     SafetensorsHeaderError,
     ShapeError,
     TensorNotFoundError,
+    TokenizationError,
     UnsupportedDtypeError,
     UnsupportedModelError,
 )
@@ -72,6 +74,7 @@ __all__ = [
     "AdapterReport",
     "ApplyReport",
     "CacheFolderError",
+    "ChatTemplateError",
     "Checkpoint",
     "CheckpointError",
     "Cholesky",
@@ -99,6 +102,7 @@ __all__ = [
     "SecondMoment",
     "ShapeError",
     "TensorNotFoundError",
+    "TokenizationError",
     "UnsupportedDtypeError",
     "UnsupportedModelError",
     "apply_deltas",

@@ -28,18 +28,10 @@ from typing import Any, Literal
 import torch
 
 from rrome.files.edits import EditRequest
-from rrome.files.errors import RromeError
+from rrome.files.errors import ChatTemplateError, TokenizationError
 
 KL_PROMPT = "{} is a"
 """The value optimisation's KL prompt (the subject filled in): the reference code's."""
-
-
-class TokenizationError(RromeError):
-    """A prompt or target cannot be tokenised as the edit needs (subject lost, empty target)."""
-
-
-class ChatTemplateError(RromeError):
-    """Chat prompts were asked for a tokenizer that has no chat template (or one that fails)."""
 
 
 PromptStyle = Literal["plain", "chat"]

@@ -42,6 +42,14 @@ class UnsupportedModelError(RromeError):
     """The model's architecture has no rrome adapter, or its tokenizer cannot be used."""
 
 
+class TokenizationError(RromeError):
+    """A prompt or target cannot be tokenised as the edit needs (subject lost, empty target)."""
+
+
+class ChatTemplateError(RromeError):
+    """Chat prompts were asked for a tokenizer that has no chat template (or one that fails)."""
+
+
 class TensorNotFoundError(RromeError, LookupError):
     """A delta names a tensor that the checkpoint does not hold."""
 
