@@ -12,7 +12,8 @@ records go to ``bench-results.json``.
 Comparisons: ``moments-d*`` (SecondMoment.update vs torch addmm in f64 and in f32),
 ``solve-d*`` (Cholesky + 100 solves vs torch.inverse + 100 mat-vecs), ``retain-d*-m*``
 (retaining m earlier edits' keys and one later edit's solve: rank-one updates of C0's factor vs
-the Woodbury solve rrome used before), ``apply-gpt2m-*``
+the Woodbury solve rrome used before; ``retain-d2048-m10000-scale``: 10,000 keys, one more edit
+against refactorising C0 plus the keys), ``apply-gpt2m-*``
 (``rrome apply-deltas`` of 10 deltas into one tensor, in place / to a copy / to a copy with
 ``--link-untouched``, and in place spread over 10 tensors, vs transformers load + W += Δ + save),
 ``stats-gemma270m`` and ``edit-gemma270m`` (the Gemma 3 270M demo model: C0 collection, and
@@ -217,6 +218,53 @@ def bench_retain(d: int, m: int, repeats: int) -> None:
         solve_base_s=statistics.median(s for _, s in w),
         rel_diff=rel_err(xs["ours"], xs["base"]),
         extra_memory_mb=(d * d * 8 + m * d * 8) / 2**20,
+    )
+
+
+def bench_retain_scale(d: int, m: int) -> None:
+    """``retain-d{d}-m{m}-scale``: a lifelong folder's m retained keys. Ours: every key folded
+    into a copy of C0's factor (rank-one updates), then one more edit (its key added and one
+    solve). Baseline: the fastest way without updating a factor, C = C0 + Σ w k kᵀ kept as a
+    matrix (each key one O(d²) outer product) and factorised again for the edit (numpy's
+    Cholesky, then two triangular solves). Extra fields: the seconds to retain all m keys, the
+    memory the retained state holds, and the two solutions' relative difference."""
+    from rrome.engine.retain import RetainedKeys
+
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((d, d // 4))
+    c0 = (b @ b.T) / d + np.eye(d)
+    chol = rrome.Cholesky(c0)
+    keys = rng.standard_normal((m, d))
+    k = rng.standard_normal(d)
+    lam = 10.0
+    rk = RetainedKeys(chol, lam)
+    t0 = time.perf_counter()
+    for at in range(0, m, 500):
+        rk.add_many(keys[at : at + 500])
+    add_all = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rk.add(keys[-1])
+    x = rk.solve(k)
+    ours = time.perf_counter() - t0
+    weights = lam / np.einsum("ij,ji->i", keys, np.linalg.solve(c0, keys.T))
+    c = c0 + (keys.T * weights) @ keys
+    t0 = time.perf_counter()
+    c += weights[-1] * np.outer(keys[-1], keys[-1])
+    lower = np.linalg.cholesky(c)
+    y = np.linalg.solve(lower.T, np.linalg.solve(lower, k))
+    base = time.perf_counter() - t0
+    c -= weights[-1] * np.outer(keys[-1], keys[-1])
+    ref = np.linalg.solve(c + weights[-1] * np.outer(keys[-1], keys[-1]), k)
+    report(
+        f"retain-d{d}-m{m}-scale",
+        ours,
+        base,
+        baseline_is="refactorise C0 + retained keys per edit",
+        retain_all_s=add_all,
+        per_key_ms=1e3 * add_all / m,
+        state_mb=(d * d * 8 + m * d * 8) / 2**20,
+        rel_diff=rel_err(x, ref),
+        rel_diff_base=rel_err(y, ref),
     )
 
 
@@ -599,6 +647,8 @@ def main() -> None:
     retain_sizes = ((256, 100), (256, 500)) if args.quick else ((2048, 100), (2048, 1000), (2048, 4000))
     for d, m in retain_sizes:
         jobs.append((f"retain-d{d}-m{m}", lambda d=d, m=m: bench_retain(d, m, 1 if m > 1000 else args.repeats)))
+    scale = (256, 2000) if args.quick else (2048, 10_000)
+    jobs.append((f"retain-d{scale[0]}-m{scale[1]}-scale", lambda: bench_retain_scale(*scale)))
     work = Path(tempfile.mkdtemp(prefix="bench_rrome-"))
     try:
         for dtype in ("f32", "bf16"):
