@@ -14,12 +14,10 @@ the records as before but puts the threshold elsewhere); a falling AUC is lost a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rrome.eval.downstream import few_shot_sets, label_scores, predicted_labels
-from rrome.eval.results import RUN_FILE
-from rrome.eval.runs import rebuild_along
+from rrome.eval.runs import rebuild_along, run_settings
 from rrome.files.errors import RromeError
 
 
@@ -42,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     try:
-        run = json.loads((args.folder.parent / RUN_FILE).read_text())
+        run = run_settings(args.folder)  # read once: the GLUE sets here, the dtype in rebuild_along
         sets = few_shot_sets(int(run["glue_n"]), seed=int(run["seed"]))
         sets = [s for s in sets if not args.task or s.task.name in args.task]
         if not sets:
@@ -50,7 +48,7 @@ def main() -> None:
         counts = sorted({int(x) for x in args.at.split(",")})
         print("| edits | task | accuracy | records per predicted label | mean margin | AUC |")
         print("|---|---|---|---|---|---|")
-        for n, _, editor in rebuild_along(args.folder, args.model_dir, counts):
+        for n, _, editor in rebuild_along(args.folder, args.model_dir, counts, settings=run):
             for s in sets:
                 rows = label_scores(editor.model, editor.tokenizer, s)
                 truth = [int(r["label"]) for r in s.records]

@@ -45,7 +45,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -478,20 +478,33 @@ def replay_edits(editor: Editor, variant: Variant, records: Sequence[dict[str, A
         editor.replay(u, r, k)
 
 
+def run_settings(folder: Path) -> dict[str, Any]:
+    """The ``run.json`` of the run that a variant ``folder`` (…/sequential-rome) belongs to, as
+    recorded (``{}`` for a folder written before runs recorded one)."""
+    run_file = Variant.of(folder).run_dir / RUN_FILE
+    return read_object(run_file) if run_file.exists() else {}
+
+
 def rebuild_along(
-    folder: Path, model_dir: str | os.PathLike[str], counts: Sequence[int], *, device: str = "cpu"
+    folder: Path,
+    model_dir: str | os.PathLike[str],
+    counts: Sequence[int],
+    *,
+    device: str = "cpu",
+    settings: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any] | None, Editor]]:
     """The model of a sequential run's variant ``folder`` (…/sequential-rome) after each number
     of edits in ``counts`` (ascending; 0: unedited), rebuilt from ``model_dir`` and the folder's
-    factors as a resumed run rebuilds it (in the run's dtype). Yields (count, the count-th edit's record or None, an
-    editor whose in-memory model holds those edits); the editor is the same object each time."""
+    factors as a resumed run rebuilds it (in the run's dtype). ``settings``: the run's
+    :func:`run_settings`, when the caller has read them already. Yields (count, the count-th
+    edit's record or None, an editor whose in-memory model holds those edits); the editor is the
+    same object each time."""
     variant = Variant.of(folder)
     records = read_jsonl(variant.edits)
     if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
     base = read_object(variant.run_dir / BASELINE_FILE)
-    run_file = variant.run_dir / RUN_FILE
-    dtype = (read_object(run_file).get("dtype") if run_file.exists() else None) or RunConfig.dtype
+    dtype = (run_settings(folder) if settings is None else settings).get("dtype") or RunConfig.dtype
     editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
     done = 0
     for n in counts:
