@@ -145,11 +145,15 @@ def test_a_passing_check_stops_the_run(tiny_loaded: Callable[..., Any]) -> None:
     assert result.stop == "loss" and result.steps == 0 and result.update_top1 == [(0, 1.0)]
 
 
-def test_the_check_needs_factors(tiny_loaded: Callable[..., Any]) -> None:
+def test_without_factors_the_rule_is_deltas_alone(tiny_loaded: Callable[..., Any]) -> None:
+    """``v_check_update`` is the editor's: the bare optimisation, given no factors, stops by δ's
+    rule (here the loss rule at the first pass) and checks nothing."""
     loaded = tiny_loaded("llama")
-    hp = load_hparams("llama", n_layers=2).with_overrides(layer=EDIT_LAYER, v_check_update=True, **QUICK_HP)
-    with pytest.raises(ValueError, match="factors"):
-        compute_value_on(loaded, EDIT_LAYER, FRANCE, TEMPLATES, hp)
+    hp = load_hparams("llama", n_layers=2).with_overrides(
+        layer=EDIT_LAYER, v_check_update=True, v_stop_loss=100.0, **QUICK_HP
+    )
+    result = compute_value_on(loaded, EDIT_LAYER, FRANCE, TEMPLATES, hp)
+    assert result.stop == "loss" and result.steps == 0 and result.update_top1 == []
 
 
 @pytest.mark.parametrize("method", ["r-rome", "rome"])
@@ -166,3 +170,14 @@ def test_editor_checks_the_update_it_writes(method: str, tiny_copy: Callable[...
     assert checks[-1][1] == _share_alone(editor.model, editor.tokenizer, DARRIEUX)
     assert (result.stop == "loss") == (checks[-1][1] == 1.0)
     assert result.delta.meta is not None and result.delta.meta["hparams"]["v_check_update"] is True
+
+
+def test_editor_without_the_check_passes_no_factors(tiny_copy: Callable[..., Path]) -> None:
+    editor = Editor.from_pretrained(
+        tiny_copy("gpt2"),
+        layer=EDIT_LAYER,
+        hparams={**QUICK_HP, "v_stop_loss": 100.0, "v_check_update": False},
+        progress=False,
+    )
+    result = editor.edit(DARRIEUX)
+    assert result.stop == "loss" and result.steps == 0 and result.value["update_top1"] == []

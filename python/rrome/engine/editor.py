@@ -623,7 +623,7 @@ class Editor:
                 prompts,
                 self.hparams,
                 layout=self.adapter.layout,
-                factors=functools.partial(self._factors, writes, keys),
+                factors=functools.partial(self._factors, writes, keys) if self.hparams.v_check_update else None,
             )
             clock.lap("value")
             update = compute_update(self.method, writes, keys, value.v_e)

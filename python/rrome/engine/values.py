@@ -16,14 +16,14 @@ target has been the argmax at every target position of every rewriting prompt fo
 ``v_num_grad_steps`` passes (:mod:`rrome.files.hparams` describes the units). With the ``reference``
 preset this is the reference code's loop, step for step.
 
-With ``v_check_update`` the stop rule also asks the update itself: δ is added at the subject
-alone, but the rank-one Δ the editor will write changes the module's output by r·uᵀk/uᵀk_den at
-every key k, and r-rome writes v_e at the template-averaged key k_e, not at each prompt's own
-key. So once the rule would stop, the caller's ``factors`` turn v_e into Δ's factors, the
-rewriting prompts run once more with Δ applied and no δ (:func:`_passes_update`), and the
-optimisation stops only if the new target is then the argmax at every target position of every
-rewriting prompt (the plain prompt among them); otherwise it takes another step, within the same
-``v_num_grad_steps`` bound (docs/design.md §1).
+With ``v_check_update`` (the editor then passes ``factors``) the stop rule also asks the update
+itself: δ is added at the subject alone, but the rank-one Δ the editor will write changes the
+module's output by r·uᵀk/uᵀk_den at every key k, and r-rome writes v_e at the template-averaged
+key k_e, not at each prompt's own key. So once the rule would stop, ``factors`` turn v_e into
+Δ's factors, the rewriting prompts run once more with Δ applied and no δ
+(:func:`_passes_update`), and the optimisation stops only if the new target is then the argmax
+at every target position of every rewriting prompt (the plain prompt among them); otherwise it
+takes another step, within the same ``v_num_grad_steps`` bound (docs/design.md §1).
 
 The fast path gives the same result with less work (docs/design.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
@@ -504,17 +504,12 @@ def compute_value(
             prompts, the KL prompt and the target ids.
         fast: replay the blocks below the edited layer and compute only the needed logits
             (same result as the plain loop; the tests check the loss trajectory).
-        factors: with ``hp.v_check_update``, v_e ↦ the factors (u, r) of the update the caller
-            will write (:data:`UpdateFactors`); the stop rule then also requires the rewriting
-            prompts to pass under that update (module docstring). Ignored otherwise.
-
-    Raises:
-        ValueError: ``hp.v_check_update`` without ``factors``.
+        factors: v_e ↦ the factors (u, r) of the update the caller will write
+            (:data:`UpdateFactors`): the stop rule then also requires the rewriting prompts to
+            pass under that update (module docstring). The editor gives them when
+            ``v_check_update`` is set; ``None``: δ's rule alone.
     """
-    if hp.v_check_update and factors is None:
-        raise ValueError("v_check_update needs the update's factors (factors=...)")
-    check = factors if hp.v_check_update else None
-    run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, check)
+    run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, factors)
     stop = "max-steps"
     for it in range(hp.v_num_grad_steps):
         first = it == 0

@@ -406,7 +406,9 @@ REFERENCE_FIELDS = (
     "v_stop_loss",
     "v_stop_most_probable",
     "context_template_lengths",
+    "v_check_update",
     "retain_edit_keys",
+    "shield_subjects",
 )
 """The fields of the reference recipe: the reference ROME code (Meng et al. 2022; kept by r-ROME,
 Gupta et al. 2024) for GPT-2 XL and GPT-J, rome/compute_v.py with hparams/ROME/*.json. Their
