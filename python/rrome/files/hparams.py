@@ -47,7 +47,7 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.v
 
 Sequential retention
 --------------------
-* ``retain_edit_keys`` (off by default and in ``reference``): each edit solves for its input
+* ``retain_edit_keys`` (on in Gemma 3's defaults; off in ``reference`` and untuned families): each edit solves for its input
   factor against C0 plus the keys of the same editor's earlier edits,
   u = (C0 + Σ_p w_p k_p k_pᵀ)⁻¹ k, so that it changes the module's output at those keys less
   (:mod:`rrome.engine.retain`).
