@@ -47,8 +47,9 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.v
 
 Sequential retention
 --------------------
-* ``retain_edit_keys`` (on in Gemma 3's defaults; off in ``reference`` and untuned families): each edit solves for its input
-  factor against C0 plus the keys of the same editor's earlier edits,
+* ``retain_edit_keys`` (on in Gemma 3's defaults; off in ``reference`` and untuned families):
+  each edit solves for its input factor against C0 plus the keys of the earlier edits (the
+  editor's and the folder's edit log's),
   u = (C0 + Σ_p w_p k_p k_pᵀ)⁻¹ k, so that it changes the module's output at those keys less
   (:mod:`rrome.engine.retain`).
 * ``retain_weight`` λ sets w_p = λ / (k_pᵀ C0⁻¹ k_p): in the coordinates where C0 is the
