@@ -25,6 +25,8 @@ for name in (
     "data/glue/mrpc_validation_balanced_258.jsonl",
     "data/glue/rte_validation_balanced_262.jsonl",
     "data/glue/cola_validation_balanced_644.jsonl",
+    "data/shield/subjects.json",
+    "data/shield/NOTICE.md",
 ):
     assert (pkg / name).is_file(), f"{name} missing from the wheel"
 assert "torch" not in sys.modules
