@@ -159,6 +159,15 @@ def bench_solve(d: int, n_rhs: int, repeats: int) -> None:
     )
 
 
+def _retain_problem(d: int, m: int) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray, float]:
+    """The retention benches' problem, seeded: a well-conditioned C0 (a low-rank part plus the
+    identity) and its factor, m earlier keys, one new key and λ = 10."""
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((d, d // 4))
+    c0 = (b @ b.T) / d + np.eye(d)
+    return c0, rrome.Cholesky(c0), rng.standard_normal((m, d)), rng.standard_normal(d), 10.0
+
+
 def bench_retain(d: int, m: int, repeats: int) -> None:
     """Retention of m earlier edits' keys at width d (rrome.engine.retain): the seconds one more
     sequential edit costs once m keys are retained (retaining a key, the mean over the m, plus
@@ -167,13 +176,7 @@ def bench_retain(d: int, m: int, repeats: int) -> None:
     edit an m × m system built from all of them). The extra fields give both parts."""
     from rrome.engine.retain import RetainedKeys
 
-    rng = np.random.default_rng(0)
-    b = rng.standard_normal((d, d // 4))
-    c0 = (b @ b.T) / d + np.eye(d)
-    chol = rrome.Cholesky(c0)
-    keys = rng.standard_normal((m, d))
-    k = rng.standard_normal(d)
-    lam = 10.0
+    _, chol, keys, k, lam = _retain_problem(d, m)
 
     def ours() -> tuple[float, float, np.ndarray]:
         t0 = time.perf_counter()
@@ -230,13 +233,7 @@ def bench_retain_scale(d: int, m: int) -> None:
     memory the retained state holds, and the two solutions' relative difference."""
     from rrome.engine.retain import RetainedKeys
 
-    rng = np.random.default_rng(0)
-    b = rng.standard_normal((d, d // 4))
-    c0 = (b @ b.T) / d + np.eye(d)
-    chol = rrome.Cholesky(c0)
-    keys = rng.standard_normal((m, d))
-    k = rng.standard_normal(d)
-    lam = 10.0
+    c0, chol, keys, k, lam = _retain_problem(d, m)
     rk = RetainedKeys(chol, lam)
     t0 = time.perf_counter()
     for at in range(0, m, 500):
