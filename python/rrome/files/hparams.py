@@ -189,6 +189,8 @@ def _lengths_ok(v: Any) -> bool:
     return all(isinstance(p, list | tuple) and len(p) == 2 and all(_is_int(x) and x >= 1 for x in p) for p in v)
 
 
+_BOOL = _Spec("true or false", lambda v: isinstance(v, bool), "bool")
+
 _SPECS: dict[str, _Spec] = {
     "family": _Spec("a family name (a string)", lambda v: isinstance(v, str) and bool(v), "str"),
     "layer": _int("an integer >= 0", lambda v: v >= 0),
@@ -201,13 +203,13 @@ _SPECS: dict[str, _Spec] = {
     "kl_factor": _float("a number >= 0", lambda v: v >= 0),
     "v_stop_loss": _float("a number >= 0", lambda v: v >= 0),
     "v_stop_most_probable": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
-    "v_check_update": _Spec("true or false", lambda v: isinstance(v, bool), "bool"),
+    "v_check_update": _BOOL,
     "context_template_lengths": _Spec(
         "a non-empty list of [count, length] pairs of integers >= 1, e.g. [[5,10],[10,10]]", _lengths_ok, "lengths"
     ),
     "template_seed": _int("an integer", lambda v: True),
     "stats_max_tokens": _int("an integer >= 1", lambda v: v >= 1),
-    "retain_edit_keys": _Spec("true or false", lambda v: isinstance(v, bool), "bool"),
+    "retain_edit_keys": _BOOL,
     "retain_weight": _float("a number > 0", lambda v: v > 0),
     "shield_subjects": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
     "shield_weight": _float("a number > 0", lambda v: v > 0),
