@@ -435,11 +435,9 @@ def _passes_update(run: _Run) -> bool:
     x = run.inputs
     u, r = run.factors((run.v_init + run.delta).detach())
     n = x.n_rewrite
-    keep = x.keep.clone()
-    keep[n:] = False  # the rewriting prompts only
-    inputs = {k: v[:n] for k, v in x.batch.model_inputs().items()}
+    inputs = {k: v[:n] for k, v in x.batch.model_inputs().items()}  # the rewriting prompts only
     with torch.no_grad(), add_rank_one(run.model, run.module_name, u, r):
-        logits = logits_at(run.model, inputs, keep[:n])
+        logits = logits_at(run.model, inputs, x.keep[:n])
     hit = logits.argmax(-1).to(x.target.device) == x.target
     share = float(hit.float().mean())
     run.checks.append((len(run.trace["loss"]) - 1, share))
