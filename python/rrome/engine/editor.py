@@ -492,9 +492,15 @@ class Editor:
         base.add_many(shield.keys, weight=shield.weight)
         return base
 
+    def _needs_factors(self) -> bool:
+        """Whether the value optimisation asks for the update's factors: to check it
+        (``v_check_update``) or to optimise what it adds (``v_objective = "update"``)."""
+        return self.hparams.v_check_update or self.hparams.v_objective == "update"
+
     def _factors(self, solver: Solver, keys: Keys, v_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors (u, r) of the update this editor would write for ``v_e``: what the value
-        optimisation's ``v_check_update`` applies (:func:`~rrome.engine.values.compute_value`)."""
+        optimisation's ``v_check_update`` applies and ``v_objective = "update"`` optimises
+        (:func:`~rrome.engine.values.compute_value`)."""
         update = compute_update(self.method, solver, keys, v_e)
         return torch.from_numpy(update.u), torch.from_numpy(update.r)
 
@@ -623,7 +629,7 @@ class Editor:
                 prompts,
                 self.hparams,
                 layout=self.adapter.layout,
-                factors=functools.partial(self._factors, writes, keys) if self.hparams.v_check_update else None,
+                factors=functools.partial(self._factors, writes, keys) if self._needs_factors() else None,
             )
             clock.lap("value")
             update = compute_update(self.method, writes, keys, value.v_e)

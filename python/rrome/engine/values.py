@@ -25,6 +25,15 @@ key k_e, not at each prompt's own key. So once the rule would stop, ``factors`` 
 at every target position of every rewriting prompt (the plain prompt among them); otherwise it
 takes another step, within the same ``v_num_grad_steps`` bound (docs/design.md §1).
 
+With ``v_objective = "update"`` (the editor then passes ``factors`` too) the optimisation adds at
+each prompt's subject token what that update adds there instead of δ: the update's output factor
+is affine in v_e, r = r_0 + c·δ (r_0 the factors of v_init, c = 1/uᵀk_den), so at a prompt whose
+key is k_j the update adds uᵀk_j·r_0 + uᵀk_j·c·δ (:class:`_Shift`). The first pass runs with δ = 0
+added, as under ``"subject"`` (the unedited model: v_init, the KL reference and the keys k_j come
+from it); every later pass adds the shift. The loss and the stop rule then read the update the
+editor writes at each prompt's own key (r-rome writes v_e at the template-averaged key k_e, where
+uᵀk_e·c = 1), not δ at all of them.
+
 The fast path gives the same result with less work (docs/design.md §6): the blocks below the
 edited layer never see δ, so their output is computed once and replayed at every step, and
 logits are computed only at the positions the loss reads.
@@ -235,6 +244,33 @@ class _PrefixCache:
         return self.cache
 
 
+@dataclass(frozen=True)
+class _Shift:
+    """``v_objective = "update"``: what the update written for v_init + δ adds at each row's
+    subject token, ``offset[i] + scale[i] · δ`` (row i's key k_i: offset = uᵀk_i · r_0,
+    scale = uᵀk_i · c; module docstring)."""
+
+    offset: torch.Tensor  # float32 (B, d_out)
+    scale: torch.Tensor  # float32 (B,)
+
+    @classmethod
+    def build(cls, factors: UpdateFactors, v_init: torch.Tensor, keys: torch.Tensor) -> _Shift:
+        """From the factors of v_init and of 2·v_init (the update is affine in v_e: c is the
+        slope of r along v_init) and the rows' keys (B, d_in)."""
+        u, r0 = factors(v_init)
+        _, r1 = factors(2 * v_init)
+        v = v_init.to(r0.device, torch.float64)
+        c = float((r1.double() - r0.double()) @ v / (v @ v))
+        s = keys.double() @ u.to(keys.device, torch.float64)
+        dev = v_init.device
+        offset = (s[:, None].to(dev) * r0.to(dev, torch.float64)[None, :]).float()
+        return cls(offset, (s * c).float().to(dev))
+
+    def add(self, delta: torch.Tensor) -> torch.Tensor:
+        """The (B, d_out) vectors added at the rows' subject tokens for this δ."""
+        return self.offset + self.scale[:, None] * delta[None, :]
+
+
 @dataclass
 class _Run:
     """One value optimisation: what every pass reads, then the state carried from pass to pass.
@@ -259,8 +295,9 @@ class _Run:
     kl_init: torch.Tensor | None = None  # the KL prompt's log-probabilities at the first pass
     held: int = 0  # consecutive passes at which every target token was the argmax
     steps: int = 0
-    factors: UpdateFactors | None = None  # v_check_update: v_e ↦ the update's (u, r)
+    factors: UpdateFactors | None = None  # v_e ↦ the update's (u, r): the check's, the shift's
     checks: list[tuple[int, float]] = field(default_factory=list)  # (pass, argmax share under Δ)
+    shift: _Shift | None = None  # v_objective "update": from the first pass on
     trace: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("loss", "nll", "kl", "wd", "top1")})
 
     @classmethod
@@ -297,13 +334,16 @@ class _Terms:
     hit: torch.Tensor  # bool, per kept rewriting position: the new target is the argmax there
 
 
-def _add_delta(delta: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _add_delta(
+    delta: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, shift: _Shift | None, out: torch.Tensor
+) -> torch.Tensor:
     """The edited module's output ``out`` with δ added at every row's subject token ``at`` (its
-    position in the pass's sequence)."""
+    position in the pass's sequence), or with ``shift``, what the update adds there."""
     at = at.to(out.device)
     out = out.clone()
     where = rows.to(out.device)
-    out[where, at] = out[where, at] + delta.to(device=out.device, dtype=out.dtype)
+    added = delta if shift is None else shift.add(delta)
+    out[where, at] = out[where, at] + added.to(device=out.device, dtype=out.dtype)
     return out
 
 
@@ -321,15 +361,21 @@ def _forward_plain(run: _Run, *, first: bool, fast: bool) -> torch.Tensor:
         inputs[_cache_kwarg(run.model)] = cache
         inputs["use_cache"] = True
     # Registered before the δ hook, the output trace sees the module's own output.
-    watch_out = trace(run.model, [run.module_name], inputs=False, outputs=True) if first else nullcontext(Trace())
+    keys = run.hp.v_objective == "update"
+    watch_out = trace(run.model, [run.module_name], inputs=keys, outputs=True) if first else nullcontext(Trace())
     watch_in = record_input(run.model, block) if first and fast else nullcontext(Trace())
-    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup)
+    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup, run.shift)
     # The fast path's first pass runs the head only at the kept positions (same rows, same order).
     with watch_out as out, edit_output(run.model, run.module_name, add), watch_in as rec:
         logits = logits_at(run.model, inputs, x.keep, masked=fast)
     if first:
         y = out.outputs[run.module_name]
         run.v_init = y[0, x.batch.lookup.to(y.device)[0]].float().to(x.rows.device).clone()
+        if keys:
+            assert run.factors is not None  # compute_value checked
+            k = out.inputs[run.module_name]
+            k = k[x.rows.to(k.device), x.batch.lookup.to(k.device)].float()
+            run.shift = _Shift.build(run.factors, run.v_init, k)
     if first and fast:
         run.block_in = rec.inputs[block]
         if cache is not None:
@@ -378,7 +424,7 @@ def _forward_fast(run: _Run) -> torch.Tensor:
     # The exact (row, position) pairs where transformers takes a 2-D mask; else one list of
     # columns for the whole batch (every row's logits at each, then selected).
     inputs["logits_to_keep"] = keep if cols is None else cols
-    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup - s0)
+    add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup - s0, run.shift)
     replay = replay_below(run.model, run.blocks_name, run.layer, run.block_in[:, s0:])
     with edit_output(run.model, run.module_name, add), replay:
         logits: torch.Tensor = run.model(**inputs).logits
@@ -503,10 +549,13 @@ def compute_value(
         fast: replay the blocks below the edited layer and compute only the needed logits
             (same result as the plain loop; the tests check the loss trajectory).
         factors: v_e ↦ the factors (u, r) of the update the caller will write
-            (:data:`UpdateFactors`): the stop rule then also requires the rewriting prompts to
-            pass under that update (module docstring). The editor gives them when
-            ``v_check_update`` is set; ``None``: δ's rule alone.
+            (:data:`UpdateFactors`): with ``v_check_update`` the stop rule then also requires
+            the rewriting prompts to pass under that update, and ``v_objective = "update"``
+            (which needs them) optimises what it adds (module docstring). The editor gives them
+            when either is set; ``None``: δ's rule alone.
     """
+    if hp.v_objective == "update" and factors is None:
+        raise ValueError('v_objective "update" optimises what the update adds: it needs the update\'s factors')
     run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, factors)
     stop = "max-steps"
     for it in range(hp.v_num_grad_steps):
@@ -518,7 +567,7 @@ def compute_value(
             run.opt.param_groups[0]["lr"] = hp.v_lr * float(run.v_init.norm()) / math.sqrt(run.delta.numel())
         terms = _loss(run, logits)
         reason = _stop_reason(run, terms)
-        if reason is not None and run.factors is not None and not _passes_update(run):
+        if reason is not None and hp.v_check_update and run.factors is not None and not _passes_update(run):
             reason = None  # δ makes the edit, the update does not yet: another step
         if reason is not None:
             stop = reason

@@ -44,6 +44,11 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.v
   update itself applied instead of δ (r-rome writes v_e at the template-averaged key, so a prompt
   that flips under δ may not flip under Δ); while it fails, the optimisation goes on, within
   ``v_num_grad_steps`` (:mod:`rrome.engine.values`).
+* ``v_objective`` (``"subject"`` in ``reference``): what the optimisation adds at each prompt's
+  subject token. ``"subject"``: δ itself, the same vector at every prompt (the reference code).
+  ``"update"``: what the rank-one update written for v_e = v_init + δ adds there,
+  r·uᵀk_j with k_j that prompt's own key, so that the loss and the stop rule see the update
+  the editor writes rather than δ (r-rome writes v_e at the template-averaged key).
 
 Sequential retention
 --------------------
@@ -98,6 +103,7 @@ class HParamsFileError(HParamsError, InvalidFileError):
 
 
 LR_UNITS = ("absolute", "relative")
+OBJECTIVES = ("subject", "update")
 WEIGHT_DECAY_UNITS = ("reference", "relative")
 
 
@@ -122,6 +128,7 @@ class HParams:
     v_stop_loss: float = 0.05
     v_stop_most_probable: int = 0
     v_check_update: bool = False
+    v_objective: str = "subject"
     context_template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
     stats_max_tokens: int = 100_000
@@ -204,6 +211,7 @@ _SPECS: dict[str, _Spec] = {
     "v_stop_loss": _float("a number >= 0", lambda v: v >= 0),
     "v_stop_most_probable": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
     "v_check_update": _BOOL,
+    "v_objective": _choice(*OBJECTIVES),
     "context_template_lengths": _Spec(
         "a non-empty list of [count, length] pairs of integers >= 1, e.g. [[5,10],[10,10]]", _lengths_ok, "lengths"
     ),
@@ -410,6 +418,7 @@ REFERENCE_FIELDS = (
     "v_stop_most_probable",
     "context_template_lengths",
     "v_check_update",
+    "v_objective",
     "retain_edit_keys",
     "shield_subjects",
 )
