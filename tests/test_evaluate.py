@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,18 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
 
     table, figures = report(part)
     assert "| r-rome |" in table and "unedited" in table
+    # The checkpoint table: a row per checkpoint, its metrics, the mean downstream accuracy and
+    # the mean time of the edits since the one before.
+    edits = read_jsonl(folder / "edits.jsonl")
+    for c, lo in zip(cb, (0, 2), strict=True):
+        secs = statistics.fmean(e["seconds"] for e in edits if lo <= e["index"] < c["edits"])
+        glue = statistics.fmean(c["downstream"].values())
+        m = c["metrics"]
+        row = (
+            f"| r-rome | {c['edits']} | {m['ES']:.2f} | {m['PS']:.2f} | {m['NS']:.2f} | {m['Score']:.2f} | {glue:.1f} |"
+        )
+        line = next(x for x in table.splitlines() if x.startswith(row))
+        assert line.endswith(f" | {secs:.1f} |"), line
     names = sorted(f.name for f in figures)
     assert names == [
         "downstream-sequential.png",
@@ -477,3 +490,29 @@ def test_cli_eval_and_report_errors(gpt2_dir: Path, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "run.json: missing" in missing.stderr and "Traceback" not in missing.stderr
     usage = run_cli("eval", gpt2_dir, "--out", tmp_path / "y")
     assert usage.returncode == 2 and "--data" in usage.stderr
+
+
+def test_checkpoint_table_keeps_at_most_ten_rows_and_the_last() -> None:
+    from rrome.eval.report import CHECKPOINT_ROWS, _checkpoint_lines
+
+    m = {"ES": 90.0, "PS": 80.0, "NS": 70.0, "Score": 79.0}
+    checks = [
+        {
+            "edits": 10 * (i + 1),
+            "metrics": m,
+            "downstream": {"a": 50.0, "b": 70.0},
+            "median_norm_delta": 1.0,
+            "max_norm_delta": 2.5,
+            "generation_entropy": 0.5,
+        }
+        for i in range(25)
+    ]
+    summary = {
+        "unedited": {"metrics": m, "downstream": {"a": 40.0, "b": 60.0}, "diagnostics": None},
+        "variants": {"r-rome": {"checkpoints": checks, "checkpoint_seconds": [3.0] * 25}},
+    }
+    rows = [r for r in _checkpoint_lines(summary) if r.startswith("| r-rome |")]
+    assert [int(r.split("|")[2]) for r in rows] == [10, 40, 70, 100, 130, 160, 190, 220, 250]
+    assert len(rows) <= CHECKPOINT_ROWS
+    assert rows[-1] == "| r-rome | 250 | 90.00 | 80.00 | 70.00 | 79.00 | 60.0 | 1 | 2.5 | 0.500 | 3.0 |"
+    assert "| unedited | 0 | 90.00 | 80.00 | 70.00 | 79.00 | 50.0 | – | – | – | – |" in _checkpoint_lines(summary)

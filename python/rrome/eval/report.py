@@ -261,9 +261,70 @@ def _variant(
         v["leak"] = leak
     if mode == "sequential":
         v["checkpoints"] = checks
+        v["checkpoint_seconds"] = _seconds_between(checks, edits)
         if checks:
             v["downstream_final"] = checks[-1].get("downstream", {})
     return v
+
+
+def _seconds_between(checks: list[dict[str, Any]], edits: list[dict[str, Any]]) -> list[float | None]:
+    """Per checkpoint, the mean wall time of the edits made since the one before (the edits'
+    own ``seconds``: the checkpoints' measurements are not in it); ``None`` where none was made."""
+    out: list[float | None] = []
+    lo = 0
+    for c in checks:
+        between = [float(e["seconds"]) for e in edits if lo <= e["index"] < c["edits"]]
+        out.append(statistics.fmean(between) if between else None)
+        lo = c["edits"]
+    return out
+
+
+CHECKPOINT_ROWS = 10
+"""At most this many checkpoints per variant in the table (evenly spaced, the last always)."""
+
+
+def _checkpoint_lines(summary: dict[str, Any]) -> list[str]:
+    """A sequential run's checkpoints as a table: the metrics over all edits so far, the mean
+    downstream accuracy, |Δ| over the edits so far, the generation entropy and seconds per edit."""
+    rows = {name: v for name, v in summary["variants"].items() if v.get("checkpoints")}
+    if not rows:
+        return []
+    base = summary["unedited"]
+    tasks = list(base["downstream"])
+    base_entropy = (base["diagnostics"] or {}).get("generation_entropy")
+
+    def glue(d: dict[str, float] | None) -> str:
+        vals = [d[t] for t in tasks if d and t in d]
+        return _fmt(statistics.fmean(vals), ".1f") if vals and len(vals) == len(tasks) else "–"
+
+    lines = [
+        "",
+        "Checkpoints: metrics over all the edits made so far; GLUE, the mean few-shot accuracy (%) over "
+        + (", ".join(tasks) if tasks else "no tasks")
+        + "; abs Δ over the edits so far; entropy, the generation entropy at the checkpoint; s/edit, the mean"
+        " time of the edits since the previous checkpoint (the measurements not counted):",
+        "",
+        "| variant | edits | " + " | ".join(METRICS[:4]) + " | GLUE | median abs Δ | max / median | entropy | s/edit |",
+        "|---" * 11 + "|",
+        "| unedited | 0 | "
+        + " | ".join(_fmt(base["metrics"][k]) for k in METRICS[:4])
+        + f" | {glue(base['downstream'])} | – | – | {_fmt(base_entropy, '.3f')} | – |",
+    ]
+    for name, v in rows.items():
+        checks, secs = v["checkpoints"], v["checkpoint_seconds"]
+        stride = max(1, math.ceil(len(checks) / CHECKPOINT_ROWS))
+        keep = sorted({*range(len(checks) - 1, -1, -stride)})
+        for i in keep:
+            c = checks[i]
+            med, top = c.get("median_norm_delta"), c.get("max_norm_delta")
+            ratio = top / med if med and top is not None else None
+            lines.append(
+                f"| {name} | {c['edits']} | "
+                + " | ".join(_fmt(c["metrics"].get(k)) for k in METRICS[:4])
+                + f" | {glue(c.get('downstream'))} | {_fmt(med, '.3g')} | {_fmt(ratio, '.1f')}"
+                + f" | {_fmt(c.get('generation_entropy'), '.3f')} | {_fmt(secs[i], '.1f')} |"
+            )
+    return lines
 
 
 def _large_edits(edits: list[dict[str, Any]], median: float, flag_ratio: float) -> list[dict[str, Any]]:
@@ -410,6 +471,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         )
         for name, d in down.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(d.get(t), ".1f") for t in tasks) + " |")
+    lines += _checkpoint_lines(summary)
     lines += _guard_lines(summary)
     leaks = {name: v["leak"] for name, v in summary["variants"].items() if v.get("leak")}
     if leaks:
