@@ -97,7 +97,8 @@ def test_a_failing_check_continues_and_leaves_the_trajectory_alone(
         calls.append(v_e.clone())
         return u, r
 
-    hp = load_hparams(family, n_layers=2).with_overrides(layer=EDIT_LAYER, **QUICK_HP)
+    # The check alone: δ's objective (Gemma 3's defaults optimise the update's, tests/test_value_objective.py).
+    hp = load_hparams(family, n_layers=2).with_overrides(layer=EDIT_LAYER, v_objective="subject", **QUICK_HP)
     never = compute_value_on(loaded, EDIT_LAYER, DARRIEUX, TEMPLATES, hp.with_overrides(v_stop_loss=0.0), fast=fast)
     checked = compute_value_on(
         loaded,

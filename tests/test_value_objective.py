@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_reference import DARRIEUX, EDIT_LAYER, EDITED, HAND_TEMPLATES, PUSH_HP, QUICK_HP, compute_value_on
+from engine_reference import DARRIEUX, EDIT_LAYER, EDITED, HAND_TEMPLATES, PUSH_HP, compute_value_on
 
 import rrome.engine.editor as editor_module
 from rrome.engine.editor import Editor
@@ -130,7 +130,12 @@ def test_the_editor_optimises_the_update_it_writes(
     assert result.value["update_top1"] == []  # no check asked for
 
 
-def test_the_update_objective_needs_factors(tiny_loaded: Callable[..., Any]) -> None:
-    hp = load_hparams("gpt2", n_layers=2).with_overrides(layer=EDIT_LAYER, v_objective="update", **QUICK_HP)
-    with pytest.raises(ValueError, match="v_objective"):
-        compute_value_on(tiny_loaded("gpt2"), EDIT_LAYER, DARRIEUX, TEMPLATES, hp)
+def test_without_factors_the_objective_is_deltas(tiny_loaded: Callable[..., Any]) -> None:
+    """``v_objective`` is the editor's, like ``v_check_update``: the bare optimisation, given no
+    factors, optimises δ, step for step as under ``"subject"``."""
+    loaded = tiny_loaded("gemma3")
+    hp = load_hparams("gemma3", n_layers=2).with_overrides(layer=EDIT_LAYER, **{**PUSH_HP, "v_stop_loss": 0.0})
+    assert hp.v_objective == "update"  # Gemma 3's default
+    bare = compute_value_on(loaded, EDIT_LAYER, DARRIEUX, TEMPLATES, hp)
+    subject = compute_value_on(loaded, EDIT_LAYER, DARRIEUX, TEMPLATES, hp.with_overrides(v_objective="subject"))
+    assert bare.losses == subject.losses and torch.equal(bare.v_e, subject.v_e)

@@ -25,7 +25,8 @@ key k_e, not at each prompt's own key. So once the rule would stop, ``factors`` 
 at every target position of every rewriting prompt (the plain prompt among them); otherwise it
 takes another step, within the same ``v_num_grad_steps`` bound (docs/design.md §1).
 
-With ``v_objective = "update"`` (the editor then passes ``factors`` too) the optimisation adds at
+With ``v_objective = "update"`` (the editor then passes ``factors`` too; without them the
+optimisation is δ's) the optimisation adds at
 each prompt's subject token what that update adds there instead of δ: the update's output factor
 is affine in v_e, r = r_0 + c·δ (r_0 the factors of v_init, c = 1/uᵀk_den), so at a prompt whose
 key is k_j the update adds uᵀk_j·r_0 + uᵀk_j·c·δ (:class:`_Shift`). The first pass runs with δ = 0
@@ -361,7 +362,7 @@ def _forward_plain(run: _Run, *, first: bool, fast: bool) -> torch.Tensor:
         inputs[_cache_kwarg(run.model)] = cache
         inputs["use_cache"] = True
     # Registered before the δ hook, the output trace sees the module's own output.
-    keys = run.hp.v_objective == "update"
+    keys = run.hp.v_objective == "update" and run.factors is not None
     watch_out = trace(run.model, [run.module_name], inputs=keys, outputs=True) if first else nullcontext(Trace())
     watch_in = record_input(run.model, block) if first and fast else nullcontext(Trace())
     add = functools.partial(_add_delta, run.delta, x.rows, x.batch.lookup, run.shift)
@@ -372,7 +373,7 @@ def _forward_plain(run: _Run, *, first: bool, fast: bool) -> torch.Tensor:
         y = out.outputs[run.module_name]
         run.v_init = y[0, x.batch.lookup.to(y.device)[0]].float().to(x.rows.device).clone()
         if keys:
-            assert run.factors is not None  # compute_value checked
+            assert run.factors is not None
             k = out.inputs[run.module_name]
             k = k[x.rows.to(k.device), x.batch.lookup.to(k.device)].float()
             run.shift = _Shift.build(run.factors, run.v_init, k)
@@ -551,11 +552,10 @@ def compute_value(
         factors: v_e ↦ the factors (u, r) of the update the caller will write
             (:data:`UpdateFactors`): with ``v_check_update`` the stop rule then also requires
             the rewriting prompts to pass under that update, and ``v_objective = "update"``
-            (which needs them) optimises what it adds (module docstring). The editor gives them
-            when either is set; ``None``: δ's rule alone.
+            optimises what it adds (module docstring). The editor gives them when either is
+            set; ``None``: δ's objective and rule alone, whatever the two settings say (they are
+            the editor's, as in :class:`~rrome.engine.editor.Editor`).
     """
-    if hp.v_objective == "update" and factors is None:
-        raise ValueError('v_objective "update" optimises what the update adds: it needs the update\'s factors')
     run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, factors)
     stop = "max-steps"
     for it in range(hp.v_num_grad_steps):
