@@ -121,7 +121,7 @@ def test_the_editor_optimises_the_update_it_writes(
 ) -> None:
     """The editor hands the optimisation the factors of the update it then writes: the last NLL
     is that update's at the subject tokens."""
-    hp = {**PUSH_HP, "v_objective": "update", "v_stop_loss": 0.0}
+    hp = {**PUSH_HP, "v_objective": "update", "v_check_update": False, "v_stop_loss": 0.0}
     result, seen, prompts = _captured_edit(tiny_copy(family), method, hp, True, monkeypatch)
     u, r = seen["factors"](seen["value"].v_e)
     torch.testing.assert_close(torch.from_numpy(result.delta.r.copy()), r, rtol=1e-6, atol=1e-9)
