@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -123,9 +125,33 @@ def test_sequential_continuations_replays_the_applied_edits(tiny_dir: Callable[.
     assert too_far.returncode != 0 and "holds 3 edits; asked for [4]" in too_far.stderr
 
 
-def test_downstream_bias_scores_the_rebuilt_model(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+def _bias_rows(folder: Path, model_dir: Path, *extra: str) -> list[list[str]]:
+    script = str(ROOT / "scripts" / "downstream_bias.py")
+    cmd = [
+        sys.executable,
+        script,
+        str(folder),
+        str(model_dir),
+        "--at",
+        "3,0",
+        "--task",
+        "sst2",
+        "--task",
+        "rte",
+        *extra,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line.strip("| ").split(" | ") for line in out[2:]]
+
+
+@pytest.mark.parametrize("glue_n", [None, 9])
+def test_downstream_bias_scores_the_rebuilt_model(
+    tiny_dir: Callable[..., Path], tmp_path: Path, glue_n: int | None
+) -> None:
     """Each row is the label scoring of the run's few-shot records on the model after N edits:
-    accuracy, predicted labels, mean margin and AUC recomputed here from label_scores."""
+    accuracy, predicted labels, mean margin and AUC recomputed here from label_scores, and the
+    records lost and gained against the first count; ``--glue-n`` scores more records than the
+    run did, the run's own first."""
     import torch
 
     from rrome.engine.editor import Editor
@@ -133,41 +159,63 @@ def test_downstream_bias_scores_the_rebuilt_model(tiny_dir: Callable[..., Path],
 
     model_dir = tiny_dir("llama")
     folder, factors = _sequential_run(model_dir, tmp_path, {"glue_n": 6, "seed": 3})
-    script = str(ROOT / "scripts" / "downstream_bias.py")
-    cmd = [sys.executable, script, str(folder), str(model_dir), "--at", "3,0", "--task", "sst2", "--task", "rte"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
-    rows = [line.strip("| ").split(" | ") for line in out[2:]]
+    rows = _bias_rows(folder, model_dir, *([] if glue_n is None else ["--glue-n", str(glue_n)]))
     assert [(r[0], r[1]) for r in rows] == [("0", "sst2"), ("0", "rte"), ("3", "sst2"), ("3", "rte")]
 
+    n_records = glue_n or 6
     editor = Editor.from_pretrained(model_dir, device="cpu", progress=False)
-    sets = {s.task.name: s for s in few_shot_sets(6, seed=3)}
+    sets = {s.task.name: s for s in few_shot_sets(n_records, seed=3)}
+    run_sets = {s.task.name: s for s in few_shot_sets(6, seed=3)}
     expected = []
+    right_at_0: dict[str, list[bool]] = {}
     for n in (0, 3):
         if n:
             with torch.no_grad():
                 for u, r in factors:
                     editor.edited_weight().add_(torch.outer(torch.from_numpy(r), torch.from_numpy(u)))
         for name in ("sst2", "rte"):
+            assert sets[name].records[:6] == run_sets[name].records  # the run's records come first
+            assert sets[name].shots == run_sets[name].shots
             scores = label_scores(editor.model, editor.tokenizer, sets[name])
             truth = [rec["label"] for rec in sets[name].records]
             margins = [b - a for a, b in scores]
             pred = [int(m > 0) for m in margins]
+            right = [p == t for p, t in zip(pred, truth, strict=True)]
             pos = [m for m, t in zip(margins, truth, strict=True) if t == 1]
             neg = [m for m, t in zip(margins, truth, strict=True) if t == 0]
             area = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
             labels = sets[name].task.labels
+            paired = "–"
+            if n:
+                base = right_at_0[name]
+                lost = sum(1 for b, x in zip(base, right, strict=True) if b and not x)
+                paired = f"{lost} / {sum(1 for b, x in zip(base, right, strict=True) if x and not b)}"
+            right_at_0.setdefault(name, right)
             expected.append(
                 [
                     str(n),
                     name,
-                    f"{100 * sum(p == t for p, t in zip(pred, truth, strict=True)) / 6:.0f}",
+                    f"{100 * sum(right) / n_records:.0f}",
                     f"{labels[0]} {pred.count(0)} / {labels[1]} {pred.count(1)}",
-                    f"{sum(margins) / 6:+.2f}",
+                    f"{sum(margins) / n_records:+.2f}",
                     f"{area:.3f}",
+                    paired,
                 ]
             )
     assert rows == expected
     assert rows[0][4] != rows[2][4]  # the edits moved the scores: the rebuilt model is not the unedited one
+
+
+def test_downstream_bias_refuses_no_records(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    model_dir = tiny_dir("llama")
+    folder, _ = _sequential_run(model_dir, tmp_path, {"glue_n": 6, "seed": 3})
+    script = str(ROOT / "scripts" / "downstream_bias.py")
+    bad = subprocess.run(
+        [sys.executable, script, str(folder), str(model_dir), "--at", "0", "--glue-n", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--glue-n must be at least 1, got 0" in bad.stderr
 
 
 def test_downstream_bias_auc_against_a_naive_count() -> None:
