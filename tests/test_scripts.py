@@ -244,3 +244,57 @@ def test_rebuild_along_loads_the_runs_dtype_and_checks_counts(tiny_dir: Callable
     for bad in ([2, 1], [1, 1], [-1], [4]):
         with pytest.raises(RromeError, match="holds 3 edits"):
             next(iter(rebuild_along(folder, model_dir, bad)))
+
+
+def _case(es: bool, ps: bool, ns: bool) -> dict[str, Any]:
+    """A case's probabilities: the rewrite and the paraphrase succeed when ``es``/``ps``, the
+    neighbour keeps its answer when ``ns``."""
+
+    def pair(ok: bool) -> list[float]:
+        return [0.6, 0.1] if ok else [0.1, 0.6]
+
+    return {"rewrite": [pair(es)], "paraphrase": [pair(ps)], "neighborhood": [pair(not ns)]}
+
+
+def test_paired_metrics_pairs_single_and_finished_sequential_runs(tmp_path: Path) -> None:
+    """A one-at-a-time folder pairs by its lines' cases, a sequential one by final.json (the
+    i-th case for the line of index i, a refused edit's too); an unfinished sequential run is
+    refused with what is missing."""
+    from rrome.eval.metrics import CaseProbs, metrics
+
+    single = tmp_path / "a" / "single-r-rome"
+    single.mkdir(parents=True)
+    a_cases = {"7": _case(True, True, True), "8": _case(True, False, True), "9": _case(False, False, False)}
+    single.joinpath("edits.jsonl").write_text(
+        "".join(json.dumps({"case_id": k, "case": c}) + "\n" for k, c in a_cases.items())
+    )
+    seq = tmp_path / "b" / "sequential-r-rome"
+    seq.mkdir(parents=True)
+    b_cases = [_case(True, True, False), _case(False, False, True), _case(True, True, True), _case(True, True, True)]
+    lines = [
+        {"index": 0, "case_id": "9"},
+        {"index": 1, "case_id": "8", "refused": "DisablingEditError"},
+        {"index": 2, "case_id": "7"},
+        {"index": 3, "case_id": "10"},
+    ]
+    seq.joinpath("edits.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    script = str(ROOT / "scripts" / "paired_metrics.py")
+    cmd = [sys.executable, script, str(single), str(seq), "--names", "one", "seq"]
+
+    unfinished = subprocess.run(cmd, capture_output=True, text=True)
+    assert unfinished.returncode != 0 and "without final.json (not finished)" in unfinished.stderr
+
+    seq.joinpath("final.json").write_text(json.dumps({"cases": b_cases}))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "3 cases in both (3 in one, 4 in seq)"
+    b_by_id = {"9": b_cases[0], "8": b_cases[1], "7": b_cases[2]}
+    for line, cases in zip(out[3:5], (a_cases, b_by_id), strict=True):
+        m = metrics(CaseProbs.from_json(cases[k]) for k in ("7", "8", "9"))
+        assert line.split(" | ")[1:4] == [f"{m[k]:.1f}" for k in ("ES", "PS", "NS")]
+    # ES: case 9 takes only in seq, 8 only in one (its edit was refused there). PS: 9 only in
+    # seq. NS: 7 and 8 keep their neighbour in both runs, 9 in neither.
+    assert out[5:] == [
+        "edit took only in one: 1 cases; only in seq: 1 cases",
+        "paraphrase took only in one: 0 cases; only in seq: 1 cases",
+        "neighbour kept only in one: 0 cases; only in seq: 0 cases",
+    ]
