@@ -298,3 +298,61 @@ def test_paired_metrics_pairs_single_and_finished_sequential_runs(tmp_path: Path
         "paraphrase took only in one: 0 cases; only in seq: 1 cases",
         "neighbour kept only in one: 0 cases; only in seq: 0 cases",
     ]
+
+
+def test_retained_disturbance_against_a_naive_sum(
+    tiny_copy: Callable[..., Path], private_cache: Path, tmp_path: Path
+) -> None:
+    """A real sequential run with retention on a tiny model: the script's ratios are, per edit,
+    the later edits' summed change at its k_den and at its plain key (keys computed here with
+    the run's templates) over its own change there, summed edit by edit; k_den is the run's."""
+    import numpy as np
+    from _helpers import SHARED_DATA
+
+    from rrome.engine.editor import Editor
+    from rrome.engine.keys import compute_keys
+    from rrome.eval.runs import RunConfig, load_factors, run
+    from rrome.files.edits import load_requests
+    from rrome.files.fsutil import sha256_file
+
+    model_dir = tiny_copy("gpt2", name="gpt2")
+    data = SHARED_DATA / "counterfact" / "counterfact-val.json"
+    hp = {
+        "v_num_grad_steps": 4,
+        "stats_max_tokens": 2000,
+        "context_template_lengths": [[3, 4]],
+        "retain_edit_keys": True,
+    }
+    cfg = RunConfig(
+        model_dir=str(model_dir), data=str(data), data_sha256=sha256_file(data), n=4, offset=5, layer=0,
+        sequential=True, every=4, glue_n=0, diagnostics=False, hparams=hp,
+    )  # fmt: skip
+    out = run(cfg, tmp_path / "res", progress=False)
+    folder = out / "sequential-r-rome"
+    per_edit = tmp_path / "per_edit.jsonl"
+    script = str(ROOT / "scripts" / "retained_disturbance.py")
+    res = subprocess.run(
+        [sys.executable, script, str(folder), str(model_dir), "--per-edit", str(per_edit)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "| k_den (retained) | 3 |" in res.stdout and "| plain prompt k_e^o | 3 |" in res.stdout
+    rows = [json.loads(line) for line in per_edit.read_text().splitlines()]
+
+    editor = Editor.from_pretrained(model_dir, layer=0, hparams=hp, progress=False)
+    requests = load_requests(data)[5:9]
+    factors = [load_factors(folder / "deltas" / f"{i:05d}.safetensors") for i in range(4)]
+    keys = [compute_keys(editor.model, editor.tokenizer, editor.module_name, q, editor.templates()) for q in requests]
+    for j, row in enumerate(rows):
+        assert row["index"] == j and str(row["case_id"]) == str(requests[j].case_id)
+        saved = factors[j][2]
+        assert saved is not None
+        np.testing.assert_allclose(keys[j].k_e.double().numpy(), saved, rtol=0, atol=1e-5 * np.abs(saved).max())
+        for name, x in (("k_den", keys[j].k_e), ("plain", keys[j].k_e_o)):
+            x64 = x.double().numpy()
+            later = np.zeros_like(factors[0][1], dtype=np.float64)
+            for u, r, _, _ in factors[j + 1 :]:
+                later += r.astype(np.float64) * float(u.astype(np.float64) @ x64)
+            u_j, r_j, _, _ = factors[j]
+            own = np.linalg.norm(r_j.astype(np.float64)) * abs(float(u_j.astype(np.float64) @ x64))
+            assert row[name] == pytest.approx(float(np.linalg.norm(later) / own), rel=1e-9)
+    assert rows[0]["plain"] != rows[0]["k_den"]  # two different keys

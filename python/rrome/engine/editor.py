@@ -387,7 +387,24 @@ class Editor:
         if self._retained is None:
             self._retained = RetainedKeys(self.cholesky(), self.hparams.retain_weight)
             self._retain_logged()
+            if self.hparams.retain_both_keys and self._logged:
+                _log.warning(
+                    "%s: retain_both_keys: of the %d logged edit(s) only the key each wrote at is retained (the edit "
+                    "log does not record the other key); this editor's own edits retain both",
+                    self.model_dir,
+                    len(self._logged),
+                )
         return self._retained
+
+    def _other_key(self, keys: Keys, written: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
+        """With ``retain_both_keys``, the edit's key that it did not write at (k_e^o under
+        r-rome, k_e under rome and p-rome), to be retained beside it; else ``None``."""
+        if not self.hparams.retain_both_keys:
+            return None
+        k_e, k_e_o = (k.double().cpu().numpy() for k in (keys.k_e, keys.k_e_o))
+        if np.array_equal(k_e, k_e_o):  # one key (a single template): nothing else to retain
+            return None
+        return k_e_o if np.array_equal(written, k_e) else k_e
 
     def _retain_logged(self) -> None:
         assert self._retained is not None
@@ -641,6 +658,9 @@ class Editor:
         self._apply_in_memory(update)
         if isinstance(solver, RetainedKeys) and update.key is not None:
             solver.add(update.key)
+            other = self._other_key(keys, update.key)
+            if other is not None:
+                solver.add(other)
         clock.lap("update")
         p_after = request_probabilities(self.model, self.tokenizer, tokens)
         clock.lap("after")
@@ -755,13 +775,20 @@ class Editor:
             out.append(self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
 
-    def replay(self, u: npt.NDArray[np.float32], r: npt.NDArray[np.float32], key: npt.ArrayLike | None = None) -> None:
+    def replay(
+        self,
+        u: npt.NDArray[np.float32],
+        r: npt.NDArray[np.float32],
+        key: npt.ArrayLike | None = None,
+        other_key: npt.ArrayLike | None = None,
+    ) -> None:
         """Adds the stored update Δ = r uᵀ to the in-memory model, exactly as :meth:`edit` did.
 
         Replaying the factors of earlier edits in order rebuilds the same weights bit for bit
         (used to resume a sequential evaluation). Nothing is queued for :meth:`save`. With
         ``retain_edit_keys``, ``key`` (the edit's k_den, :attr:`retained_keys`) is retained as
-        :meth:`edit` retained it.
+        :meth:`edit` retained it, and after it ``other_key`` (the edit's other key, which
+        :meth:`edit` retains with ``retain_both_keys``) when given.
         """
         u32, r32 = np.asarray(u, np.float32), np.asarray(r, np.float32)
         self._apply_in_memory(Update(u=u32, r=r32, denominator=math.nan, norm_delta=math.nan))
@@ -769,3 +796,5 @@ class Editor:
             solver = self.solver()
             assert isinstance(solver, RetainedKeys)
             solver.add(key)
+            if other_key is not None:
+                solver.add(other_key)

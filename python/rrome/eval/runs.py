@@ -11,7 +11,8 @@ A run lives in a results folder::
                                   probabilities, generation entropies (non-sequential: the case's
                                   metrics too), the neighbour leak (see below)
     sequential-<method>/deltas/   the factors of every sequential edit (to resume exactly; with
-                                  retain_edit_keys also its key k_den, "k")
+                                  retain_edit_keys also its key k_den, "k", and with
+                                  retain_both_keys its other key, "k_other")
     sequential-<method>/checkpoints.jsonl
                                   every K edits: running metrics, downstream accuracy, |Δ|, entropy
 
@@ -453,7 +454,9 @@ def _single(
     )
 
 
-def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None = None) -> None:
+def _save_factors(
+    path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None = None, k_other: np.ndarray | None = None
+) -> None:
     from safetensors.numpy import save
 
     # Written through our own handle, not safetensors' save_file, which creates files readable
@@ -461,6 +464,8 @@ def _save_factors(path: Path, u: np.ndarray, r: np.ndarray, k: np.ndarray | None
     tensors = {"u": np.ascontiguousarray(u, np.float32), "r": np.ascontiguousarray(r, np.float32)}
     if k is not None:
         tensors["k"] = np.ascontiguousarray(k, np.float64)  # the retained key, as the editor holds it
+    if k_other is not None:
+        tensors["k_other"] = np.ascontiguousarray(k_other, np.float64)  # retain_both_keys: the edit's other key
     atomic_write(path, save(tensors))
 
 
@@ -472,10 +477,12 @@ def replay_edits(editor: Editor, variant: Variant, records: Sequence[dict[str, A
         if "refused" in rec:
             continue
         path = variant.factors(int(rec["index"]))
-        u, r, k = _load_factors(path)
+        u, r, k, k_other = load_factors(path)
         if retain and k is None:
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
-        editor.replay(u, r, k)
+        if retain and editor.hparams.retain_both_keys and k_other is None:
+            raise RromeError(f"{path}: holds no second key (k_other); the run was started without retain_both_keys")
+        editor.replay(u, r, k, k_other if editor.hparams.retain_both_keys else None)
 
 
 def run_settings(folder: Path) -> dict[str, Any]:
@@ -513,11 +520,14 @@ def rebuild_along(
         yield n, (records[n - 1] if n else None), editor
 
 
-def _load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One edit's saved factors (``deltas/NNNNN.safetensors`` of a sequential variant): u, r and,
+    with ``retain_edit_keys``, the key it retained (k_den, float64), with ``retain_both_keys``
+    also its other key (``None`` where the run did not retain them)."""
     from safetensors.numpy import load
 
     t = load(read_regular(path))  # never blocks on a FIFO, unlike load_file
-    return t["u"], t["r"], t.get("k")
+    return t["u"], t["r"], t.get("k"), t.get("k_other")
 
 
 def _checkpoint(
@@ -560,6 +570,7 @@ def _sequential(
         request = cases[i]
         n_done = i + 1
         before = s.neighbours(request)
+        n_kept = len(s.editor.retained_keys) if retain else 0
         try:
             result = s.editor.edit(request, queue=False)
         except (DisablingEditError, LargeUpdateError) as e:  # only with cfg.guard: the model is unchanged
@@ -572,8 +583,8 @@ def _sequential(
             rec["leak"] = s.leak(request, result, before, s.neighbours(request))
             if cfg.diagnostics:
                 rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
-            key = s.editor.retained_keys[-1] if retain else None
-            _save_factors(variant.factors(i), result.delta.u, result.delta.r, key)
+            added = s.editor.retained_keys[n_kept:] if retain else []  # k_den, then with retain_both_keys the other
+            _save_factors(variant.factors(i), result.delta.u, result.delta.r, *added)
             fsync_append(edits_path, rec)
             norms.append(result.norm_delta)
         checkpoint_if_due(n_done)

@@ -238,7 +238,7 @@ def _trial_line(
     return line
 
 
-_ADDED_LATER = ("retain_edit_keys", "retain_weight")
+_ADDED_LATER = ("retain_edit_keys", "retain_weight", "retain_both_keys")
 """Fields of :class:`HParams` newer than sweeps that may still be continued: a recorded set
 without one of them edited as the field's default does."""
 

@@ -61,6 +61,12 @@ Sequential retention
   identity, each earlier key is a unit direction added with weight λ, and one earlier key alone
   cuts what the new edit does at it by the factor 1 + λ·(1 − cos²) (cos: the two keys' cosine
   under C0⁻¹), whatever the width or the scale of the keys.
+* ``retain_both_keys`` (off): retain both of each edit's keys, the template-averaged k_e and the
+  plain prompt's k_e^o, not only the one it wrote at (k_e under r-rome). Retaining k_e alone
+  leaves the edit's own prompt exposed: measured on Gemma 3 270M, later edits change the module's
+  output at an earlier edit's k_e^o by a third of that edit's own change there (median over 200
+  sequential edits) against a tenth at k_e (docs/results.md). Within one editor and a resumed
+  ``rrome eval`` only: the edit log records the written key alone.
 
 Neighbour shield
 ----------------
@@ -135,6 +141,7 @@ class HParams:
     stats_max_tokens: int = 100_000
     retain_edit_keys: bool = False
     retain_weight: float = 10.0
+    retain_both_keys: bool = False
     shield_subjects: int = 0
     shield_weight: float = 1.0
     note: str = ""
@@ -220,6 +227,7 @@ _SPECS: dict[str, _Spec] = {
     "stats_max_tokens": _int("an integer >= 1", lambda v: v >= 1),
     "retain_edit_keys": _BOOL,
     "retain_weight": _float("a number > 0", lambda v: v > 0),
+    "retain_both_keys": _BOOL,
     "shield_subjects": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
     "shield_weight": _float("a number > 0", lambda v: v > 0),
     "note": _Spec("a string", lambda v: isinstance(v, str), "str"),
@@ -421,6 +429,7 @@ REFERENCE_FIELDS = (
     "v_check_update",
     "v_objective",
     "retain_edit_keys",
+    "retain_both_keys",
     "shield_subjects",
 )
 """The fields of the reference recipe: the reference ROME code (Meng et al. 2022; kept by r-ROME,

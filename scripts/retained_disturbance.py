@@ -1,0 +1,110 @@
+"""How much the later edits of a sequential run change each earlier edit's output, at two keys.
+
+    python scripts/retained_disturbance.py RUN/sequential-r-rome MODEL_DIR [--upto N] [--per-edit FILE]
+
+Retention (``retain_edit_keys``) solves each edit against C0 plus the earlier edits' k_den, the
+key each wrote at (the mean over the context templates). The edit's own prompt, the one ES is
+measured on and the one a user asks, has another key: k_e^o, the plain prompt's. This script
+reads the run's factors (u, r) and, for every applied edit j, the change of the module's output
+that the later applied edits make at a key x of edit j, ‖Σ_{i>j} r_i u_iᵀ x‖, relative to the
+edit's own change there, ‖r_j‖·|u_jᵀ x|; for x = k_den and x = k_e^o. The keys are computed again
+on ``MODEL_DIR`` (the edited module's input comes from unedited layers, so the unedited model gives
+the run's keys); where the run saved k_den (``k`` in its factors) the recomputed one must match.
+
+Prints, per key, the median, 75th and 90th percentile and the largest ratio over the edits that
+have later ones (``--upto N``: the run as it was after N edits); ``--per-edit`` writes one JSON line
+per edit (index, case id, both ratios). Plain edit prompts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from rrome.engine.editor import Editor
+from rrome.engine.keys import compute_keys
+from rrome.eval.results import BASELINE_FILE, Variant, read_jsonl, read_object
+from rrome.eval.runs import load_factors, run_settings
+from rrome.files.edits import load_requests
+from rrome.files.errors import RromeError
+
+KEY_MATCH = 1e-4
+"""Largest relative difference between a recomputed k_den and the run's saved one (float32 keys
+computed again on the same model; a larger one means other templates or another layer)."""
+
+
+def ratios(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], keys: npt.NDArray[np.float64]) -> list[float]:
+    """For each edit j but the last: ‖Σ_{i>j} r_i u_iᵀ keys_j‖ / (‖r_j‖·|u_jᵀ keys_j|); rows of
+    ``u``, ``r`` and ``keys`` are the applied edits in order."""
+    a = u @ keys.T  # a[i, j] = u_i · key_j
+    out = []
+    for j in range(len(u) - 1):
+        later = r[j + 1 :].T @ a[j + 1 :, j]
+        out.append(float(np.linalg.norm(later) / (np.linalg.norm(r[j]) * abs(a[j, j]))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="a sequential run's variant folder (…/sequential-r-rome)")
+    ap.add_argument("model_dir", type=Path, help="the unedited model the run edited")
+    ap.add_argument("--upto", type=int, help="only the run's first N edits (default: all it holds)")
+    ap.add_argument("--per-edit", type=Path, help="write one JSON line per edit here")
+    args = ap.parse_args()
+    try:
+        run = run_settings(args.folder)
+        if run.get("edit_prompts", "plain") != "plain":
+            raise RromeError(f"{args.folder}: made with {run['edit_prompts']!r} edit prompts; only plain ones are read")
+        variant = Variant.of(args.folder)
+        records = read_jsonl(variant.edits)[: args.upto]
+        applied = [rec for rec in records if "refused" not in rec]
+        if len(applied) < 2:
+            raise RromeError(f"{args.folder}: {len(applied)} applied edit(s); the ratios need two")
+        requests = load_requests(run["data"])[int(run.get("offset", 0)) :]
+        layer = int(read_object(variant.run_dir / BASELINE_FILE)["layer"])
+        editor = Editor.from_pretrained(args.model_dir, layer=layer, hparams=run.get("hparams") or {}, progress=False)
+        templates = editor.templates()
+        u, r, k_den, k_plain = [], [], [], []
+        for rec in applied:
+            fu, fr, saved, _ = load_factors(variant.factors(int(rec["index"])))
+            request = requests[int(rec["index"])]
+            if str(request.case_id) != str(rec["case_id"]):
+                raise RromeError(f"{run['data']}: case {request.case_id} where the run edited {rec['case_id']}")
+            keys = compute_keys(editor.model, editor.tokenizer, editor.module_name, request, templates)
+            k_e = keys.k_e.double().cpu().numpy()
+            if saved is not None:
+                diff = float(np.abs(k_e - saved).max() / np.abs(saved).max())
+                if diff > KEY_MATCH:
+                    raise RromeError(
+                        f"case {rec['case_id']}: the recomputed k_den differs from the run's by {diff:.1e} "
+                        "(relative); the run used other templates or another layer"
+                    )
+            u.append(fu.astype(np.float64))
+            r.append(fr.astype(np.float64))
+            k_den.append(k_e)
+            k_plain.append(keys.k_e_o.double().cpu().numpy())
+    except (RromeError, OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    uu, rr = np.stack(u), np.stack(r)
+    found = {
+        "k_den (retained)": ratios(uu, rr, np.stack(k_den)),
+        "plain prompt k_e^o": ratios(uu, rr, np.stack(k_plain)),
+    }
+    print(f"{len(applied)} applied edits of {args.folder}; later edits' change at each edit's key, over its own change")
+    print("| key | edits | median | p75 | p90 | max |\n|---|---|---|---|---|---|")
+    for name, xs in found.items():
+        q = np.quantile(xs, [0.5, 0.75, 0.9])
+        print(f"| {name} | {len(xs)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(xs):.3f} |")
+    if args.per_edit:
+        with args.per_edit.open("w") as f:
+            for rec, a, b in zip(applied, *found.values(), strict=False):
+                f.write(json.dumps({"index": rec["index"], "case_id": rec["case_id"], "k_den": a, "plain": b}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
