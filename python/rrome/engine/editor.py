@@ -787,8 +787,8 @@ class Editor:
         Replaying the factors of earlier edits in order rebuilds the same weights bit for bit
         (used to resume a sequential evaluation). Nothing is queued for :meth:`save`. With
         ``retain_edit_keys``, ``key`` (the edit's k_den, :attr:`retained_keys`) is retained as
-        :meth:`edit` retained it, and after it ``other_key`` (the edit's other key, which
-        :meth:`edit` retains with ``retain_both_keys``) when given.
+        :meth:`edit` retained it, and after it, with ``retain_both_keys`` too, ``other_key``
+        (the edit's other key, :meth:`edit` retains it then) when given.
         """
         u32, r32 = np.asarray(u, np.float32), np.asarray(r, np.float32)
         self._apply_in_memory(Update(u=u32, r=r32, denominator=math.nan, norm_delta=math.nan))
@@ -796,5 +796,5 @@ class Editor:
             solver = self.solver()
             assert isinstance(solver, RetainedKeys)
             solver.add(key)
-            if other_key is not None:
+            if other_key is not None and self.hparams.retain_both_keys:
                 solver.add(other_key)

@@ -482,7 +482,7 @@ def replay_edits(editor: Editor, variant: Variant, records: Sequence[dict[str, A
             raise RromeError(f"{path}: holds no key (k) to retain; the run was started without retain_edit_keys")
         # No k_other under retain_both_keys: the edit had one key (k_e = k_e^o) and retained it
         # alone (a run started without the option is refused before this, by its hparams).
-        editor.replay(u, r, k, k_other if editor.hparams.retain_both_keys else None)
+        editor.replay(u, r, k, k_other)
 
 
 def run_settings(folder: Path) -> dict[str, Any]:
