@@ -221,7 +221,7 @@ def test_a_later_edit_leaves_the_earlier_key_alone(family: str, method: str, tin
     assert moved["1e9"] < 1e-5, moved  # Δ_2 k_1 = 0 up to the float32 factors
 
 
-@pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome")])
+@pytest.mark.parametrize(("family", "method"), [("gpt2", "r-rome"), ("llama", "r-rome"), ("llama", "p-rome")])
 def test_both_keys_retained_leave_the_earlier_prompt_key_alone(
     family: str, method: str, tiny_dir: Callable[..., Path]
 ) -> None:
