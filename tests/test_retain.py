@@ -239,6 +239,10 @@ def test_both_keys_retained_leave_the_earlier_prompt_key_alone(
         editor, first, second = _two_edits(folder, method, **fields)
         k1, k1_other = _k_den(editor, FIRST, method), _k_den(editor, FIRST, other)
         k2 = _k_den(editor, SECOND, method)
+        # Every edit records both keys, whatever the options: what a later session retains.
+        for result, k, k_other in ((first, k1, k1_other), (second, k2, _k_den(editor, SECOND, other))):
+            assert np.array_equal(result.delta.key, k.float().numpy())
+            assert np.array_equal(result.delta.other_key, k_other.float().numpy())
         own = float(_change_at(second, k2).norm())
         moved[name] = (float(_change_at(second, k1).norm()) / own, float(_change_at(second, k1_other).norm()) / own)
         if name == "both":
@@ -381,28 +385,38 @@ def test_sweep_recorded_before_the_fields_existed_continues(tmp_path: Path) -> N
 TENSOR = "transformer.h.0.mlp.c_proj.weight"  # the tiny GPT-2's edited tensor at LAYER (Conv1D)
 
 
-def _keyed(rng: np.random.Generator, d_out: int, d_in: int, key: bool = True) -> rrome.Delta:
+def _keyed(rng: np.random.Generator, d_out: int, d_in: int, key: bool = True, other: bool = False) -> rrome.Delta:
     base = random_delta(rng, TENSOR, d_out, d_in, "in_out", 1.0)
     k = rng.standard_normal(d_in).astype(np.float32) if key else None
-    return rrome.Delta(base.tensor, base.u, base.r, base.layout, base.scale, {"note": "test"}, key=k)
+    k_other = rng.standard_normal(d_in).astype(np.float32) if other else None
+    return rrome.Delta(base.tensor, base.u, base.r, base.layout, base.scale, {"note": "test"}, key=k, other_key=k_other)
+
+
+def _same_key(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def test_the_key_round_trips_through_a_bundle(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
-    deltas = [_keyed(rng, 4, 6), _keyed(rng, 4, 6, key=False), _keyed(rng, 4, 6)]
+    deltas = [_keyed(rng, 4, 6), _keyed(rng, 4, 6, key=False), _keyed(rng, 4, 6, other=True)]
     assert deltas[0].key is not None and deltas[0].key.dtype == np.float32 and not deltas[0].key.flags.writeable
+    assert deltas[2].other_key is not None and not deltas[2].other_key.flags.writeable
     rrome.save_deltas(tmp_path / "bundle", deltas)
     back = [x.delta for x in rrome.load_deltas(tmp_path / "bundle")]
     for a, b in zip(deltas, back, strict=True):
         assert np.array_equal(a.u, b.u) and np.array_equal(a.r, b.r)
-        assert (a.key is None and b.key is None) or np.array_equal(a.key, b.key)  # type: ignore[arg-type]
-    assert back[1].key is None
+        assert _same_key(a.key, b.key) and _same_key(a.other_key, b.other_key)
+    assert back[1].key is None and back[0].other_key is None and back[2].other_key is not None
     # A float64 key is stored as float32 (the editor's keys are float32 values already).
     k64 = rng.standard_normal(6)
     assert np.array_equal(rrome.Delta(TENSOR, np.ones(6), np.ones(4), key=k64).key, k64.astype(np.float32))
     for bad, needle in ((np.ones(5), "key has 5 values; expected d_in = 6"), (np.full(6, np.inf), r"key\[0\] is inf")):
         with pytest.raises(rrome.DeltaError, match=needle):
             rrome.Delta(TENSOR, np.ones(6), np.ones(4), key=bad)
+        with pytest.raises(rrome.DeltaError, match="other_" + needle):
+            rrome.Delta(TENSOR, np.ones(6), np.ones(4), key=np.ones(6), other_key=bad)
+    with pytest.raises(rrome.DeltaError, match="other_key is given without key"):
+        rrome.Delta(TENSOR, np.ones(6), np.ones(4), other_key=np.ones(6))
 
 
 def test_the_edit_log_keeps_the_keys_and_a_revert_takes_its_batch_keys_away(
@@ -472,6 +486,49 @@ def test_the_edit_log_keeps_the_keys_and_a_revert_takes_its_batch_keys_away(
         opened().solver()
 
 
+def test_the_edit_log_keeps_the_other_keys_and_retains_them_with_the_option(
+    tiny_copy: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An applied edit's other key goes into the log beside its key; an editor opened with
+    ``retain_both_keys`` retains both of each logged edit (k_den first), one without it the
+    written key alone, and a revert takes the batch's other keys away with the rest."""
+    folder = tiny_copy("gpt2")
+    d_out, d_in = math_shape(folder, TENSOR, "in_out")
+    rng = np.random.default_rng(13)
+    # Batch 1: one edit with its written key only (logged before other keys were recorded);
+    # batch 2: two with both keys.
+    batch1 = [_keyed(rng, d_out, d_in)]
+    batch2 = [_keyed(rng, d_out, d_in, other=True), _keyed(rng, d_out, d_in, other=True)]
+    rrome.apply_deltas(folder, batch1)
+    rrome.apply_deltas(folder, batch2)
+    logged = rrome.load_deltas(folder)
+    for x, d in zip(logged, batch1 + batch2, strict=True):
+        assert _same_key(x.delta.key, d.key) and _same_key(x.delta.other_key, d.other_key)
+
+    def opened(**fields: Any) -> Editor:
+        hp = {**HP, "retain_edit_keys": True, **fields}
+        return Editor.from_pretrained(folder, layer=LAYER, hparams=hp, progress=False)
+
+    def retained(editor: Editor) -> list[np.ndarray]:
+        return [np.asarray(k, np.float32) for k in editor.retained_keys]
+
+    both = [batch1[0].key, batch2[0].key, batch2[0].other_key, batch2[1].key, batch2[1].other_key]
+    with caplog.at_level("WARNING", logger="rrome"):
+        editor = opened(retain_both_keys=True)
+    warned = [r.getMessage() for r in caplog.records if "hold only the key they wrote at" in r.getMessage()]
+    assert len(warned) == 1 and "1 of the 3 logged edit(s)" in warned[0], warned
+    assert all(_same_key(a, b) for a, b in zip(retained(editor), both, strict=True))
+    assert len(editor.solver()) == 5  # type: ignore[arg-type]
+    written = [batch1[0].key, batch2[0].key, batch2[1].key]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rrome"):
+        one = opened()
+    assert all(_same_key(a, b) for a, b in zip(retained(one), written, strict=True))
+    assert not [r for r in caplog.records if "hold only" in r.getMessage()]
+    assert rrome.revert(folder) == [2]
+    assert all(_same_key(a, b) for a, b in zip(retained(opened(retain_both_keys=True)), both[:1], strict=True))
+
+
 # Four facts of one relation: two sessions of two, or one of four.
 MORE = [
     FIRST,
@@ -482,34 +539,35 @@ MORE = [
 SESSION_TOL = 1e-6  # relative, on u, r and the written weight; measured: 0 (the same operations, bit for bit)
 
 
-def _apply_session(folder: Path, requests: list[EditRequest]) -> tuple[Editor, list[Any]]:
+def _apply_session(folder: Path, requests: list[EditRequest], **fields: Any) -> tuple[Editor, list[Any]]:
     """What ``rrome apply`` does: open an editor on the folder, check, edit, write in place.
     Large updates are allowed: the guard compares with the session's own edits, which two
     sessions do not share (docs/design.md §1, Guards)."""
-    editor = Editor.from_pretrained(
-        folder, layer=LAYER, hparams={**HP, "retain_edit_keys": True}, progress=False, allow_large_updates=True
-    )
+    hparams = {**HP, "retain_edit_keys": True, **fields}
+    editor = Editor.from_pretrained(folder, layer=LAYER, hparams=hparams, progress=False, allow_large_updates=True)
     editor.check_requests(requests)
     results = [editor.edit(r) for r in requests]
     editor.save()
     return editor, results
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(("family", "both"), [("gpt2", False), ("llama", False), ("gpt2", True), ("llama", True)])
 def test_two_apply_sessions_make_the_deltas_of_one(
-    family: str, tiny_copy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    family: str, both: bool, tiny_copy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The second session retains the first one's keys from the edit log, so it solves against
-    the same C0 + Σ w_p k_p k_pᵀ as one session with all the edits, and writes the same Δ."""
+    """The second session retains the first one's keys from the edit log (with
+    ``retain_both_keys`` both keys of each), so it solves against the same
+    C0 + Σ w_p k_p k_pᵀ as one session with all the edits, and writes the same Δ."""
     from safetensors.numpy import load_file
 
     # The templates come from the unedited model in both sessions, as users get them (cached
     # beside C0; the cache is private to this test).
     monkeypatch.delenv("RROME_NO_TEMPLATE_CACHE")
     one, two = tiny_copy(family, name="one"), tiny_copy(family, name="two")
-    whole_editor, whole = _apply_session(one, MORE)
-    _, first = _apply_session(two, MORE[:2])
-    second_editor, second = _apply_session(two, MORE[2:])
+    fields = {"retain_both_keys": True} if both else {}
+    whole_editor, whole = _apply_session(one, MORE, **fields)
+    _, first = _apply_session(two, MORE[:2], **fields)
+    second_editor, second = _apply_session(two, MORE[2:], **fields)
     for i, (a, b) in enumerate(zip(whole, first + second, strict=True)):
         for name in ("u", "r"):
             x, y = getattr(a.delta, name), getattr(b.delta, name)
@@ -520,8 +578,9 @@ def test_two_apply_sessions_make_the_deltas_of_one(
     assert rel_error(w_two, w_one) <= SESSION_TOL
     assert [x.batch for x in rrome.load_deltas(two)] == [1, 1, 2, 2]
     # The edits were solved against the same keys: the log's, then the session's own.
-    assert [r.delta.meta["retained_keys"] for r in whole] == [0, 1, 2, 3]
-    assert [r.delta.meta["retained_keys"] for r in first + second] == [0, 1, 2, 3]
-    assert len(second_editor.retained_keys) == len(whole_editor.retained_keys) == 4
+    per_edit = 2 if both else 1
+    assert [r.delta.meta["retained_keys"] for r in whole] == [per_edit * i for i in range(4)]
+    assert [r.delta.meta["retained_keys"] for r in first + second] == [per_edit * i for i in range(4)]
+    assert len(second_editor.retained_keys) == len(whole_editor.retained_keys) == 4 * per_edit
     for a, b in zip(whole_editor.retained_keys, second_editor.retained_keys, strict=True):
         assert np.array_equal(a, b)

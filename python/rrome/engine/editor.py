@@ -354,18 +354,28 @@ class Editor:
         return self._chol
 
     def _logged_keys(self) -> list[tuple[str, npt.NDArray[np.float32]]]:
-        """The keys (k_den) of the edits of the edited tensor in the model folder's edit log,
-        oldest first, each with where it was read (``FILE:LINE``). Records without a key (logged
-        before keys were recorded) are skipped, with one warning."""
+        """The keys of the edits of the edited tensor in the model folder's edit log, oldest
+        first, in the order :meth:`edit` retains them: each edit's k_den, then with
+        ``retain_both_keys`` its other key where the log holds one; each with where it was read
+        (``FILE:LINE``). Records without a key (logged before keys were recorded) are skipped,
+        with one warning."""
         if not (self.model_dir / EDITS_FILE).is_file():
             return []
         tensor = self.adapter.tensor_name(self.layer)
         found = [x for x in load_deltas(self.model_dir) if x.delta.tensor == tensor]
         keys: list[tuple[str, npt.NDArray[np.float32]]] = []
+        one_key = 0
         for x in found:
+            where = f"{self.model_dir / EDITS_FILE}:{x.line}"
             if x.delta.key is not None:
-                keys.append((f"{self.model_dir / EDITS_FILE}:{x.line}", x.delta.key))
-        missing = len(found) - len(keys)
+                keys.append((where, x.delta.key))
+                if not self.hparams.retain_both_keys:
+                    continue
+                if x.delta.other_key is not None:
+                    keys.append((where, x.delta.other_key))
+                else:
+                    one_key += 1
+        missing = sum(x.delta.key is None for x in found)
         if missing:
             _log.warning(
                 "%s: %d of the %d logged edit(s) of %s hold no key (they were applied before rrome recorded "
@@ -373,6 +383,16 @@ class Editor:
                 "with this version) is the only way to retain them",
                 self.model_dir,
                 missing,
+                len(found),
+                tensor,
+            )
+        if one_key:
+            _log.warning(
+                "%s: retain_both_keys: %d of the %d logged edit(s) of %s hold only the key they wrote at (applied "
+                "before rrome recorded the other key, or made with one context template, where the two keys are "
+                "one), so only that key of theirs is retained",
+                self.model_dir,
+                one_key,
                 len(found),
                 tensor,
             )
@@ -387,20 +407,13 @@ class Editor:
         if self._retained is None:
             self._retained = RetainedKeys(self.cholesky(), self.hparams.retain_weight)
             self._retain_logged()
-            if self.hparams.retain_both_keys and self._logged:
-                _log.warning(
-                    "%s: retain_both_keys: of the %d logged edit(s) only the key each wrote at is retained (the edit "
-                    "log does not record the other key); this editor's own edits retain both",
-                    self.model_dir,
-                    len(self._logged),
-                )
         return self._retained
 
-    def _other_key(self, keys: Keys, written: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
-        """With ``retain_both_keys``, the edit's key that it did not write at (k_e^o under
-        r-rome, k_e under rome and p-rome), to be retained beside it; else ``None``."""
-        if not self.hparams.retain_both_keys:
-            return None
+    @staticmethod
+    def _other_key(keys: Keys, written: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
+        """The edit's key that it did not write at (k_e^o under r-rome, k_e under rome and
+        p-rome), recorded beside it and retained with ``retain_both_keys``; ``None`` where the
+        two are one."""
         k_e, k_e_o = (k.double().cpu().numpy() for k in (keys.k_e, keys.k_e_o))
         if np.array_equal(k_e, k_e_o):  # one key (a single template): nothing else to retain
             return None
@@ -656,21 +669,23 @@ class Editor:
             ) from e
         self._check_update(update, tokens.request)
         self._apply_in_memory(update)
+        other = None if update.key is None else self._other_key(keys, update.key)
         if isinstance(solver, RetainedKeys) and update.key is not None:
             solver.add(update.key)
-            other = self._other_key(keys, update.key)
-            if other is not None:
+            if other is not None and self.hparams.retain_both_keys:
                 solver.add(other)
         clock.lap("update")
         p_after = request_probabilities(self.model, self.tokenizer, tokens)
         clock.lap("after")
         tensor = self.adapter.tensor_name(self.layer)
-        key = None if update.key is None else update.key.astype(np.float32)  # float32 values already
+        # Both keys are float32 values already (the keys of a float32 forward pass, or less).
+        key = None if update.key is None else update.key.astype(np.float32)
+        other_key = None if other is None else other.astype(np.float32)
         unlogged = EditResult(
             request=tokens.request,
             method=self.method,
             layer=self.layer,
-            delta=Delta(tensor, update.u, update.r, self.adapter.layout, 1.0, None, key=key),
+            delta=Delta(tensor, update.u, update.r, self.adapter.layout, 1.0, None, key=key, other_key=other_key),
             norm_delta=update.norm_delta,
             norm_u=update.norm_u,
             norm_r=update.norm_r,

@@ -65,8 +65,8 @@ Sequential retention
   plain prompt's k_e^o, not only the one it wrote at (k_e under r-rome). Retaining k_e alone
   leaves the edit's own prompt exposed: measured on Gemma 3 270M, later edits change the module's
   output at an earlier edit's k_e^o by a third of that edit's own change there (median over 200
-  sequential edits) against a tenth at k_e (docs/results.md). Within one editor and a resumed
-  ``rrome eval`` only: the edit log records the written key alone.
+  sequential edits) against a tenth at k_e (docs/results.md). Across sessions too: every edit
+  records its other key in the edit log beside the written one.
 
 Neighbour shield
 ----------------

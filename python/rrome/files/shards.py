@@ -63,10 +63,13 @@ class Delta:
         key: the key the edit wrote at (k_den, length ``d_in``; stored as float32 as ``<id>.k``
             beside the factors), or ``None``. With ``retain_edit_keys`` an editor opened on the
             folder later retains the keys of its edit log (docs/design.md §1).
+        other_key: the edit's other key (k_e^o when it wrote at k_e, and the reverse; stored as
+            ``<id>.k_other``), or ``None``: retained beside ``key`` with ``retain_both_keys``.
+            Only with ``key``.
 
     Raises:
         DeltaError: for a bad layout, empty or non-float factors, a key whose length is not
-            ``d_in``, or non-finite numbers.
+            ``d_in``, an ``other_key`` without ``key``, or non-finite numbers.
     """
 
     tensor: str
@@ -76,6 +79,7 @@ class Delta:
     scale: float = 1.0
     meta: Mapping[str, Any] | None = field(default=None)
     key: npt.NDArray[np.float32] | None = field(default=None)
+    other_key: npt.NDArray[np.float32] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, str) or not self.tensor:
@@ -84,14 +88,18 @@ class Delta:
             raise DeltaError(f'layout must be "out_in" or "in_out", got {self.layout!r}')
         object.__setattr__(self, "u", _vector("u", self.u))
         object.__setattr__(self, "r", _vector("r", self.r))
-        if self.key is not None:
-            object.__setattr__(self, "key", _vector("key", self.key))
-            if self.key.shape != self.u.shape:
-                raise DeltaError(f"{self.tensor}: key has {self.key.shape[0]} values; expected d_in = {self.d_in}")
+        if self.other_key is not None and self.key is None:
+            raise DeltaError(f"{self.tensor}: other_key is given without key (the key it is the other of)")
+        for name in ("key", "other_key"):
+            if getattr(self, name) is not None:
+                vec = _vector(name, getattr(self, name))
+                object.__setattr__(self, name, vec)
+                if vec.shape != self.u.shape:
+                    raise DeltaError(f"{self.tensor}: {name} has {vec.shape[0]} values; expected d_in = {self.d_in}")
         object.__setattr__(self, "scale", float(self.scale))
         if not np.isfinite(self.scale):
             raise DeltaError(f"scale must be finite, got {self.scale}")
-        for name in ("u", "r", "key"):
+        for name in ("u", "r", "key", "other_key"):
             vec = getattr(self, name)
             if vec is None:
                 continue

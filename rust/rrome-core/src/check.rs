@@ -201,6 +201,7 @@ mod tests {
             scale: 1.0,
             meta: None,
             key: None,
+            other_key: None,
         }
     }
 

@@ -10,10 +10,11 @@
 //!   `"applied_at"` (set in a model's edit log) and `"meta"` (any JSON object: the edit
 //!   request, method, diagnostics).
 //! - `rrome_deltas.safetensors`: F32 tensors `<id>.u` (shape `[d_in]`) and `<id>.r` (`[d_out]`),
-//!   and, for a record that has one, `<id>.k` (`[d_in]`): the key the edit wrote at (k_den), which
-//!   later edits of the same tensor retain. Files without keys (written before keys were
-//!   recorded) read as deltas without keys; readers that predate keys ignore the extra tensors,
-//!   so the format tag is unchanged.
+//!   and, for a record that has them, `<id>.k` (`[d_in]`): the key the edit wrote at (k_den),
+//!   which later edits of the same tensor retain, and `<id>.k_other` (`[d_in]`): the edit's other
+//!   key (the plain prompt's k_e^o under r-rome), retained beside it with `retain_both_keys`.
+//!   Files without keys (written before keys were recorded) read as deltas without keys; readers
+//!   that predate keys ignore the extra tensors, so the format tag is unchanged.
 //!
 //! A model folder's edit log is a bundle of the same format kept inside the model folder: every
 //! applied batch appends its records there, which is what `revert` and `inspect` read.
@@ -89,6 +90,9 @@ pub struct Delta {
     pub meta: Option<Map<String, Value>>,
     /// The key the edit wrote at (k_den), length d_in, if recorded: what later edits retain.
     pub key: Option<Vec<f32>>,
+    /// The edit's other key (k_e^o when it wrote at k_e, and the reverse), length d_in, if
+    /// recorded; only beside `key`.
+    pub other_key: Option<Vec<f32>>,
 }
 
 impl Delta {
@@ -111,8 +115,8 @@ impl Delta {
     }
 
     /// What [`Delta::check_finite`] refuses, in words: an empty factor, a scale that is not
-    /// finite in f32, the first number of `u` or `r` that is not finite, or a key whose length
-    /// is not d_in or that holds a number that is not finite.
+    /// finite in f32, the first number of `u` or `r` that is not finite, a key whose length is
+    /// not d_in or that holds a number that is not finite, or an other key without a key.
     pub fn not_finite(&self) -> Option<String> {
         if self.u.is_empty() || self.r.is_empty() {
             return Some("u and r must not be empty".into());
@@ -126,12 +130,16 @@ impl Delta {
         if let Some(i) = self.r.iter().position(|v| !v.is_finite()) {
             return Some(format!("r[{i}] is {}", self.r[i]));
         }
-        if let Some(k) = &self.key {
+        if self.other_key.is_some() && self.key.is_none() {
+            return Some("other_key is recorded without key".into());
+        }
+        for (name, k) in [("key", &self.key), ("other_key", &self.other_key)] {
+            let Some(k) = k else { continue };
             if k.len() != self.u.len() {
-                return Some(format!("key has {} values; expected d_in = {}", k.len(), self.u.len()));
+                return Some(format!("{name} has {} values; expected d_in = {}", k.len(), self.u.len()));
             }
             if let Some(i) = k.iter().position(|v| !v.is_finite()) {
-                return Some(format!("key[{i}] is {}", k[i]));
+                return Some(format!("{name}[{i}] is {}", k[i]));
             }
         }
         None
@@ -300,8 +308,15 @@ fn parse_line(line: &str, at: &str, lineno: usize, factors: &Factors, ids: &mut 
     };
     let u = factors.vector(&id, "u", d_in).map_err(fail)?;
     let r = factors.vector(&id, "r", d_out).map_err(fail)?;
-    let key = if factors.has(&id, "k") { Some(factors.vector(&id, "k", d_in).map_err(fail)?) } else { None };
-    let delta = Delta { tensor, u, r, layout, scale, meta, key };
+    let optional = |suffix: &str| -> Result<Option<Vec<f32>>> {
+        if factors.has(&id, suffix) {
+            Ok(Some(factors.vector(&id, suffix, d_in).map_err(fail)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let (key, other_key) = (optional("k")?, optional("k_other")?);
+    let delta = Delta { tensor, u, r, layout, scale, meta, key, other_key };
     delta.check_finite(at)?;
     Ok(Record { id, batch, applied_at, line: lineno, delta })
 }
@@ -351,17 +366,21 @@ pub fn write_bundle_with(dir: &Path, records: &[Record], mode: Option<u32>, orde
         if !seen.insert(r.id.as_str()) {
             return Err(Error::Delta { msg: format!("delta id {:?} appears twice", r.id) });
         }
-        if let Some(k) = &r.delta.key {
-            // A key that could not be read back must not be written (the factors are the
-            // caller's to check; a key has no other check on the way in).
+        // A key that could not be read back must not be written (the factors are the caller's
+        // to check; a key has no other check on the way in).
+        if r.delta.other_key.is_some() && r.delta.key.is_none() {
+            return Err(Error::Delta { msg: format!("delta {:?}: other_key is recorded without key", r.id) });
+        }
+        for (name, k) in [("key", &r.delta.key), ("other_key", &r.delta.other_key)] {
+            let Some(k) = k else { continue };
             if k.len() != r.delta.d_in() || !k.iter().all(|v| v.is_finite()) {
                 return Err(Error::Delta {
-                    msg: format!("delta {:?}: its key must be d_in = {} finite numbers", r.id, r.delta.d_in()),
+                    msg: format!("delta {:?}: its {name} must be d_in = {} finite numbers", r.id, r.delta.d_in()),
                 });
             }
         }
     }
-    // Each record's vectors as (name, length, bytes): u, r, and the key where there is one.
+    // Each record's vectors as (name, length, bytes): u, r, and the keys where there are some.
     let vectors: Vec<Vec<(String, usize, Vec<u8>)>> = records
         .iter()
         .map(|r| {
@@ -370,8 +389,10 @@ pub fn write_bundle_with(dir: &Path, records: &[Record], mode: Option<u32>, orde
                 (format!("{}.u", r.id), d.d_in(), f32_bytes(&d.u)),
                 (format!("{}.r", r.id), d.d_out(), f32_bytes(&d.r)),
             ];
-            if let Some(k) = &d.key {
-                v.push((format!("{}.k", r.id), k.len(), f32_bytes(k)));
+            for (suffix, k) in [("k", &d.key), ("k_other", &d.other_key)] {
+                if let Some(k) = k {
+                    v.push((format!("{}.{suffix}", r.id), k.len(), f32_bytes(k)));
+                }
             }
             v
         })
@@ -424,6 +445,7 @@ mod tests {
             scale: 2.0,
             meta: None,
             key: None,
+            other_key: None,
         }
     }
 
@@ -476,19 +498,22 @@ mod tests {
     fn keys_round_trip_where_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let keyed = Delta { key: Some(vec![0.25, -4.0, 1e-3]), ..delta("w") };
+        let both = Delta { other_key: Some(vec![7.0, 0.0, -2.5]), ..keyed.clone() };
         let recs = vec![
-            Record { id: "a".into(), batch: Some(1), applied_at: None, line: 1, delta: keyed.clone() },
+            Record { id: "a".into(), batch: Some(1), applied_at: None, line: 1, delta: keyed },
             Record { id: "b".into(), batch: Some(1), applied_at: None, line: 2, delta: delta("w") },
-            Record { id: "c".into(), batch: Some(2), applied_at: None, line: 3, delta: keyed },
+            Record { id: "c".into(), batch: Some(2), applied_at: None, line: 3, delta: both },
         ];
         write_bundle(dir.path(), &recs).unwrap();
         let back = read_bundle(dir.path(), false).unwrap();
         assert_eq!(back, recs);
         assert_eq!(back[0].delta.key.as_deref(), Some(&[0.25, -4.0, 1e-3][..]));
-        assert_eq!(back[1].delta.key, None);
+        assert_eq!((&back[0].delta.other_key, &back[1].delta.key), (&None, &None));
+        assert_eq!(back[2].delta.other_key.as_deref(), Some(&[7.0, 0.0, -2.5][..]));
         let (header, _) = safetensors_header::read_all(&dir.path().join(DELTAS_FILE)).unwrap();
         assert_eq!(header.meta("format"), Some(DELTAS_FORMAT));
         assert!(header.get("a.k").is_some() && header.get("b.k").is_none());
+        assert!(header.get("c.k_other").is_some() && header.get("a.k_other").is_none());
     }
 
     #[test]
@@ -553,6 +578,31 @@ mod tests {
             assert!(err.contains("key must be d_in = 3 finite numbers"), "{err}");
             assert!(!other.path().join(DELTAS_FILE).exists());
         }
+        // The same for the other key, and an other key without the key it belongs beside.
+        let keyed = || Delta { key: Some(vec![1.0; 3]), ..delta("w") };
+        for (d, want) in [
+            (Delta { other_key: Some(vec![1.0, 2.0]), ..keyed() }, "other_key must be d_in = 3 finite numbers"),
+            (Delta { other_key: Some(vec![0.0, f32::NAN, 0.0]), ..keyed() }, "other_key must be d_in = 3"),
+            (Delta { other_key: Some(vec![1.0; 3]), ..delta("w") }, "other_key is recorded without key"),
+        ] {
+            assert!(d.check_finite("x").unwrap_err().to_string().contains("other_key"));
+            let rec = Record { id: "a".into(), batch: None, applied_at: None, line: 0, delta: d };
+            let other = tempfile::tempdir().unwrap();
+            let err = write_bundle(other.path(), &[rec]).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(!other.path().join(DELTAS_FILE).exists());
+        }
+        // In the file: an other key read without a key, named with the record's line.
+        let ko = f32_bytes(&[1.0, 2.0, 3.0]);
+        let tensors = [
+            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
+            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
+            TensorData { name: "a.k_other", dtype: Dtype::F32, shape: vec![3], data: &ko },
+        ];
+        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
+        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        let err = read_bundle(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("other_key is recorded without key"), "{err}");
     }
 
     #[test]

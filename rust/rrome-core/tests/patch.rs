@@ -66,7 +66,16 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn delta(tensor: &str, d_in: usize, d_out: usize, layout: Layout, scale: f64) -> Delta {
-    Delta { tensor: tensor.into(), u: values(d_in, 7.0), r: values(d_out, 9.0), layout, scale, meta: None, key: None }
+    Delta {
+        tensor: tensor.into(),
+        u: values(d_in, 7.0),
+        r: values(d_out, 9.0),
+        layout,
+        scale,
+        meta: None,
+        key: None,
+        other_key: None,
+    }
 }
 
 #[test]
@@ -116,21 +125,29 @@ fn in_place_apply_matches_reference_and_reverts_exactly() {
 fn the_edit_log_keeps_each_key_and_a_revert_takes_its_batch_keys_away() {
     let dir = tempfile::tempdir().unwrap();
     sharded_model(dir.path());
-    let keyed = |seed: f32| Delta { key: Some(values(4, seed)), ..delta("b.weight", 4, 3, Layout::OutIn, 1.0) };
-    // Batch 1: a keyed delta and one without (a bundle may mix them); batch 2: keyed.
+    // A keyed delta holds the key it wrote at and, from seed 2 on, its other key as well.
+    let other = |seed: f32| (seed >= 2.0).then(|| values(4, seed + 10.0));
+    let keyed = |seed: f32| Delta {
+        key: Some(values(4, seed)),
+        other_key: other(seed),
+        ..delta("b.weight", 4, 3, Layout::OutIn, 1.0)
+    };
+    // Batch 1: a keyed delta and one without (a bundle may mix them); batch 2: both keys.
     apply_deltas(dir.path(), &[keyed(1.0), delta("a.weight", 4, 3, Layout::InOut, 1.0)], None).unwrap();
     apply_deltas(dir.path(), &[Delta { scale: 2.0, ..keyed(2.0) }], None).unwrap();
-    let keys = |dir: &Path| -> Vec<(Option<u64>, Option<Vec<f32>>)> {
-        read_bundle(dir, false).unwrap().into_iter().map(|r| (r.batch, r.delta.key)).collect()
+    type Keys = Vec<(Option<u64>, Option<Vec<f32>>, Option<Vec<f32>>)>;
+    let keys = |dir: &Path| -> Keys {
+        read_bundle(dir, false).unwrap().into_iter().map(|r| (r.batch, r.delta.key, r.delta.other_key)).collect()
     };
-    let both = vec![(Some(1), Some(values(4, 1.0))), (Some(1), None), (Some(2), Some(values(4, 2.0)))];
+    let both =
+        vec![(Some(1), Some(values(4, 1.0)), None), (Some(1), None, None), (Some(2), Some(values(4, 2.0)), other(2.0))];
     assert_eq!(keys(dir.path()), both);
     // A copy carries the log, keys included.
     let parent = tempfile::tempdir().unwrap();
     let out = parent.path().join("copy");
     apply_deltas(dir.path(), &[Delta { scale: 3.0, ..keyed(3.0) }], Some(&out)).unwrap();
     assert_eq!(keys(&out)[..3], both[..]);
-    assert_eq!(keys(&out)[3], (Some(3), Some(values(4, 3.0))));
+    assert_eq!(keys(&out)[3], (Some(3), Some(values(4, 3.0)), other(3.0)));
     // Reverting batch 2 leaves batch 1's records, their keys as they were.
     assert_eq!(revert(dir.path(), false).unwrap().batches, vec![2]);
     assert_eq!(keys(dir.path()), both[..2]);
@@ -181,6 +198,7 @@ fn bad_deltas_are_refused_before_any_write() {
         scale: 3e38,
         meta: None,
         key: None,
+        other_key: None,
     };
     // All at once: every problem is named, each at its position in the batch.
     let all: Vec<Delta> = cases.iter().map(|(d, _)| d.clone()).collect();
@@ -264,6 +282,7 @@ fn symlinked_shards_are_not_edited_nor_copied_and_hardlinked_ones_are_unshared()
         scale: 1.0,
         meta: None,
         key: None,
+        other_key: None,
     };
     let err = apply_deltas(dir.path(), std::slice::from_ref(&d), None).unwrap_err();
     assert!(err.to_string().contains("outside the model folder"), "{err}");

@@ -87,6 +87,7 @@ struct DeltaArg<'py> {
     scale: f64,
     meta: Option<Bound<'py, PyAny>>,
     key: Option<PyReadonlyArray1<'py, f32>>,
+    other_key: Option<PyReadonlyArray1<'py, f32>>,
 }
 
 impl DeltaArg<'_> {
@@ -114,6 +115,7 @@ impl DeltaArg<'_> {
             scale: self.scale,
             meta,
             key: self.key.as_ref().map(|k| k.as_array().to_vec()),
+            other_key: self.other_key.as_ref().map(|k| k.as_array().to_vec()),
         })
     }
 }
@@ -128,7 +130,9 @@ fn to_python_delta<'py>(py: Python<'py>, d: Delta) -> PyResult<Bound<'py, PyAny>
     let meta = d.meta.map(|m| json_to_py(py, &Value::Object(m))).transpose()?;
     let (u, r) = (PyArray1::from_vec(py, d.u), PyArray1::from_vec(py, d.r));
     let key = d.key.map(|k| PyArray1::from_vec(py, k));
-    DELTA.import(py, "rrome.files.shards", "Delta")?.call1((d.tensor, u, r, d.layout.as_str(), d.scale, meta, key))
+    let other_key = d.other_key.map(|k| PyArray1::from_vec(py, k));
+    let args = (d.tensor, u, r, d.layout.as_str(), d.scale, meta, key, other_key);
+    DELTA.import(py, "rrome.files.shards", "Delta")?.call1(args)
 }
 
 fn options(link: bool, again: bool) -> patch::ApplyOptions {

@@ -144,6 +144,7 @@ mod tests {
             scale: 1.0,
             meta: None,
             key: None,
+            other_key: None,
         };
         let state = dir.join(STATE_DIR);
         synced();
