@@ -139,7 +139,9 @@ def test_on_where_measured_off_elsewhere_and_in_reference() -> None:
     for path in sorted((Path(rrome.__file__).parent / "data" / "hparams").glob("*.json")):
         hp = load_hparams(path.stem)
         assert hp.retain_edit_keys is (path.stem in MEASURED_ON), path
+        assert hp.retain_both_keys is (path.stem in MEASURED_ON), path
         assert resolve_hparams(path.stem, "reference").retain_edit_keys is False
+        assert resolve_hparams(path.stem, "reference").retain_both_keys is False
         assert resolve_hparams(path.stem, "reference").shield_subjects == 0
         assert resolve_hparams(path.stem, "reference").v_check_update is False
     assert PRESETS["reference"]["retain_edit_keys"] is False

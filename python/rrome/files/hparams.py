@@ -61,8 +61,9 @@ Sequential retention
   identity, each earlier key is a unit direction added with weight λ, and one earlier key alone
   cuts what the new edit does at it by the factor 1 + λ·(1 − cos²) (cos: the two keys' cosine
   under C0⁻¹), whatever the width or the scale of the keys.
-* ``retain_both_keys`` (off): retain both of each edit's keys, the template-averaged k_e and the
-  plain prompt's k_e^o, not only the one it wrote at (k_e under r-rome). Retaining k_e alone
+* ``retain_both_keys`` (on in Gemma 3's defaults; off in ``reference`` and elsewhere): retain
+  both of each edit's keys, the template-averaged k_e and the plain prompt's k_e^o, not only the
+  one it wrote at (k_e under r-rome). Retaining k_e alone
   leaves the edit's own prompt exposed: measured on Gemma 3 270M, later edits change the module's
   output at an earlier edit's k_e^o by a third of that edit's own change there (median over 200
   sequential edits) against a tenth at k_e (docs/results.md). Across sessions too: every edit
