@@ -28,7 +28,7 @@ import numpy.typing as npt
 from rrome.engine.editor import Editor
 from rrome.engine.keys import compute_keys
 from rrome.eval.results import BASELINE_FILE, Variant, read_jsonl, read_object
-from rrome.eval.runs import load_factors, run_settings
+from rrome.eval.runs import load_factors, recorded_hparams, run_settings
 from rrome.files.edits import load_requests
 from rrome.files.errors import RromeError
 
@@ -66,7 +66,8 @@ def main() -> None:
             raise RromeError(f"{args.folder}: {len(applied)} applied edit(s); the ratios need two")
         requests = load_requests(run["data"])[int(run.get("offset", 0)) :]
         layer = int(read_object(variant.run_dir / BASELINE_FILE)["layer"])
-        editor = Editor.from_pretrained(args.model_dir, layer=layer, hparams=run.get("hparams") or {}, progress=False)
+        hparams = recorded_hparams(variant.run_dir)  # the run's resolved set: the templates decide k_e
+        editor = Editor.from_pretrained(args.model_dir, layer=layer, hparams=hparams, progress=False)
         templates = editor.templates()
         u, r, k_den, k_plain = [], [], [], []
         for rec in applied:

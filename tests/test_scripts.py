@@ -238,9 +238,17 @@ def test_rebuild_along_loads_the_runs_dtype_and_checks_counts(tiny_dir: Callable
 
     model_dir = tiny_dir("llama")
     folder, _ = _sequential_run(model_dir, tmp_path, {"glue_n": 3, "seed": 0, "dtype": "bfloat16"})
+    # The editor edits with the resolved set the run recorded, not with today's defaults.
+    baseline = folder.parent / "baseline.json"
+    recorded = json.loads(baseline.read_text())
+    from rrome.files.hparams import load_hparams
+
+    resolved = {**load_hparams("llama", n_layers=2).to_json(), "v_num_grad_steps": 7, "retain_edit_keys": True}
+    baseline.write_text(json.dumps({**recorded, "hparams": resolved}))
     n, last, editor = next(iter(rebuild_along(folder, model_dir, [1])))
     assert (n, last is not None and last["case_id"]) == (1, "7")
     assert editor.edited_weight().dtype == torch.bfloat16
+    assert (editor.hparams.v_num_grad_steps, editor.hparams.retain_edit_keys) == (7, True)
     for bad in ([2, 1], [1, 1], [-1], [4]):
         with pytest.raises(RromeError, match="holds 3 edits"):
             next(iter(rebuild_along(folder, model_dir, bad)))

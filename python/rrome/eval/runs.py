@@ -174,26 +174,32 @@ def _record_config(out_dir: Path, cfg: RunConfig) -> None:
         write_json(path, {**saved, "methods": methods})
 
 
-def _check_hparams(out_dir: Path, used: HParams) -> None:
-    """Refuses to go on with a folder whose edits were made with another resolved set.
-
-    ``baseline.json`` records the set the folder's first session resolved; a field it lacks (one
-    added to rrome later) counts as that field's default, which is how those edits were made.
-    """
+def recorded_hparams(out_dir: Path) -> HParams | None:
+    """The resolved set a results folder's edits were made with: the one ``baseline.json``
+    records (its first session's), a field it lacks (one added to rrome later) at that field's
+    default, which is how those edits were made; ``None`` for a folder without one."""
     path = out_dir / BASELINE_FILE
     if not path.exists():
-        return
+        return None
     raw = read_object(path).get("hparams")
     if not isinstance(raw, dict):
-        return
+        return None
     try:
-        saved = HParams(**check_overrides(raw)).to_json()
+        return HParams(**check_overrides(raw))
     except (HParamsError, TypeError) as e:
         raise RromeError(f"{path}: its hyperparameters cannot be read ({e}); use another --out") from None
-    detail = describe_differences(saved, used.to_json(), ignore=("note",))
+
+
+def _check_hparams(out_dir: Path, used: HParams) -> None:
+    """Refuses to go on with a folder whose edits were made with another resolved set
+    (:func:`recorded_hparams`)."""
+    saved = recorded_hparams(out_dir)
+    if saved is None:
+        return
+    detail = describe_differences(saved.to_json(), used.to_json(), ignore=("note",))
     if detail:
         raise RromeError(
-            f"{path}: this folder's edits were made with other hyperparameters ({detail}); "
+            f"{out_dir / BASELINE_FILE}: this folder's edits were made with other hyperparameters ({detail}); "
             "pass --hparams/--set to match them, or use another --out"
         )
 
@@ -502,17 +508,20 @@ def rebuild_along(
 ) -> Iterator[tuple[int, dict[str, Any] | None, Editor]]:
     """The model of a sequential run's variant ``folder`` (…/sequential-rome) after each number
     of edits in ``counts`` (ascending; 0: unedited), rebuilt from ``model_dir`` and the folder's
-    factors as a resumed run rebuilds it (in the run's dtype). ``settings``: the run's
-    :func:`run_settings`, when the caller has read them already. Yields (count, the count-th
-    edit's record or None, an editor whose in-memory model holds those edits); the editor is the
-    same object each time."""
+    factors as a resumed run rebuilds it (in the run's dtype, the editor with the run's resolved
+    hyperparameters). ``settings``: the run's :func:`run_settings`, when the caller has read them
+    already. Yields (count, the count-th edit's record or None, an editor whose in-memory model
+    holds those edits); the editor is the same object each time."""
     variant = Variant.of(folder)
     records = read_jsonl(variant.edits)
     if list(counts) != sorted(set(counts)) or (counts and (counts[0] < 0 or counts[-1] > len(records))):
         raise RromeError(f"{folder}: holds {len(records)} edits; asked for {list(counts)} (ascending, distinct)")
     base = read_object(variant.run_dir / BASELINE_FILE)
     dtype = (run_settings(folder) if settings is None else settings).get("dtype") or RunConfig.dtype
-    editor = Editor.from_pretrained(model_dir, layer=int(base["layer"]), dtype=dtype, device=device, progress=False)
+    hparams = recorded_hparams(variant.run_dir)
+    editor = Editor.from_pretrained(
+        model_dir, layer=int(base["layer"]), hparams=hparams, dtype=dtype, device=device, progress=False
+    )
     done = 0
     for n in counts:
         replay_edits(editor, variant, records[done:n])
