@@ -516,18 +516,26 @@ mod tests {
         assert!(header.get("c.k_other").is_some() && header.get("a.k_other").is_none());
     }
 
+    /// Writes the tensor half of a one-record bundle by hand, as a file from elsewhere may hold
+    /// it: `a.u` = [1, 2, 3] and `a.r` = [0.5, -1], then each `(name, values)` of `extra`.
+    fn write_tensor_half(dir: &Path, extra: &[(&str, &[f32])]) {
+        let mut named: Vec<(&str, Vec<u8>, usize)> =
+            vec![("a.u", f32_bytes(&[1.0, 2.0, 3.0]), 3), ("a.r", f32_bytes(&[0.5, -1.0]), 2)];
+        named.extend(extra.iter().map(|(name, v)| (*name, f32_bytes(v), v.len())));
+        let tensors: Vec<TensorData<'_>> = named
+            .iter()
+            .map(|(name, data, len)| TensorData { name, dtype: Dtype::F32, shape: vec![*len], data })
+            .collect();
+        let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
+        let mut f = fs::File::create(dir.join(DELTAS_FILE)).unwrap();
+        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+    }
+
     #[test]
     fn a_file_without_keys_reads_as_deltas_without_keys() {
         // The tensor half as rrome wrote it before keys were recorded: u and r only.
         let dir = tempfile::tempdir().unwrap();
-        let (u, r) = (f32_bytes(&[1.0, 2.0, 3.0]), f32_bytes(&[0.5, -1.0]));
-        let tensors = [
-            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
-            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
-        ];
-        let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
-        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
-        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        write_tensor_half(dir.path(), &[]);
         fs::write(
             dir.path().join(EDITS_FILE),
             r#"{"id":"a","tensor":"w","layout":"in_out","scale":2.0,"d_in":3,"d_out":2}"#.to_string() + "\n",
@@ -542,15 +550,7 @@ mod tests {
     fn bad_keys_are_refused_when_read_and_written() {
         let dir = tempfile::tempdir().unwrap();
         // A key of another length in the file: the record's line and the tensor are named.
-        let (u, r, k) = (f32_bytes(&[1.0, 2.0, 3.0]), f32_bytes(&[0.5, -1.0]), f32_bytes(&[1.0, 2.0]));
-        let tensors = [
-            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
-            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
-            TensorData { name: "a.k", dtype: Dtype::F32, shape: vec![2], data: &k },
-        ];
-        let meta = vec![("format".to_string(), DELTAS_FORMAT.to_string())];
-        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
-        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        write_tensor_half(dir.path(), &[("a.k", &[1.0, 2.0])]);
         fs::write(
             dir.path().join(EDITS_FILE),
             "{\"id\":\"a\",\"tensor\":\"w\",\"layout\":\"in_out\",\"d_in\":3,\"d_out\":2}\n",
@@ -559,14 +559,7 @@ mod tests {
         let err = read_bundle(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("\"a.k\"") && err.contains("[3]"), "{err}");
         // A key that is not finite, in the file or in memory.
-        let k = f32_bytes(&[1.0, f32::NAN, 3.0]);
-        let tensors = [
-            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
-            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
-            TensorData { name: "a.k", dtype: Dtype::F32, shape: vec![3], data: &k },
-        ];
-        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
-        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        write_tensor_half(dir.path(), &[("a.k", &[1.0, f32::NAN, 3.0])]);
         let err = read_bundle(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("key[1] is NaN"), "{err}");
         for key in [vec![1.0, 2.0], vec![1.0, f32::INFINITY, 3.0]] {
@@ -593,14 +586,7 @@ mod tests {
             assert!(!other.path().join(DELTAS_FILE).exists());
         }
         // In the file: an other key read without a key, named with the record's line.
-        let ko = f32_bytes(&[1.0, 2.0, 3.0]);
-        let tensors = [
-            TensorData { name: "a.u", dtype: Dtype::F32, shape: vec![3], data: &u },
-            TensorData { name: "a.r", dtype: Dtype::F32, shape: vec![2], data: &r },
-            TensorData { name: "a.k_other", dtype: Dtype::F32, shape: vec![3], data: &ko },
-        ];
-        let mut f = fs::File::create(dir.path().join(DELTAS_FILE)).unwrap();
-        safetensors_header::write(&mut f, &tensors, &meta).unwrap();
+        write_tensor_half(dir.path(), &[("a.k_other", &[1.0, 2.0, 3.0])]);
         let err = read_bundle(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("rrome_edits.jsonl:1:") && err.contains("other_key is recorded without key"), "{err}");
     }
