@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from rrome.engine.editor import Editor
 from rrome.engine.keys import compute_keys
-from rrome.eval.results import BASELINE_FILE, Variant, read_jsonl, read_object
-from rrome.eval.runs import load_factors, recorded_hparams, run_settings
+from rrome.eval.results import Variant, read_jsonl
+from rrome.eval.runs import load_factors, rebuild_along, run_settings
 from rrome.files.edits import load_requests
 from rrome.files.errors import RromeError
 
@@ -65,9 +64,9 @@ def main() -> None:
         if len(applied) < 2:
             raise RromeError(f"{args.folder}: {len(applied)} applied edit(s); the ratios need two")
         requests = load_requests(run["data"])[int(run.get("offset", 0)) :]
-        layer = int(read_object(variant.run_dir / BASELINE_FILE)["layer"])
-        hparams = recorded_hparams(variant.run_dir)  # the run's resolved set: the templates decide k_e
-        editor = Editor.from_pretrained(args.model_dir, layer=layer, hparams=hparams, progress=False)
+        # The unedited model as the run opened it: its layer, dtype and resolved set (the
+        # templates decide k_e).
+        _, _, editor = next(iter(rebuild_along(args.folder, args.model_dir, [0], settings=run)))
         templates = editor.templates()
         u, r, k_den, k_plain = [], [], [], []
         for rec in applied:
