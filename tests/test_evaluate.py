@@ -26,7 +26,7 @@ from rrome.eval.metrics import CaseProbs, harmonic_mean, metrics
 from rrome.eval.probabilities import leak_fractions
 from rrome.eval.report import markdown_table, report, summarize
 from rrome.eval.results import read_jsonl
-from rrome.eval.runs import RunConfig, RunProgress, run
+from rrome.eval.runs import RunConfig, RunProgress, recorded_path, run
 from rrome.files.edits import EditRequest
 from rrome.files.errors import RromeError
 from rrome.files.fsutil import sha256_file
@@ -226,6 +226,11 @@ def test_single_run_restores_weights_exactly(gpt2_dir: Path, tmp_path: Path) -> 
     assert recs[2]["norm_delta"] == alone.norm_delta
     assert recs[2]["p_new"] == [alone.p_new_before, alone.p_new_after]
     base = json.loads((out / "baseline.json").read_text())
+    # Results folders are committed: their paths are recorded as recorded_path writes them.
+    saved = json.loads((out / "run.json").read_text())
+    assert (saved["model_dir"], saved["data"]) == (recorded_path(gpt2_dir), recorded_path(DATA))
+    stats = editor.stats_path
+    assert base["stats"] == (recorded_path(stats) if stats else None)
     assert base["cases"][2]["rewrite"][0][0] == pytest.approx(alone.p_new_before, rel=1e-6)
     # The neighbour leak: one entry per neighbourhood prompt, the probabilities around the edit
     # (before: the unedited model's; after: the case's own), s from the edit's factors.
@@ -384,6 +389,21 @@ def test_resume_checks_the_resolved_hyperparameters(gpt2_dir: Path, tmp_path: Pa
     run(_config(gpt2_dir, n=2, diagnostics=False, hparams={**QUICK, "clamp_norm_factor": 2.0}), out, progress=False)
     lines = read_jsonl(edits)
     assert [rec["index"] for rec in lines] == [0, 1]
+
+
+def test_recorded_path_names_no_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home" / "user"
+    work = tmp_path / "work" / "checkout"
+    work.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert recorded_path(home / ".cache" / "rrome" / "models" / "m") == "~/.cache/rrome/models/m"
+    assert recorded_path(home) == "~"
+    assert recorded_path(str(home) + "x/m") != "~x/m"  # a sibling of the home directory is not under it
+    assert recorded_path(tmp_path / "work" / "shared" / "data.json") == "../shared/data.json"
+    assert recorded_path(work / "models" / "m") == "models/m"
+    assert recorded_path("relative/m") == "relative/m"  # as the user gave it
+    assert recorded_path("/elsewhere/m") == "/elsewhere/m"  # more than one level up: as given
 
 
 def test_progress_rate_counts_this_process_edits_only() -> None:

@@ -108,7 +108,12 @@ class RunConfig:
     fields, a second one its own (the module docstring)."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Results folders are committed and shared: record where the model and the data were
+        # in a form that names no one's machine (see recorded_path).
+        out["model_dir"] = recorded_path(self.model_dir)
+        out["data"] = recorded_path(self.data)
+        return out
 
     @property
     def mode(self) -> str:
@@ -121,6 +126,24 @@ class RunConfig:
             RromeError: an unknown style, no measuring style, or one given twice.
         """
         check_prompt_styles(self.edit_prompts, self.eval_prompts)
+
+
+def recorded_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a results file records it: under the home directory as ``~/…``, elsewhere
+    relative to the working directory when that climbs at most one level (``../shared/…`` from
+    a checkout), otherwise as given. Only ever written down for people to read; a resumed run
+    is checked by the data's sha256 and the resolved hyperparameters, never by these paths."""
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        return text
+    home = os.path.expanduser("~")
+    if home not in ("~", "/") and (text == home or text.startswith(home.rstrip("/") + "/")):
+        return "~" + text[len(home.rstrip("/")) :]
+    try:
+        rel = os.path.relpath(text)
+    except ValueError:  # another drive (Windows)
+        return text
+    return rel if not rel.startswith(os.path.join("..", "..")) else text
 
 
 def check_prompt_styles(edit_prompts: str, eval_prompts: Sequence[str]) -> None:
@@ -350,7 +373,7 @@ def baseline(s: Session, cfg: RunConfig, cases: Sequence[EditRequest], out_dir: 
         "module": s.editor.module_name,
         "hparams": s.editor.hparams.to_json(),
         "templates": s.editor.templates(),
-        "stats": str(s.editor.stats_path) if s.editor.stats_path else None,
+        "stats": recorded_path(s.editor.stats_path) if s.editor.stats_path else None,
     }
     for suffix in more[0] if more else {}:
         base["cases" + suffix] = [m[suffix].to_json() for m in more]
