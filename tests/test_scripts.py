@@ -364,3 +364,39 @@ def test_retained_disturbance_against_a_naive_sum(
             own = np.linalg.norm(r_j.astype(np.float64)) * abs(float(u_j.astype(np.float64) @ x64))
             assert row[name] == pytest.approx(float(np.linalg.norm(later) / own), rel=1e-9)
     assert rows[0]["plain"] != rows[0]["k_den"]  # two different keys
+
+
+def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """Each row: the applied edits' ‖r‖²·uᵀC0u summed so far, tr(ΔC0Δᵀ) of their sum, and with
+    --model the sum as a share of tr(W0 C0 W0ᵀ); C0 is the statistics file's sum over its count."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from rrome.engine.editor import Editor
+
+    model_dir = tiny_dir("llama")
+    folder, factors = _sequential_run(model_dir, tmp_path)
+    editor = Editor.from_pretrained(model_dir, device="cpu", progress=False)
+    w0 = editor.edited_weight().detach().double().numpy()
+    (folder.parent / "baseline.json").write_text(json.dumps({"layer": editor.layer, "module": editor.module_name}))
+    d_in = factors[0][0].size
+    a = np.random.default_rng(1).standard_normal((d_in, 3 * d_in))
+    stats = tmp_path / "stats.safetensors"
+    save_file({"sum": a @ a.T}, str(stats), metadata={"count": "40"})
+    script = str(ROOT / "scripts" / "generic_disturbance.py")
+    cmd = [sys.executable, script, str(folder), "--every", "1", "--stats", str(stats), "--model", str(model_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]]
+    c0 = a @ a.T / 40
+    scale = float(np.einsum("ij,jk,ik->", w0, c0, w0))
+    assert rows[0][3] == f"E‖W0x‖² = {scale:.2f}"
+    total, energy = np.zeros((factors[0][1].size, d_in)), 0.0
+    for row, (u, r) in zip(rows[1:], factors, strict=True):  # two applied edits; the refused one has none
+        u64, r64 = u.astype(np.float64), r.astype(np.float64)
+        energy += float(r64 @ r64) * float(u64 @ c0 @ u64)
+        total += np.outer(r64, u64)
+        summed, share = row[4].split(" (")
+        assert float(summed) == pytest.approx(energy, abs=0.006)
+        assert float(share.rstrip("%)")) == pytest.approx(100 * energy / scale, abs=0.6)
+        assert float(row[5]) == pytest.approx(float(np.einsum("ij,jk,ik->", total, c0, total)), abs=0.006)
+    assert [row[1] for row in rows] == ["0", "1", "2"]
