@@ -223,6 +223,11 @@ class Editor:
         self._logged: list[tuple[str, npt.NDArray[np.float32]]] = (
             self._logged_keys() if hparams.retain_edit_keys else []
         )
+        # The factors (u, scale·r) of every update in the in-memory weight since the checkpoint
+        # was loaded: the folder's logged ones (read when first needed) and this editor's, in the
+        # order they were added (clamp_base "unedited" subtracts them, :meth:`_unedited_norm`).
+        self._logged_factors: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] | None = None
+        self._written: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = []
 
     @classmethod
     def from_pretrained(
@@ -543,6 +548,33 @@ class Editor:
             w32 = weight.float()
             w32 = w32 + (outer.T if self.adapter.layout == "in_out" else outer)
             weight.copy_(w32.to(weight.dtype))
+        self._written.append((update.u, update.r))
+
+    def _logged_updates(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
+        """The factors (u, scale·r) of the edited tensor's updates in the folder's edit log as the
+        editor found it, oldest first (read once: :meth:`save` reads it before adding to it)."""
+        if self._logged_factors is None:
+            self._logged_factors = []
+            if (self.model_dir / EDITS_FILE).is_file():
+                tensor = self.adapter.tensor_name(self.layer)
+                for x in load_deltas(self.model_dir):
+                    if x.delta.tensor == tensor:
+                        scale = np.float32(x.delta.scale)
+                        self._logged_factors.append((x.delta.u, (scale * x.delta.r).astype(np.float32)))
+        return self._logged_factors
+
+    def _unedited_norm(self, key: torch.Tensor, output: torch.Tensor) -> float:
+        """‖W0 k (+ b)‖: the module's output ``output`` at ``key`` less what every update in the
+        in-memory weight adds there (the folder's logged edits of the tensor and this editor's),
+        i.e. its output in the model before any edit (``clamp_base = "unedited"``)."""
+        v = output.detach().to("cpu", torch.float64).numpy()
+        pairs = self._logged_updates() + self._written
+        if pairs:
+            k = key.detach().to("cpu", torch.float64).numpy()
+            us = np.stack([u for u, _ in pairs]).astype(np.float64)
+            rs = np.stack([r for _, r in pairs]).astype(np.float64)
+            v = v - rs.T @ (us @ k)
+        return float(np.linalg.norm(v))
 
     def edit(self, request: EditRequest | Mapping[str, Any], *, queue: bool = True) -> EditResult:
         """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`
@@ -581,7 +613,7 @@ class Editor:
         """
         weight = self.edited_weight()
         saved = weight.detach().clone()
-        n_results = len(self.results)
+        n_results, n_written = len(self.results), len(self._written)
         kept = None if self._retained is None else list(self._retained.raw)
         try:
             yield self.edit(request, queue=False)
@@ -589,6 +621,7 @@ class Editor:
             with torch.no_grad():
                 weight.copy_(saved)
             del self.results[n_results:]
+            del self._written[n_written:]
             if self._retained is not None and (kept is None or len(self._retained) != len(kept)):
                 self._retained.clear()
                 if kept is None:
@@ -604,6 +637,7 @@ class Editor:
             self.edited_weight().copy_(weight)
         self.pending.clear()
         self.results.clear()
+        self._written.clear()
         self.forget_edit_keys()
 
     def copy(self, *, hparams: HParams | None = None, method: Method | None = None) -> Editor:
@@ -628,6 +662,7 @@ class Editor:
             edit_prompts=self.edit_prompts,
         )
         other._templates = self._templates  # one cache, shared by every copy
+        other._logged_factors, other._written = self._logged_factors, list(self._written)  # the same weight
         same = (other.layer, other.hparams.stats_max_tokens) == (self.layer, self.hparams.stats_max_tokens)
         if same:  # the same statistics: the factor already read
             other._chol, other.stats_path = self._chol, self.stats_path
@@ -660,6 +695,9 @@ class Editor:
                 self.hparams,
                 layout=self.adapter.layout,
                 factors=functools.partial(self._factors, writes, keys) if self._needs_factors() else None,
+                clamp_scale=self._unedited_norm(keys.k_e_o, keys.w_k_e_o)
+                if self.hparams.clamp_base == "unedited"
+                else None,
             )
             clock.lap("value")
             update = compute_update(self.method, writes, keys, value.v_e)
@@ -774,6 +812,8 @@ class Editor:
         """
         if not self.pending:
             return None
+        if out_dir is None:
+            self._logged_updates()  # the log as loaded, before these edits join it (they are in _written)
         report = apply_deltas(self.model_dir, self.pending, out_dir=out_dir, link_untouched=link_untouched)
         self.pending = []
         return report

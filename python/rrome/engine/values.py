@@ -8,7 +8,9 @@ last, and the KL prompt "{subject} is a"), and optimised with Adam on
     + kl_factor · KL(current ‖ initial) of the next-token distribution at the KL prompt's subject
     + v_weight_decay · ‖δ‖ / ‖v_init‖²   (‖δ‖ / ‖v_init‖ with v_weight_decay_unit "relative"),
 
-clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (docs/design.md §1). v_e = v_init + δ.
+clamping ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after each step (docs/design.md §1; the caller may
+give another norm for the clamp, ``clamp_scale``: the editor's ``clamp_base = "unedited"``).
+v_e = v_init + δ.
 Adam's learning rate is ``v_lr``, or ``v_lr · ‖v_init‖ / √d_out`` with v_lr_unit "relative".
 It stops after the forward pass at which the loss is below ``v_stop_loss``, or at which the new
 target has been the argmax at every target position of every rewriting prompt for
@@ -88,6 +90,8 @@ class ValueResult:
         update_top1: ``v_check_update``: per check, the pass it followed (0-based) and the
             fraction of target positions at which the new target was the argmax with the rank-one
             update applied instead of δ; the optimisation stopped at a check that reached 1.0.
+        clamp_scale: the norm ‖δ‖'s clamp is relative to: ‖v_init‖, or the ``clamp_scale``
+            :func:`compute_value` was given.
     """
 
     v_e: torch.Tensor
@@ -103,6 +107,7 @@ class ValueResult:
     stop: str = "max-steps"
     lr: float = math.nan
     update_top1: list[tuple[int, float]] = field(default_factory=list)
+    clamp_scale: float = math.nan
 
     @property
     def v_init_norm(self) -> float:
@@ -128,6 +133,7 @@ class ValueResult:
             "weight_decay": self.weight_decay,
             "top1": self.top1,
             "update_top1": [list(x) for x in self.update_top1],
+            "clamp_scale": self.clamp_scale,
         }
 
 
@@ -299,6 +305,7 @@ class _Run:
     factors: UpdateFactors | None = None  # v_e ↦ the update's (u, r): the check's, the shift's
     checks: list[tuple[int, float]] = field(default_factory=list)  # (pass, argmax share under Δ)
     shift: _Shift | None = None  # v_objective "update": from the first pass on
+    clamp_scale: float | None = None  # the clamp's norm; None: ‖v_init‖
     trace: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("loss", "nll", "kl", "wd", "top1")})
 
     @classmethod
@@ -492,17 +499,23 @@ def _passes_update(run: _Run) -> bool:
 
 
 def _step(run: _Run, loss: torch.Tensor) -> None:
-    """One Adam step on δ, then ‖δ‖ clamped to clamp_norm_factor · ‖v_init‖."""
+    """One Adam step on δ, then ‖δ‖ clamped to clamp_norm_factor · ‖v_init‖ (or · the run's
+    ``clamp_scale``)."""
     assert run.v_init is not None
     run.opt.zero_grad()
     loss.backward()  # type: ignore[no-untyped-call]
     run.opt.step()
     run.steps += 1
-    max_norm = run.hp.clamp_norm_factor * run.v_init.norm()
+    max_norm = run.hp.clamp_norm_factor * _clamp_scale(run)
     with torch.no_grad():
         norm = run.delta.norm()
         if norm > max_norm:
             run.delta.mul_(max_norm / norm)
+
+
+def _clamp_scale(run: _Run) -> float:
+    assert run.v_init is not None
+    return float(run.v_init.norm()) if run.clamp_scale is None else run.clamp_scale
 
 
 def _result(run: _Run, stop: str) -> ValueResult:
@@ -526,6 +539,7 @@ def _result(run: _Run, stop: str) -> ValueResult:
         stop=stop,
         lr=float(run.opt.param_groups[0]["lr"]),
         update_top1=list(run.checks),
+        clamp_scale=_clamp_scale(run),
     )
 
 
@@ -541,6 +555,7 @@ def compute_value(
     layout: Layout,
     fast: bool = True,
     factors: UpdateFactors | None = None,
+    clamp_scale: float | None = None,
 ) -> ValueResult:
     """Optimises δ and returns v_e = v_init + δ with the loss trajectory.
 
@@ -555,8 +570,14 @@ def compute_value(
             optimises what it adds (module docstring). The editor gives them when either is
             set; ``None``: δ's objective and rule alone, whatever the two settings say (they are
             the editor's, as in :class:`~rrome.engine.editor.Editor`).
+        clamp_scale: the norm the clamp multiplies (``clamp_norm_factor · clamp_scale``); by
+            default ‖v_init‖. The editor gives the unedited model's output norm at the subject
+            with ``clamp_base = "unedited"``.
     """
+    if clamp_scale is not None and not (math.isfinite(clamp_scale) and clamp_scale > 0):
+        raise ValueError(f"clamp_scale must be a finite number > 0; got {clamp_scale!r}")
     run = _Run.build(model, tokenizer, module_name, blocks_name, layer, prompts, hp, layout, factors)
+    run.clamp_scale = clamp_scale
     stop = "max-steps"
     for it in range(hp.v_num_grad_steps):
         first = it == 0

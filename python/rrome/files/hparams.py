@@ -31,6 +31,15 @@ the reference code counts them) on NLL + KL + weight decay (:mod:`rrome.engine.v
   fraction of the module output it edits, and means the same on every model.
 * ``clamp_norm_factor``: after each step ‖δ‖ is clamped to ``clamp_norm_factor · ‖v_init‖``
   (relative to the model's own scale in the reference code already).
+* ``clamp_base`` (``"current"`` in ``reference``): the ‖v_init‖ the clamp is relative to.
+  ``"current"``: the module's output at the subject in the model as it is (the reference code).
+  ``"unedited"``: that output less what the earlier edits of the tensor add there (this
+  editor's, and those in the folder's edit log), i.e. in the model before any edit. The step
+  size and the weight decay stay relative to the current output. In sequential editing earlier
+  edits add to the output at later subjects' keys, the current ‖v_init‖ grows with them, and so
+  would every later edit under a relative clamp (δ usually ends on the clamp): measured on
+  Gemma 3 270M, ‖v_init‖ and ‖r‖ grew about fourfold over 300 edits (docs/results.md). One edit
+  on an unedited model is the same either way.
 * ``v_weight_decay`` with ``v_weight_decay_unit = "reference"`` adds
   ``v_weight_decay · ‖δ‖ / ‖v_init‖²`` (the reference code; its size depends on ‖v_init‖), with
   ``"relative"`` it adds ``v_weight_decay · ‖δ‖ / ‖v_init‖`` (dimensionless).
@@ -112,6 +121,7 @@ class HParamsFileError(HParamsError, InvalidFileError):
 
 LR_UNITS = ("absolute", "relative")
 OBJECTIVES = ("subject", "update")
+CLAMP_BASES = ("current", "unedited")
 WEIGHT_DECAY_UNITS = ("reference", "relative")
 
 
@@ -132,6 +142,7 @@ class HParams:
     v_weight_decay: float = 0.5
     v_weight_decay_unit: str = "reference"
     clamp_norm_factor: float = 4.0
+    clamp_base: str = "current"
     kl_factor: float = 0.0625
     v_stop_loss: float = 0.05
     v_stop_most_probable: int = 0
@@ -221,6 +232,7 @@ _SPECS: dict[str, _Spec] = {
     "v_stop_most_probable": _int("an integer >= 0 (0: off)", lambda v: v >= 0),
     "v_check_update": _BOOL,
     "v_objective": _choice(*OBJECTIVES),
+    "clamp_base": _choice(*CLAMP_BASES),
     "context_template_lengths": _Spec(
         "a non-empty list of [count, length] pairs of integers >= 1, e.g. [[5,10],[10,10]]", _lengths_ok, "lengths"
     ),
@@ -423,6 +435,7 @@ REFERENCE_FIELDS = (
     "v_weight_decay",
     "v_weight_decay_unit",
     "clamp_norm_factor",
+    "clamp_base",
     "kl_factor",
     "v_stop_loss",
     "v_stop_most_probable",
