@@ -8,8 +8,10 @@ squared change is E‖Δx‖² = ‖r‖²·uᵀC0u: what the edit costs every t
 reads, GLUE prompts included. ROME's u = C0⁻¹k / kᵀC0⁻¹k is the direction with the least of it
 for a given change at the key k, so what remains is set by ‖r‖ (the clamp, the step size) and by
 how far the shield and retention turn u away from C0⁻¹k. The script prints, every ``--every``
-edits, the median per edit so far, the sum over the edits so far and tr(ΔC0Δᵀ) of the summed
-update (below the sum where successive edits cancel, above it where they add up). With
+applied edits, for those edits the median ‖v_init‖ (the module's output at the subject before
+the edit, which the clamp is relative to under ``clamp_base = "current"``), ‖r‖ and energy, then
+over all edits so far the summed energy and tr(ΔC0Δᵀ) of the summed update (below the sum where
+successive edits cancel, above it where they add up). With
 ``--model`` (the unedited model folder the runs edited) each figure is also given as a share of
 E‖W0x‖² = tr(W0 C0 W0ᵀ), the module's own output energy on ordinary text. Reads the folders'
 saved factors (u, r), the statistics file and, with ``--model``, one weight; no torch.
@@ -68,8 +70,9 @@ def main() -> None:
     names = args.names or args.folders
     if len(names) != len(args.folders) or args.every < 1:
         raise SystemExit("give one name per folder and --every ≥ 1")
-    print("| run | applied edits | median ‖r‖ | median ‖r‖²·uᵀC0u | sum ‖r‖²·uᵀC0u | tr(ΔC0Δᵀ) of the sum |")
-    print("|---|---|---|---|---|---|")
+    head = "| run | applied edits | these: median ‖v_init‖ | median ‖r‖ | median ‖r‖²·uᵀC0u "
+    print(head + "| all so far: sum ‖r‖²·uᵀC0u | tr(ΔC0Δᵀ) of the sum |")
+    print("|---|---|---|---|---|---|---|")
     for name, folder in zip(names, args.folders, strict=True):
         variant = Variant.of(Path(folder))
         c0 = second_moment(variant.run_dir, args.stats)
@@ -78,9 +81,9 @@ def main() -> None:
             module = json.loads((variant.run_dir / BASELINE_FILE).read_text(encoding="utf-8"))["module"]
             w0 = module_weight(args.model, module, c0.shape[0])
             scale = float(np.einsum("ij,jk,ik->", w0, c0, w0))
-            print(f"| {name} | 0 | – | E‖W0x‖² = {scale:.2f} | – | – |")
+            print(f"| {name} | 0 | – | – | – | E‖W0x‖² = {scale:.2f} | – |")
         records = [r for r in read_jsonl(variant.edits) if "refused" not in r]
-        energies, norms = [], []
+        energies, norms, v_init = [], [], []
         total = np.zeros((0, 0))
         for i, rec in enumerate(records, 1):
             u, r, _, _ = load_factors(variant.factors(int(rec["index"])))
@@ -90,12 +93,15 @@ def main() -> None:
             total += np.outer(r64, u64)
             energies.append(float(r64 @ r64) * float(u64 @ c0 @ u64))
             norms.append(float(np.linalg.norm(r64)))
+            v_init.append(float(rec.get("value", {}).get("v_init_norm", math.nan)))
             if i % args.every == 0 or i == len(records):
+                these = slice((i - 1) // args.every * args.every, i)
                 summed = float(np.einsum("ij,jk,ik->", total, c0, total))
                 share = "" if math.isnan(scale) else f" ({100 * sum(energies) / scale:.0f}%)"
+                medians = [float(np.median(x[these])) for x in (v_init, norms, energies)]
                 print(
-                    f"| {name} | {i} | {np.median(norms):.2f} | {np.median(energies):.4f} | {sum(energies):.2f}{share} "
-                    f"| {summed:.2f} |",
+                    f"| {name} | {i} | {medians[0]:.2f} | {medians[1]:.2f} | {medians[2]:.4f} "
+                    f"| {sum(energies):.2f}{share} | {summed:.2f} |",
                     flush=True,
                 )
 

@@ -389,14 +389,17 @@ def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], 
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]]
     c0 = a @ a.T / 40
     scale = float(np.einsum("ij,jk,ik->", w0, c0, w0))
-    assert rows[0][3] == f"E‖W0x‖² = {scale:.2f}"
+    assert rows[0][5] == f"E‖W0x‖² = {scale:.2f}"
     total, energy = np.zeros((factors[0][1].size, d_in)), 0.0
     for row, (u, r) in zip(rows[1:], factors, strict=True):  # two applied edits; the refused one has none
         u64, r64 = u.astype(np.float64), r.astype(np.float64)
         energy += float(r64 @ r64) * float(u64 @ c0 @ u64)
         total += np.outer(r64, u64)
-        summed, share = row[4].split(" (")
+        # --every 1: each row's medians are its own edit's (no v_init recorded here: nan).
+        assert row[2] == "nan" and float(row[3]) == pytest.approx(float(np.linalg.norm(r64)), abs=0.006)
+        assert float(row[4]) == pytest.approx(float(r64 @ r64) * float(u64 @ c0 @ u64), abs=6e-5)
+        summed, share = row[5].split(" (")
         assert float(summed) == pytest.approx(energy, abs=0.006)
         assert float(share.rstrip("%)")) == pytest.approx(100 * energy / scale, abs=0.6)
-        assert float(row[5]) == pytest.approx(float(np.einsum("ij,jk,ik->", total, c0, total)), abs=0.006)
+        assert float(row[6]) == pytest.approx(float(np.einsum("ij,jk,ik->", total, c0, total)), abs=0.006)
     assert [row[1] for row in rows] == ["0", "1", "2"]
