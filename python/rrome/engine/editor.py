@@ -563,18 +563,20 @@ class Editor:
                         self._logged_factors.append((x.delta.u, (scale * x.delta.r).astype(np.float32)))
         return self._logged_factors
 
-    def _unedited_norm(self, key: torch.Tensor, output: torch.Tensor) -> float:
+    def _unedited_norm(self, key: torch.Tensor, output: torch.Tensor) -> float | None:
         """‖W0 k (+ b)‖: the module's output ``output`` at ``key`` less what every update in the
         in-memory weight adds there (the folder's logged edits of the tensor and this editor's),
-        i.e. its output in the model before any edit (``clamp_base = "unedited"``)."""
-        v = output.detach().to("cpu", torch.float64).numpy()
+        i.e. its output in the model before any edit (``clamp_base = "unedited"``). ``None``
+        while the weight holds no update: the output is the unedited one, and the optimisation's
+        own ‖v_init‖ (the same number) keeps such an edit bit for bit that of ``"current"``."""
         pairs = self._logged_updates() + self._written
-        if pairs:
-            k = key.detach().to("cpu", torch.float64).numpy()
-            us = np.stack([u for u, _ in pairs]).astype(np.float64)
-            rs = np.stack([r for _, r in pairs]).astype(np.float64)
-            v = v - rs.T @ (us @ k)
-        return float(np.linalg.norm(v))
+        if not pairs:
+            return None
+        v = output.detach().to("cpu", torch.float64).numpy()
+        k = key.detach().to("cpu", torch.float64).numpy()
+        us = np.stack([u for u, _ in pairs]).astype(np.float64)
+        rs = np.stack([r for _, r in pairs]).astype(np.float64)
+        return float(np.linalg.norm(v - rs.T @ (us @ k)))
 
     def edit(self, request: EditRequest | Mapping[str, Any], *, queue: bool = True) -> EditResult:
         """Computes one edit, applies it to the in-memory model and queues it for :meth:`save`

@@ -513,9 +513,10 @@ def _step(run: _Run, loss: torch.Tensor) -> None:
             run.delta.mul_(max_norm / norm)
 
 
-def _clamp_scale(run: _Run) -> float:
+def _clamp_scale(run: _Run) -> torch.Tensor | float:
+    """‖v_init‖ as the reference code computes it (a float32 tensor), or the given norm."""
     assert run.v_init is not None
-    return float(run.v_init.norm()) if run.clamp_scale is None else run.clamp_scale
+    return run.v_init.norm() if run.clamp_scale is None else run.clamp_scale
 
 
 def _result(run: _Run, stop: str) -> ValueResult:
@@ -539,7 +540,7 @@ def _result(run: _Run, stop: str) -> ValueResult:
         stop=stop,
         lr=float(run.opt.param_groups[0]["lr"]),
         update_top1=list(run.checks),
-        clamp_scale=_clamp_scale(run),
+        clamp_scale=float(_clamp_scale(run)),
     )
 
 
