@@ -20,7 +20,6 @@ saved factors (u, r), the statistics file and, with ``--model``, one weight; no 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
@@ -28,24 +27,23 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from rrome.eval.results import BASELINE_FILE, Variant, read_jsonl
+from rrome import SecondMoment
+from rrome.eval.results import BASELINE_FILE, Variant, read_jsonl, read_object
 from rrome.eval.runs import load_factors
+from rrome.files.errors import RromeError
 
 
-def second_moment(run_dir: Path, stats: Path | None) -> np.ndarray:
-    """C0 of the run (``stats``, or the statistics file its baseline.json names), per token."""
-    recorded = json.loads((run_dir / BASELINE_FILE).read_text(encoding="utf-8")).get("stats")
+def second_moment(run_dir: Path, recorded: str | None, stats: Path | None) -> np.ndarray:
+    """C0 of the run (``stats``, or the statistics file its baseline.json records), per token."""
     if not (stats or recorded):
         raise SystemExit(f"{run_dir / BASELINE_FILE}: names no statistics file; give --stats")
-    path = stats or Path(os.path.expanduser(recorded))
+    path = stats or Path(os.path.expanduser(str(recorded)))
     if not path.is_file():
         raise SystemExit(f"{path}: no such file (the statistics of {run_dir}; give --stats)")
-    with safe_open(str(path), "np") as f:
-        count = float((f.metadata() or {}).get("count", "nan"))
-        total = f.get_tensor("sum")
-    if not (count > 0 and total.ndim == 2 and total.shape[0] == total.shape[1]):
-        raise SystemExit(f"{path}: expected a square 'sum' and a positive 'count' in its metadata")
-    return np.asarray(total, np.float64) / count
+    try:
+        return SecondMoment.load(path).moment()
+    except RromeError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def module_weight(model_dir: Path, module: str, d_in: int) -> np.ndarray:
@@ -75,11 +73,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, folder in zip(names, args.folders, strict=True):
         variant = Variant.of(Path(folder))
-        c0 = second_moment(variant.run_dir, args.stats)
+        base = read_object(variant.run_dir / BASELINE_FILE)
+        c0 = second_moment(variant.run_dir, base.get("stats"), args.stats)
         scale = math.nan
         if args.model:
-            module = json.loads((variant.run_dir / BASELINE_FILE).read_text(encoding="utf-8"))["module"]
-            w0 = module_weight(args.model, module, c0.shape[0])
+            w0 = module_weight(args.model, str(base["module"]), c0.shape[0])
             scale = float(np.einsum("ij,jk,ik->", w0, c0, w0))
             print(f"| {name} | 0 | – | – | – | E‖W0x‖² = {scale:.2f} | – |")
         records = [r for r in read_jsonl(variant.edits) if "refused" not in r]

@@ -368,10 +368,11 @@ def test_retained_disturbance_against_a_naive_sum(
 
 def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
     """Each row: the applied edits' ‖r‖²·uᵀC0u summed so far, tr(ΔC0Δᵀ) of their sum, and with
-    --model the sum as a share of tr(W0 C0 W0ᵀ); C0 is the statistics file's sum over its count."""
+    --model the sum as a share of tr(W0 C0 W0ᵀ); C0 is the statistics file's sum over its count.
+    A file that is not a moments file is a one-line error."""
     import numpy as np
-    from safetensors.numpy import save_file
 
+    from rrome import SecondMoment
     from rrome.engine.editor import Editor
 
     model_dir = tiny_dir("llama")
@@ -382,7 +383,7 @@ def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], 
     d_in = factors[0][0].size
     a = np.random.default_rng(1).standard_normal((d_in, 3 * d_in))
     stats = tmp_path / "stats.safetensors"
-    save_file({"sum": a @ a.T}, str(stats), metadata={"count": "40"})
+    SecondMoment.from_sum(a @ a.T, 40).save(stats)
     script = str(ROOT / "scripts" / "generic_disturbance.py")
     cmd = [sys.executable, script, str(folder), "--every", "1", "--stats", str(stats), "--model", str(model_dir)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -403,3 +404,7 @@ def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], 
         assert float(share.rstrip("%)")) == pytest.approx(100 * energy / scale, abs=0.6)
         assert float(row[6]) == pytest.approx(float(np.einsum("ij,jk,ik->", total, c0, total)), abs=0.006)
     assert [row[1] for row in rows] == ["0", "1", "2"]
+    (tmp_path / "not-moments.safetensors").write_bytes(b"not a safetensors file")
+    cmd[cmd.index(str(stats))] = str(tmp_path / "not-moments.safetensors")
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
