@@ -43,7 +43,7 @@ from rrome.files.edits import EditRequest, parse_record, problem_summary
 from rrome.files.errors import DisablingEditError, EditFileError, LargeUpdateError, NonFiniteUpdateError, RromeError
 from rrome.files.hparams import HParams, HParamsSpec, resolve_hparams, spec_overrides
 from rrome.files.locate import resolve_model
-from rrome.files.shards import EDITS_FILE, ApplyReport, Delta, apply_deltas, load_deltas
+from rrome.files.shards import EDITS_FILE, ApplyReport, Delta, LoggedDelta, apply_deltas, load_deltas
 
 LARGE_UPDATE_RATIO = 20.0
 """Default of ``large_update_ratio``: an edit whose |Δ| exceeds this many times the median |Δ|
@@ -219,14 +219,15 @@ class Editor:
         self._chol: Cholesky | None = None
         self._retained: RetainedKeys | None = None
         self.stats_path: Path | None = None
+        # The edited tensor's records of the folder's edit log as the editor found it (read once,
+        # when first needed: :meth:`_tensor_log`).
+        self._log: list[LoggedDelta] | None = None
         # The keys of the folder's edit log, read as the editor opens (retain_edit_keys only).
         self._logged: list[tuple[str, npt.NDArray[np.float32]]] = (
             self._logged_keys() if hparams.retain_edit_keys else []
         )
-        # The factors (u, scale·r) of every update in the in-memory weight since the checkpoint
-        # was loaded: the folder's logged ones (read when first needed) and this editor's, in the
-        # order they were added (clamp_base "unedited" subtracts them, :meth:`_unedited_norm`).
-        self._logged_factors: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] | None = None
+        # The factors (u, r) of this editor's updates of the in-memory weight, in order (with the
+        # log's, what clamp_base "unedited" subtracts: :meth:`_unedited_norm`).
         self._written: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = []
 
     @classmethod
@@ -364,10 +365,8 @@ class Editor:
         ``retain_both_keys`` its other key where the log holds one; each with where it was read
         (``FILE:LINE``). Records without a key (logged before keys were recorded) are skipped,
         with one warning."""
-        if not (self.model_dir / EDITS_FILE).is_file():
-            return []
+        found = self._tensor_log()
         tensor = self.adapter.tensor_name(self.layer)
-        found = [x for x in load_deltas(self.model_dir) if x.delta.tensor == tensor]
         keys: list[tuple[str, npt.NDArray[np.float32]]] = []
         one_key = 0
         for x in found:
@@ -550,18 +549,15 @@ class Editor:
             weight.copy_(w32.to(weight.dtype))
         self._written.append((update.u, update.r))
 
-    def _logged_updates(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
-        """The factors (u, scale·r) of the edited tensor's updates in the folder's edit log as the
-        editor found it, oldest first (read once: :meth:`save` reads it before adding to it)."""
-        if self._logged_factors is None:
-            self._logged_factors = []
-            if (self.model_dir / EDITS_FILE).is_file():
-                tensor = self.adapter.tensor_name(self.layer)
-                for x in load_deltas(self.model_dir):
-                    if x.delta.tensor == tensor:
-                        scale = np.float32(x.delta.scale)
-                        self._logged_factors.append((x.delta.u, (scale * x.delta.r).astype(np.float32)))
-        return self._logged_factors
+    def _tensor_log(self) -> list[LoggedDelta]:
+        """The edited tensor's records in the folder's edit log as the editor found it, oldest
+        first: read once (retained keys and clamp_base "unedited" both come from it; :meth:`save`
+        reads it before adding to it)."""
+        if self._log is None:
+            tensor = self.adapter.tensor_name(self.layer)
+            found = load_deltas(self.model_dir) if (self.model_dir / EDITS_FILE).is_file() else []
+            self._log = [x for x in found if x.delta.tensor == tensor]
+        return self._log
 
     def _unedited_norm(self, key: torch.Tensor, output: torch.Tensor) -> float | None:
         """‖W0 k (+ b)‖: the module's output ``output`` at ``key`` less what every update in the
@@ -569,7 +565,8 @@ class Editor:
         i.e. its output in the model before any edit (``clamp_base = "unedited"``). ``None``
         while the weight holds no update: the output is the unedited one, and the optimisation's
         own ‖v_init‖ (the same number) keeps such an edit bit for bit that of ``"current"``."""
-        pairs = self._logged_updates() + self._written
+        logged = [(x.delta.u, np.float32(x.delta.scale) * x.delta.r) for x in self._tensor_log()]
+        pairs = logged + self._written
         if not pairs:
             return None
         v = output.detach().to("cpu", torch.float64).numpy()
@@ -664,7 +661,9 @@ class Editor:
             edit_prompts=self.edit_prompts,
         )
         other._templates = self._templates  # one cache, shared by every copy
-        other._logged_factors, other._written = self._logged_factors, list(self._written)  # the same weight
+        # The same weight: this editor's updates, and the log as this one found it (once read).
+        other._log = self._log if self._log is not None else other._log
+        other._written = list(self._written)
         same = (other.layer, other.hparams.stats_max_tokens) == (self.layer, self.hparams.stats_max_tokens)
         if same:  # the same statistics: the factor already read
             other._chol, other.stats_path = self._chol, self.stats_path
@@ -815,7 +814,7 @@ class Editor:
         if not self.pending:
             return None
         if out_dir is None:
-            self._logged_updates()  # the log as loaded, before these edits join it (they are in _written)
+            self._tensor_log()  # the log as loaded, before these edits join it (they are in _written)
         report = apply_deltas(self.model_dir, self.pending, out_dir=out_dir, link_untouched=link_untouched)
         self.pending = []
         return report
