@@ -362,6 +362,27 @@ def test_sequential_run_resumes_to_the_same_numbers(gpt2_dir: Path, tmp_path: Pa
         assert float(np.std(img[..., :3])) > 0.01, f"{f} is blank"
 
 
+def test_edit_diagnostics_off_samples_the_baseline_and_checkpoints_only(gpt2_dir: Path, tmp_path: Path) -> None:
+    """--no-edit-diagnostics: the entropies of the unedited model and of each checkpoint, none
+    after each edit; the same edits as with them (the samples do not touch the weights), and a
+    folder made with them is not resumed without them."""
+    cfg = _config(gpt2_dir, n=2, sequential=True, every=2, edit_diagnostics=False)
+    out = run(cfg, tmp_path / "off", progress=False)
+    assert json.loads((out / "baseline.json").read_text())["diagnostics"]["generation_entropy"] > 0
+    edits = read_jsonl(out / "sequential-r-rome" / "edits.jsonl")
+    assert len(edits) == 2 and not any("generation_entropy" in e for e in edits)
+    (check,) = read_jsonl(out / "sequential-r-rome" / "checkpoints.jsonl")
+    assert check["generation_entropy"] > 0
+    assert json.loads((out / "run.json").read_text())["edit_diagnostics"] is False
+
+    on = run(_config(gpt2_dir, n=2, sequential=True, every=2), tmp_path / "on", progress=False)
+    with_them = read_jsonl(on / "sequential-r-rome" / "edits.jsonl")
+    assert all("generation_entropy" in e for e in with_them)
+    assert [e["norm_delta"] for e in edits] == [e["norm_delta"] for e in with_them]
+    with pytest.raises(RromeError, match=r"other settings.*edit_diagnostics: saved True, now False"):
+        run(cfg, on, progress=False)
+
+
 def test_resume_with_other_settings_is_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     run(_config(gpt2_dir, n=1, diagnostics=False), tmp_path / "r", progress=False)
     with pytest.raises(RromeError, match=r"other settings.*n: saved 1, now 2"):

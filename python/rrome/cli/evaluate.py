@@ -43,7 +43,18 @@ from rrome.files.locate import resolve_model
 @click.option(
     "--glue-n", type=int, default=None, help="Downstream records per GLUE task [default: 50 sequential, 0 otherwise]."
 )
-@click.option("--no-diagnostics", is_flag=True, help="Skip the generation entropies after each edit.")
+@click.option(
+    "--no-diagnostics",
+    is_flag=True,
+    help="Skip the generation entropies (of the unedited model, after each edit, at each checkpoint).",
+)
+@click.option(
+    "--no-edit-diagnostics",
+    is_flag=True,
+    help="Sample the generation entropies of the unedited model and at the checkpoints only, not after "
+    "each edit (they take about half of a sequential run's time; the report then counts every large "
+    "edit as disabling).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and few-shot choice.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the hyperparameters').")
 @hparams_options
@@ -77,6 +88,7 @@ def eval_cmd(
     every: int,
     glue_n: int | None,
     no_diagnostics: bool,
+    no_edit_diagnostics: bool,
     seed: int,
     layer: int | None,
     hparams_spec: str | None,
@@ -123,6 +135,7 @@ def eval_cmd(
         seed=seed,
         glue_n=glue_n if glue_n is not None else (50 if sequential else 0),
         diagnostics=not no_diagnostics,
+        edit_diagnostics=not no_edit_diagnostics,
         dtype=dtype,
         layer=layer,
         corpus=str(corpus.resolve()) if corpus else None,

@@ -93,6 +93,10 @@ class RunConfig:
     seed: int = 0
     glue_n: int = 0
     diagnostics: bool = True
+    """Sample the generation entropies (the unedited model, each checkpoint, each edit)."""
+    edit_diagnostics: bool = True
+    """With ``diagnostics``: also after each edit (off: the unedited model and the checkpoints
+    only; the report then flags every large edit as disabling, having no entropy to read)."""
     dtype: str = "float32"
     layer: int | None = None
     corpus: str | None = None
@@ -477,7 +481,7 @@ def _single(
         s,
         cases,
         variant.edits,
-        diagnostics=cfg.diagnostics,
+        diagnostics=cfg.diagnostics and cfg.edit_diagnostics,
         seed=cfg.seed,
         tick=lambda i: tick(method, i + 1, len(cases)),
     )
@@ -613,7 +617,7 @@ def _sequential(
         else:
             rec = _edit_record(i, request, result)
             rec["leak"] = s.leak(request, result, before, s.neighbours(request))
-            if cfg.diagnostics:
+            if cfg.diagnostics and cfg.edit_diagnostics:
                 rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
             added = s.editor.retained_keys[n_kept:] if retain else []  # k_den, then with retain_both_keys the other
             _save_factors(variant.factors(i), result.delta.u, result.delta.r, *added)
