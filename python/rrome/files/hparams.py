@@ -88,8 +88,9 @@ Neighbour shield
 Presets: ``reference`` is the reference ROME code's constants and stopping rule exactly (it
 leaves the layer and the statistics budget to the family); ``default`` is the family's packaged
 set unchanged. Gemma 3's packaged set is measured on CounterFact (most-probable stop, relative
-step 1, the check and the update objective, clamp 2 with a shield of 100 subjects at weight 10,
-retention; selected on train, reported on val in docs/results.md). The llama family's
+step 1, the check and the update objective, a shield of 100 subjects at weight 10, retention of
+both keys, clamp 1 relative to the unedited output; selected on train, reported on val in
+docs/results.md). The llama family's
 was measured on SmolLM2-135M, and the measurement selected the reference recipe at layer 5.
 Every other family's is still the reference recipe, untried, and its file's ``note`` says so
 (``not yet tuned``).
