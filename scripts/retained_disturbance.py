@@ -10,6 +10,8 @@ that the later applied edits make at a key x of edit j, ‖Σ_{i>j} r_i u_iᵀ x
 edit's own change there, ‖r_j‖·|u_jᵀ x|; for x = k_den and x = k_e^o. The keys are computed again
 on ``MODEL_DIR`` (the edited module's input comes from unedited layers, so the unedited model gives
 the run's keys); where the run saved k_den (``k`` in its factors) the recomputed one must match.
+A third row reads each paraphrase prompt of the edit's record (what PS measures; no edit sees
+them), at the token where edit j acts most (largest |u_jᵀx|, as the neighbour leak picks it).
 
 Prints, per key, the median, 75th and 90th percentile and the largest ratio over the edits that
 have later ones (``--upto N``: the run as it was after N edits); ``--per-edit`` writes one JSON line
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from rrome.engine.keys import compute_keys
+from rrome.engine.keys import compute_keys, keys_at_every_token
 from rrome.eval.results import Variant, read_jsonl
 from rrome.eval.runs import load_factors, rebuild_along, run_settings
 from rrome.files.edits import load_requests
@@ -45,6 +47,12 @@ def ratios(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], keys: npt.NDA
         later = r[j + 1 :].T @ a[j + 1 :, j]
         out.append(float(np.linalg.norm(later) / (np.linalg.norm(r[j]) * abs(a[j, j]))))
     return out
+
+
+def at_key(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], j: int, x: npt.NDArray[np.float64]) -> float:
+    """‖Σ_{i>j} r_i u_iᵀ x‖ / (‖r_j‖·|u_jᵀ x|): :func:`ratios` for edit j at one key x."""
+    a = u[j:] @ x
+    return float(np.linalg.norm(r[j + 1 :].T @ a[1:]) / (np.linalg.norm(r[j]) * abs(a[0])))
 
 
 def main() -> None:
@@ -69,6 +77,7 @@ def main() -> None:
         _, _, editor = next(iter(rebuild_along(args.folder, args.model_dir, [0], settings=run)))
         templates = editor.templates()
         u, r, k_den, k_plain = [], [], [], []
+        para: list[tuple[int, npt.NDArray[np.float64]]] = []  # (edit's row, key) per paraphrase prompt
         for rec in applied:
             fu, fr, saved, _ = load_factors(variant.factors(int(rec["index"])))
             request = requests[int(rec["index"])]
@@ -87,6 +96,10 @@ def main() -> None:
             r.append(fr.astype(np.float64))
             k_den.append(k_e)
             k_plain.append(keys.k_e_o.double().cpu().numpy())
+            texts = list(request.paraphrase_prompts)
+            for _, every in keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, texts):
+                x = every.double().numpy()
+                para.append((len(u) - 1, x[int(np.argmax(np.abs(x @ u[-1])))]))
     except (RromeError, OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -95,15 +108,25 @@ def main() -> None:
         "k_den (retained)": ratios(uu, rr, np.stack(k_den)),
         "plain prompt k_e^o": ratios(uu, rr, np.stack(k_plain)),
     }
+    by_edit: list[list[float]] = [[] for _ in range(len(uu) - 1)]
+    for j, x in para:
+        if j < len(uu) - 1:
+            by_edit[j].append(at_key(uu, rr, j, x))
+    paraphrase = [x for xs in by_edit for x in xs]
     print(f"{len(applied)} applied edits of {args.folder}; later edits' change at each edit's key, over its own change")
     print("| key | edits | median | p75 | p90 | max |\n|---|---|---|---|---|---|")
     for name, xs in found.items():
         q = np.quantile(xs, [0.5, 0.75, 0.9])
         print(f"| {name} | {len(xs)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(xs):.3f} |")
+    if paraphrase:
+        q = np.quantile(paraphrase, [0.5, 0.75, 0.9])
+        name = "paraphrase prompts (not retained)"
+        print(f"| {name} | {len(paraphrase)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(paraphrase):.3f} |")
     if args.per_edit:
         with args.per_edit.open("w") as f:
-            for rec, a, b in zip(applied, *found.values(), strict=False):
-                f.write(json.dumps({"index": rec["index"], "case_id": rec["case_id"], "k_den": a, "plain": b}) + "\n")
+            for rec, a, b, c in zip(applied, *found.values(), by_edit, strict=False):
+                line = {"index": rec["index"], "case_id": rec["case_id"], "k_den": a, "plain": b, "paraphrase": c}
+                f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

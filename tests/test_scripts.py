@@ -313,12 +313,13 @@ def test_retained_disturbance_against_a_naive_sum(
 ) -> None:
     """A real sequential run with retention on a tiny model: the script's ratios are, per edit,
     the later edits' summed change at its k_den and at its plain key (keys computed here with
-    the run's templates) over its own change there, summed edit by edit; k_den is the run's."""
+    the run's templates) over its own change there, summed edit by edit; k_den is the run's; and
+    at each paraphrase prompt's token where the edit acts most."""
     import numpy as np
     from _helpers import SHARED_DATA
 
     from rrome.engine.editor import Editor
-    from rrome.engine.keys import compute_keys
+    from rrome.engine.keys import compute_keys, keys_at_every_token
     from rrome.eval.runs import RunConfig, load_factors, run
     from rrome.files.edits import load_requests
     from rrome.files.fsutil import sha256_file
@@ -363,7 +364,18 @@ def test_retained_disturbance_against_a_naive_sum(
             u_j, r_j, _, _ = factors[j]
             own = np.linalg.norm(r_j.astype(np.float64)) * abs(float(u_j.astype(np.float64) @ x64))
             assert row[name] == pytest.approx(float(np.linalg.norm(later) / own), rel=1e-9)
+        # each paraphrase prompt at the token where edit j acts most
+        u_j64 = factors[j][0].astype(np.float64)
+        texts = list(requests[j].paraphrase_prompts)
+        every = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, texts)
+        assert len(row["paraphrase"]) == len(texts) > 0
+        for (_, ks), got in zip(every, row["paraphrase"], strict=True):
+            x64 = max(ks.double().numpy(), key=lambda k: abs(float(u_j64 @ k)))
+            later = sum(r.astype(np.float64) * float(u.astype(np.float64) @ x64) for u, r, _, _ in factors[j + 1 :])
+            own = np.linalg.norm(factors[j][1].astype(np.float64)) * abs(float(u_j64 @ x64))
+            assert got == pytest.approx(float(np.linalg.norm(later) / own), rel=1e-9)
     assert rows[0]["plain"] != rows[0]["k_den"]  # two different keys
+    assert f"| paraphrase prompts (not retained) | {sum(len(row['paraphrase']) for row in rows)} |" in res.stdout
 
 
 def test_generic_disturbance_against_a_naive_sum(tiny_dir: Callable[..., Path], tmp_path: Path) -> None:
