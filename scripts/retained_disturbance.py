@@ -38,21 +38,16 @@ KEY_MATCH = 1e-4
 computed again on the same model; a larger one means other templates or another layer)."""
 
 
-def ratios(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], keys: npt.NDArray[np.float64]) -> list[float]:
-    """For each edit j but the last: ‖Σ_{i>j} r_i u_iᵀ keys_j‖ / (‖r_j‖·|u_jᵀ keys_j|); rows of
-    ``u``, ``r`` and ``keys`` are the applied edits in order."""
-    a = u @ keys.T  # a[i, j] = u_i · key_j
-    out = []
-    for j in range(len(u) - 1):
-        later = r[j + 1 :].T @ a[j + 1 :, j]
-        out.append(float(np.linalg.norm(later) / (np.linalg.norm(r[j]) * abs(a[j, j]))))
-    return out
-
-
 def at_key(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], j: int, x: npt.NDArray[np.float64]) -> float:
-    """‖Σ_{i>j} r_i u_iᵀ x‖ / (‖r_j‖·|u_jᵀ x|): :func:`ratios` for edit j at one key x."""
+    """‖Σ_{i>j} r_i u_iᵀ x‖ / (‖r_j‖·|u_jᵀ x|): what the edits after edit j change at a key x of
+    edit j, over what edit j changes there; rows of ``u`` and ``r`` are the applied edits in order."""
     a = u[j:] @ x
     return float(np.linalg.norm(r[j + 1 :].T @ a[1:]) / (np.linalg.norm(r[j]) * abs(a[0])))
+
+
+def ratios(u: npt.NDArray[np.float64], r: npt.NDArray[np.float64], keys: npt.NDArray[np.float64]) -> list[float]:
+    """:func:`at_key` for each edit j but the last at its own key ``keys[j]``."""
+    return [at_key(u, r, j, keys[j]) for j in range(len(u) - 1)]
 
 
 def main() -> None:
