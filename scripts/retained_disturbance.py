@@ -72,7 +72,7 @@ def main() -> None:
         _, _, editor = next(iter(rebuild_along(args.folder, args.model_dir, [0], settings=run)))
         templates = editor.templates()
         u, r, k_den, k_plain = [], [], [], []
-        para: list[tuple[int, npt.NDArray[np.float64]]] = []  # (edit's row, key) per paraphrase prompt
+        para: list[list[npt.NDArray[np.float64]]] = []  # per edit: a key per paraphrase prompt
         for rec in applied:
             fu, fr, saved, _ = load_factors(variant.factors(int(rec["index"])))
             request = requests[int(rec["index"])]
@@ -92,9 +92,9 @@ def main() -> None:
             k_den.append(k_e)
             k_plain.append(keys.k_e_o.double().cpu().numpy())
             texts = list(request.paraphrase_prompts)
-            for _, every in keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, texts):
-                x = every.double().numpy()
-                para.append((len(u) - 1, x[int(np.argmax(np.abs(x @ u[-1])))]))
+            every = keys_at_every_token(editor.model, editor.tokenizer, editor.module_name, texts)
+            tokens = [ks.double().numpy() for _, ks in every]
+            para.append([x[int(np.argmax(np.abs(x @ u[-1])))] for x in tokens])
     except (RromeError, OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -103,20 +103,14 @@ def main() -> None:
         "k_den (retained)": ratios(uu, rr, np.stack(k_den)),
         "plain prompt k_e^o": ratios(uu, rr, np.stack(k_plain)),
     }
-    by_edit: list[list[float]] = [[] for _ in range(len(uu) - 1)]
-    for j, x in para:
-        if j < len(uu) - 1:
-            by_edit[j].append(at_key(uu, rr, j, x))
-    paraphrase = [x for xs in by_edit for x in xs]
+    by_edit = [[at_key(uu, rr, j, x) for x in para[j]] for j in range(len(uu) - 1)]
+    rows = {**found, "paraphrase prompts (not retained)": [x for xs in by_edit for x in xs]}
     print(f"{len(applied)} applied edits of {args.folder}; later edits' change at each edit's key, over its own change")
     print("| key | edits | median | p75 | p90 | max |\n|---|---|---|---|---|---|")
-    for name, xs in found.items():
-        q = np.quantile(xs, [0.5, 0.75, 0.9])
-        print(f"| {name} | {len(xs)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(xs):.3f} |")
-    if paraphrase:
-        q = np.quantile(paraphrase, [0.5, 0.75, 0.9])
-        name = "paraphrase prompts (not retained)"
-        print(f"| {name} | {len(paraphrase)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(paraphrase):.3f} |")
+    for name, xs in rows.items():
+        if xs:  # records without paraphrase prompts give no third row
+            q = np.quantile(xs, [0.5, 0.75, 0.9])
+            print(f"| {name} | {len(xs)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {max(xs):.3f} |")
     if args.per_edit:
         with args.per_edit.open("w") as f:
             for rec, a, b, c in zip(applied, *found.values(), by_edit, strict=False):

@@ -123,6 +123,11 @@ class RunConfig:
     def mode(self) -> str:
         return mode(self.sequential)
 
+    @property
+    def entropies_after_each_edit(self) -> bool:
+        """Whether each edit's record samples the generation entropies."""
+        return self.diagnostics and self.edit_diagnostics
+
     def check_prompts(self) -> None:
         """Refuses unknown or repeated prompt styles.
 
@@ -481,7 +486,7 @@ def _single(
         s,
         cases,
         variant.edits,
-        diagnostics=cfg.diagnostics and cfg.edit_diagnostics,
+        diagnostics=cfg.entropies_after_each_edit,
         seed=cfg.seed,
         tick=lambda i: tick(method, i + 1, len(cases)),
     )
@@ -617,7 +622,7 @@ def _sequential(
         else:
             rec = _edit_record(i, request, result)
             rec["leak"] = s.leak(request, result, before, s.neighbours(request))
-            if cfg.diagnostics and cfg.edit_diagnostics:
+            if cfg.entropies_after_each_edit:
                 rec.update(dataclasses.asdict(s.diagnostics(request, cfg.seed + i)))
             added = s.editor.retained_keys[n_kept:] if retain else []  # k_den, then with retain_both_keys the other
             _save_factors(variant.factors(i), result.delta.u, result.delta.r, *added)
